@@ -1,0 +1,5 @@
+"""Allow ``python -m cbst``."""
+
+from cbst.cli import main
+
+raise SystemExit(main())
