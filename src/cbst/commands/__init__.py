@@ -1,0 +1,1 @@
+"""Subcommands of the ``cbst`` console script, one module each."""

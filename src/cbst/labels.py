@@ -1,0 +1,169 @@
+"""Label protocols: raw dataset ids <-> training ids, class names and colours.
+
+One source of truth for every table the package uses. The Cityscapes tables are derived from the
+official ``cityscapesscripts`` label list; the SYNTHIA-RAND-CITYSCAPES table has no official
+Python source and is written out here (spec §6.4). Inverse maps are built explicitly in trainId
+order, never by iterating a dict (the original's Python-3 bug, spec §8.5-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cityscapesscripts.helpers.labels import labels as _CS_LABELS
+
+IGNORE_INDEX = 255
+"""TrainId of pixels that carry no label (loss and metrics skip them)."""
+
+PSEUDO_IGNORE_RAW_ID = 0
+"""Raw id written for unselected pixels in pseudo-label PNGs (Cityscapes 'unlabeled')."""
+
+# Column headers of the original README's result tables, keyed by Cityscapes class name.
+TABLE_HEADERS: dict[str, str] = {
+    "road": "Road", "sidewalk": "Sidewalk", "building": "Build", "wall": "Wall",
+    "fence": "Fence", "pole": "Pole", "traffic light": "Traffic Light",
+    "traffic sign": "Traffic Sign", "vegetation": "Veg.", "terrain": "Terrain", "sky": "Sky",
+    "person": "Person", "rider": "Rider", "car": "Car", "truck": "Truck", "bus": "Bus",
+    "train": "Train", "motorcycle": "Motor", "bicycle": "Bike",
+}
+
+# The 16 classes shared by SYNTHIA and Cityscapes, in trainId order (spec §6.2).
+CLASSES_16: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
+)
+# The common 13-class subset (mIoU*): the 16 classes without wall, fence and pole (spec §5.3).
+CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "fence", "pole"))
+
+# SYNTHIA-RAND-CITYSCAPES raw class ids (R channel of GT/LABELS) -> class name (spec §6.4).
+# Ids without a 16-class counterpart (void, parking-slot, road-work, terrain, truck, train,
+# lanemarking) are known but ignored; lanemarking follows CBST-MX (ignored), not CRST (road).
+SYNTHIA_RAW_NAMES: dict[int, str] = {
+    0: "void", 1: "sky", 2: "building", 3: "road", 4: "sidewalk", 5: "fence", 6: "vegetation",
+    7: "pole", 8: "car", 9: "traffic sign", 10: "person", 11: "bicycle", 12: "motorcycle",
+    13: "parking-slot", 14: "road-work", 15: "traffic light", 16: "terrain", 17: "rider",
+    18: "truck", 19: "bus", 20: "train", 21: "wall", 22: "lanemarking",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A label protocol: which raw ids map to which of ``num_classes`` training ids."""
+
+    name: str
+    class_names: tuple[str, ...]
+    raw_ids: tuple[int, ...]
+    """Raw id written for each trainId (the inverse map, in trainId order)."""
+    known_raw_ids: frozenset[int]
+    """Every raw id the dataset may legitimately contain, mapped or ignored."""
+    colors: tuple[tuple[int, int, int], ...]
+    lut: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def encode(self, raw: np.ndarray) -> np.ndarray:
+        """Map raw ids to trainIds (uint8, 255 = ignore)."""
+        return self.lut[np.asarray(raw, dtype=np.int64).clip(0, 255)]
+
+    def decode(self, train_ids: np.ndarray) -> np.ndarray:
+        """Map trainIds back to raw ids (uint8); ignored pixels become raw id 0."""
+        inverse = np.full(256, PSEUDO_IGNORE_RAW_ID, dtype=np.uint8)
+        inverse[: self.num_classes] = self.raw_ids
+        return inverse[np.asarray(train_ids, dtype=np.int64)]
+
+    def unknown_values(self, raw: np.ndarray) -> list[int]:
+        """Raw values present in ``raw`` that the dataset's table does not define."""
+        return sorted(int(v) for v in np.unique(raw) if int(v) not in self.known_raw_ids)
+
+    def check_values(self, raw: np.ndarray, path: str | Path) -> None:
+        """Raise ``ValueError`` naming ``path`` if ``raw`` holds ids outside the table."""
+        bad = self.unknown_values(raw)
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            raise ValueError(
+                f"{path}: label values {shown} are not in the {self.name} label table "
+                f"(allowed raw ids: {min(self.known_raw_ids)}..{max(self.known_raw_ids)})"
+            )
+
+    def colorize(self, train_ids: np.ndarray) -> np.ndarray:
+        """RGB visualisation (H x W x 3 uint8) of a trainId map; ignored pixels are black."""
+        table = np.zeros((256, 3), dtype=np.uint8)
+        table[: self.num_classes] = self.colors
+        return table[np.asarray(train_ids, dtype=np.int64)]
+
+    def index_of(self, class_name: str) -> int:
+        """TrainId of ``class_name``; ``KeyError`` with the valid names otherwise."""
+        try:
+            return self.class_names.index(class_name)
+        except ValueError:
+            raise KeyError(f"{class_name!r} is not a class of {self.name}: {self.class_names}") from None
+
+
+def _build(name: str, raw_to_class: dict[int, str], classes: tuple[str, ...],
+           colors: dict[str, tuple[int, int, int]]) -> Protocol:
+    """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    raw_ids = [-1] * len(classes)
+    for raw_id in sorted(raw_to_class):
+        cls = raw_to_class[raw_id]
+        if cls in classes:
+            train_id = classes.index(cls)
+            lut[raw_id] = train_id
+            if raw_ids[train_id] < 0:
+                raw_ids[train_id] = raw_id
+    missing = [c for c, r in zip(classes, raw_ids) if r < 0]
+    if missing:
+        raise AssertionError(f"{name}: no raw id for classes {missing}")
+    return Protocol(name=name, class_names=classes, raw_ids=tuple(raw_ids),
+                    known_raw_ids=frozenset(raw_to_class), lut=lut,
+                    colors=tuple(colors[c] for c in classes))
+
+
+_CS_RAW_TO_NAME = {lab.id: lab.name for lab in _CS_LABELS if lab.id >= 0}
+_CS_COLORS = {lab.name: tuple(lab.color) for lab in _CS_LABELS}
+CLASSES_19: tuple[str, ...] = tuple(
+    lab.name for lab in sorted((x for x in _CS_LABELS if 0 <= x.trainId < 255), key=lambda x: x.trainId)
+)
+
+CITYSCAPES_19 = _build("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
+"""Cityscapes (and GTA5) labelIds -> the 19 evaluation classes (spec §6.1)."""
+CITYSCAPES_16 = _build("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS)
+"""Cityscapes (and GTA5) labelIds -> the 16 SYNTHIA classes; terrain, truck, train ignored (§6.2)."""
+SYNTHIA_16 = _build("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS)
+"""SYNTHIA-RAND-CITYSCAPES raw ids -> the 16 classes, in the same trainId order as CITYSCAPES_16."""
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CITYSCAPES_19, CITYSCAPES_16, SYNTHIA_16)}
+
+
+def get_protocol(name: str) -> Protocol:
+    """Look a protocol up by name, with an error listing the valid names."""
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise KeyError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
+
+
+def protocol_for(dataset: str, num_classes: int) -> Protocol:
+    """The protocol that reads ``dataset``'s raw labels into ``num_classes`` classes."""
+    if num_classes not in (16, 19):
+        raise ValueError(f"num_classes must be 19 or 16, got {num_classes}")
+    if dataset == "synthia":
+        if num_classes != 16:
+            raise ValueError("SYNTHIA labels support the 16-class protocol only")
+        return SYNTHIA_16
+    if dataset in ("cityscapes", "gta5", "synthetic"):
+        return CITYSCAPES_19 if num_classes == 19 else CITYSCAPES_16
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def cityscapes_palette() -> list[int]:
+    """A 768-entry PIL palette indexed by Cityscapes labelId (GTA5 / CBST-MX colour PNGs)."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for lab in _CS_LABELS:
+        if lab.id >= 0:
+            palette[lab.id] = lab.color
+    return palette.reshape(-1).tolist()
