@@ -70,19 +70,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
+def _apply_config(argv: list[str], subparsers: dict[str, argparse.ArgumentParser]) -> None:
+    """If ``argv`` names a subcommand and ``--config FILE``, make the file's values its defaults."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in subparsers:
+        return
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--config")
+    path = peek.parse_known_args(argv[argv.index(command) + 1:])[0].config
+    if not path:
+        return
+    sp = subparsers[command]
+    config = _load_config(path, sp)
+    for action in sp._actions:
+        if action.dest in config:
+            action.required = False  # supplied by the file; a flag still overrides it
+    sp.set_defaults(**config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, apply ``--config`` defaults, run the subcommand; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
+    try:
+        _apply_config(argv, subparsers)
+    except CLIError as exc:
+        print(f"cbst: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        if args.config:
-            sp = subparsers[args.command]
-            sp.set_defaults(**_load_config(args.config, sp))
-            args = parser.parse_args(argv)
         return int(args._run(args) or 0)
     except CLIError as exc:
         print(f"cbst {args.command}: error: {exc}", file=sys.stderr)
@@ -92,5 +111,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cbst {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cbst {args.command}: interrupted", file=sys.stderr)
+        print(f"cbst {args.command}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
