@@ -1,0 +1,148 @@
+"""Train a segmentation network on labelled source images (GTA5 or SYNTHIA), the model that
+self-training starts from (the original's issegm/train_src.py).
+
+Each image gives one crop: scaled by rho ~ U[scale-rate-range] (against --origin-size when given),
+cropped to --crop-size, flipped with probability 1/2. SGD with the model's per-parameter lr/wd
+multipliers; the loss is mean cross-entropy over labelled pixels of the logits up-sampled to the
+crop. After every epoch OUT/checkpoints/epoch_NNNN.pt, OUT/last.pt and one line of OUT/log.jsonl
+are written; --resume continues from the last finished epoch and ends with the same weights as an
+uninterrupted run with the same --seed. The original's settings are in configs/*_source_*.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from cbst.cli import CLIError
+
+HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
+
+DATASETS = ("gta5", "synthia", "cityscapes", "folder")
+MODELS = ("resnet38", "deeplabv2_resnet101", "small")
+LR_TYPES = ("fixed", "poly", "linear", "step")
+
+
+def _float_pair(text: str) -> tuple[float, float]:
+    """'0.7,1.3' -> (0.7, 1.3)."""
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.7,1.3), got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'10000,20000' -> (10000, 20000); empty -> ()."""
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated iterations, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``cbst train-source``."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="gta5", help="source dataset layout")
+    data.add_argument("--data-root", help="dataset root directory (required)")
+    data.add_argument("--split", default="train", help="split whose images are trained on")
+    data.add_argument("--list", dest="list_file", metavar="FILE",
+                      help="image list overriding the split's default list")
+    data.add_argument("--num-classes", type=int, choices=(19, 16), default=19,
+                      help="label protocol: 19 (GTA5/Cityscapes) or 16 (SYNTHIA)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=MODELS, default="resnet38", help="network architecture")
+    model.add_argument("--weights", metavar="PATH",
+                       help="initialisation: ImageNet weights (.params/.pth, or 'imagenet' to "
+                            "use the architecture's default) or a cbst checkpoint (*.pt)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch-images", type=int, default=16,
+                       help="images per batch (the original: 16 over 4 GPUs)")
+    optim.add_argument("--crop-size", type=int, default=500,
+                       help="square crop side; rounded up to a multiple of 8 (500 -> 504)")
+    optim.add_argument("--scale-rate-range", type=_float_pair, default=(0.7, 1.3),
+                       metavar="LO,HI", help="range of the random scale factor rho")
+    optim.add_argument("--origin-size", type=int, metavar="L",
+                       help="reference long side: images are scaled to rho*L on their long "
+                            "side (GTA5 1914, SYNTHIA 1280); unset: scale by rho itself")
+    optim.add_argument("--lr-type", choices=LR_TYPES, default="fixed",
+                       help="learning-rate policy over all --to-epoch epochs")
+    optim.add_argument("--base-lr", type=float, default=0.0016, help="base learning rate")
+    optim.add_argument("--lr-steps", type=_int_list, default=(), metavar="IT,IT,...",
+                       help="iterations where --lr-type step multiplies the lr by 0.1")
+    optim.add_argument("--to-epoch", type=int, default=30, help="number of epochs to train")
+    optim.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--seed", type=int, default=0,
+                       help="seed of the shuffle, crops, flips and dropout")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", metavar="DIR", help="output directory (required)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    run.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes")
+    run.add_argument("--no-amp", action="store_true",
+                     help="train in float32 instead of bf16 autocast on CUDA")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the last epoch checkpoint in --output")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="write TensorBoard logs to OUT/tensorboard")
+
+    ev = parser.add_argument_group("evaluation after each epoch (optional)")
+    ev.add_argument("--eval-dataset", choices=DATASETS, help="target dataset to report mIoU on")
+    ev.add_argument("--eval-root", metavar="DIR", help="root of the evaluation dataset")
+    ev.add_argument("--eval-split", default="val", help="evaluation split")
+    ev.add_argument("--eval-long-side", type=int, metavar="PX",
+                    help="resize evaluation images to this long side (default: native size)")
+
+
+def _as_list(value: object) -> list:
+    """A YAML list or a parsed tuple as a list; a scalar becomes a one-element list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Reject missing or inconsistent options with a one-line message."""
+    for flag in ("data_root", "output"):
+        if not getattr(args, flag):
+            raise CLIError(f"--{flag.replace('_', '-')} is required")
+    positive = {"batch_images": args.batch_images, "crop_size": args.crop_size,
+                "to_epoch": args.to_epoch, "base_lr": args.base_lr}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.num_workers < 0:
+        raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.eval_dataset and not args.eval_root:
+        raise CLIError("--eval-dataset needs --eval-root")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the configuration from the flags and train."""
+    from cbst.training import SourceTrainConfig, train_source
+
+    _check(args)
+    try:
+        scale_range = _float_pair(",".join(str(v) for v in _as_list(args.scale_rate_range)))
+        lr_steps = _int_list(",".join(str(v) for v in _as_list(args.lr_steps)))
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(str(exc)) from None
+    config = SourceTrainConfig(
+        dataset=args.dataset, data_root=args.data_root, output=args.output, split=args.split,
+        list_file=args.list_file, num_classes=args.num_classes, model=args.model,
+        weights=args.weights, batch_images=args.batch_images,
+        crop_size=math.ceil(args.crop_size / 8) * 8,
+        scale_range=scale_range,
+        origin_size=args.origin_size, lr_type=args.lr_type, base_lr=args.base_lr,
+        lr_steps=lr_steps,
+        to_epoch=args.to_epoch, weight_decay=args.weight_decay, momentum=args.momentum,
+        seed=args.seed, device=args.device, num_workers=args.num_workers, amp=not args.no_amp,
+        resume=args.resume, eval_dataset=args.eval_dataset, eval_root=args.eval_root,
+        eval_split=args.eval_split, eval_long_side=args.eval_long_side,
+        tensorboard=args.tensorboard)
+    last = train_source(config)
+    print(f"trained {config.model} on {config.dataset}: {last}")
+    return 0

@@ -1,0 +1,156 @@
+"""Training-time augmentation: random scale, (mined) crop, horizontal flip and normalisation.
+
+One ``TrainTransform`` serves source training and self-training (spec §3.2, §3.3, §4.1). Its
+random numbers come from ``np.random.default_rng([seed, epoch, index])``, so a sample's crop
+depends only on the seed, the epoch and the image index: not on the number of data-loader
+workers, their scheduling, or whether the run was restarted.
+
+Loss convention: the transform returns the full-resolution crop label and the training step
+up-samples the logits bilinearly to the crop size (the CRST-PT convention, spec §3.7). CBST-MX
+instead kept the stride-8 logits and sampled the label at the cell centres 4 + 8j (spec §3.4).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import torch
+
+from cbst.labels import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from cbst.mining import MiningPlan
+
+cv2.setNumThreads(0)  # OpenCV's pool competes with PyTorch's and the loader workers'
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""RGB mean of ImageNet in [0, 1] (spec §7.3); also the padding colour before normalising."""
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""RGB standard deviation of ImageNet in [0, 1] (spec §7.3)."""
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from an int or a pair, checked positive."""
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h <= 0 or w <= 0:
+        raise ValueError(f"crop size must be positive, got {size!r}")
+    return h, w
+
+
+def scale_factor(rng: np.random.Generator, image_hw: tuple[int, int],
+                 scale_range: tuple[float, float], reference_long_side: int | None) -> float:
+    """Resize factor ρ·L / long side (against a reference long side L) or ρ (against the image)."""
+    rho = float(rng.uniform(scale_range[0], scale_range[1]))
+    if reference_long_side is None:
+        return rho
+    return rho * reference_long_side / max(image_hw)
+
+
+def resize_pair(image: np.ndarray, label: np.ndarray,
+                factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale an image (area when shrinking, bilinear when enlarging) and its label (nearest)."""
+    h, w = label.shape
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))  # cv2 wants (width, height)
+    if size == (w, h):
+        return image, label
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return (cv2.resize(image, size, interpolation=interp),
+            cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
+
+
+def extract_window(array: np.ndarray, y0: int, x0: int, crop_hw: tuple[int, int],
+                   fill: Any) -> np.ndarray:
+    """The crop_hw window at (y0, x0); the parts outside ``array`` are filled with ``fill``."""
+    ch, cw = crop_hw
+    h, w = array.shape[:2]
+    out = np.empty((ch, cw) + array.shape[2:], dtype=array.dtype)
+    out[...] = fill
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + ch, h), min(x0 + cw, w)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = array[sy0:sy1, sx0:sx1]
+    return out
+
+
+def random_window(rng: np.random.Generator, image_hw: tuple[int, int],
+                  crop_hw: tuple[int, int]) -> tuple[int, int]:
+    """A uniform window origin; where the image is smaller than the crop it floats inside it."""
+    return tuple(int(rng.integers(min(0, n - c), max(0, n - c) + 1))  # type: ignore[return-value]
+                 for n, c in zip(image_hw, crop_hw))
+
+
+def normalise(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 H x W x 3 RGB -> float32 3 x H x W, scaled to [0, 1] then standardised."""
+    x = image.astype(np.float32) * (1.0 / 255.0)
+    x -= np.asarray(mean, dtype=np.float32)
+    x *= 1.0 / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class TrainTransform:
+    """Random scale, crop (mined with probability ``mining.port``), flip and normalisation."""
+
+    def __init__(self, crop_size: int | tuple[int, int], *,
+                 scale_range: tuple[float, float] = (0.7, 1.3),
+                 reference_long_side: int | None = None, flip: bool = True,
+                 mining: MiningPlan | None = None, seed: int = 0,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+        lo, hi = float(scale_range[0]), float(scale_range[1])
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale range must satisfy 0 < lo <= hi, got {scale_range!r}")
+        if reference_long_side is not None and reference_long_side <= 0:
+            raise ValueError(f"reference long side must be positive, got {reference_long_side}")
+        self.crop_hw = _pair(crop_size)
+        self.scale_range = (lo, hi)
+        self.reference_long_side = reference_long_side
+        self.flip = flip
+        self.mining = mining
+        self.seed = int(seed)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's random stream (call before each epoch's loader is created)."""
+        self.epoch = int(epoch)
+
+    def set_mining(self, plan: MiningPlan | None) -> None:
+        """Use a new rare-class mining plan (each self-training round has its own), or none."""
+        self.mining = plan
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The random stream of one sample in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def _window(self, rng: np.random.Generator, label: np.ndarray) -> tuple[int, int]:
+        """A mined window with probability ``mining.port`` when a candidate exists, else random."""
+        if self.mining is not None and rng.random() < self.mining.port:
+            from cbst.mining import choose_mined_center, crop_window
+
+            center = choose_mined_center(label, self.mining, rng)
+            if center is not None:
+                y0, x0 = crop_window(center, self.crop_hw, label.shape)
+                return int(y0), int(x0)
+        return random_window(rng, label.shape, self.crop_hw)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Augment one dataset sample into network-ready tensors."""
+        image, label = sample["image"], sample["label"]
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"{sample.get('name')}: image {image.shape[:2]} and label "
+                             f"{label.shape} sizes differ")
+        rng = self.rng(sample["index"])
+        factor = scale_factor(rng, label.shape, self.scale_range, self.reference_long_side)
+        image, label = resize_pair(image, label, factor)
+        y0, x0 = self._window(rng, label)
+        image = extract_window(image, y0, x0, self.crop_hw, self.fill)
+        label = extract_window(label, y0, x0, self.crop_hw, IGNORE_INDEX)
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return {"image": normalise(image, self.mean, self.std),
+                "label": torch.from_numpy(label.astype(np.int64)),
+                "name": sample["name"], "index": sample["index"]}

@@ -1,0 +1,237 @@
+"""Training loop: lr policies, optimiser groups, loss, overfitting, resume equivalence, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from cbst.labels import get_protocol
+from cbst.training import (SourceTrainConfig, build_optimizer, epoch_loader, lr_at,
+                           segmentation_loss, set_lr, train_epochs, train_source)
+from cbst.transforms import TrainTransform
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+
+
+class TinyNet(nn.Module):
+    """A stand-in segmentation net: stride-2 logits, dropout, and the lr_groups() interface."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.drop = nn.Dropout2d(0.3)
+        self.classifier = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(F.relu(self.features(x))))
+
+    def lr_groups(self) -> list[dict]:
+        weights = [self.features.weight, self.classifier.weight]
+        biases = [self.features.bias, self.classifier.bias]
+        return [{"params": weights, "lr_mult": 1.0, "wd_mult": 1.0},
+                {"params": biases, "lr_mult": 2.0, "wd_mult": 0.0}]
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    """A stand-in SegmentationDataset: colour-coded 8x8 blocks of a class, easy to learn."""
+
+    protocol = get_protocol("cityscapes19")
+
+    def __init__(self, n: int = 8, size: int = 24, transform=None) -> None:
+        rng = np.random.default_rng(0)
+        blocks = rng.integers(0, NUM_CLASSES, (n, size // 8, size // 8)).astype(np.uint8)
+        self.labels = blocks.repeat(8, axis=1).repeat(8, axis=2)
+        self.labels[:, :2] = 255
+        palette = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)
+        self.images = palette[np.minimum(self.labels, NUM_CLASSES - 1)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = {"image": self.images[i], "label": self.labels[i], "name": f"m{i}", "index": i}
+        return self.transform(sample) if self.transform else sample
+
+    def with_transform(self, transform) -> "MemoryDataset":
+        copy = MemoryDataset.__new__(MemoryDataset)
+        copy.__dict__.update(self.__dict__, transform=transform)
+        return copy
+
+
+def _dataset() -> MemoryDataset:
+    return MemoryDataset(transform=TrainTransform(16, scale_range=(0.8, 1.2), seed=3))
+
+
+def test_lr_policies_follow_the_formulas():
+    base = 0.01
+    assert lr_at("fixed", base, 70, 100) == base
+    assert lr_at("poly", base, 0, 100) == pytest.approx(base)
+    assert lr_at("poly", base, 50, 100) == pytest.approx(base * 0.5 ** 0.9)
+    assert lr_at("poly", base, 100, 100) == pytest.approx(1e-8)
+    assert lr_at("linear", base, 25, 100) == pytest.approx(0.0075)
+    assert lr_at("linear", base, 100, 100) == pytest.approx(1e-6)
+    assert lr_at("linear", 1e-5, 100, 100) == pytest.approx(1e-7)
+    assert [lr_at("step", base, i, 100, steps=(10, 20)) for i in (9, 10, 25)] == \
+        pytest.approx([base, base * 0.1, base * 0.01])
+    with pytest.raises(ValueError, match="unknown lr policy"):
+        lr_at("cosine", base, 0, 1)
+
+
+def test_optimizer_groups_carry_the_multipliers():
+    opt = build_optimizer(TinyNet(), 0.1, momentum=0.8, weight_decay=1e-3)
+    (w, b) = opt.param_groups
+    assert (w["lr"], w["weight_decay"], w["momentum"]) == pytest.approx((0.1, 1e-3, 0.8))
+    assert (b["lr"], b["weight_decay"], b["lr_mult"]) == pytest.approx((0.2, 0.0, 2.0))
+    set_lr(opt, 0.5)
+    assert (w["lr"], b["lr"]) == pytest.approx((0.5, 1.0))
+
+
+def test_loss_matches_cross_entropy_on_upsampled_logits():
+    logits = torch.randn(2, 5, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 31, 37))
+    labels[0, :10] = 255
+    expected = F.cross_entropy(F.interpolate(logits, (31, 37), mode="bilinear",
+                                             align_corners=False), labels, ignore_index=255)
+    assert segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    empty = segmentation_loss(logits, torch.full((2, 31, 37), 255))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_training_reduces_the_loss():
+    torch.manual_seed(0)
+    model, losses = TinyNet(), []
+    train_epochs(model, _dataset(), epochs=10, batch_size=4, base_lr=0.1, device="cpu",
+                 on_epoch_end=lambda e, s: losses.append(s["loss"]))
+    assert max(losses[-3:]) < 0.5 * losses[0]
+
+
+def test_loader_order_and_crops_do_not_depend_on_worker_count():
+    data = _dataset()
+    batches = [next(iter(epoch_loader(data, batch_size=4, epoch=2, seed=1, num_workers=n)))
+               for n in (0, 2)]
+    assert torch.equal(batches[0]["index"], batches[1]["index"])
+    assert torch.equal(batches[0]["image"], batches[1]["image"])
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    kwargs = dict(epochs=2, batch_size=2, base_lr=0.05, lr_policy="poly", device="cpu", seed=4)
+    torch.manual_seed(0)
+    straight = TinyNet()
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    train_epochs(straight, _dataset(), **kwargs)
+
+    crashed = TinyNet()
+    crashed.load_state_dict(init)
+    opt = build_optimizer(crashed, 0.05)
+
+    def save_then_crash(epoch: int, stats: dict) -> None:
+        torch.save({"model": crashed.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        train_epochs(crashed, _dataset(), optimizer=opt, on_epoch_end=save_then_crash, **kwargs)
+
+    torch.manual_seed(99)  # the global RNG state of a fresh process differs
+    resumed = TinyNet()
+    state = torch.load(tmp_path / "ck.pt")
+    resumed.load_state_dict(state["model"])
+    opt = build_optimizer(resumed, 0.05)
+    opt.load_state_dict(state["opt"])
+    train_epochs(resumed, _dataset(), optimizer=opt, start_epoch=1, **kwargs)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def _install_stand_ins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in ``cbst.datasets/models/checkpoints`` with the agreed interfaces."""
+    datasets = types.ModuleType("cbst.datasets")
+    datasets.build_dataset = lambda name, root, **kw: MemoryDataset()
+    models = types.ModuleType("cbst.models")
+    models.build_model = lambda name, num_classes, **kw: TinyNet()
+    checkpoints = types.ModuleType("cbst.checkpoints")
+
+    def save_checkpoint(path, model, *, arch, num_classes, protocol, round=None, epoch=None,
+                        extra=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "meta": {"arch": arch, "epoch": epoch,
+                                                          "num_classes": num_classes,
+                                                          "extra": extra}}, path)
+
+    def load_checkpoint(path, device="cpu", expect_protocol=None):
+        data = torch.load(path, weights_only=False)
+        model = TinyNet()
+        model.load_state_dict(data["state"])
+        return model, data["meta"]
+
+    checkpoints.save_checkpoint, checkpoints.load_checkpoint = save_checkpoint, load_checkpoint
+    for module in (datasets, models, checkpoints):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_train_source_resume_matches_a_straight_run(tmp_path, monkeypatch):
+    _install_stand_ins(monkeypatch)
+
+    def config(out: str, to_epoch: int, resume: bool = False) -> SourceTrainConfig:
+        return SourceTrainConfig(dataset="gta5", data_root="unused", output=str(tmp_path / out),
+                                 model="small", batch_images=2, crop_size=16, base_lr=0.05,
+                                 to_epoch=to_epoch, num_workers=0, device="cpu", resume=resume)
+
+    torch.manual_seed(0)
+    last = train_source(config("a", 2))
+    torch.manual_seed(0)
+    train_source(config("b", 1))
+    with pytest.raises(ValueError, match="--resume"):
+        train_source(config("b", 2))
+    train_source(config("b", 2, resume=True))
+    a, b = torch.load(last)["state"], torch.load(tmp_path / "b" / "last.pt")["state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "b"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        ["epoch_0001.pt", "epoch_0002.pt"]
+    assert [line.count('"epoch": ') for line in (out / "log.jsonl").read_text().splitlines()] \
+        == [1, 1]
+    assert yaml.safe_load((out / "config.yaml").read_text())["to_epoch"] == 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cbst.commands import train_source as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return parser
+
+
+def test_command_rounds_the_crop_and_parses_ranges(monkeypatch, tmp_path):
+    from cbst.commands import train_source as command
+
+    seen = {}
+    monkeypatch.setattr("cbst.training.train_source", lambda c: seen.setdefault("c", c))
+    args = _parser().parse_args(["--data-root", "d", "--output", str(tmp_path), "--crop-size",
+                                 "500", "--scale-rate-range", "0.5,1.5", "--lr-steps", "10,20"])
+    assert command.run(args) == 0
+    cfg = seen["c"]
+    assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (504, (0.5, 1.5), (10, 20))
+
+
+@pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38",
+                                  "gta5_source_deeplabv2"])
+def test_shipped_configs_name_only_known_options(name):
+    known = {a.dest for a in _parser()._actions}
+    config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    assert set(config) <= known
