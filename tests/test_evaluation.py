@@ -105,6 +105,9 @@ def test_to_json_and_miou13() -> None:
     nineteen = Metrics(class_names=("a",), iou={"a": None}, miou=math.nan, pixel_acc=math.nan,
                        mean_acc=math.nan)
     assert nineteen.to_json() == {"miou": None, "pixel_acc": None, "mean_acc": None, "iou": {"a": None}}
+    back = Metrics.from_json(json.loads(json.dumps(out)))
+    assert back.class_names == CLASSES_16 and back.iou == iou and back.miou == 0.4567
+    assert math.isnan(Metrics.from_json(nineteen.to_json()).miou)
 
 
 def test_format_table_exact() -> None:

@@ -141,6 +141,16 @@ class Metrics:
                    iou=dict(self.iou))
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Metrics":
+        """Rebuild the metrics that ``to_json`` wrote (e.g. a finished round's metrics.json)."""
+        def number(value: float | None) -> float:
+            return math.nan if value is None else float(value)
+
+        return cls(class_names=tuple(data["iou"]), iou=dict(data["iou"]),
+                   miou=number(data["miou"]), pixel_acc=number(data["pixel_acc"]),
+                   mean_acc=number(data["mean_acc"]))
+
 
 def _finite(value: float) -> float | None:
     """``value``, or None when it is NaN (JSON has no NaN)."""
