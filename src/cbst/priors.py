@@ -1,0 +1,185 @@
+"""Class-wise spatial priors q_c(y, x) for CBST-SP (spec §2.5).
+
+The original only loads a downloaded ``prior_array.mat`` (C × 1024 × 2048, class-first) and
+multiplies it into the target softmax maps; no code computes it. This module computes it from
+source labels as the paper describes, converts the original file, and applies a prior to
+probabilities of any resolution. Choices:
+
+- **Counting**: every label map (trainIds, 255 = ignore) is resized with nearest-neighbour to the
+  target resolution ``size`` (GTA5 1052×1914 → Cityscapes 1024×2048) and count_c(y, x) = number of
+  maps with class c at (y, x).
+- **Smoothing**: a Gaussian of standard deviation ``sigma`` pixels, default 1/30 of the shorter
+  side (≈34 px at 1024×2048), i.e. a kernel of ≈200 px: a large window in the spirit of the
+  paper, which keeps the coarse layout (sky on top, road at the bottom) and drops scene detail.
+- **Normalisation**: q_c = (smoothed count_c + eps) / max_(y,x)(smoothed count_c + eps).
+  ``eps`` (in images) is an additive floor, so no location rules a class out completely; a class
+  never seen gets a uniform prior of 1 (no spatial information). Scaling each class to a maximum
+  of 1 keeps q·p ≤ p ≤ ~1, the range the threshold histograms resolve best, and leaves p unchanged
+  where a class is most frequent. Per-class factors cancel inside a class's own threshold
+  (λ_c is a quantile of the same scaled values, spec §2.5); they only shift the argmax between
+  classes, and dividing by the maximum rather than the sum keeps that shift mild (a sum
+  normalisation would multiply each class by ~1/(H·W)·(its spatial spread), favouring compact
+  classes strongly, and would make the confidences tiny for the global policy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cbst.io import DataError, read_label, write_npy
+from cbst.labels import IGNORE_INDEX
+
+MAT_VARIABLE = "prior_array"
+
+
+def default_sigma(size: tuple[int, int]) -> float:
+    """The default Gaussian standard deviation: 1/30 of the shorter side, in pixels."""
+    return min(size) / 30.0
+
+
+def _resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a trainId map to (H, W) (pixel-centre convention)."""
+    if label.shape == size:
+        return label
+    return cv2.resize(label, (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def _accumulate(counts: np.ndarray, label: np.ndarray, num_classes: int) -> None:
+    """Add one label map to counts (C·H·W int32) in place, ignoring IGNORE_INDEX."""
+    flat = label.reshape(-1).astype(np.int64)
+    position = np.flatnonzero(flat != IGNORE_INDEX)
+    classes = flat[position]
+    if classes.size and classes.max() >= num_classes:
+        raise ValueError(f"label value {int(classes.max())} is neither a trainId below "
+                         f"{num_classes} nor {IGNORE_INDEX}")
+    # Each position carries one class, so the indices are unique and a fancy += is a bincount.
+    counts[classes * flat.size + position] += 1
+
+
+def _normalise(counts: np.ndarray, sigma: float, eps: float) -> np.ndarray:
+    """Smooth each class map, add the floor and scale it to a maximum of 1."""
+    prior = counts.astype(np.float32)
+    for c in range(prior.shape[0]):
+        if sigma > 0:
+            prior[c] = cv2.GaussianBlur(prior[c], (0, 0), sigmaX=sigma, sigmaY=sigma,
+                                        borderType=cv2.BORDER_REFLECT)
+        prior[c] += eps
+        prior[c] /= prior[c].max()
+    return prior
+
+
+def compute_spatial_prior(label_maps: Iterable[np.ndarray], num_classes: int, size: tuple[int, int],
+                          *, sigma: float | None = None, eps: float = 1.0,
+                          progress: bool = True) -> np.ndarray:
+    """The spatial prior (float32 C×H×W, each class max 1, min > 0) of trainId label maps."""
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0 so that no location rules a class out, got {eps}")
+    height, width = size
+    sigma = default_sigma(size) if sigma is None else sigma
+    counts = np.zeros(num_classes * height * width, dtype=np.int32)
+    if progress:
+        from tqdm import tqdm
+        label_maps = tqdm(label_maps, desc="prior", unit="label")
+    for label in label_maps:
+        label = np.asarray(label)
+        if label.ndim != 2:
+            raise ValueError(f"expected an H×W trainId map, got shape {label.shape}")
+        _accumulate(counts, _resize_label(label.astype(np.uint8), size), num_classes)
+    return _normalise(counts.reshape(num_classes, height, width), sigma, eps)
+
+
+def _dataset_labels(dataset: Any) -> Iterable[np.ndarray]:
+    """TrainId maps of a dataset, read straight from plain label PNGs (skipping the images)."""
+    plain = getattr(dataset, "label_format", "plain") == "plain" and hasattr(dataset, "samples")
+    for i in range(len(dataset)):
+        if plain:
+            path = dataset.samples[i].label
+            if path is None:
+                raise DataError(f"{dataset.samples[i].image}: image has no label to count")
+            yield dataset.protocol.encode(read_label(path))
+        else:  # e.g. SYNTHIA's 16-bit multi-channel PNGs: let the dataset decode them
+            yield dataset[i]["label"]
+
+
+def spatial_prior_from_dataset(dataset: Any, size: tuple[int, int], **kw: Any) -> np.ndarray:
+    """The spatial prior of a dataset's labels (see ``compute_spatial_prior`` for ``kw``)."""
+    return compute_spatial_prior(_dataset_labels(dataset), dataset.protocol.num_classes, size, **kw)
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The raw array of a .npy or the original's .mat prior file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() == ".mat":
+        import scipy.io
+        try:
+            data = scipy.io.loadmat(str(path))
+        except NotImplementedError:
+            raise DataError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; "
+                            "re-save it with save(..., '-v7')") from None
+        except (scipy.io.matlab.MatReadError, OSError, ValueError, TypeError) as exc:
+            raise DataError(f"{path}: cannot read MATLAB file ({exc})") from None
+        if MAT_VARIABLE not in data:
+            names = sorted(k for k in data if not k.startswith("__"))
+            raise DataError(f"{path}: no variable {MAT_VARIABLE!r} (found: {names})")
+        return np.asarray(data[MAT_VARIABLE])
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read .npy file ({exc})") from None
+
+
+def _resize_prior(prior: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a C×h×w prior to (H, W) (half-pixel convention, like apply_prior)."""
+    out = F.interpolate(torch.from_numpy(prior)[None], size=size, mode="bilinear",
+                        align_corners=False)
+    return out[0].numpy()
+
+
+def load_prior(path: str | Path, num_classes: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A prior as float32 C×H×W from .npy or the original's ``prior_array.mat``.
+
+    Class-first (C, H, W) is expected, as the original uses; an (H, W, C) array is accepted and
+    transposed (class-first wins when both readings fit). Resized bilinearly to ``size`` if given.
+    """
+    path = Path(path)
+    array = _read_array(path)
+    if array.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D prior ({num_classes}×H×W), got shape {array.shape}")
+    if array.shape[0] != num_classes:
+        if array.shape[2] != num_classes:
+            raise DataError(f"{path}: prior has shape {array.shape}, expected {num_classes} "
+                            f"classes first ({num_classes}×H×W) or last (H×W×{num_classes})")
+        array = array.transpose(2, 0, 1)
+    prior = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(prior).all() or (prior < 0).any():
+        raise DataError(f"{path}: prior holds negative or non-finite values")
+    if size is not None and prior.shape[1:] != tuple(size):
+        prior = _resize_prior(prior, tuple(size))
+    return prior
+
+
+def save_prior(path: str | Path, prior: np.ndarray) -> None:
+    """Write a C×H×W prior as a float32 .npy, atomically."""
+    prior = np.asarray(prior, dtype=np.float32)
+    if prior.ndim != 3:
+        raise ValueError(f"expected a C×H×W prior, got shape {prior.shape}")
+    write_npy(path, prior)
+
+
+def apply_prior(probs: Tensor, prior: Tensor | np.ndarray) -> Tensor:
+    """probs (N×C×H×W or C×H×W) times the prior, resized bilinearly on probs' device to H×W."""
+    prior = torch.as_tensor(prior).to(device=probs.device, dtype=probs.dtype)
+    if prior.dim() != 3 or prior.shape[0] != probs.shape[-3]:
+        raise ValueError(f"prior {tuple(prior.shape)} does not match probabilities {tuple(probs.shape)}")
+    if prior.shape[1:] != probs.shape[-2:]:
+        prior = F.interpolate(prior[None], size=tuple(probs.shape[-2:]), mode="bilinear",
+                              align_corners=False)[0]
+    return probs * prior
