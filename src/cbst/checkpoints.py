@@ -1,0 +1,79 @@
+"""cbst checkpoints: a model's state_dict plus the metadata needed to rebuild and use it.
+
+A checkpoint is a ``torch.save``'d dict ``{"format": "cbst-checkpoint", "state_dict": ..., "meta":
+{arch, num_classes, protocol, mean, std, round, epoch, freeze_bn, cbst_version, ...}}``, written atomically.
+Foreign weights (MXNet ``.params``, CRST ``.pth``) become checkpoints through ``cbst convert``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbst import __version__
+from cbst.io import atomic_path
+from cbst.labels import get_protocol
+from cbst.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, build_model, load_strict
+
+FORMAT = "cbst-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, foreign or does not fit the data; the message names the file."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, protocol: str,
+                    round: int | None = None, epoch: int | None = None,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s weights and metadata to ``path`` atomically."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if get_protocol(protocol).num_classes != num_classes:
+        raise ValueError(f"protocol {protocol} has {get_protocol(protocol).num_classes} classes, "
+                         f"not {num_classes}")
+    meta = {"arch": arch, "num_classes": num_classes, "protocol": protocol,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "round": round, "epoch": epoch,
+            "freeze_bn": getattr(model, "freeze_bn", None), "cbst_version": __version__, **(extra or {})}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint dict, or a ``CheckpointError`` explaining what the file is instead."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for unreadable or foreign files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc}); MXNet .params and "
+                              f"other foreign weights must first go through 'cbst convert'") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cbst checkpoint (a bare state_dict or foreign file?); "
+                              f"run 'cbst convert {path} --arch ARCH --num-classes N --out MODEL.pt' first")
+    return obj
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint, without building the model."""
+    return dict(_read(Path(path))["meta"])
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    expect_protocol: str | None = None) -> tuple[SegmentationNet, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, load its weights, and return ``(model, meta)``."""
+    path = Path(path)
+    obj = _read(path)
+    meta = dict(obj["meta"])
+    if expect_protocol is not None and meta["protocol"] != expect_protocol:
+        raise CheckpointError(f"{path} was trained for {meta['protocol']} but the dataset uses {expect_protocol}")
+    with torch.device("meta"):  # every tensor comes from the file: skip the random init
+        model = build_model(meta["arch"], meta["num_classes"], freeze_bn=meta.get("freeze_bn"))
+    try:
+        load_strict(model, obj["state_dict"], str(path), assign=True)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return model.to(device), meta

@@ -1,0 +1,172 @@
+"""ResNet-38 "A1" (``rna-a1``, stride 8) as CBST-MX builds it in MXNet (spec §7.1).
+
+Modules carry the MXNet layer names (``conv1a``, ``res2a_branch2a``, ``bn2a_branch2a``, ...,
+``bn7``, ``conv6a``; ``linear{C}`` is ``classifier``), so a ``.params`` file converts by renaming
+(``cbst.mxnet``). Pre-activation blocks: every conv is preceded by its own BN+ReLU, the projection
+shortcut reads the pre-activated input, the identity shortcut the raw input.
+
+**MXNet BatchNorm semantics.** Every BN of this network is built with ``fix_gamma=True``: MXNet
+then ignores the stored gamma and scales by 1 (and never trains it). ``MXBatchNorm2d`` honours
+this: its ``weight`` is kept for a lossless rename but unused and not trainable, so converted
+models give MXNet's outputs whatever gamma the file holds. ``eps = 1.001e-5``. With ``freeze_bn``
+(the default, ``use_global_stats`` in CBST training) the moving statistics are frozen and beta
+still trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbst.models import SegmentationNet, load_strict, lr_group, read_state_dict
+
+BN_EPS = 1.001e-5
+HEAD_DILATION = 12
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One conv of a block: output channels, kernel, stride, dilation."""
+
+    out: int
+    kernel: int = 3
+    stride: int = 1
+    dilation: int = 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """A pre-activation residual block; ``project`` = stride of its 1x1 shortcut, if any."""
+
+    name: str
+    inp: int
+    convs: tuple[Conv, ...]
+    project: int | None = None
+    dropout: float = 0.0
+
+
+def _blocks() -> tuple[Block, ...]:
+    """The 21 residual blocks of A1 at output stride 8, in network order."""
+    def plain(name: str, c: int) -> Block:
+        return Block(name, c, (Conv(c), Conv(c)))
+
+    blocks = [Block("2a", 64, (Conv(128, stride=2), Conv(128)), project=2),
+              plain("2b1", 128), plain("2b2", 128),
+              Block("3a", 128, (Conv(256, stride=2), Conv(256)), project=2),
+              plain("3b1", 256), plain("3b2", 256),
+              Block("4a", 256, (Conv(512, stride=2), Conv(512)), project=2)]
+    blocks += [plain(f"4b{i}", 512) for i in range(1, 6)]
+    blocks += [Block("5a", 512, (Conv(512), Conv(1024, dilation=2)), project=1)]
+    blocks += [Block(f"5b{i}", 1024, (Conv(512, dilation=2), Conv(1024, dilation=2))) for i in (1, 2)]
+    blocks += [Block("6a", 1024, (Conv(512, 1), Conv(1024, dilation=4), Conv(2048, 1)), project=1, dropout=0.3),
+               Block("7a", 2048, (Conv(1024, 1), Conv(2048, dilation=4), Conv(4096, 1)), project=1, dropout=0.5)]
+    return tuple(blocks)
+
+
+BLOCKS = _blocks()
+BRANCHES = ("branch2a", "branch2b1", "branch2b2")
+
+
+class MXBatchNorm2d(nn.BatchNorm2d):
+    """MXNet BatchNorm with ``fix_gamma=True``: the stored gamma is ignored and 1 is used."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, eps=BN_EPS, momentum=0.1)  # MXNet momentum 0.9 = torch 0.1
+        self.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch norm with unit scale, batch statistics only in training mode when not frozen."""
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias,
+                            self.training, self.momentum, self.eps)
+
+
+class ResNet38(SegmentationNet):
+    """ResNet-38 A1 FCN with the CBST head: 504x504 -> 63x63, 1024x2048 -> 128x256."""
+
+    default_freeze_bn = True
+
+    def __init__(self, num_classes: int, *, freeze_bn: bool = True) -> None:
+        super().__init__(freeze_bn)
+        self.conv1a = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        for block in BLOCKS:
+            channels = block.inp
+            for branch, conv in zip(BRANCHES, block.convs):
+                self.add_module(f"bn{block.name}_{branch}", MXBatchNorm2d(channels))
+                self.add_module(f"res{block.name}_{branch}", nn.Conv2d(
+                    channels, conv.out, conv.kernel, stride=conv.stride, bias=False,
+                    padding=conv.dilation * (conv.kernel - 1) // 2, dilation=conv.dilation))
+                channels = conv.out
+            if block.project is not None:
+                self.add_module(f"res{block.name}_branch1",
+                                nn.Conv2d(block.inp, channels, 1, stride=block.project, bias=False))
+            if block.dropout:
+                self.add_module(f"res{block.name}_branch2b2_do", nn.Dropout(block.dropout))
+        self.bn7 = MXBatchNorm2d(4096)
+        self.conv6a = nn.Conv2d(4096, 512, 3, padding=HEAD_DILATION, dilation=HEAD_DILATION)
+        self.classifier = nn.Conv2d(512, num_classes, 3, padding=HEAD_DILATION, dilation=HEAD_DILATION)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """MXNet's init for parameters a checkpoint lacks: He-normal (fan-in) weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def _block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        """One pre-activation block; dropout sits before the last 1x1 conv of 6a and 7a."""
+        h = x
+        shortcut = x
+        for index, branch in enumerate(BRANCHES[:len(block.convs)]):
+            h = F.relu(getattr(self, f"bn{block.name}_{branch}")(h))
+            if index == 0 and block.project is not None:
+                shortcut = getattr(self, f"res{block.name}_branch1")(h)
+            if branch == "branch2b2" and block.dropout:
+                h = getattr(self, f"res{block.name}_branch2b2_do")(h)
+            h = getattr(self, f"res{block.name}_{branch}")(h)
+        return shortcut + h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at stride 8."""
+        x = self.conv1a(x)
+        for block in BLOCKS:
+            x = self._block(block, x)
+        x = F.relu(self.bn7(x))
+        x = F.relu(self.conv6a(x))
+        return self.classifier(x)
+
+    def _lr_groups(self) -> list[dict]:
+        """CBST-MX 'alex' convention: weights and gammas x1/x1; biases and betas lr x2, wd x0."""
+        weights, gammas, biases = [], [], []
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                gammas.append(module.weight)
+                biases.append(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                weights.append(module.weight)
+                biases += [module.bias] if module.bias is not None else []
+        return [lr_group(weights, 1.0, 1.0), lr_group(gammas, 1.0, 1.0), lr_group(biases, 2.0, 0.0)]
+
+    def load_pretrained(self, source: str | Path) -> None:
+        """An MXNet ``.params`` (ImageNet classifier or full CBST model) or a bare state_dict."""
+        from cbst.mxnet import load_params, resnet38_state_dict_from_params
+
+        path = Path(source)
+        if str(source) == "imagenet":
+            raise ValueError("ResNet-38 ImageNet weights are not downloadable: give the path of "
+                             "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+        if path.suffix != ".params":
+            load_strict(self, read_state_dict(path), str(path))
+            return
+        params = load_params(path)
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
+        imagenet = any(name.endswith("linear1000_weight") for name in params)
+        num_classes = self.classifier.out_channels
+        self.load_state_dict(resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet,
+                                                             source=str(path)))
