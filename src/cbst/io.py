@@ -53,7 +53,7 @@ def read_image(path: str | Path) -> np.ndarray:
     img = _open(Path(path))
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -63,7 +63,7 @@ def read_label(path: str | Path) -> np.ndarray:
     if img.mode not in ("L", "P", "I;16", "I"):
         raise DataError(f"{path}: expected a single-channel label PNG (mode L, P or I;16), "
                         f"got mode {img.mode}")
-    return np.asarray(img)
+    return np.array(img)
 
 
 def read_png_channel_16bit(path: str | Path, channel: int = 0) -> np.ndarray:

@@ -1,0 +1,111 @@
+"""The self-training loop: pseudo-label files, stage bookkeeping, and resume after a kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cbst import selftrain
+from cbst.checkpoints import load_checkpoint, save_checkpoint
+from cbst.datasets import build_dataset
+from cbst.io import read_label
+from cbst.labels import CITYSCAPES_19
+from cbst.models import build_model
+from cbst.selftrain import SelfTrainConfig, pseudo_label_pass, self_train
+from cbst.synthetic import make_synthetic
+from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny synthetic benchmark and a randomly initialised small source model."""
+    root = tmp_path_factory.mktemp("bench")
+    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32),
+                   progress=False)
+    torch.manual_seed(0)
+    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
+                    protocol="cityscapes19")
+    return root
+
+
+def _config(bench, output, **kw) -> SelfTrainConfig:
+    base = dict(weights=str(bench / "source.pt"), output=str(output),
+                data_root=str(bench / "data" / "gta5"),
+                data_root_tgt=str(bench / "data" / "cityscapes"), num_round=2, epoch_per_round=1,
+                init_tgt_port=0.3, init_src_port=0.5, batch_images=2, crop_size=32,
+                mine_port=0.8, device="cpu", progress=False, base_lr=0.01)
+    base.update(kw)
+    return SelfTrainConfig(**base)
+
+
+def test_pseudo_label_pass_writes_the_labels_of_the_direct_rule(bench, tmp_path):
+    model, _ = load_checkpoint(bench / "source.pt")
+    target = build_dataset("cityscapes", bench / "data" / "cityscapes", split="train",
+                           with_labels=False)
+    stats = pseudo_label_pass(model, target, tmp_path, portion=0.4, policy="cb", exact=True,
+                              flip=False, progress=False)
+    from cbst.inference import predict_probs
+
+    probs = torch.cat([predict_probs(model, torch.as_tensor(target[i]["image"]).permute(2, 0, 1)[None])
+                       for i in range(len(target))])  # one by one, as the pass does
+    estimator = ThresholdEstimator(19, "cb", exact=True)
+    estimator.update(probs)
+    lam = estimator.thresholds(0.4)
+    expected = assign_pseudo_labels(probs, lam).numpy()
+    for i, sample in enumerate(target.samples):
+        written = read_label(tmp_path / "pseudo_labelIds" / f"{sample.name}.png")
+        assert np.array_equal(CITYSCAPES_19.encode(written), expected[i])
+    assert stats["thresholds"] == dict(zip(CITYSCAPES_19.class_names, lam.tolist()))
+    assert sum(stats["selected_pixels"].values()) == int((expected != 255).sum())
+    assert json.loads((tmp_path / "stats.json").read_text())["portion"] == 0.4
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path, monkeypatch):
+    straight = self_train(_config(bench, tmp_path / "straight"))
+    assert set(straight) == {0, 1}
+
+    real_train = selftrain._train_round
+
+    def killed_in_round_1(cfg, plan, *args, **kw):
+        if plan.index == 1:
+            raise KeyboardInterrupt  # as Ctrl-C or a kill between stages
+        return real_train(cfg, plan, *args, **kw)
+
+    monkeypatch.setattr(selftrain, "_train_round", killed_in_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        self_train(_config(bench, tmp_path / "killed"))
+    finished = json.loads((tmp_path / "killed" / "state.json").read_text())["finished"]
+    assert finished == ["0/pseudo", "0/train", "0/eval", "1/pseudo"]
+
+    monkeypatch.setattr(selftrain, "_train_round", real_train)
+    resumed = self_train(_config(bench, tmp_path / "killed", resume=True))
+    a = torch.load(tmp_path / "straight" / "round_1" / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "round_1" / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed[1]["miou"] == straight[1]["miou"]
+
+
+def test_started_run_needs_resume_and_same_config(bench, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"finished": ["0/pseudo"]}))
+    with pytest.raises(ValueError, match="--resume"):
+        self_train(_config(bench, out))
+    cfg = _config(bench, out, resume=True)
+    selftrain._prepare_output(cfg)
+    with pytest.raises(ValueError, match="init_tgt_port"):
+        selftrain._prepare_output(dataclasses.replace(cfg, init_tgt_port=0.5))
+
+
+def test_bad_options_fail_before_any_work(bench, tmp_path):
+    with pytest.raises(ValueError, match="kc_policy"):
+        self_train(_config(bench, tmp_path / "a", kc_policy="class"))
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        self_train(_config(bench, tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))
+    assert not (tmp_path / "a").exists()
