@@ -32,8 +32,9 @@ def test_round_trip_same_outputs_and_meta(small_ckpt: tuple[Path, torch.nn.Modul
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
     assert meta == read_meta(path)
-    assert {k: meta[k] for k in ("arch", "num_classes", "protocol", "round", "epoch", "note")} == \
-           {"arch": "small", "num_classes": 16, "protocol": "synthia16", "round": 2, "epoch": 5, "note": "x"}
+    assert {k: meta[k] for k in ("arch", "num_classes", "protocol", "round", "epoch", "extra")} == \
+           {"arch": "small", "num_classes": 16, "protocol": "synthia16", "round": 2, "epoch": 5,
+            "extra": {"note": "x"}}
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["cbst_version"] == __version__ and meta["freeze_bn"] is False
     assert all(p.requires_grad for p in loaded.parameters())

@@ -36,7 +36,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, num_classe
                          f"not {num_classes}")
     meta = {"arch": arch, "num_classes": num_classes, "protocol": protocol,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "round": round, "epoch": epoch,
-            "freeze_bn": getattr(model, "freeze_bn", None), "cbst_version": __version__, **(extra or {})}
+            "freeze_bn": getattr(model, "freeze_bn", None), "cbst_version": __version__, "extra": dict(extra or {})}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)

@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbst.device import autocast
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 PAD_MULTIPLE = 8
 """The network's output stride: inputs are zero-padded to a multiple of it (spec §2.1 step 4)."""

@@ -328,7 +328,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     start_epoch = last_finished_epoch(output) if config.resume else 0
     if start_epoch:
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch),
-                                      expect_protocol=protocol)
+                                      expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
         optimizer = build_optimizer(model, config.base_lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
@@ -352,7 +352,7 @@ def train_source(config: SourceTrainConfig) -> Path:
             record.update(evaluate(model))
         extra = {"optimizer": optimizer.state_dict(), "config": asdict(config), "stats": record}
         save_checkpoint(checkpoint_path(output, done), model, arch=config.model,
-                        num_classes=config.num_classes, protocol=protocol, epoch=done, extra=extra)
+                        num_classes=config.num_classes, protocol=protocol.name, epoch=done, extra=extra)
         with atomic_path(output / "last.pt") as tmp:
             shutil.copyfile(checkpoint_path(output, done), tmp)
         _append_jsonl(output / "log.jsonl", record)

@@ -19,16 +19,12 @@ import numpy as np
 import torch
 
 from cbst.labels import IGNORE_INDEX
+from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from cbst.mining import MiningPlan
 
 cv2.setNumThreads(0)  # OpenCV's pool competes with PyTorch's and the loader workers'
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-"""RGB mean of ImageNet in [0, 1] (spec §7.3); also the padding colour before normalising."""
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""RGB standard deviation of ImageNet in [0, 1] (spec §7.3)."""
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
