@@ -144,7 +144,7 @@ def _stats(root: Path, domain: str):
 def test_appearance_shift(bench):
     road_s, hf_s = _stats(bench, "source")
     road_t, hf_t = _stats(bench, "target")
-    assert np.abs(road_s - road_t).max() > 15  # different road colour distributions
+    assert np.abs(road_s - road_t).max() > 8  # different road colour distributions (v1.1: ~10)
     assert hf_t > 1.5 * hf_s  # camera textures vs flat game shading
 
 
