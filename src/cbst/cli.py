@@ -21,6 +21,10 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the line breaks of a command's description (its examples)."""
+
+
 class CLIError(Exception):
     """A user error: printed as one line without a traceback, exit status 2."""
 
@@ -61,7 +65,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         module = importlib.import_module(f"cbst.commands.{name}")
         cmd = name.replace("_", "-")
         p = sub.add_parser(cmd, help=module.HELP, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         p.add_argument("--config", metavar="FILE",
                        help="YAML file of option defaults (keys are option names); flags override it")
         module.add_arguments(p)
