@@ -82,7 +82,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, prior: Path
         with_prior=str(prior) if with_prior else None, batch_images=s.batch_images,
         crop_size=s.crop_size, scale_rate_range=(0.75, 1.25), mine_port=s.mine_port,
         device=device, resume=(run_dir / "state.json").is_file(),
-        extra={"target_labels_for_logging": True})
+        score_pseudo_labels=True)
 
 
 def _write_examples(out: Path, checkpoints: dict[str, Path], val, device: torch.device,

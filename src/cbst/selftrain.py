@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -101,7 +101,8 @@ class SelfTrainConfig:
     amp: bool = True
     progress: bool = True
     resume: bool = False
-    extra: dict = field(default_factory=dict)
+    score_pseudo_labels: bool = False
+    """Score pseudo-labels against the target split's ground truth (a log only: oracle data)."""
 
     def schedule(self) -> list[RoundPlan]:
         """The per-round portions, learning rates and epochs of this run."""
@@ -312,7 +313,7 @@ def _datasets(cfg: SelfTrainConfig):
                            num_classes=cfg.num_classes, list_file=cfg.list_file)
     target = build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.split_tgt,
                            num_classes=cfg.num_classes, list_file=cfg.list_tgt,
-                           with_labels=bool(cfg.extra.get("target_labels_for_logging", False)))
+                           with_labels=cfg.score_pseudo_labels)
     val = (build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.eval_split,
                          num_classes=cfg.num_classes) if cfg.eval_split else None)
     return source, target, val
@@ -335,17 +336,19 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     for plan in cfg.schedule():
         rdir = out / f"round_{plan.index}"
         ckpt = rdir / "model.pt"
-        model, meta = load_checkpoint(weights, device=device, expect_protocol=protocol_name)
+        model = None
+        if not state.done(plan.index, "train"):
+            model, meta = load_checkpoint(weights, device=device, expect_protocol=protocol_name)
         if not state.done(plan.index, "pseudo"):
-            stats = pseudo_label_pass(
+            pseudo_label_pass(
                 model, target, rdir, portion=plan.tgt_portion, policy=cfg.kc_policy, prior=prior,
                 long_side=cfg.test_scales, flip=cfg.test_flipping, exact=cfg.exact_thresholds,
                 bins=cfg.threshold_bins, batch_size=cfg.pseudo_batch,
                 mine_id_number=cfg.mine_id_number, mine_thresh=cfg.mine_thresh,
                 num_workers=cfg.num_workers, amp=cfg.amp, progress=cfg.progress)
             state.mark(plan.index, "pseudo")
-        stats = json.loads((rdir / "stats.json").read_text())
         if not state.done(plan.index, "train"):
+            stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             _train_round(cfg, plan, model, source, pseudo, stats, device)
             save_checkpoint(ckpt, model, arch=meta["arch"], num_classes=cfg.num_classes,
@@ -353,7 +356,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
             state.mark(plan.index, "train")
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
-            model, _ = load_checkpoint(ckpt, device=device)
+            if model is None:
+                model, _ = load_checkpoint(ckpt, device=device)
             metrics = evaluate_model(model, val, device=device, long_side=cfg.eval_long_side,
                                      flip=cfg.eval_flipping, progress=cfg.progress)
             io.write_json(rdir / "metrics.json", metrics.to_json())

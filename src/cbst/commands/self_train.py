@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exact-thresholds", action="store_true",
                    help="exact thresholds (memory grows with pixels) instead of 65536-bin histograms")
     g.add_argument("--pseudo-batch", type=int, default=1, help="images per inference batch")
+    g.add_argument("--score-pseudo-labels", action="store_true",
+                   help="log the pseudo-labels' accuracy against the target split's ground truth "
+                        "(oracle information, as the original's val-phase log; needs labels)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-images", type=int, default=2)
     g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
