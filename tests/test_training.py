@@ -173,18 +173,16 @@ def test_train_source_resume_matches_a_straight_run(tmp_path):
 
     torch.manual_seed(0)
     last = train_source(config("a", 2))
-    torch.manual_seed(1)  # the model init differs: resuming must not depend on it
+    torch.manual_seed(1)  # the caller's RNG state must not matter: --seed decides everything
     train_source(config("b", 1))
     with pytest.raises(ValueError, match="--resume"):
         train_source(config("b", 2))
-    torch.manual_seed(0)
-    train_source(config("c", 1))
-    train_source(config("c", 2, resume=True))
+    train_source(config("b", 2, resume=True))
     a = torch.load(last, weights_only=False)["state_dict"]
-    c = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["state_dict"]
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_meta(last)["protocol"] == "cityscapes19" and read_meta(last)["epoch"] == 2
-    out = tmp_path / "c"
+    out = tmp_path / "b"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
         ["epoch_0001.pt", "epoch_0002.pt"]
     assert [line.count('"epoch": ') for line in (out / "log.jsonl").read_text().splitlines()] \

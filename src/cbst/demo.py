@@ -50,6 +50,11 @@ class DemoSettings:
     mine_port: float = 0.8
 
 
+def _stage(step: int, text: str) -> None:
+    """Announce one of the demo's five stages."""
+    print(f"[{step}/5] {text}", flush=True)
+
+
 def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str) -> Path:
     """Train (or reuse) the source-only small model; returns its checkpoint."""
     from cbst.training import SourceTrainConfig, last_finished_epoch, train_source
@@ -111,14 +116,16 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
     from cbst.checkpoints import load_checkpoint
     from cbst.priors import save_prior, spatial_prior_from_dataset
     from cbst.selftrain import self_train
-    from cbst.synthetic import make_synthetic
+    from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
     started = time.time()
     out = Path(out)
     data = out / "data"
+    _stage(1, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(data, seed=BENCHMARK_SEED, num_source=settings.num_source,
                    num_train=settings.num_train, num_val=settings.num_val)
     torch_device = select_device(device)
+    _stage(2, f"source-only small model, {settings.source_epochs} epochs on the game domain")
     source_ckpt = _source_model(out, data, seed, settings, device)
     val = build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19)
     model, _ = load_checkpoint(source_ckpt, device=torch_device)
@@ -130,7 +137,8 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
         source = build_dataset("gta5", data / "gta5", num_classes=19)
         w, h = io.image_size(val.samples[0].image)
         save_prior(prior, spatial_prior_from_dataset(source, (h, w), progress=False))
-    for name in VARIANTS:
+    for step, name in enumerate(VARIANTS, start=3):
+        _stage(step, f"{name}: {settings.num_round} rounds from the source model")
         cfg = _variant_config(name, out, data, source_ckpt, prior, seed, settings, device)
         results = self_train(cfg)
         last = max(results)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cbst.device import autocast, configure_backends, select_device
+from cbst.device import autocast, configure_backends, seed_everything, select_device
 from cbst.io import atomic_path, write_text
 from cbst.labels import IGNORE_INDEX
 
@@ -337,6 +337,7 @@ def train_source(config: SourceTrainConfig) -> Path:
         if last_finished_epoch(output):
             raise ValueError(f"{output}: already holds checkpoints; pass --resume to continue "
                              f"or choose another --output")
+        seed_everything(config.seed)  # the random initialisation of new layers, too
         model = _init_model(config).to(device)
         optimizer = build_optimizer(model, config.base_lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
