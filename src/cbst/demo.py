@@ -92,19 +92,19 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, prior: Path
 
 def _write_examples(out: Path, checkpoints: dict[str, Path], val, device: torch.device,
                     count: int = 3) -> None:
-    """Colour predictions of each row's model for the first ``count`` val images."""
+    """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
     from cbst.checkpoints import load_checkpoint
     from cbst.inference import predict_labels
 
-    for i in range(min(count, len(val))):
-        sample = val[i]
-        panels = [sample["image"], val.protocol.colorize(sample["label"])]
-        for ckpt in checkpoints.values():
-            model, _ = load_checkpoint(ckpt, device=device)
+    samples = [val[i] for i in range(min(count, len(val)))]
+    panels = [[s["image"], val.protocol.colorize(s["label"])] for s in samples]
+    for ckpt in checkpoints.values():
+        model, _ = load_checkpoint(ckpt, device=device)
+        for sample, column in zip(samples, panels):
             image = torch.as_tensor(sample["image"]).permute(2, 0, 1)[None].to(device)
-            pred = predict_labels(model, image)[0].cpu().numpy()
-            panels.append(val.protocol.colorize(pred))
-        io.write_png(out / "examples" / f"{sample['name']}.png", np.concatenate(panels, axis=0))
+            column.append(val.protocol.colorize(predict_labels(model, image)[0].cpu().numpy()))
+    for sample, column in zip(samples, panels):
+        io.write_png(out / "examples" / f"{sample['name']}.png", np.concatenate(column, axis=0))
 
 
 def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
