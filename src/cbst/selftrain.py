@@ -302,7 +302,8 @@ def _train_round(cfg: SelfTrainConfig, plan: RoundPlan, model: torch.nn.Module, 
     optimizer = build_optimizer(model, plan.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     train_epochs(model, data, epochs=plan.end_epoch, start_epoch=plan.start_epoch,
                  batch_size=cfg.batch_images, base_lr=plan.lr, lr_policy="fixed", device=device,
-                 optimizer=optimizer, num_workers=cfg.num_workers, seed=seed, amp=cfg.amp)
+                 optimizer=optimizer, num_workers=cfg.num_workers, seed=seed, amp=cfg.amp,
+                 progress=cfg.progress)
 
 
 def _datasets(cfg: SelfTrainConfig):

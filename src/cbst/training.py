@@ -127,7 +127,7 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
                  lr_steps: Sequence[int] = (), num_workers: int = 0, seed: int = 0,
                  amp: bool = True, channels_last: bool = True, log_every: int = 10,
                  on_epoch_end: Callable[[int, dict], None] | None = None,
-                 writer: Any = None) -> dict:
+                 writer: Any = None, progress: bool = True) -> dict:
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
     ``on_epoch_end(epoch, stats)`` receives the 0-based index of the finished epoch; callers
@@ -154,7 +154,7 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
         stats = _run_epoch(model, loader, optimizer, scaler, epoch=epoch, first_it=epoch * iters,
                            total=total, base_lr=base_lr, lr_policy=lr_policy, lr_steps=lr_steps,
                            device=device, amp=amp, channels_last=channels_last,
-                           log_every=log_every, writer=writer)
+                           log_every=log_every, writer=writer, progress=progress)
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
     return stats
@@ -163,14 +163,16 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
 def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, *, epoch: int, first_it: int, total: int,
                base_lr: float, lr_policy: str, lr_steps: Sequence[int], device: torch.device,
-               amp: bool, channels_last: bool, log_every: int, writer: Any) -> dict:
+               amp: bool, channels_last: bool, log_every: int, writer: Any,
+               progress: bool = True) -> dict:
     """One pass over ``loader``; the running loss stays on the device between log points."""
     model.train()
     memory_format = (torch.channels_last if channels_last and device.type == "cuda"
                      else torch.contiguous_format)
     loss_sum = torch.zeros((), device=device)
     start, it, lr = time.perf_counter(), first_it, base_lr
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=not progress)
     for step, batch in enumerate(bar, 1):
         it = first_it + step - 1
         lr = lr_at(lr_policy, base_lr, it, total, steps=lr_steps)
