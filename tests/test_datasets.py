@@ -397,3 +397,19 @@ def test_bad_list_file_lines(cs_tree: Path, tmp_path: Path) -> None:
         read_list_file(lst, cs_tree)
     with pytest.raises(DataError, match="list file not found"):
         read_list_file(tmp_path / "absent.lst", cs_tree)
+
+
+def test_label_reads_only_the_label(tmp_path):
+    """``label(i)`` decodes and checks the label alone: the image need not even exist."""
+    from cbst.io import write_png
+
+    raw = np.full((4, 6), 26, dtype=np.uint8)
+    raw[0] = 200
+    write_png(tmp_path / "l.png", raw)
+    ds = SegmentationDataset([Sample(tmp_path / "missing.png", tmp_path / "l.png", "a")], CITYSCAPES_19)
+    with pytest.raises(DataError, match="l.png"):
+        ds.label(0)  # 200 is not a Cityscapes labelId
+    raw[0] = 7
+    write_png(tmp_path / "l.png", raw)
+    assert np.array_equal(ds.label(0), CITYSCAPES_19.encode(raw))
+    assert SegmentationDataset([Sample(tmp_path / "x.png", None, "b")], CITYSCAPES_19).label(0) is None

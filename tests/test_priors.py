@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import scipy.io
 import torch
 
+from cbst.datasets import Sample, SegmentationDataset
 from cbst.io import DataError, write_png
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX
 from cbst.priors import (apply_prior, compute_spatial_prior, load_prior, save_prior,
@@ -55,9 +54,8 @@ def test_prior_from_dataset_label_files(tmp_path):
     samples = []
     for i in range(2):
         write_png(tmp_path / f"{i}.png", raw)
-        samples.append(SimpleNamespace(label=tmp_path / f"{i}.png"))
-    dataset = type("DS", (), {"__len__": lambda self: 2, "samples": samples,
-                              "protocol": CITYSCAPES_19})()
+        samples.append(Sample(image=tmp_path / "never_read.png", label=tmp_path / f"{i}.png", name=str(i)))
+    dataset = SegmentationDataset(samples, CITYSCAPES_19)
     prior = spatial_prior_from_dataset(dataset, (20, 25), sigma=1.0, progress=False)
     assert prior.shape == (19, 20, 25)
     assert prior[10, :5].mean() > prior[10, -5:].mean() and prior[0, -5:].mean() > prior[0, :5].mean()

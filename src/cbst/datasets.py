@@ -98,6 +98,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             if full:
                 self._load(sample, check_values=True)
 
+    def label(self, i: int) -> np.ndarray | None:
+        """TrainId label of sample ``i`` without decoding its image (None when unlabelled)."""
+        sample = self.samples[i]
+        if sample.label is None:
+            return None
+        raw = _decode(self._read_raw_label, sample.label)
+        if self.check_values:
+            self._check_raw(raw, sample.label)
+        return self.protocol.encode(raw)
+
     def _load(self, sample: Sample, check_values: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Decode one sample; every failure becomes a ``DataError`` naming the file."""
         image = _decode(read_image, sample.image)

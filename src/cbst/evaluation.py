@@ -270,15 +270,14 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
     files = find_predictions(pred_dir, [s.name for s in dataset.samples])
     confusion = ConfusionMatrix(protocol.num_classes)
     for index, path in enumerate(tqdm(files, disable=not progress, unit="img", desc="evaluate")):
-        item = dataset[index]
-        if item["label"] is None:
-            raise DataError(f"{item['name']}: sample has no label to evaluate against")
+        name, label = dataset.samples[index].name, dataset.label(index)
+        if label is None:
+            raise DataError(f"{name}: sample has no label to evaluate against")
         raw = read_label(path)
-        if raw.shape != item["label"].shape:
+        if raw.shape != label.shape:
             raise DataError(f"{path}: prediction size {raw.shape[::-1]} (WxH) differs from the "
-                            f"ground truth of {item['name']} {item['label'].shape[::-1]}")
-        pred = protocol.encode(raw)
-        confusion.update(torch.from_numpy(pred), torch.from_numpy(np.asarray(item["label"])))
+                            f"ground truth of {name} {label.shape[::-1]}")
+        confusion.update(torch.from_numpy(protocol.encode(raw)), torch.from_numpy(label))
     return confusion.metrics(protocol.class_names)
 
 

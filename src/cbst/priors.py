@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cbst.io import DataError, read_label, write_npy
+from cbst.io import DataError, write_npy
 from cbst.labels import IGNORE_INDEX
 
 MAT_VARIABLE = "prior_array"
@@ -96,16 +96,12 @@ def compute_spatial_prior(label_maps: Iterable[np.ndarray], num_classes: int, si
 
 
 def _dataset_labels(dataset: Any) -> Iterable[np.ndarray]:
-    """TrainId maps of a dataset, read straight from plain label PNGs (skipping the images)."""
-    plain = getattr(dataset, "label_format", "plain") == "plain" and hasattr(dataset, "samples")
+    """TrainId maps of a dataset's labels (the images are not decoded)."""
     for i in range(len(dataset)):
-        if plain:
-            path = dataset.samples[i].label
-            if path is None:
-                raise DataError(f"{dataset.samples[i].image}: image has no label to count")
-            yield dataset.protocol.encode(read_label(path))
-        else:  # e.g. SYNTHIA's 16-bit multi-channel PNGs: let the dataset decode them
-            yield dataset[i]["label"]
+        label = dataset.label(i)
+        if label is None:
+            raise DataError(f"{dataset.samples[i].image}: image has no label to count")
+        yield label
 
 
 def spatial_prior_from_dataset(dataset: Any, size: tuple[int, int], **kw: Any) -> np.ndarray:
