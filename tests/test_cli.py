@@ -53,3 +53,15 @@ def test_bad_config_is_an_error_naming_the_file(tmp_path, capsys):
     assert str(cfg) in err and "num_rounds" in err
     assert main(["demo", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_list_and_range_options_parse_and_reject_bad_values(capsys):
+    parser, _ = build_parser()
+    base = ["self-train", "--data-root", "d", "--data-root-tgt", "t", "--weights", "w", "--output", "o"]
+    args = parser.parse_args(base + ["--pseudo-scales", "0.75,1.0,1.25", "--scale-rate-range", "0.5,1.5"])
+    assert args.pseudo_scales == (0.75, 1.0, 1.25) and args.scale_rate_range == (0.5, 1.5)
+    for bad in (["--pseudo-scales", "0,1"], ["--scale-rate-range", "1.3,0.7"],
+                ["--scale-rate-range", "0.7"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + bad)
+    assert "LO,HI" in capsys.readouterr().err

@@ -78,6 +78,7 @@ class SelfTrainConfig:
     with_prior: str | None = None
     test_scales: int | None = None
     test_flipping: bool = True
+    pseudo_scales: tuple[float, ...] = (1.0,)
     exact_thresholds: bool = False
     threshold_bins: int = 65536
     pseudo_batch: int = 1
@@ -130,6 +131,7 @@ class SelfTrainConfig:
         """Plain-type dict (YAML-safe)."""
         d = dataclasses.asdict(self)
         d["scale_rate_range"] = list(self.scale_rate_range)
+        d["pseudo_scales"] = list(self.pseudo_scales)
         return d
 
 
@@ -191,7 +193,8 @@ def _stack(samples: list[dict]) -> torch.Tensor:
 
 def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion: float,
                       policy: str = "cb", prior: torch.Tensor | None = None,
-                      long_side: int | None = None, flip: bool = True, exact: bool = False,
+                      long_side: int | None = None, scales: tuple[float, ...] = (1.0,),
+                      flip: bool = True, exact: bool = False,
                       bins: int = 65536, batch_size: int = 1, mine_id_number: int = 3,
                       mine_thresh: float = 1e-3, num_workers: int = 0, amp: bool = True,
                       progress: bool = True) -> dict:
@@ -204,7 +207,8 @@ def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion
     started = time.time()
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
-        probs = predict_probs(model, images.to(device), long_side=long_side, flip=flip, amp=amp)
+        probs = predict_probs(model, images.to(device), long_side=long_side, scales=scales,
+                              flip=flip, amp=amp)
         return apply_prior(probs, prior) if prior is not None else probs
 
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
@@ -343,7 +347,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
         if not state.done(plan.index, "pseudo"):
             pseudo_label_pass(
                 model, target, rdir, portion=plan.tgt_portion, policy=cfg.kc_policy, prior=prior,
-                long_side=cfg.test_scales, flip=cfg.test_flipping, exact=cfg.exact_thresholds,
+                long_side=cfg.test_scales, scales=tuple(cfg.pseudo_scales), flip=cfg.test_flipping,
+                exact=cfg.exact_thresholds,
                 bins=cfg.threshold_bins, batch_size=cfg.pseudo_batch,
                 mine_id_number=cfg.mine_id_number, mine_thresh=cfg.mine_thresh,
                 num_workers=cfg.num_workers, amp=cfg.amp, progress=cfg.progress)

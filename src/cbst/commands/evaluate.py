@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cbst.cli import CLIError
+from cbst.commands.options import float_list
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--test-scales", type=int, default=None, metavar="L",
                        help="resize so the longer side is L px, like the original's --test-scales "
                        "(2048 for Cityscapes = keep size); default: keep the size")
-    model.add_argument("--scales", default="1.0", metavar="F[,F...]",
+    model.add_argument("--scales", type=float_list, default=(1.0,), metavar="F[,F...]",
                        help="multi-scale factors applied after --test-scales, e.g. 0.75,1.0,1.25 "
                        "(probabilities averaged; the original allows one scale only)")
     model.add_argument("--test-flipping", action="store_true",
@@ -64,17 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--case", metavar="NAME",
                      help="row name in the table (default: checkpoint or prediction folder stem)")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _parse_scales(text: str) -> tuple[float, ...]:
-    """'0.75,1.0,1.25' -> (0.75, 1.0, 1.25), all positive."""
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise CLIError(f"--scales: expected comma-separated numbers, got {text!r}") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise CLIError(f"--scales: expected positive factors, got {text!r}")
-    return scales
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -111,7 +101,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
     from cbst.device import select_device
     from cbst.evaluation import evaluate_model
 
-    scales = _parse_scales(args.scales)
+    scales = args.scales
     device = select_device(args.device)
     if args.num_classes is None:
         model, meta = load_checkpoint(args.checkpoint, device=device)

@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 
 
-def float_pair(text: str) -> tuple[float, float]:
-    """Parse 'a,b' into two floats (e.g. --scale-rate-range 0.7,1.3)."""
+def float_list(text: str) -> tuple[float, ...]:
+    """Parse 'a,b,c' into floats (e.g. --pseudo-scales 0.75,1.0,1.25)."""
     try:
-        lo, hi = (float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {text!r}") from None
-    return lo, hi
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def float_range(text: str) -> tuple[float, float]:
+    """Parse 'LO,HI' with 0 < LO <= HI (e.g. --scale-rate-range 0.7,1.3)."""
+    values = float_list(str(text))
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
+    return values[0], values[1]
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:

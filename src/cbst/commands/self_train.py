@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cbst.commands.options import add_runtime_arguments, float_pair
+from cbst.commands.options import add_runtime_arguments, float_list, float_range
 from cbst.selftrain import SelfTrainConfig, self_train
 
 HELP = "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior)"
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "source labels now; 'False'/'none' for none")
     g.add_argument("--test-scales", type=int, default=None,
                    help="longer side the target images are resized to for pseudo-labelling (1850 in the README)")
+    g.add_argument("--pseudo-scales", type=float_list, default=(1.0,),
+                   help="scale factors (after --test-scales) whose probabilities are averaged, "
+                        "e.g. 0.75,1.0,1.25 (the original allowed one scale)")
     g.add_argument("--no-test-flipping", dest="test_flipping", action="store_false",
                    help="do not average with the horizontally flipped image")
     g.add_argument("--exact-thresholds", action="store_true",
@@ -69,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--batch-images", type=int, default=2)
     g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
-    g.add_argument("--scale-rate-range", type=float_pair, default=(0.7, 1.3))
+    g.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3))
     g.add_argument("--origin-size", type=int, default=None, help="source reference long side")
     g.add_argument("--origin-size-tgt", type=int, default=None, help="target reference long side")
     g.add_argument("--mine-port", type=float, default=0.5, help="probability of a rare-class crop (0 = off)")

@@ -15,23 +15,13 @@ import argparse
 import math
 
 from cbst.cli import CLIError
+from cbst.commands.options import float_range
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
 
 DATASETS = ("gta5", "synthia", "cityscapes", "folder")
 MODELS = ("resnet38", "deeplabv2_resnet101", "small")
 LR_TYPES = ("fixed", "poly", "linear", "step")
-
-
-def _float_pair(text: str) -> tuple[float, float]:
-    """'0.7,1.3' -> (0.7, 1.3)."""
-    try:
-        lo, hi = (float(v) for v in str(text).split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.7,1.3), got {text!r}") from None
-    if not 0 < lo <= hi:
-        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI, got {text!r}")
-    return lo, hi
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -64,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="images per batch (the original: 16 over 4 GPUs)")
     optim.add_argument("--crop-size", type=int, default=500,
                        help="square crop side; rounded up to a multiple of 8 (500 -> 504)")
-    optim.add_argument("--scale-rate-range", type=_float_pair, default=(0.7, 1.3),
+    optim.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3),
                        metavar="LO,HI", help="range of the random scale factor rho")
     optim.add_argument("--origin-size", type=int, metavar="L",
                        help="reference long side: images are scaled to rho*L on their long "
@@ -126,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     try:
-        scale_range = _float_pair(",".join(str(v) for v in _as_list(args.scale_rate_range)))
+        scale_range = float_range(",".join(str(v) for v in _as_list(args.scale_rate_range)))
         lr_steps = _int_list(",".join(str(v) for v in _as_list(args.lr_steps)))
     except argparse.ArgumentTypeError as exc:
         raise CLIError(str(exc)) from None
