@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -157,23 +157,6 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _identity(sample: dict) -> dict:
-    """Collate function that leaves a single dataset item as it is."""
-    return sample
-
-
-def _same_size_batches(items: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
-    """Group consecutive items whose images have equal size into batches of at most batch_size."""
-    batch: list[dict] = []
-    for item in items:
-        if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
-
-
 def _label_tensor(item: dict) -> Tensor:
     """The trainId map of a dataset item, checked against its image size."""
     label = item["label"]
@@ -185,10 +168,12 @@ def _label_tensor(item: dict) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(label))
 
 
-def _write_outputs(output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any) -> None:
-    """Save a prediction as raw-id PNG (official evaluator input) and as colour PNG."""
-    write_png(output_dir / "labelIds" / f"{name}.png", protocol.decode(train_ids))
-    write_png(output_dir / "color" / f"{name}.png", protocol.colorize(train_ids))
+def write_prediction(output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any, *,
+                     prefix: str = "") -> None:
+    """Save a trainId map as ``{prefix}labelIds/NAME.png`` (raw ids, 0 where ignored; the official
+    evaluator's input) and ``{prefix}color/NAME.png``."""
+    write_png(output_dir / f"{prefix}labelIds" / f"{name}.png", protocol.decode(train_ids))
+    write_png(output_dir / f"{prefix}color" / f"{name}.png", protocol.colorize(train_ids))
 
 
 def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str,
@@ -202,27 +187,25 @@ def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str
     Images of equal size are batched together (up to ``batch_size``); the confusion matrix
     stays on ``device``. ``mean``/``std`` default to the ImageNet values.
     """
-    from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, predict_labels
+    from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 
     device = torch.device(device)
     model.to(device)
     protocol = dataset.protocol
     confusion = ConfusionMatrix(protocol.num_classes, device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity)
     options = dict(long_side=long_side, scales=tuple(scales), flip=flip, window=window,
                    mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, amp=amp)
     with tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar:
-        for batch in _same_size_batches(loader, batch_size):
+        for step, (images, batch) in enumerate(image_batches(dataset, batch_size,
+                                                             num_workers=num_workers), 1):
             targets = torch.stack([_label_tensor(item) for item in batch]).to(device)
-            images = torch.from_numpy(np.stack([item["image"] for item in batch])).to(device)
-            pred = predict_labels(model, images.permute(0, 3, 1, 2), **options)
+            pred = predict_labels(model, images.to(device), **options)
             confusion.update(pred, targets)
             if output_dir is not None:
                 for item, train_ids in zip(batch, pred.to(torch.uint8).cpu().numpy()):
-                    _write_outputs(Path(output_dir), item["name"], train_ids, protocol)
+                    write_prediction(Path(output_dir), item["name"], train_ids, protocol)
             bar.update(len(batch))
-            if progress:
+            if progress and step % 10 == 0:  # the running mIoU costs a device sync
                 bar.set_postfix(mIoU=f"{confusion.metrics(protocol.class_names).miou:.3f}", refresh=False)
     confusion.all_reduce()
     return confusion.metrics(protocol.class_names)

@@ -17,7 +17,9 @@ resolution. Deviations from the original, all deliberate:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Iterator, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,31 @@ from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 PAD_MULTIPLE = 8
 """The network's output stride: inputs are zero-padded to a multiple of it (spec §2.1 step 4)."""
+
+
+def _identity(item: dict) -> dict:
+    """Collate function that leaves a single dataset item as it is (numpy arrays stay numpy)."""
+    return item
+
+
+def image_batches(dataset: Any, batch_size: int = 1, *,
+                  num_workers: int = 0) -> Iterator[tuple[Tensor, list[dict]]]:
+    """(uint8 N×3×H×W tensor, items) of consecutive equal-size images, in dataset order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity)
+    batch: list[dict] = []
+    for item in loader:
+        if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
+            yield _stack_images(batch), batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield _stack_images(batch), batch
+
+
+def _stack_images(items: list[dict]) -> Tensor:
+    """The items' H×W×3 uint8 images as one N×3×H×W tensor."""
+    return torch.from_numpy(np.stack([item["image"] for item in items])).permute(0, 3, 1, 2)
 
 
 def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,

@@ -171,26 +171,6 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     return out, state
 
 
-def _batches(dataset, batch_size: int, num_workers: int, progress: bool,
-             desc: str) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-    """Yield (uint8 N×3×H×W tensor, samples) batches of equal-size images, in dataset order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=num_workers)
-    pending: list[dict] = []
-    for sample in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        if pending and (pending[0]["image"].shape != sample["image"].shape
-                        or len(pending) == batch_size):
-            yield _stack(pending), pending
-            pending = []
-        pending.append(sample)
-    if pending:
-        yield _stack(pending), pending
-
-
-def _stack(samples: list[dict]) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(s["image"])).permute(2, 0, 1) for s in samples])
-
-
 def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion: float,
                       policy: str = "cb", prior: torch.Tensor | None = None,
                       long_side: int | None = None, scales: tuple[float, ...] = (1.0,),
@@ -199,12 +179,19 @@ def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion
                       mine_thresh: float = 1e-3, num_workers: int = 0, amp: bool = True,
                       progress: bool = True) -> dict:
     """Threshold statistics, then pseudo-labels written to ``out_dir``; returns the round stats."""
-    from cbst.inference import predict_probs
+    from cbst.evaluation import write_prediction
+    from cbst.inference import image_batches, predict_probs
     from cbst.priors import apply_prior
 
     device = next(model.parameters()).device
     protocol = dataset.protocol
     started = time.time()
+
+    def batches(desc: str) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+        with tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False) as bar:
+            for images, items in image_batches(dataset, batch_size, num_workers=num_workers):
+                yield images, items
+                bar.update(len(items))
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         probs = predict_probs(model, images.to(device), long_side=long_side, scales=scales,
@@ -212,7 +199,7 @@ def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion
         return apply_prior(probs, prior) if prior is not None else probs
 
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
-    for images, _ in _batches(dataset, batch_size, num_workers, progress, "pseudo-label stats"):
+    for images, _ in batches("pseudo-label stats"):
         estimator.update(probabilities(images))
     thresholds = estimator.thresholds(portion)
     predicted = estimator.class_pixel_counts
@@ -221,13 +208,12 @@ def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion
     selected = torch.zeros(protocol.num_classes, dtype=torch.int64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     judged = torch.zeros((), dtype=torch.int64, device=device)
-    for images, samples in _batches(dataset, batch_size, num_workers, progress, "pseudo-labels"):
+    for images, samples in batches("pseudo-labels"):
         labels = assign_pseudo_labels(probabilities(images), thresholds)
         valid = labels < protocol.num_classes
         selected += torch.bincount(labels[valid], minlength=protocol.num_classes)
         for label, sample in zip(labels.cpu().numpy().astype(np.uint8), samples):
-            io.write_png(out_dir / "pseudo_labelIds" / f"{sample['name']}.png", protocol.decode(label))
-            io.write_png(out_dir / "pseudo_color" / f"{sample['name']}.png", protocol.colorize(label))
+            write_prediction(out_dir, sample["name"], label, protocol, prefix="pseudo_")
         if samples[0].get("label") is not None:
             gt = _stack_labels(samples).to(device)
             mask = valid & (gt < protocol.num_classes)
@@ -251,31 +237,22 @@ def _stack_labels(samples: list[dict]) -> torch.Tensor:
     return torch.stack([torch.as_tensor(np.asarray(s["label"]), dtype=torch.int64) for s in samples])
 
 
-def _load_prior(cfg: SelfTrainConfig, out: Path, source, device: torch.device) -> torch.Tensor | None:
-    """The CBST-SP prior on the device: from a file, or counted on the source labels once."""
+def _load_prior(cfg: SelfTrainConfig, out: Path, source, target,
+                device: torch.device) -> torch.Tensor | None:
+    """The CBST-SP prior at the target images' resolution, on the device (resized once, here).
+
+    ``with_prior="source"`` counts it on the source labels the first time and keeps it as
+    ``OUTPUT/prior.npy``; otherwise it is read from a .npy or the original's .mat file.
+    """
     from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 
     if cfg.with_prior is None:
         return None
-    if cfg.with_prior == "source":
-        path = out / "prior.npy"
-        if not path.is_file():
-            size = _target_resolution(cfg)
-            save_prior(path, spatial_prior_from_dataset(source, size, progress=cfg.progress))
-    else:
-        path = Path(cfg.with_prior)
-    return torch.from_numpy(load_prior(path, cfg.num_classes)).to(device)
-
-
-def _target_resolution(cfg: SelfTrainConfig) -> tuple[int, int]:
-    """(H, W) of the first target training image: the resolution the prior is counted at."""
-    from cbst.datasets import build_dataset
-
-    target = build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.split_tgt,
-                           num_classes=cfg.num_classes, list_file=cfg.list_tgt,
-                           with_labels=False, verify="headers")
     w, h = io.image_size(target.samples[0].image)
-    return h, w
+    path = out / "prior.npy" if cfg.with_prior == "source" else Path(cfg.with_prior)
+    if cfg.with_prior == "source" and not path.is_file():
+        save_prior(path, spatial_prior_from_dataset(source, (h, w), progress=cfg.progress))
+    return torch.from_numpy(load_prior(path, cfg.num_classes, size=(h, w))).to(device)
 
 
 def _round_seed(cfg: SelfTrainConfig, plan: RoundPlan) -> int:
@@ -335,7 +312,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     device = select_device(cfg.device)
     configure_backends(device)
     protocol_name = target.protocol.name
-    prior = _load_prior(cfg, out, source, device)
+    prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
     results: dict[int, dict] = {}
     for plan in cfg.schedule():

@@ -105,20 +105,24 @@ class ThresholdEstimator:
             raise ValueError(f"expected probabilities N×{self.num_classes}×H×W or "
                              f"{self.num_classes}×H×W, got shape {tuple(probs.shape)}")
         conf, pred = probs.max(dim=1)
-        self.update_confidences(conf, pred)
+        self._accumulate(conf, pred)  # argmax classes are in range: no check, no device sync
 
     def update_confidences(self, conf: Tensor, pred: Tensor) -> None:
         """Add per-pixel maximum probabilities and argmax classes (same shape; N×H×W, H×W or 1-D)."""
         if conf.shape != pred.shape:
             raise ValueError(f"conf {tuple(conf.shape)} and pred {tuple(pred.shape)} differ in shape")
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_classes):
+            raise ValueError(f"predicted classes must lie in [0, {self.num_classes})")
+        self._accumulate(conf, pred)
+
+    def _accumulate(self, conf: Tensor, pred: Tensor) -> None:
+        """Add (conf, pred) to the counts, minima and histograms (or value pools)."""
         device = self._ensure_state(conf.device)
         conf, pred = self._subsampled(conf, pred)
         conf = conf.to(device=device, dtype=torch.float32)
         pred = pred.to(device=device, dtype=torch.int64)
         if pred.numel() == 0:
             return
-        if int(pred.min()) < 0 or int(pred.max()) >= self.num_classes:
-            raise ValueError(f"predicted classes must lie in [0, {self.num_classes})")
         self._counts += torch.bincount(pred, minlength=self.num_classes)
         self._min.scatter_reduce_(0, pred, conf, reduce="amin")
         if self.exact:
