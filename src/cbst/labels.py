@@ -95,13 +95,6 @@ class Protocol:
         table[: self.num_classes] = self.colors
         return table[np.asarray(train_ids, dtype=np.int64)]
 
-    def index_of(self, class_name: str) -> int:
-        """TrainId of ``class_name``; ``KeyError`` with the valid names otherwise."""
-        try:
-            return self.class_names.index(class_name)
-        except ValueError:
-            raise KeyError(f"{class_name!r} is not a class of {self.name}: {self.class_names}") from None
-
 
 def _build(name: str, raw_to_class: dict[int, str], classes: tuple[str, ...],
            colors: dict[str, tuple[int, int, int]]) -> Protocol:
