@@ -12,7 +12,7 @@ from torch import nn
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from cbst.models.resnet38 import MXBatchNorm2d
 
-LAYERS = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "resnet38_rna_a1_layers.txt"
+LAYERS = Path(__file__).resolve().parent / "data" / "resnet38_rna_a1_layers.txt"
 
 
 def meta_model(name: str, num_classes: int = 19) -> nn.Module:

@@ -15,7 +15,8 @@ from cbst.checkpoints import load_checkpoint
 from cbst.models import ResNet38
 from cbst.mxnet import ParamsError, load_params, resnet38_state_dict_from_params, save_params
 
-LAYERS = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "resnet38_rna_a1_layers.txt"
+LAYERS = Path(__file__).resolve().parent / "data" / "resnet38_rna_a1_layers.txt"
+MXNET_DATA = Path(__file__).resolve().parent / "data" / "mxnet"
 
 
 def spec_arrays(num_classes: int = 19, *, imagenet: bool = False) -> dict[str, tuple[int, ...]]:
@@ -52,9 +53,9 @@ def full_params(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_load_named_fixture_matches_expected(testdata: Path) -> None:
-    params = load_params(testdata / "mxnet" / "tiny_rna_a1_subset.params")
-    expected = np.load(testdata / "mxnet" / "tiny_rna_a1_subset.expected.npz")
+def test_load_named_fixture_matches_expected() -> None:
+    params = load_params(MXNET_DATA / "tiny_rna_a1_subset.params")
+    expected = np.load(MXNET_DATA / "tiny_rna_a1_subset.expected.npz")
     assert isinstance(params, dict)
     assert sorted(params) == sorted(k.replace("__", ":", 1) for k in expected.files)
     for key in expected.files:
@@ -65,9 +66,9 @@ def test_load_named_fixture_matches_expected(testdata: Path) -> None:
     assert params["arg:double_example"].dtype == np.float64
 
 
-def test_load_unnamed_list_in_order(testdata: Path) -> None:
-    arrays = load_params(testdata / "mxnet" / "unnamed_list.params")
-    expected = np.load(testdata / "mxnet" / "tiny_rna_a1_subset.expected.npz")
+def test_load_unnamed_list_in_order() -> None:
+    arrays = load_params(MXNET_DATA / "unnamed_list.params")
+    expected = np.load(MXNET_DATA / "tiny_rna_a1_subset.expected.npz")
     assert isinstance(arrays, list) and len(arrays) == 2
     np.testing.assert_array_equal(arrays[0], expected["arg__linear19_bias"])
     np.testing.assert_array_equal(arrays[1], expected["arg__res2a_branch1_weight"])
@@ -86,16 +87,16 @@ def test_save_params_round_trip_all_dtypes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cut", [4, 30, 200, -3])
-def test_truncated_file_names_file_and_offset(testdata: Path, tmp_path: Path, cut: int) -> None:
-    data = (testdata / "mxnet" / "unnamed_list.params").read_bytes()
+def test_truncated_file_names_file_and_offset(tmp_path: Path, cut: int) -> None:
+    data = (MXNET_DATA / "unnamed_list.params").read_bytes()
     bad = tmp_path / "cut.params"
     bad.write_bytes(data[:cut])
     with pytest.raises(ParamsError, match=rf"{re.escape(str(bad))}: truncated.*byte offset \d+"):
         load_params(bad)
 
 
-def test_corrupt_magic_and_sparse_are_named(testdata: Path, tmp_path: Path) -> None:
-    data = bytearray((testdata / "mxnet" / "unnamed_list.params").read_bytes())
+def test_corrupt_magic_and_sparse_are_named(tmp_path: Path) -> None:
+    data = bytearray((MXNET_DATA / "unnamed_list.params").read_bytes())
     bad = tmp_path / "magic.params"
     bad.write_bytes(b"\x00" + bytes(data[1:]))
     with pytest.raises(ParamsError, match=rf"{re.escape(str(bad))}: bad list magic .* byte offset 0"):
