@@ -13,7 +13,8 @@ import torch
 from cbst.cli import main as cli_main
 from cbst.checkpoints import load_checkpoint
 from cbst.models import ResNet38
-from cbst.mxnet import ParamsError, load_params, resnet38_state_dict_from_params, save_params
+from cbst.models.resnet38 import resnet38_state_dict_from_params
+from cbst.mxnet import ParamsError, load_params, save_params
 
 LAYERS = Path(__file__).resolve().parent / "data" / "resnet38_rna_a1_layers.txt"
 MXNET_DATA = Path(__file__).resolve().parent / "data" / "mxnet"

@@ -1,4 +1,4 @@
-"""MXNet ``.params`` files in pure numpy, and their mapping onto the ResNet-38 module names.
+"""MXNet ``.params`` files in pure numpy: the file format only (no network knowledge).
 
 The file is MXNet's binary NDArray list (``mx.nd.save``), little-endian:
 
@@ -15,12 +15,10 @@ Named files keep the ``arg:``/``aux:`` prefixes of their keys. ``save_params`` w
 
 from __future__ import annotations
 
-import re
 import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cbst.io import atomic_path
 
@@ -150,79 +148,3 @@ def save_params(path: str | Path, arrays: dict[str, np.ndarray] | list[np.ndarra
         for name in names:
             encoded = name.encode("utf-8")
             fh.write(struct.pack("<Q", len(encoded)) + encoded)
-
-
-# --------------------------------------------------------------------------- ResNet-38 names
-
-_SUFFIXES = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
-             "moving_mean": "running_mean", "moving_var": "running_var"}
-_NAME = re.compile(r"^(?P<module>.+?)_(?P<suffix>moving_mean|moving_var|weight|bias|gamma|beta)$")
-_IMAGENET_CLASSIFIER = "linear1000"
-
-
-def mxnet_to_torch_name(name: str, num_classes: int) -> str | None:
-    """``arg:res2a_branch2a_weight`` -> ``res2a_branch2a.weight``; ``linear{C}`` -> ``classifier``."""
-    bare = name.split(":", 1)[1] if name.startswith(("arg:", "aux:")) else name
-    match = _NAME.match(bare)
-    if match is None:
-        return None
-    module = "classifier" if match["module"] == f"linear{num_classes}" else match["module"]
-    return f"{module}.{_SUFFIXES[match['suffix']]}"
-
-
-def torch_to_mxnet_name(key: str, num_classes: int) -> str:
-    """``bn2a_branch2a.running_mean`` -> ``aux:bn2a_branch2a_moving_mean`` (inverse of the above)."""
-    module, attr = key.rsplit(".", 1)
-    module = f"linear{num_classes}" if module == "classifier" else module
-    if attr.startswith("running_"):
-        return f"aux:{module}_moving_{attr[len('running_'):]}"
-    if module.startswith("bn"):
-        attr = {"weight": "gamma", "bias": "beta"}[attr]
-    return f"arg:{module}_{attr}"
-
-
-def _he_normal(shape: torch.Size) -> torch.Tensor:
-    """MXNet's Xavier(gaussian, in, 2) initialiser: N(0, sqrt(2 / fan_in))."""
-    fan_in = int(np.prod(shape[1:]))
-    return torch.randn(shape) * (2.0 / fan_in) ** 0.5
-
-
-def resnet38_state_dict_from_params(params: dict[str, np.ndarray], num_classes: int, *,
-                                    imagenet: bool = False, source: str = "params") -> dict[str, torch.Tensor]:
-    """Map a ResNet-38 A1 ``.params`` dict onto ``ResNet38`` state_dict keys, strictly.
-
-    With ``imagenet=True`` the input is the stride-32 ImageNet classifier: ``linear1000_*`` is
-    dropped and the missing ``conv6a`` and ``classifier`` get He-normal weights and zero biases
-    (spec §4.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` listing them.
-    BN gammas are copied as stored; the model ignores them (MXNet ``fix_gamma=True``).
-    """
-    from cbst.models.resnet38 import ResNet38
-
-    with torch.device("meta"):
-        full = ResNet38(num_classes).state_dict()
-    template = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
-    fresh = {k for k in template if k.startswith(("conv6a.", "classifier."))} if imagenet else set()
-    state: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for name, array in params.items():
-        key = mxnet_to_torch_name(name, num_classes)
-        if imagenet and key is not None and key.startswith(_IMAGENET_CLASSIFIER + "."):
-            continue
-        if key is None or key not in template or key in fresh:
-            unexpected.append(name)
-        elif tuple(array.shape) != tuple(template[key].shape):
-            mismatched.append(f"{name} (got {tuple(array.shape)}, expected {tuple(template[key].shape)})")
-        else:
-            state[key] = torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
-    missing = [torch_to_mxnet_name(k, num_classes) for k in template if k not in state and k not in fresh]
-    if missing or unexpected or mismatched:
-        parts = [f"{label}: {', '.join(items)}" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
-        kind = "ImageNet ResNet-38 A1" if imagenet else f"ResNet-38 A1 with {num_classes} classes"
-        raise ParamsError(f"{source}: does not fit {kind}; " + "; ".join(parts))
-    for key in sorted(fresh):
-        shape = template[key].shape
-        state[key] = _he_normal(shape) if key.endswith(".weight") else torch.zeros(shape)
-    for key in full.keys() - template.keys():
-        state[key] = torch.tensor(0, dtype=torch.long)
-    return state

@@ -51,7 +51,8 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
     if path.suffix == ".params":
         if args.arch != "resnet38":
             raise CLIError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
-        from cbst.mxnet import load_params, resnet38_state_dict_from_params
+        from cbst.models.resnet38 import resnet38_state_dict_from_params
+        from cbst.mxnet import load_params
 
         params = load_params(path)
         if not isinstance(params, dict):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cbst.models import SegmentationNet, load_strict, lr_group, read_state_dict
+from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict
 
 ASPP_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
 STAGES: tuple[tuple[int, int, int, int], ...] = (  # (blocks, width, stride, dilation)

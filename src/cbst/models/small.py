@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cbst.models import SegmentationNet, lr_group
+from cbst.models.base import SegmentationNet, lr_group
 
 WIDTHS: tuple[int, int, int, int] = (32, 64, 128, 256)
 ASPP_DILATIONS: tuple[int, ...] = (1, 2, 4)
