@@ -29,23 +29,46 @@ class CLIError(Exception):
     """A user error: printed as one line without a traceback, exit status 2."""
 
 
+BASE_KEY = "_base_"
+"""Config key naming the file(s) a config builds on, relative to the config itself."""
+
+
 def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML config and check that every key names an option of ``parser``."""
-    file = Path(path)
+    """Read a YAML config, with its ``_base_`` files merged in, and check every key is an option.
+
+    ``_base_: FILE`` (or a list of files) names configs, relative to this one, whose values come
+    first (later bases override earlier ones); a key set in the including file overrides them all.
+    Bases may have bases of their own; a cycle or a missing file is an error naming the file.
+    """
+    return _read_config(Path(path), {a.dest for a in parser._actions}, parser.prog.split()[-1], ())
+
+
+def _read_config(file: Path, known: set[str], command: str, chain: tuple[Path, ...]) -> dict:
+    """One config file merged over its bases; ``chain`` holds the files that include it."""
     if not file.is_file():
-        raise CLIError(f"{file}: config file not found")
+        included = f" (the {BASE_KEY} of {chain[-1]})" if chain else ""
+        raise CLIError(f"{file}: config file not found{included}")
+    if file.resolve() in chain:
+        loop = " -> ".join(str(f) for f in (*chain[chain.index(file.resolve()):], file.resolve()))
+        raise CLIError(f"{file}: {BASE_KEY} includes form a cycle: {loop}")
     try:
         data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CLIError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CLIError(f"{file}: expected a mapping of option names to values")
-    known = {a.dest for a in parser._actions}
-    config = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(config) - known)
+    bases = data.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise CLIError(f"{file}: {BASE_KEY} must be a file name or a list of file names")
+    own = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(own) - known)
     if unknown:
-        raise CLIError(f"{file}: unknown option(s) {', '.join(unknown)} for 'cbst {parser.prog.split()[-1]}'")
-    return config
+        raise CLIError(f"{file}: unknown option(s) {', '.join(unknown)} for 'cbst {command}'")
+    config: dict = {}
+    for base in bases:
+        config.update(_read_config(file.parent / base, known, command, (*chain, file.resolve())))
+    return {**config, **own}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
