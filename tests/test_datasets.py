@@ -413,3 +413,12 @@ def test_label_reads_only_the_label(tmp_path):
     write_png(tmp_path / "l.png", raw)
     assert np.array_equal(ds.label(0), CITYSCAPES_19.encode(raw))
     assert SegmentationDataset([Sample(tmp_path / "x.png", None, "b")], CITYSCAPES_19).label(0) is None
+
+
+def test_readers_take_the_same_keyword_options_in_the_same_order():
+    import inspect
+
+    readers = (datasets.gta5, datasets.synthia, datasets.cityscapes)
+    keyword = [[n for n, p in inspect.signature(r).parameters.items() if p.kind is p.KEYWORD_ONLY]
+               for r in readers]
+    assert keyword == [["protocol", "list_file", "with_labels", "verify"]] * 3

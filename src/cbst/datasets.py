@@ -4,6 +4,10 @@ Every reader checks the data before any training or evaluation starts (spec §6)
 unpaired files, image/label size mismatches, unreadable or truncated files and label values
 outside the protocol's table all raise ``DataError`` whose message starts with the offending path.
 Nothing is ever skipped silently. Samples are sorted by name, so every run sees the same order.
+
+The readers ``gta5``, ``synthia`` and ``cityscapes`` take the root (and Cityscapes its split), then
+the same keyword-only options in the same order: ``protocol``, ``list_file``, ``with_labels``,
+``verify``; ``build_dataset`` picks one by name.
 """
 
 from __future__ import annotations
@@ -306,15 +310,15 @@ def _flat_samples(root: Path, images_rel: str, labels_rel: str, what: str, with_
                  lambda n: images_dir / f"{n}.png")
 
 
-def gta5(root: str | Path, protocol: Protocol = CITYSCAPES_19, list_file: str | Path | None = None,
-         verify: str = "auto", *, with_labels: bool = True) -> SegmentationDataset:
+def gta5(root: str | Path, *, protocol: Protocol = CITYSCAPES_19, list_file: str | Path | None = None,
+         with_labels: bool = True, verify: str = "auto") -> SegmentationDataset:
     """GTA5 as shipped: ``images/NNNNN.png`` + palette ``labels/NNNNN.png`` holding Cityscapes labelIds."""
     samples = _flat_samples(Path(root), "images", "labels", "GTA5", with_labels, list_file)
     return _finish(samples, protocol, verify)
 
 
-def synthia(root: str | Path, list_file: str | Path | None = None, verify: str = "auto", *,
-            with_labels: bool = True) -> SegmentationDataset:
+def synthia(root: str | Path, *, protocol: Protocol = SYNTHIA_16, list_file: str | Path | None = None,
+            with_labels: bool = True, verify: str = "auto") -> SegmentationDataset:
     """SYNTHIA-RAND-CITYSCAPES as shipped: ``RGB/NNNNNNN.png`` + 16-bit ``GT/LABELS`` (class id in R).
 
     A list file selects images; its label column (the original's 8-bit ``GT/labels`` conversions)
@@ -322,7 +326,7 @@ def synthia(root: str | Path, list_file: str | Path | None = None, verify: str =
     """
     samples = _flat_samples(Path(root), "RGB", "GT/LABELS", "SYNTHIA", with_labels, list_file,
                             use_list_labels=False)
-    return _finish(samples, SYNTHIA_16, verify, label_format="synthia16bit")
+    return _finish(samples, protocol, verify, label_format="synthia16bit")
 
 
 def _cityscapes_name(image: Path) -> str:
@@ -339,7 +343,7 @@ def _cityscapes_label_of(image: Path) -> Path:
             / f"{_cityscapes_name(image)}{CS_LABEL_SUFFIX}")
 
 
-def cityscapes(root: str | Path, split: str, protocol: Protocol = CITYSCAPES_19,
+def cityscapes(root: str | Path, split: str, *, protocol: Protocol = CITYSCAPES_19,
                list_file: str | Path | None = None, with_labels: bool = True,
                verify: str = "auto") -> SegmentationDataset:
     """Cityscapes ``leftImg8bit/<split>/<city>/*`` with ``gtFine/<split>/<city>/*_gtFine_labelIds.png``.
@@ -508,8 +512,9 @@ def build_dataset(name: str, root: str | Path, *, split: str = "train", num_clas
     if name not in ("gta5", "synthia", "cityscapes"):
         raise ValueError(f"unknown dataset {name!r}; choose gta5, synthia, cityscapes or folder")
     protocol = protocol_for(name, num_classes)
+    options = dict(protocol=protocol, list_file=list_file, with_labels=with_labels, verify=verify)
     if name == "gta5":
-        return gta5(root, protocol, list_file, verify, with_labels=with_labels)
+        return gta5(root, **options)
     if name == "synthia":
-        return synthia(root, list_file, verify, with_labels=with_labels)
-    return cityscapes(root, split, protocol, list_file, with_labels, verify)
+        return synthia(root, **options)
+    return cityscapes(root, split, **options)
