@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import shutil
 from pathlib import Path
@@ -416,8 +417,6 @@ def test_label_reads_only_the_label(tmp_path):
 
 
 def test_readers_take_the_same_keyword_options_in_the_same_order():
-    import inspect
-
     readers = (datasets.gta5, datasets.synthia, datasets.cityscapes)
     keyword = [[n for n, p in inspect.signature(r).parameters.items() if p.kind is p.KEYWORD_ONLY]
                for r in readers]
