@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbst.cli import main as cli_main
 from cbst.checkpoints import load_checkpoint
+from cbst.cli import main as cli_main
 from cbst.models import ResNet38
 from cbst.models.resnet38 import resnet38_state_dict_from_params
 from cbst.mxnet import ParamsError, load_params, save_params

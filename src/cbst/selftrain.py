@@ -36,10 +36,8 @@ from cbst.device import configure_backends, select_device
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
-__all__ = ["SelfTrainConfig", "ThresholdEstimator", "assign_pseudo_labels", "self_train",
-           "pseudo_label_pass"]
+__all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
-STAGES = ("pseudo", "train", "eval")
 # Options that may change between a run and its resumption without changing its result.
 _RESUME_FREE = ("resume", "device", "num_workers", "progress")
 

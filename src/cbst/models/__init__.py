@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cbst.models.base import (IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, load_strict,
-                              read_state_dict)
+from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, load_strict, read_state_dict
 from cbst.models.deeplabv2 import DeepLabV2
 from cbst.models.resnet38 import ResNet38
 from cbst.models.small import SmallSegNet

@@ -64,7 +64,7 @@ class SegmentationNet(nn.Module):
         super().__init__()
         self.freeze_bn = freeze_bn
 
-    def train(self, mode: bool = True) -> "SegmentationNet":
+    def train(self, mode: bool = True) -> SegmentationNet:
         """Set train/eval mode; frozen BN layers keep their running statistics (eval) regardless."""
         super().train(mode)
         if self.freeze_bn:

@@ -6,13 +6,25 @@ without overlaps) and returns them as (depth, draw) pairs for far-to-near drawin
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from cbst.synthetic.canvas import Canvas
 from cbst.synthetic.classes import (
-    BICYCLE, BUS, CAR, LIGHT, MOTO, PERSON, POLE, RIDER, SIGN, STATIC, TRAIN, TRUCK, VEG,
+    BICYCLE,
+    BUS,
+    CAR,
+    LIGHT,
+    MOTO,
+    PERSON,
+    POLE,
+    RIDER,
+    SIGN,
+    STATIC,
+    TRAIN,
+    TRUCK,
+    VEG,
 )
 from cbst.synthetic.style import SOURCE_STYLE
 

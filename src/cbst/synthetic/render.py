@@ -9,7 +9,7 @@ from cbst.synthetic.canvas import Canvas
 from cbst.synthetic.classes import OUT_OF_ROI, SIDEWALK
 from cbst.synthetic.objects import place_objects
 from cbst.synthetic.street import draw_background, draw_ego, draw_facades
-from cbst.synthetic.style import TEX_FINE_LUT, TEX_LOW_LUT, SOURCE_STYLE, TARGET_STYLE
+from cbst.synthetic.style import SOURCE_STYLE, TARGET_STYLE, TEX_FINE_LUT, TEX_LOW_LUT
 
 SYNTHETIC_VERSION = "1.1"
 """Version of the renderer. Same version + seed + parameters => byte-identical files."""

@@ -13,7 +13,7 @@ from cbst.synthetic.classes import BUILDING, EGO, FENCE, ROAD, SIDEWALK, SKY, TE
 
 def draw_background(cv: Canvas, scene: dict) -> None:
     """Sky, ground, road with markings, sidewalks, and the row of buildings or trees at the far end."""
-    rng, w, h = cv.rng, cv.w, cv.h
+    rng, h = cv.rng, cv.h
     # Sky: vertical gradient towards the horizon.
     top, low = np.array(cv.color(SKY, 0.85, 6)), np.array(cv.color(SKY, 1.08, 6))
     yy = np.clip(np.arange(h, dtype=np.float32) / max(cv.yh, 1.0), 0, 1)[:, None]

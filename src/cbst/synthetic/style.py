@@ -11,8 +11,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbst.synthetic.classes import (
-    BICYCLE, BUILDING, BUS, CAR, EGO, FENCE, LIGHT, MOTO, PERSON, POLE, RIDER, ROAD, SIDEWALK, SIGN, SKY,
-    STATIC, TERRAIN, TRAIN, TRUCK, VEG, WALL, Color,
+    BICYCLE,
+    BUILDING,
+    BUS,
+    CAR,
+    EGO,
+    FENCE,
+    LIGHT,
+    MOTO,
+    PERSON,
+    POLE,
+    RIDER,
+    ROAD,
+    SIDEWALK,
+    SIGN,
+    SKY,
+    STATIC,
+    TERRAIN,
+    TRAIN,
+    TRUCK,
+    VEG,
+    WALL,
+    Color,
 )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -14,7 +14,11 @@ from PIL import Image
 from cbst.io import write_json, write_png, write_text
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX, Protocol, cityscapes_palette
 from cbst.synthetic.render import (
-    DOMAIN_SOURCE, DOMAIN_TARGET_TRAIN, DOMAIN_TARGET_VAL, SYNTHETIC_VERSION, render_image,
+    DOMAIN_SOURCE,
+    DOMAIN_TARGET_TRAIN,
+    DOMAIN_TARGET_VAL,
+    SYNTHETIC_VERSION,
+    render_image,
 )
 
 TRAIN_CITIES: tuple[str, ...] = ("synthtown", "pixelburg")
