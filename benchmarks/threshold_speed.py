@@ -3,7 +3,7 @@
 Each method runs in its own subprocess on the same stream of (confidence, predicted class) pairs
 (uniform confidences, uniform classes, fed in chunks as a pseudo-label pass would) and reports
 the wall time of accumulation + thresholds (data generation excluded) and its peak RSS above the
-process's RSS before the first chunk. The original's method (spec §2.2-§2.3) keeps per-class
+process's RSS before the first chunk. The original's method (docs/method.md §12.1) keeps per-class
 Python lists of every value, then sorts each class descending and indexes it; on a small shared
 machine it is only run up to --original-max values and extrapolated (clearly labelled) beyond.
 

@@ -17,10 +17,10 @@ from cbst.datasets import Sample, SegmentationDataset, build_dataset, read_list_
 from cbst.io import DataError
 from cbst.labels import CITYSCAPES_16, CITYSCAPES_19, cityscapes_palette
 
-# Standard Cityscapes labelId -> trainId table (spec §6.1), written out by hand.
+# Standard Cityscapes labelId -> trainId table (docs/method.md §9.2), written out by hand.
 CS19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# 16-class Cityscapes table (spec §6.2) and SYNTHIA raw id -> trainId (spec §6.4, CBST-MX).
+# 16-class Cityscapes table and SYNTHIA raw id -> trainId (docs/method.md §9.2, as CBST-MX).
 CS16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10, 25: 11, 26: 12,
         28: 13, 32: 14, 33: 15}
 SYN16 = {1: 9, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 12, 9: 7, 10: 10, 11: 15, 12: 14, 15: 6, 17: 11,

@@ -27,7 +27,7 @@ def meta_out(model: nn.Module, h: int, w: int) -> tuple[int, ...]:
 
 
 def deeplab_size(n: int) -> int:
-    """Spec §7.2: conv1 /2 (pad 3), ceil-mode max-pool /2, layer2 1x1 stride 2."""
+    """docs/method.md §10.2: conv1 /2 (pad 3), ceil-mode max-pool /2, layer2 1x1 stride 2."""
     n = (n + 2 * 3 - 7) // 2 + 1
     n = -(-(n + 2 - 3) // 2) + 1
     return (n - 1) // 2 + 1
@@ -49,7 +49,7 @@ def test_deeplab_output_stride() -> None:
 
 
 def expected_deeplab_keys() -> list[str]:
-    """The state_dict keys of spec §7.2, written out independently of the model code."""
+    """CRST's state_dict keys (docs/method.md §10.2), written out independently of the model code."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = ["conv1.weight"] + [f"bn1.{s}" for s in bn]
     for layer, blocks in zip(range(1, 5), (3, 4, 23, 3)):
@@ -62,7 +62,7 @@ def expected_deeplab_keys() -> list[str]:
     return keys
 
 
-def test_deeplab_state_dict_keys_match_spec() -> None:
+def test_deeplab_state_dict_keys_match_crst() -> None:
     model = meta_model("deeplabv2_resnet101")
     assert sorted(model.state_dict()) == sorted(expected_deeplab_keys())
     dilations = {name: m.dilation for name, m in model.named_modules() if name.endswith("conv2")}

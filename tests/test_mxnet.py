@@ -1,4 +1,4 @@
-"""MXNet ``.params`` reading (real MXNet-written fixtures) and ResNet-38 conversion (spec layer list)."""
+"""MXNet ``.params`` reading (real MXNet-written fixtures) and ResNet-38 conversion (the layer list in tests/data)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def random_arrays(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str
 
 @pytest.fixture(scope="module")
 def full_params(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A full-size ResNet-38 (19 classes) .params file with every name and shape of the spec."""
+    """A full-size ResNet-38 (19 classes) .params file with every name and shape of the layer list."""
     path = tmp_path_factory.mktemp("mx") / "gta_rna-a1_cls19_s8_ep-0000.params"
     save_params(path, random_arrays(spec_arrays()))
     return path

@@ -1,4 +1,4 @@
-"""The round schedule against the tables the original's README commands produce (spec §1.1)."""
+"""The round schedule against the tables the original's README commands produce (docs/method.md §3.4)."""
 
 import numpy as np
 import pytest

@@ -24,7 +24,7 @@ def random_probs(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch
 
 
 def brute_force(probs: torch.Tensor, portion: float, policy: str, subsample: int = 1) -> np.ndarray:
-    """λ by a full descending numpy sort of the confidences (spec §2.3 without the bugs)."""
+    """λ by a full descending numpy sort of the confidences (docs/method.md §4.3, no original bugs)."""
     p = probs.numpy().astype(np.float32)
     conf = p.max(axis=1).reshape(p.shape[0], -1)[:, ::subsample].reshape(-1)
     pred = p.argmax(axis=1).reshape(p.shape[0], -1)[:, ::subsample].reshape(-1)
@@ -114,7 +114,7 @@ def test_tiny_confidences_keep_positive_thresholds():
 
 
 def loop_assign(probs: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    """Spec §2.4 pixel by pixel: R = P/λ, y = argmax R, selected iff max R ≥ 1."""
+    """docs/method.md §4.4 pixel by pixel: R = P/λ, y = argmax R, selected iff max R ≥ 1."""
     n, c, h, w = probs.shape
     out = np.empty((n, h, w), dtype=np.int64)
     for i in range(n):

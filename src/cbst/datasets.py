@@ -1,6 +1,6 @@
 """Segmentation datasets read in their own on-disk layouts: GTA5, SYNTHIA, Cityscapes, a user folder.
 
-Every reader checks the data before any training or evaluation starts (spec §6): missing folders,
+Every reader checks the data before any training or evaluation starts (docs/method.md §9): missing folders,
 unpaired files, image/label size mismatches, unreadable or truncated files and label values
 outside the protocol's table all raise ``DataError`` whose message starts with the offending path.
 Nothing is ever skipped silently. Samples are sorted by name, so every run sees the same order.

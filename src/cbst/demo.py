@@ -7,7 +7,7 @@ prints the original README's table for the "camera" target domain's val split.
 The benchmark itself is fixed (rendered with seed 0) so that ``--seed`` varies only the
 training: the spread over seeds is then the method's own variance. Each variant is reported
 by its **last** round, not its best one: picking the best round on the val split would be
-model selection on the test set (spec §8.3).
+model selection on the test set (docs/method.md §8.4).
 """
 
 from __future__ import annotations

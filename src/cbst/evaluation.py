@@ -9,8 +9,8 @@ where FP_c counts only pixels whose ground truth is a valid (non-ignored) class,
 every valid pixel of class c not predicted as c (including pixels predicted as an id outside the
 protocol). A class with TP + FP + FN = 0 (absent from the GT and never predicted) has no IoU
 (``None``) and is left out of the mean, as the official evaluator skips its NaN classes. The
-original CBST-MX ``ScoreUpdater`` counted such a class as 0 instead (spec §5.1); on the real
-Cityscapes val set every class occurs, so the two give the same numbers there.
+original CBST-MX ``ScoreUpdater`` counted such a class as 0 instead (docs/method.md §8.2,
+§12.6); on the real Cityscapes val set every class occurs, so the two give the same numbers there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model inference shared by evaluation and the pseudo-label pass.
 
-Follows the original CBST-MX test procedure (spec §2.1, §5.1): resize so the longer side equals
-``long_side``, normalise with the ImageNet RGB mean/std (spec §7.3), pad bottom/right with zeros
+Follows the original CBST-MX test procedure (docs/method.md §4.1, §8.1): resize so the longer side equals
+``long_side``, normalise with the ImageNet RGB mean/std (docs/method.md §10.3), pad bottom/right with zeros
 (after normalisation, i.e. with the mean colour) to a multiple of 8, forward, softmax, optionally
 average with the horizontally flipped pass, and bring the probabilities back to the original
 resolution. Deviations from the original, all deliberate:
@@ -9,7 +9,7 @@ resolution. Deviations from the original, all deliberate:
 - up-sampling is bilinear on the device instead of per-class bicubic on the CPU, and the result
   is a proper probability map (the original's bicubic maps overshoot [0, 1] slightly);
 - several scale factors may be given; their *probabilities* are averaged, as CRST's pseudo-label
-  pass does. CRST's test pass averaged *logits* instead (spec §5.2); the two agree on the argmax
+  pass does. CRST's test pass averaged *logits* instead (docs/method.md §12.9); the two agree on the argmax
   in the vast majority of pixels, and probabilities are what pseudo-labelling needs;
 - optional sliding-window inference (``window``) bounds the memory of very large inputs.
 """
@@ -29,7 +29,7 @@ from cbst.device import autocast
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 PAD_MULTIPLE = 8
-"""The network's output stride: inputs are zero-padded to a multiple of it (spec §2.1 step 4)."""
+"""The network's output stride: inputs are zero-padded to a multiple of it (docs/method.md §4.1, step 3)."""
 
 
 def _identity(item: dict) -> dict:
@@ -87,7 +87,10 @@ def _scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
 
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of an NCHW float tensor; antialiased when it shrinks (cf. PIL in §2.1)."""
+    """Bilinear resize of an NCHW float tensor; antialiased when it shrinks (docs/method.md §4.1).
+
+    CBST-MX shrank with PIL's Lanczos filter; antialiasing plays that part here.
+    """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]

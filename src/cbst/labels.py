@@ -2,8 +2,8 @@
 
 One source of truth for every table the package uses. The Cityscapes tables are derived from the
 official ``cityscapesscripts`` label list; the SYNTHIA-RAND-CITYSCAPES table has no official
-Python source and is written out here (spec §6.4). Inverse maps are built explicitly in trainId
-order, never by iterating a dict (the original's Python-3 bug, spec §8.5-1).
+Python source and is written out here (docs/method.md §9.2). Inverse maps are built explicitly in trainId
+order, never by iterating a dict (the original's Python-3 bug, docs/method.md §12.2).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ TABLE_HEADERS: dict[str, str] = {
     "train": "Train", "motorcycle": "Motor", "bicycle": "Bike",
 }
 
-# The 16 classes shared by SYNTHIA and Cityscapes, in trainId order (spec §6.2).
+# The 16 classes shared by SYNTHIA and Cityscapes, in trainId order (docs/method.md §9.2).
 CLASSES_16: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
     "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
 )
-# The common 13-class subset (mIoU*): the 16 classes without wall, fence and pole (spec §5.3).
+# The common 13-class subset (mIoU*): the 16 classes without wall, fence and pole (docs/method.md §8.3).
 CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "fence", "pole"))
 
-# SYNTHIA-RAND-CITYSCAPES raw class ids (R channel of GT/LABELS) -> class name (spec §6.4).
+# SYNTHIA-RAND-CITYSCAPES raw class ids (R channel of GT/LABELS) -> class name (docs/method.md §9.2).
 # Ids without a 16-class counterpart (void, parking-slot, road-work, terrain, truck, train,
 # lanemarking) are known but ignored; lanemarking follows CBST-MX (ignored), not CRST (road).
 SYNTHIA_RAW_NAMES: dict[int, str] = {
@@ -123,9 +123,12 @@ CLASSES_19: tuple[str, ...] = tuple(
 )
 
 CITYSCAPES_19 = _build("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
-"""Cityscapes (and GTA5) labelIds -> the 19 evaluation classes (spec §6.1)."""
+"""Cityscapes (and GTA5) labelIds -> the 19 evaluation classes (docs/method.md §9.2)."""
 CITYSCAPES_16 = _build("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS)
-"""Cityscapes (and GTA5) labelIds -> the 16 SYNTHIA classes; terrain, truck, train ignored (§6.2)."""
+"""Cityscapes (and GTA5) labelIds -> the 16 SYNTHIA classes; terrain, truck, train ignored.
+
+See docs/method.md §9.2.
+"""
 SYNTHIA_16 = _build("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS)
 """SYNTHIA-RAND-CITYSCAPES raw ids -> the 16 classes, in the same trainId order as CITYSCAPES_16."""
 

@@ -1,10 +1,10 @@
-"""Small-class patch mining (spec §2.6, §3.3): centre some training crops on a rare-class pixel.
+"""Small-class patch mining (docs/method.md §6): centre some training crops on a rare-class pixel.
 
 With probability ``port`` a crop is centred on a uniformly drawn pixel of a rare class present in
 the label: classes of ``priority`` (share < mine threshold) first, else classes of ``mine_id``
 (the few smallest). The rare classes come from ``cbst.thresholds.rare_classes``, which uses the
 predicted-pixel counts, so mining favours genuinely rare classes under both threshold policies
-(the original mined road/sidewalk/building under ST, spec §8.5-6). Ignored pixels (255, e.g.
+(the original mined road/sidewalk/building under ST, docs/method.md §12.2). Ignored pixels (255, e.g.
 unselected pseudo-labels) are never seeds.
 """
 

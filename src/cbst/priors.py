@@ -1,4 +1,4 @@
-"""Class-wise spatial priors q_c(y, x) for CBST-SP (spec §2.5).
+"""Class-wise spatial priors q_c(y, x) for CBST-SP (docs/method.md §5).
 
 The original only loads a downloaded ``prior_array.mat`` (C × 1024 × 2048, class-first) and
 multiplies it into the target softmax maps; no code computes it. This module computes it from
@@ -16,7 +16,7 @@ probabilities of any resolution. Choices:
   never seen gets a uniform prior of 1 (no spatial information). Scaling each class to a maximum
   of 1 keeps q·p ≤ p ≤ ~1, the range the threshold histograms resolve best, and leaves p unchanged
   where a class is most frequent. Per-class factors cancel inside a class's own threshold
-  (λ_c is a quantile of the same scaled values, spec §2.5); they only shift the argmax between
+  (λ_c is a quantile of the same scaled values); they only shift the argmax between
   classes, and dividing by the maximum rather than the sum keeps that shift mild (a sum
   normalisation would multiply each class by ~1/(H·W)·(its spatial spread), favouring compact
   classes strongly, and would make the confidences tiny for the global policy).

@@ -1,6 +1,6 @@
 """The self-training round schedule: target portion, source portion and learning rate per round.
 
-Follows the original's ``solve_AO.py`` loop (spec §1.1): after each round the target portion
+Follows the original's ``solve_AO.py`` loop (docs/method.md §3): after each round the target portion
 *p* and source portion *s* grow by their steps while they are below their maxima (so they can
 overshoot a maximum by less than one step), the learning rate is divided by √2, and every round
 trains ``epoch_per_round`` epochs with epoch numbers continuing across rounds.

@@ -1,18 +1,20 @@
-"""Class-balanced thresholds λ_c, pseudo-label assignment and rare-class statistics (spec §2.2-§2.6).
+"""Class-balanced thresholds λ_c, pseudo-label assignment and rare-class statistics.
+
+docs/method.md §4 and §6.1 describe them.
 
 The original pooled (every 4th) confidence of every target pixel in per-class Python lists and
 sorted them: gigabytes of host memory per round. ``ThresholdEstimator`` keeps, by default, one
 fixed-size histogram of confidences per class on the device instead, so memory does not grow with
 the number of pixels; an exact mode that keeps the values (on the device) is there to verify it.
 
-Definitions (spec §2.3 with the original's bugs fixed):
+Definitions (docs/method.md §4.2-§4.3, with the original's bugs fixed as §12.2 says):
 
 - ``cb``: among the n_c pixels predicted (argmax) as class c, λ_c is the ⌊n_c·p⌋-th largest
   confidence; λ_c = 1.0 where that is undefined (class never predicted, or ⌊n_c·p⌋ = 0).
 - ``global`` (ST): one λ, the ⌊n·p⌋-th largest confidence over all n pixels, for every class.
-- The pools hold no spurious leading 0 (spec §2.2 bug).
+- The pools hold no spurious leading 0 (docs/method.md §12.2).
 - ``rare_classes`` uses the predicted-pixel counts under both policies, so ST no longer makes
-  road/sidewalk/building the "rare" classes (spec §2.6 / §8.5-6).
+  road/sidewalk/building the "rare" classes (docs/method.md §6.1, §12.2).
 
 Confidences are handled as float32 and assumed finite and ≥ 0 (softmax outputs, possibly times a
 prior, possibly a little above 1 after bicubic up-sampling).
@@ -278,7 +280,7 @@ def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def assign_pseudo_labels(probs: Tensor, thresholds: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Pseudo-labels (spec §2.4): argmax of probs/λ, ``ignore_index`` where max probs/λ < 1.
+    """Pseudo-labels (docs/method.md §4.4): argmax of probs/λ, ``ignore_index`` where max probs/λ < 1.
 
     probs is N×C×H×W or C×H×W (times the prior if one is used); returns int64 N×H×W or H×W.
     The ratio is computed in float32; λ is floored at the smallest normal float so that a λ of 0
@@ -299,7 +301,7 @@ def assign_pseudo_labels(probs: Tensor, thresholds: Tensor, ignore_index: int = 
 
 def rare_classes(class_pixel_counts: Tensor, *, number: int = 3,
                  thresh: float = 1e-3) -> tuple[list[int], list[int]]:
-    """(mine_id, mine_id_priority) of spec §2.6 from the predicted (argmax) pixel counts.
+    """(mine_id, mine_id_priority) of docs/method.md §6.1 from the predicted (argmax) pixel counts.
 
     priority: every class whose share of the predicted pixels is < ``thresh`` (never-predicted
     classes included), ascending class index. mine_id: the ``number`` classes with the smallest

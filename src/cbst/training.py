@@ -1,7 +1,7 @@
 """Supervised training: optimiser, learning-rate policies, loss, the epoch loop and source training.
 
-``train_epochs`` is the loop shared by source training and each self-training round (spec §3.4,
-§4.1). Every random choice of an epoch is a function of (seed, epoch): the loader's shuffle, the
+``train_epochs`` is the loop shared by source training and each self-training round (docs/method.md §7,
+§2). Every random choice of an epoch is a function of (seed, epoch): the loader's shuffle, the
 transform's crops (``TrainTransform.set_epoch``) and the dropout masks. Resuming from the
 checkpoint written after epoch e therefore continues exactly as the uninterrupted run would.
 """
@@ -213,7 +213,7 @@ def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, it: int) -> fl
 
 @dataclass
 class SourceTrainConfig:
-    """Everything ``train_source`` needs; defaults are the original's GTA5 settings (§4.1)."""
+    """Everything ``train_source`` needs; defaults are the original's GTA5 settings (docs/method.md §2.1)."""
 
     dataset: str
     data_root: str

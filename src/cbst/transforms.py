@@ -1,13 +1,13 @@
 """Training-time augmentation: random scale, (mined) crop, horizontal flip and normalisation.
 
-One ``TrainTransform`` serves source training and self-training (spec §3.2, §3.3, §4.1). Its
+One ``TrainTransform`` serves source training and self-training (docs/method.md §7.1, §6.2, §2). Its
 random numbers come from ``np.random.default_rng([seed, epoch, index])``, so a sample's crop
 depends only on the seed, the epoch and the image index: not on the number of data-loader
 workers, their scheduling, or whether the run was restarted.
 
 Loss convention: the transform returns the full-resolution crop label and the training step
-up-samples the logits bilinearly to the crop size (the CRST-PT convention, spec §3.7). CBST-MX
-instead kept the stride-8 logits and sampled the label at the cell centres 4 + 8j (spec §3.4).
+up-samples the logits bilinearly to the crop size (the CRST-PT convention, docs/method.md §7.2). CBST-MX
+instead kept the stride-8 logits and sampled the label at the cell centres 4 + 8j (docs/method.md §12.4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Segmentation networks: DeepLab-v2 ResNet-101 (CRST), ResNet-38 A1 (CBST) and a small CPU model.
 
 Every model takes a normalised float NCHW **RGB** batch, i.e. pixels scaled to [0, 1] then
-``(x - IMAGENET_MEAN) / IMAGENET_STD`` per channel (spec §7.3; both original codes feed RGB with
+``(x - IMAGENET_MEAN) / IMAGENET_STD`` per channel (docs/method.md §10.3; both original codes feed RGB with
 these ImageNet statistics), and returns logits at output stride 8. Each exposes ``output_stride``
 and ``lr_groups()`` (parameter groups with ``lr_mult``/``wd_mult`` in its family's convention).
 """

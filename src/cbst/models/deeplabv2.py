@@ -1,10 +1,11 @@
-"""DeepLab-v2 ResNet-101 exactly as CRST-PT builds it (``deeplab/model.py:Res_Deeplab``, spec §7.2).
+"""DeepLab-v2 ResNet-101 exactly as CRST-PT builds it (``deeplab/model.py:Res_Deeplab``).
 
 Caffe-style bottlenecks (stride on the first 1x1 conv), ceil-mode max-pool, dilation 2 in
 ``layer3`` and 4 in ``layer4`` (every block), and ``layer5`` = four 3x3 convs with dilation 6, 12,
 18, 24 whose outputs are summed. The state_dict keys are torchvision's with ``layer5`` instead of
 ``fc``, so CRST's ``gta_src.pth`` loads with ``strict=True`` and torchvision's ImageNet ResNet-101
 fills everything but ``layer5``. BN is frozen by default: eval mode, gamma/beta not trained.
+See docs/method.md §10.2.
 """
 
 from __future__ import annotations

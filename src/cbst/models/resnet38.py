@@ -1,4 +1,4 @@
-"""ResNet-38 "A1" (``rna-a1``, stride 8) as CBST-MX builds it in MXNet (spec §7.1).
+"""ResNet-38 "A1" (``rna-a1``, stride 8) as CBST-MX builds it in MXNet (docs/method.md §10.1).
 
 Modules carry the MXNet layer names (``conv1a``, ``res2a_branch2a``, ``bn2a_branch2a``, ...,
 ``bn7``, ``conv6a``; ``linear{C}`` is ``classifier``), so a ``.params`` file (read by
@@ -54,7 +54,7 @@ class Block:
 
 
 def _blocks() -> tuple[Block, ...]:
-    """The 21 residual blocks of A1 at output stride 8, in network order."""
+    """The 17 residual blocks of A1 at output stride 8, in network order."""
     def plain(name: str, c: int) -> Block:
         return Block(name, c, (Conv(c), Conv(c)))
 
@@ -215,7 +215,7 @@ def resnet38_state_dict_from_params(params: dict[str, np.ndarray], num_classes: 
 
     With ``imagenet=True`` the input is the stride-32 ImageNet classifier: ``linear1000_*`` is
     dropped and the missing ``conv6a`` and ``classifier`` get He-normal weights and zero biases
-    (spec §4.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` listing them.
+    (docs/method.md §2.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` listing them.
     BN gammas are copied as stored; the model ignores them (MXNet ``fix_gamma=True``).
     """
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """An embedded synthetic benchmark: a small, fair miniature of GTA5 -> Cityscapes.
 
 ``make_synthetic(out)`` renders two domains of procedurally drawn street scenes with the 19
-Cityscapes classes, in the on-disk layouts of the real data sets (spec §6.3, §6.5):
+Cityscapes classes, in the on-disk layouts of the real data sets (docs/method.md §9.1):
 
 * **source** ("game", GTA5 layout): ``gta5/images/NNNNN.png`` (RGB) and ``gta5/labels/NNNNN.png``
   (8-bit palette PNG whose indices are Cityscapes labelIds);

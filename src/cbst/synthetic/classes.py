@@ -1,4 +1,4 @@
-"""The Cityscapes labelIds the synthetic scenes are drawn with (docs/method.md has the tables).
+"""The Cityscapes labelIds the synthetic scenes are drawn with (docs/method.md §9.2).
 
 Scenes are labelled in raw labelIds, as GTA5 and Cityscapes ship them, so the benchmark's files go
 through the same label lookup as the real data sets. Void ids (ego vehicle, out of ROI, static)
