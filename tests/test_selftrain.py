@@ -99,12 +99,13 @@ def test_started_run_needs_resume_and_same_config(bench, tmp_path):
         self_train(_config(bench, out))
     cfg = _config(bench, out, resume=True)
     selftrain._prepare_output(cfg)
-    with pytest.raises(ValueError, match="init_tgt_port"):
+    selftrain._write_config(out, cfg)
+    with pytest.raises(ValueError, match="init-tgt-port"):
         selftrain._prepare_output(dataclasses.replace(cfg, init_tgt_port=0.5))
 
 
 def test_bad_options_fail_before_any_work(bench, tmp_path):
-    with pytest.raises(ValueError, match="kc_policy"):
+    with pytest.raises(ValueError, match="kc-policy"):
         self_train(_config(bench, tmp_path / "a", kc_policy="class"))
     with pytest.raises(FileNotFoundError, match="nope.npy"):
         self_train(_config(bench, tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))
