@@ -24,20 +24,7 @@ from cbst.evaluation import evaluate_predictions
 from cbst.io import DataError, read_label, write_json, write_npy, write_png, write_text
 from cbst.models import build_model
 from cbst.selftrain import SelfTrainConfig, self_train
-from cbst.synthetic import make_synthetic
 from cbst.training import SourceTrainConfig, train_source
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny synthetic benchmark (4 source, 2 target train, 2 val images) and a small model."""
-    root = tmp_path_factory.mktemp("tiny")
-    make_synthetic(root / "data", seed=0, num_source=4, num_train=2, num_val=2, size=(64, 32),
-                   progress=False)
-    torch.manual_seed(0)
-    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
-    return root
 
 
 def _one_line_error(capsys, *names: str) -> str:
@@ -69,11 +56,11 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys)
     _one_line_error(capsys, str(folder), "is a folder")
 
 
-def test_self_train_output_that_is_a_file_is_one_line(tiny, tmp_path, capsys):
+def test_self_train_output_that_is_a_file_is_one_line(bench, tmp_path, capsys):
     file = tmp_path / "run"
     file.write_text("")
-    assert main(["self-train", "--data-root", str(tiny / "data" / "gta5"), "--data-root-tgt",
-                 str(tiny / "data" / "cityscapes"), "--weights", str(tiny / "source.pt"),
+    assert main(["self-train", "--data-root", str(bench / "data" / "gta5"), "--data-root-tgt",
+                 str(bench / "data" / "cityscapes"), "--weights", str(bench / "source.pt"),
                  "--output", str(file)]) == 2
     _one_line_error(capsys, str(file), "--output needs a folder")
 
@@ -102,18 +89,18 @@ def test_os_errors_during_a_write_name_the_destination(tmp_path, capsys, monkeyp
     _one_line_error(capsys, str(tmp_path / "f"), "is a file where a folder is expected")
 
 
-def test_existing_outputs_are_kept_unless_overwrite(tiny, tmp_path, capsys):
+def test_existing_outputs_are_kept_unless_overwrite(bench, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     out.write_text("keep me")
-    base = ["evaluate", "--data-root", str(tiny / "data" / "cityscapes"), "--checkpoint",
-            str(tiny / "source.pt"), "--no-progress", "--device", "cpu", "--num-workers", "0",
+    base = ["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint",
+            str(bench / "source.pt"), "--no-progress", "--device", "cpu", "--num-workers", "0",
             "--out", str(out)]
     assert main(base) == 2
     _one_line_error(capsys, str(out), "--overwrite")
     assert out.read_text() == "keep me"
     assert main(base + ["--overwrite"]) == 0
     assert json.loads(out.read_text())["images"] == 2
-    source = tiny / "source.pt"
+    source = bench / "source.pt"
     before = source.read_bytes()
     for extra in ([], ["--overwrite"]):  # a command never writes over its own input
         assert main(["convert", str(source), "--arch", "small", "--num-classes", "19",
@@ -143,12 +130,12 @@ def test_atomic_writes_end_with_the_umask_mode(tmp_path, umask):
 
 # ------------------------------------------------------------------------------ bad content
 
-def test_binary_list_file_and_random_weights_are_named(tiny, tmp_path, capsys):
+def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match=f"{junk}: not a text list file"):
-        build_dataset("cityscapes", tiny / "data" / "cityscapes", split="val", list_file=junk)
-    assert main(["evaluate", "--data-root", str(tiny / "data" / "cityscapes"), "--checkpoint",
+        build_dataset("cityscapes", bench / "data" / "cityscapes", split="val", list_file=junk)
+    assert main(["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint",
                  str(junk)]) == 2
     err = _one_line_error(capsys, str(junk), "not a readable PyTorch checkpoint")
     assert "weights_only" not in err
@@ -167,8 +154,8 @@ def test_pickled_model_is_refused_without_torch_advice(tmp_path, capsys):
     assert "weights_only" not in err
 
 
-def test_prediction_values_outside_the_label_table_are_refused(tiny, tmp_path):
-    val = build_dataset("cityscapes", tiny / "data" / "cityscapes", split="val", with_labels=True)
+def test_prediction_values_outside_the_label_table_are_refused(bench, tmp_path):
+    val = build_dataset("cityscapes", bench / "data" / "cityscapes", split="val", with_labels=True)
     for sample in val.samples:
         labels = read_label(sample.label)
         if sample is val.samples[-1]:
@@ -194,9 +181,9 @@ def test_convert_warns_about_stored_gammas(capsys):
 
 # ------------------------------------------------------------------- validation and resume
 
-def _config(tiny, output, **kw) -> SelfTrainConfig:
-    base = dict(weights=str(tiny / "source.pt"), output=str(output),
-                data_root=str(tiny / "data" / "gta5"), data_root_tgt=str(tiny / "data" / "cityscapes"),
+def _config(bench, output, **kw) -> SelfTrainConfig:
+    base = dict(weights=str(bench / "source.pt"), output=str(output),
+                data_root=str(bench / "data" / "gta5"), data_root_tgt=str(bench / "data" / "cityscapes"),
                 num_round=2, epoch_per_round=1, batch_images=2, crop_size=32, device="cpu",
                 progress=False, base_lr=0.01, init_src_port=0.5)
     base.update(kw)
@@ -208,21 +195,21 @@ def _config(tiny, output, **kw) -> SelfTrainConfig:
     ({"mine_port": 2.0}, "--mine-port"), ({"init_src_port": -0.2}, "--init-src-port"),
     ({"init_tgt_port": 1.5}, "--init-tgt-port"), ({"momentum": -0.1}, "--momentum"),
     ({"max_tgt_port": 1.0, "step_tgt_port": 0.6, "num_round": 3}, "--step-tgt-port"),
-    ({"scale_rate_range": (1.3, 0.7)}, "--scale-rate-range"), ({"batch_images": 5}, "--batch-images"),
+    ({"scale_rate_range": (1.3, 0.7)}, "--scale-rate-range"), ({"batch_images": 9}, "--batch-images"),
 ])
-def test_self_train_options_are_checked_before_anything_is_written(tiny, tmp_path, options, flag):
+def test_self_train_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
     with pytest.raises(ConfigError, match=flag):
-        self_train(_config(tiny, tmp_path / "run", **options))
+        self_train(_config(bench, tmp_path / "run", **options))
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("options, flag", [
     ({"base_lr": -1.0}, "--base-lr"), ({"crop_size": 0}, "--crop-size"),
-    ({"scale_range": (0.0, 1.0)}, "--scale-rate-range"), ({"batch_images": 7}, "--batch-images"),
+    ({"scale_range": (0.0, 1.0)}, "--scale-rate-range"), ({"batch_images": 9}, "--batch-images"),
     ({"eval_dataset": "cityscapes"}, "--eval-root"), ({"weight_decay": -1.0}, "--weight-decay"),
 ])
-def test_source_options_are_checked_before_anything_is_written(tiny, tmp_path, options, flag):
-    base = dict(dataset="gta5", data_root=str(tiny / "data" / "gta5"), output=str(tmp_path / "run"),
+def test_source_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
+    base = dict(dataset="gta5", data_root=str(bench / "data" / "gta5"), output=str(tmp_path / "run"),
                 model="small", batch_images=2, crop_size=32, to_epoch=1, device="cpu", num_workers=0)
     config = SourceTrainConfig(**{**base, **options})
     with pytest.raises(ConfigError, match=flag):
@@ -230,37 +217,37 @@ def test_source_options_are_checked_before_anything_is_written(tiny, tmp_path, o
     assert not (tmp_path / "run").exists()
 
 
-def _started_run(tiny, out: Path, finished: list[str], **kw) -> SelfTrainConfig:
+def _started_run(bench, out: Path, finished: list[str], **kw) -> SelfTrainConfig:
     """A run folder as a run that finished ``finished`` leaves it (config.yaml and state.json)."""
-    cfg = _config(tiny, out, **kw)
+    cfg = _config(bench, out, **kw)
     selftrain._write_config(out, cfg)
     (out / "state.json").write_text(json.dumps({"finished": finished}))
     return cfg
 
 
-def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(tiny, tmp_path, monkeypatch):
+def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(bench, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rel = Path(os.path.relpath(tiny, tmp_path))
-    cfg = dataclasses.replace(_started_run(tiny, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
+    rel = Path(os.path.relpath(bench, tmp_path))
+    cfg = dataclasses.replace(_started_run(bench, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
                               weights=str(rel / "source.pt"), data_root=f"./{rel}/data/gta5/",
                               data_root_tgt=str(rel / "data" / "cityscapes"), resume=True)
     for output in ("./runs/a", "runs/a/", str(tmp_path / "runs" / "a")):
         selftrain._prepare_output(dataclasses.replace(cfg, output=output))
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
-    selftrain._prepare_output(dataclasses.replace(cfg, output="../runs/a", weights=str(tiny / "source.pt"),
-                                                  data_root=str(tiny / "data" / "gta5"),
-                                                  data_root_tgt=str(tiny / "data" / "cityscapes")))
+    selftrain._prepare_output(dataclasses.replace(cfg, output="../runs/a", weights=str(bench / "source.pt"),
+                                                  data_root=str(bench / "data" / "gta5"),
+                                                  data_root_tgt=str(bench / "data" / "cityscapes")))
     (tmp_path / "runs" / "a").rename(tmp_path / "moved")
-    selftrain._prepare_output(_config(tiny, tmp_path / "moved", resume=True))
+    selftrain._prepare_output(_config(bench, tmp_path / "moved", resume=True))
     with pytest.raises(ConfigError, match="--weights"):
-        selftrain._prepare_output(_config(tiny, tmp_path / "moved", resume=True,
+        selftrain._prepare_output(_config(bench, tmp_path / "moved", resume=True,
                                           weights=str(tmp_path / "other.pt")))
 
 
-def test_a_failed_stage_can_be_resumed_with_a_corrected_option(tiny, tmp_path):
+def test_a_failed_stage_can_be_resumed_with_a_corrected_option(bench, tmp_path):
     out = tmp_path / "run"
-    cfg = _started_run(tiny, out, ["0/pseudo"], base_lr=1e6)
+    cfg = _started_run(bench, out, ["0/pseudo"], base_lr=1e6)
     fixed = dataclasses.replace(cfg, base_lr=0.01, resume=True)
     selftrain._prepare_output(fixed)  # round 0's training never finished: a new lr is fine
     with pytest.raises(ConfigError, match="init-tgt-port"):
@@ -273,9 +260,9 @@ def test_a_failed_stage_can_be_resumed_with_a_corrected_option(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(tiny, tmp_path, capsys):
-    argv = ["self-train", "--data-root", str(tiny / "data" / "gta5"), "--data-root-tgt",
-            str(tiny / "data" / "cityscapes"), "--weights", str(tiny / "source.pt"),
+def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(bench, tmp_path, capsys):
+    argv = ["self-train", "--data-root", str(bench / "data" / "gta5"), "--data-root-tgt",
+            str(bench / "data" / "cityscapes"), "--weights", str(bench / "source.pt"),
             "--output", str(tmp_path / "run"), "--num-round", "1", "--epoch-per-round", "1",
             "--batch-images", "1", "--crop-size", "32", "--device", "cpu", "--no-progress",
             "--eval-split", "none"]
@@ -288,9 +275,9 @@ def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(t
 
 
 @pytest.mark.slow
-def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(tiny, tmp_path, monkeypatch):
+def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(bench, tmp_path, monkeypatch):
     def config(**kw) -> SourceTrainConfig:
-        base = dict(dataset="gta5", data_root=str(tiny / "data" / "gta5"), output=str(tmp_path / "run"),
+        base = dict(dataset="gta5", data_root=str(bench / "data" / "gta5"), output=str(tmp_path / "run"),
                     model="small", batch_images=2, crop_size=32, base_lr=0.01, to_epoch=1,
                     device="cpu", num_workers=0, resume=True)
         return SourceTrainConfig(**{**base, **kw})
@@ -299,7 +286,7 @@ def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(tiny, tmp
     with pytest.raises(ConfigError, match=r"1 finished epochs .*--base-lr 0.01"):
         train_source(config(base_lr=1e6, to_epoch=2))
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["base_lr"] == 0.01
-    monkeypatch.chdir(tiny)  # the same data written relative to another folder, more epochs
+    monkeypatch.chdir(bench)  # the same data written relative to another folder, more epochs
     train_source(config(data_root="data/gta5/", to_epoch=2))
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["to_epoch"] == 2
     with pytest.raises(ConfigError, match="--to-epoch"):

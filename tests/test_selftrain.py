@@ -10,26 +10,12 @@ import pytest
 import torch
 
 from cbst import selftrain
-from cbst.checkpoints import load_checkpoint, save_checkpoint
+from cbst.checkpoints import load_checkpoint
 from cbst.datasets import build_dataset
 from cbst.io import read_label
 from cbst.labels import CITYSCAPES_19
-from cbst.models import build_model
 from cbst.selftrain import SelfTrainConfig, pseudo_label_pass, self_train
-from cbst.synthetic import make_synthetic
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """A tiny synthetic benchmark and a randomly initialised small source model."""
-    root = tmp_path_factory.mktemp("bench")
-    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32),
-                   progress=False)
-    torch.manual_seed(0)
-    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
-    return root
 
 
 def _config(bench, output, **kw) -> SelfTrainConfig:
