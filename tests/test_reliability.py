@@ -291,3 +291,15 @@ def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(bench, tm
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["to_epoch"] == 2
     with pytest.raises(ConfigError, match="--to-epoch"):
         train_source(config(lr_type="poly", to_epoch=3))
+
+
+def test_non_finite_probabilities_stop_the_thresholds_in_one_error():
+    from cbst.thresholds import ThresholdEstimator
+
+    probs = torch.full((1, 19, 4, 4), 1 / 19)
+    probs[0, :, 1, 1] = float("nan")  # a diverged model
+    for exact in (False, True):
+        estimator = ThresholdEstimator(19, "cb", exact=exact)
+        estimator.update(probs)
+        with pytest.raises(FloatingPointError, match="not finite"):
+            estimator.thresholds(0.5)
