@@ -130,6 +130,8 @@ def _as_flag(name: str, value: Any) -> str:
     if isinstance(value, bool):
         switch = _NEGATED.get(name, flag(name))
         return switch if value != (name in _NEGATED) else f"no {switch}"
+    if value is None:
+        return f"no {flag(name)}"
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     return f"{flag(name)} {value}"
