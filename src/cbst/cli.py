@@ -93,7 +93,7 @@ def _apply_config(argv: list[str], subparsers: dict[str, argparse.ArgumentParser
     sp.set_defaults(**config)
 
 
-def error_message(exc: BaseException) -> str | None:
+def _error_message(exc: BaseException) -> str | None:
     """The one-line message of a user's mistake or of a failed run, or None for a bug.
 
     User errors are raised as ``CLIError``, ``ValueError`` (``DataError``, ``CheckpointError``,
@@ -116,7 +116,7 @@ def error_message(exc: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, apply ``--config`` defaults, run the subcommand; returns the exit status.
 
-    Every user error ends here, as one line on stderr and exit status 2 (see ``error_message``).
+    Every user error ends here, as one line on stderr and exit status 2 (see ``_error_message``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
     except Exception as exc:
-        message = error_message(exc)
+        message = _error_message(exc)
         if message is None:
             raise
         one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())

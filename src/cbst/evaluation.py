@@ -260,7 +260,7 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
         try:
             protocol.check_values(raw, path)
         except ValueError as exc:
-            raise DataError(f"{exc} (a prediction)") from None
+            raise DataError(f"{exc}; a prediction must hold raw ids of that table") from None
         if raw.shape != label.shape:
             raise DataError(f"{path}: prediction size {raw.shape[::-1]} (WxH) differs from the "
                             f"ground truth of {name} {label.shape[::-1]}")
