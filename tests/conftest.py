@@ -33,3 +33,20 @@ def testdata() -> Path:
             pytest.fail(reason + "; CBST_REQUIRE_TESTDATA is set")
         pytest.skip(reason)
     return TESTDATA
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    """A tiny synthetic benchmark (8 source, 4 target train, 2 val images of 64×32) in ``data/``
+    and a randomly initialised small source model ``source.pt``."""
+    from cbst.checkpoints import save_checkpoint
+    from cbst.models import build_model
+    from cbst.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("bench")
+    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32),
+                   progress=False)
+    torch.manual_seed(0)
+    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
+                    protocol="cityscapes19")
+    return root

@@ -81,7 +81,7 @@ def test_convert_bare_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture) 
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x))
     assert cli_main(["convert", str(tmp_path / "w.pth"), "--arch", "small", "--num-classes", "19",
-                     "--out", str(out)]) == 2
+                     "--out", str(out), "--overwrite"]) == 2
     assert "shape mismatch: head.classifier.weight" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "none.pth"), "--arch", "small", "--num-classes", "19",
                      "--out", str(out)]) == 2

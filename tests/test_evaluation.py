@@ -317,7 +317,7 @@ def test_evaluate_command_on_real_val_frame(predictions: dict, testdata: Path, t
     assert abs(result["miou"] - official["averageScoreClasses"]) < 1e-4
     assert set(result["iou"]) == set(CITYSCAPES_19.class_names)
 
-    assert cbst.cli.main(argv + ["--num-classes", "16", "--case", "sixteen"]) == 0
+    assert cbst.cli.main(argv + ["--num-classes", "16", "--case", "sixteen", "--overwrite"]) == 0
     result16 = json.loads(out.read_text())
     assert result16["case"] == "sixteen" and set(result16["iou"]) == set(CITYSCAPES_16.class_names)
     assert "miou13" in result16
@@ -345,7 +345,8 @@ def test_evaluate_command_with_checkpoint(testdata: Path, tmp_path: Path,
     assert result["case"] == "small_src" and result["protocol"] == "cityscapes19"
     assert (preds / "color" / f"{VAL_FRAME}.png").is_file()
     # the written labelIds, scored as a prediction folder, give the same numbers
-    assert cbst.cli.main(common + ["--predictions", str(preds / "labelIds"), "--out", str(out)]) == 0
+    assert cbst.cli.main(common + ["--predictions", str(preds / "labelIds"), "--out", str(out),
+                                   "--overwrite"]) == 0
     assert json.loads(out.read_text())["iou"] == result["iou"]
     # a 19-class model cannot be scored under the 16-class protocol
     assert cbst.cli.main(common + ["--checkpoint", str(ckpt), "--num-classes", "16"]) == 2

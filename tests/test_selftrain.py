@@ -10,26 +10,12 @@ import pytest
 import torch
 
 from cbst import selftrain
-from cbst.checkpoints import load_checkpoint, save_checkpoint
+from cbst.checkpoints import load_checkpoint
 from cbst.datasets import build_dataset
 from cbst.io import read_label
 from cbst.labels import CITYSCAPES_19
-from cbst.models import build_model
 from cbst.selftrain import SelfTrainConfig, pseudo_label_pass, self_train
-from cbst.synthetic import make_synthetic
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """A tiny synthetic benchmark and a randomly initialised small source model."""
-    root = tmp_path_factory.mktemp("bench")
-    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32),
-                   progress=False)
-    torch.manual_seed(0)
-    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
-    return root
 
 
 def _config(bench, output, **kw) -> SelfTrainConfig:
@@ -99,12 +85,13 @@ def test_started_run_needs_resume_and_same_config(bench, tmp_path):
         self_train(_config(bench, out))
     cfg = _config(bench, out, resume=True)
     selftrain._prepare_output(cfg)
-    with pytest.raises(ValueError, match="init_tgt_port"):
+    selftrain._write_config(out, cfg)
+    with pytest.raises(ValueError, match="init-tgt-port"):
         selftrain._prepare_output(dataclasses.replace(cfg, init_tgt_port=0.5))
 
 
 def test_bad_options_fail_before_any_work(bench, tmp_path):
-    with pytest.raises(ValueError, match="kc_policy"):
+    with pytest.raises(ValueError, match="kc-policy"):
         self_train(_config(bench, tmp_path / "a", kc_policy="class"))
     with pytest.raises(FileNotFoundError, match="nope.npy"):
         self_train(_config(bench, tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cbst import __version__
-from cbst.io import atomic_path
+from cbst.io import DataError, atomic_path, read_torch_file
 from cbst.labels import get_protocol
 from cbst.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, build_model, load_strict
 
@@ -47,19 +47,27 @@ def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for unreadable or foreign files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc}); MXNet .params and "
-                              f"other foreign weights must first go through 'cbst convert'") from None
+        obj = read_torch_file(path, "PyTorch checkpoint")
+    except DataError as exc:
+        raise CheckpointError(f"{exc}; MXNet .params and other foreign weights must first go "
+                              "through 'cbst convert'") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cbst checkpoint (a bare state_dict or foreign file?); "
                               f"run 'cbst convert {path} --arch ARCH --num-classes N --out MODEL.pt' first")
     return obj
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def _check_protocol(path: Path, meta: dict[str, Any], expect_protocol: str | None) -> None:
+    """Raise unless the checkpoint was trained for ``expect_protocol`` (when given)."""
+    if expect_protocol is not None and meta["protocol"] != expect_protocol:
+        raise CheckpointError(f"{path} was trained for {meta['protocol']} but the dataset uses {expect_protocol}")
+
+
+def read_meta(path: str | Path, expect_protocol: str | None = None) -> dict[str, Any]:
     """The metadata of a checkpoint, without building the model."""
-    return dict(_read(Path(path))["meta"])
+    meta = dict(_read(Path(path))["meta"])
+    _check_protocol(Path(path), meta, expect_protocol)
+    return meta
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
@@ -68,8 +76,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     path = Path(path)
     obj = _read(path)
     meta = dict(obj["meta"])
-    if expect_protocol is not None and meta["protocol"] != expect_protocol:
-        raise CheckpointError(f"{path} was trained for {meta['protocol']} but the dataset uses {expect_protocol}")
+    _check_protocol(path, meta, expect_protocol)
     with torch.device("meta"):  # every tensor comes from the file: skip the random init
         model = build_model(meta["arch"], meta["num_classes"], freeze_bn=meta.get("freeze_bn"))
     try:

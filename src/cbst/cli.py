@@ -45,6 +45,8 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
 
 def _read_config(file: Path, known: set[str], command: str, chain: tuple[Path, ...]) -> dict:
     """One config file merged over its bases; ``chain`` holds the files that include it."""
+    from cbst.io import read_text
+
     if not file.is_file():
         included = f" (the {BASE_KEY} of {chain[-1]})" if chain else ""
         raise CLIError(f"{file}: config file not found{included}")
@@ -52,8 +54,8 @@ def _read_config(file: Path, known: set[str], command: str, chain: tuple[Path, .
         loop = " -> ".join(str(f) for f in (*chain[chain.index(file.resolve()):], file.resolve()))
         raise CLIError(f"{file}: {BASE_KEY} includes form a cycle: {loop}")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        data = yaml.safe_load(read_text(file, "config file")) or {}
+    except yaml.YAMLError as exc:
         raise CLIError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise CLIError(f"{file}: expected a mapping of option names to values")
@@ -115,28 +117,49 @@ def _apply_config(argv: list[str], subparsers: dict[str, argparse.ArgumentParser
     sp.set_defaults(**config)
 
 
+def _error_message(exc: BaseException) -> str | None:
+    """The one-line message of a user's mistake or of a failed run, or None for a bug.
+
+    User errors are raised as ``CLIError``, ``ValueError`` (``DataError``, ``CheckpointError``,
+    configuration errors), ``KeyError``, ``FloatingPointError`` (a diverging run, naming the
+    iteration) and ``OSError``: a path that is a file where a folder is expected or the reverse,
+    an existing or unwritable output, a missing file. Each message names the path or option.
+    """
+    if isinstance(exc, OSError):
+        if exc.filename is None:  # raised by cbst itself with the path in its message
+            return str(exc) if len(exc.args) == 1 else None
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {exc.strerror or exc}"
+    if isinstance(exc, KeyError):
+        return str(exc.args[0]) if exc.args else None
+    if isinstance(exc, (CLIError, ValueError, FloatingPointError)):
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, apply ``--config`` defaults, run the subcommand; returns the exit status."""
+    """Parse ``argv``, apply ``--config`` defaults, run the subcommand; returns the exit status.
+
+    Every user error ends here, as one line on stderr and exit status 2 (see ``_error_message``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
+    prefix = "cbst"
     try:
         _apply_config(argv, subparsers)
-    except CLIError as exc:
-        print(f"cbst: error: {exc}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        prefix = f"cbst {args.command}"
         return int(args._run(args) or 0)
-    except CLIError as exc:
-        print(f"cbst {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cbst {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"cbst {args.command}: interrupted; rerun with --resume where supported", file=sys.stderr)
+        print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _error_message(exc)
+        if message is None:
+            raise
+        one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+        print(f"{prefix}: error: {one_line}", file=sys.stderr)
+        return 2

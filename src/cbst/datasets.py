@@ -22,7 +22,7 @@ import torch.utils.data
 import yaml
 from tqdm import tqdm
 
-from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit
+from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit, read_text
 from .labels import CITYSCAPES_19, IGNORE_INDEX, PSEUDO_IGNORE_RAW_ID, SYNTHIA_16, Protocol, protocol_for
 
 VERIFY_MODES = ("auto", "full", "headers")
@@ -235,10 +235,8 @@ def _pair(images: dict[str, Path], labels: dict[str, Path], expected_label: Call
 
 def _list_entries(path: Path) -> list[tuple[int, str, str | None]]:
     """(line number, image field, label field or None) of each entry of a list file."""
-    if not path.is_file():
-        raise DataError(f"{path}: list file not found")
     entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "list file").splitlines(), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue

@@ -257,6 +257,10 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
         if label is None:
             raise DataError(f"{name}: sample has no label to evaluate against")
         raw = read_label(path)
+        try:
+            protocol.check_values(raw, path)
+        except ValueError as exc:
+            raise DataError(f"{exc}; a prediction must hold raw ids of that table") from None
         if raw.shape != label.shape:
             raise DataError(f"{path}: prediction size {raw.shape[::-1]} (WxH) differs from the "
                             f"ground truth of {name} {label.shape[::-1]}")

@@ -2,14 +2,19 @@
 
 Every reader raises ``DataError`` whose message starts with the offending path, so a bad file is
 reported the same way wherever it is found. Every writer goes through a temporary file and
-``os.replace``, so a crash never leaves a half-written PNG, JSON or checkpoint behind.
+``os.replace``, so a crash never leaves a half-written PNG, JSON or checkpoint behind; the file
+ends with the mode the umask gives (0644 under umask 022), as a plain ``open`` would. Output
+destinations can be checked before any work (``check_output_file``, ``check_output_dir``); their
+``OSError`` subclasses carry the path as ``filename`` and a readable reason as ``strerror``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,15 +93,133 @@ def read_png_channel_16bit(path: str | Path, channel: int = 0) -> np.ndarray:
     return arr[:, :, bgr_index]
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing or binary file is a ``DataError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text {what} (byte {exc.start} is not UTF-8)") from None
+
+
+def read_torch_file(path: str | Path, what: str = "PyTorch weights file") -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only``): no file runs code.
+
+    Torch's own messages for a refused or corrupt file suggest retrying with
+    ``weights_only=False``, which would execute whatever the file holds; ours names the file.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise DataError(f"{path}: holds pickled Python objects, not only tensors (a whole "
+                            "pickled model?); cbst reads tensors only, so that no file can run "
+                            "code: save the model's state_dict instead") from None
+        raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
+    except Exception:  # torch raises many types (EOFError, IndexError, RuntimeError) for garbage
+        raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists (as a file, folder or anything)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def _check_folder_writable(folder: Path, target: Path) -> None:
+    """Raise, naming ``target``, unless ``folder`` exists or can be created and is writable.
+
+    Creates nothing that stays: the nearest existing ancestor must be a folder, and an anonymous
+    temporary file is made and dropped there (a permission test that also holds for root on
+    read-only or special file systems, unlike ``os.access``).
+    """
+    base = _existing_ancestor(folder.absolute())
+    if not base.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot be created: {base} is a file, not a folder",
+                                 str(target))
+    try:
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as exc:
+        raise PermissionError(errno.EACCES, f"cannot be written: no file can be created in {base} "
+                              f"({exc.strerror})", str(target)) from None
+
+
+def check_output_file(path: str | Path, *, overwrite: bool, option: str = "--out",
+                      inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Check, before any work, that ``path`` can be written as a new file (or replace one).
+
+    Args:
+        path: the destination file.
+        overwrite: whether an existing file may be replaced; otherwise it is refused.
+        option: the command-line flag that named ``path``, for the messages.
+        inputs: files the command reads; writing over one of them is always refused.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"is a folder; {option} needs a file name", str(path))
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
+            raise FileExistsError(errno.EEXIST, f"is also an input of this command; give {option} "
+                                  "another file name", str(path))
+    if path.exists() and not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it or "
+                              f"give {option} another file name", str(path))
+    _check_folder_writable(path.parent, path)
+
+
+def check_output_dir(path: str | Path, option: str = "--output") -> None:
+    """Check, before any work, that ``path`` is (or can be created as) a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"is a file; {option} needs a folder", str(path))
+    _check_folder_writable(path, path)
+
+
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p``; a path component that is a file is named in a ``NotADirectoryError``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = _existing_ancestor(folder)
+        if blocker.is_dir():
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, "is a file where a folder is expected",
+                                 str(blocker)) from None
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty file beside ``path``, created with mode 0666 less the umask (as ``open`` does).
+
+    ``tempfile.mkstemp`` would create it 0600, and ``os.replace`` would keep that mode.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot create the file ({exc.strerror})", str(path)) from None
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it into place in one step."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder where a file is to be written", str(path))
+    make_dirs(path.parent)
+    tmp = _create_temporary(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

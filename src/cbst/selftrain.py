@@ -31,15 +31,37 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from cbst import io
+from cbst import checks, io
+from cbst.checks import ConfigError
 from cbst.device import configure_backends, select_device
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
-# Options that may change between a run and its resumption without changing its result.
-_RESUME_FREE = ("resume", "device", "num_workers", "progress")
+_INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior")
+_DATA = ("weights", "dataset", "data_root", "split", "list_file", "dataset_tgt", "data_root_tgt",
+         "split_tgt", "list_tgt", "num_classes")
+# The options each stage reads besides its round's plan: a run resumes only if every finished
+# stage would read the same values. Other options (the round count, --device, ...) may change.
+_STAGE_OPTIONS = {
+    "pseudo": _DATA + ("kc_policy", "with_prior", "test_scales", "test_flipping", "pseudo_scales",
+                       "exact_thresholds", "threshold_bins", "pseudo_batch", "mine_id_number",
+                       "mine_thresh", "amp", "score_pseudo_labels"),
+    "train": _DATA + ("seed", "batch_images", "crop_size", "scale_rate_range", "origin_size",
+                      "origin_size_tgt", "mine_port", "momentum", "weight_decay", "amp"),
+    "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side",
+             "eval_flipping"),
+}
+# The plan fields each stage reads, and the options each field is computed from.
+_STAGE_PLAN = {"pseudo": ("tgt_portion",),
+               "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"), "eval": ()}
+_PLAN_OPTIONS = {
+    "tgt_portion": ("init_tgt_port", "step_tgt_port", "max_tgt_port"),
+    "src_portion": ("init_src_port", "step_src_port", "max_src_port"),
+    "lr": ("base_lr", "lr_decay"), "start_epoch": ("epoch_per_round",),
+    "end_epoch": ("epoch_per_round",), "source_seed": ("source_sample_policy", "seed"),
+}
 
 
 @dataclass
@@ -113,17 +135,42 @@ class SelfTrainConfig:
             source_sample_policy=self.source_sample_policy, seed=self.seed)
 
     def validate(self) -> None:
-        """Reject inconsistent options before any work starts."""
+        """Reject invalid or inconsistent options before anything is read or written.
+
+        Errors name the option as its flag. Portions must stay in [0, 1] in every round, not
+        only in the first: a portion grows by its step while below its maximum.
+        """
         if self.kc_policy not in ("cb", "global"):
-            raise ValueError(f"kc_policy must be 'cb' or 'global', got {self.kc_policy!r}")
+            raise ConfigError(f"--kc-policy must be 'cb' or 'global', got {self.kc_policy!r}")
+        checks.require_positive(self, "num_round", "epoch_per_round", "base_lr", "lr_decay",
+                                "batch_images", "crop_size", "pseudo_batch", "threshold_bins")
+        checks.require_positive(self, "test_scales", "origin_size", "origin_size_tgt",
+                                "eval_long_side", optional=True)
+        checks.require_non_negative(self, "step_tgt_port", "step_src_port", "momentum",
+                                    "weight_decay", "mine_id_number", "num_workers")
+        checks.require_fraction(self, "init_tgt_port", "max_tgt_port", "init_src_port",
+                                "max_src_port", "mine_port", "mine_thresh")
+        checks.require_scale_range(self, "scale_rate_range")
+        if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
+            raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"{self.weights}: initial weights not found")
         if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
             raise FileNotFoundError(f"{self.with_prior}: spatial prior file not found")
-        lo, hi = self.scale_rate_range
-        if not 0 < lo <= hi:
-            raise ValueError(f"scale_rate_range must be 0 < lo <= hi, got {self.scale_rate_range}")
-        self.schedule()
+        for plan in self.schedule():
+            for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
+                if portion > 1:
+                    names = [f"{p}_{kind}_port" for p in ("init", "step", "max")]
+                    given = ", ".join(f"{checks.flag(n)} {getattr(self, n)}" for n in names)
+                    raise ConfigError(f"{given} give round {plan.index} a portion of {portion:g}, "
+                                      "above 1 (the portion grows by the step while below the "
+                                      "maximum)")
+
+    def check_sizes(self, num_source: int, num_target: int) -> None:
+        """Every round must train on at least one full batch (incomplete batches are dropped)."""
+        for plan in self.schedule():
+            images = len(source_subset(num_source, plan.src_portion, plan.source_seed)) + num_target
+            checks.require_batch_fits(self.batch_images, images, f"round {plan.index}")
 
     def to_dict(self) -> dict:
         """Plain-type dict (YAML-safe)."""
@@ -131,6 +178,10 @@ class SelfTrainConfig:
         d["scale_rate_range"] = list(self.scale_rate_range)
         d["pseudo_scales"] = list(self.pseudo_scales)
         return d
+
+    def saved_form(self) -> dict:
+        """``to_dict`` with the input and output paths absolute: what ``config.yaml`` holds."""
+        return checks.resolved_paths(self.to_dict(), _INPUT_PATHS + ("output",))
 
 
 class RunState:
@@ -140,7 +191,11 @@ class RunState:
         self.path = output / "state.json"
         self.finished: list[str] = []
         if self.path.is_file():
-            self.finished = json.loads(self.path.read_text())["finished"]
+            try:
+                self.finished = list(json.loads(io.read_text(self.path, "run state"))["finished"])
+            except (ValueError, KeyError, TypeError):
+                raise io.DataError(f"{self.path}: unreadable run state; start the run again in "
+                                   "a new --output") from None
 
     def done(self, round_index: int, stage: str) -> bool:
         return f"{round_index}/{stage}" in self.finished
@@ -151,22 +206,61 @@ class RunState:
 
 
 def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
-    """Create OUTPUT, or check that a resumed run uses the same configuration."""
+    """Check OUTPUT before any work: a usable folder with no started run, or the run resumed.
+
+    Writes nothing; ``_write_config`` does once every input has been checked.
+    """
     out = Path(cfg.output)
+    io.check_output_dir(out)
     state = RunState(out)
-    saved = out / "config.yaml"
     if state.finished and not cfg.resume:
         raise ValueError(f"{out}: holds a started run ({len(state.finished)} stages finished); "
                          "pass --resume to continue it or choose another --output")
-    if cfg.resume and saved.is_file():
-        old = yaml.safe_load(saved.read_text())
-        new = cfg.to_dict()
-        diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
-        if diff:
-            raise ValueError(f"{saved}: --resume with a different configuration ({', '.join(diff)})")
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    saved = out / "config.yaml"
+    if cfg.resume and state.finished and saved.is_file():
+        _check_resume(saved, cfg, state.finished)
     return out, state
+
+
+def _check_resume(path: Path, cfg: SelfTrainConfig, finished: list[str]) -> None:
+    """Refuse to resume with an option value that differs from what a finished stage used.
+
+    Paths are compared resolved and the output folder not at all, so a run resumes from any
+    working directory and after being moved; options no finished stage read may change (a
+    corrected learning rate after a diverged round, more rounds).
+    """
+    saved = checks.read_saved_config(path)
+    fields = {f.name for f in dataclasses.fields(SelfTrainConfig)}
+    old = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields})
+    try:
+        old_plans = old.schedule()
+    except ValueError as exc:
+        raise io.DataError(f"{path}: invalid saved schedule ({exc})") from None
+    before, now, new_plans = old.saved_form(), cfg.saved_form(), cfg.schedule()
+    for entry in finished:
+        index, stage = int(entry.split("/")[0]), entry.split("/")[1]
+        if index >= len(new_plans):
+            continue
+        names = list(_STAGE_OPTIONS[stage])
+        for field in _STAGE_PLAN[stage]:
+            if getattr(old_plans[index], field) != getattr(new_plans[index], field):
+                names += _PLAN_OPTIONS[field]
+        diff = checks.changed(before, now, dict.fromkeys(names))
+        if diff:
+            raise checks.resume_refusal(path, before, now, diff, f"round {index}'s {stage} stage")
+
+
+def _write_config(out: Path, cfg: SelfTrainConfig) -> None:
+    """Create OUTPUT and save the run's configuration: the run starts."""
+    io.make_dirs(out)
+    io.write_text(out / "config.yaml", yaml.safe_dump(cfg.saved_form(), sort_keys=False))
+
+
+def _check_weights(cfg: SelfTrainConfig, protocol: str) -> None:
+    """The initial weights must be a readable cbst checkpoint for the target's label protocol."""
+    from cbst.checkpoints import read_meta
+
+    read_meta(cfg.weights, expect_protocol=protocol)
 
 
 def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion: float,
@@ -307,9 +401,13 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     cfg.validate()
     out, state = _prepare_output(cfg)
     source, target, val = _datasets(cfg)
-    device = select_device(cfg.device)
-    configure_backends(device)
+    cfg.check_sizes(len(source), len(target))
     protocol_name = target.protocol.name
+    if not state.done(0, "train"):
+        _check_weights(cfg, protocol_name)
+    device = select_device(cfg.device)
+    _write_config(out, cfg)
+    configure_backends(device)
     prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
     results: dict[int, dict] = {}

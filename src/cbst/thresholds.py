@@ -146,7 +146,7 @@ class ThresholdEstimator:
         # conf·bins must be exact for the floor to be: it is in float32 when bins is a power of
         # two, and in float64 otherwise (24-bit mantissa × bins ≤ 2^24 fits in 53 bits).
         scaled = conf if self.bins & (self.bins - 1) == 0 else conf.double()
-        idx = (scaled * self.bins).floor_().clamp_(0, self.bins).long()
+        idx = (scaled * self.bins).floor_().nan_to_num_(0.0).clamp_(0, self.bins).long()
         flat = pred * (self.bins + 1) + idx
         counts = torch.bincount(flat, minlength=self.num_classes * (self.bins + 1))
         return counts.view(self.num_classes, self.bins + 1)
@@ -171,6 +171,9 @@ class ThresholdEstimator:
         if not 0.0 <= portion <= 1.0:
             raise ValueError(f"portion must be in [0, 1], got {portion}")
         self._ensure_state(self.device or torch.device("cpu"))
+        if not bool(self._min.isfinite()[self._counts > 0].all()):  # amin keeps any NaN seen
+            raise FloatingPointError("the model's probabilities are not finite (NaN or inf): its "
+                                     "weights have diverged or are corrupt")
         if self.exact:
             lam = self._exact_thresholds(portion)
         else:

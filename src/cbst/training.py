@@ -24,8 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cbst import checks
+from cbst.checks import ConfigError
 from cbst.device import autocast, configure_backends, seed_everything, select_device
-from cbst.io import atomic_path, write_text
+from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
 from cbst.labels import IGNORE_INDEX
 
 LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
@@ -155,6 +157,7 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
                            total=total, base_lr=base_lr, lr_policy=lr_policy, lr_steps=lr_steps,
                            device=device, amp=amp, channels_last=channels_last,
                            log_every=log_every, writer=writer, progress=progress)
+        _check_finite_weights(model, epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
     return stats
@@ -211,6 +214,14 @@ def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, it: int) -> fl
     return mean
 
 
+def _check_finite_weights(model: nn.Module, epoch: int) -> None:
+    """Stop before a checkpoint is written if the last step left NaN or infinite weights."""
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not bool(finite):  # one device sync per epoch
+        raise FloatingPointError(f"non-finite weights after epoch {epoch + 1}; lower the learning "
+                                 "rate or disable AMP")
+
+
 @dataclass
 class SourceTrainConfig:
     """Everything ``train_source`` needs; defaults are the original's GTA5 settings (docs/method.md §2.1)."""
@@ -243,6 +254,30 @@ class SourceTrainConfig:
     eval_split: str = "val"
     eval_long_side: int | None = None
     tensorboard: bool = False
+
+    def validate(self) -> None:
+        """Reject invalid options before anything is read or written; errors name the flag."""
+        checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr")
+        checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
+        checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
+        checks.require_scale_range(self, "scale_range")
+        if self.lr_type not in LR_POLICIES:
+            raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
+        if any(step < 0 for step in self.lr_steps):
+            raise ConfigError(f"--lr-steps must be iteration numbers >= 0, got {list(self.lr_steps)}")
+        if self.eval_dataset and not self.eval_root:
+            raise ConfigError("--eval-dataset needs --eval-root")
+
+    def saved_form(self) -> dict:
+        """Plain-type dict with the paths absolute: what ``OUT/config.yaml`` holds."""
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return checks.resolved_paths(data, _SOURCE_INPUTS + ("output",))
+
+
+_SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
+# Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
+# the lr policy does not span the whole run.
+_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "tensorboard")
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
@@ -280,11 +315,30 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
-    """Write the effective configuration as ``OUT/config.yaml``."""
+    """Create OUT and write the effective configuration as ``OUT/config.yaml``: the run starts."""
     import yaml
 
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-    write_text(output / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+    make_dirs(output)
+    write_text(output / "config.yaml", yaml.safe_dump(config.saved_form(), sort_keys=False))
+
+
+def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> None:
+    """Refuse to resume with an option the finished epochs were trained with, changed.
+
+    Paths are compared resolved and the output folder not at all (a run may be moved).
+    """
+    path = output / "config.yaml"
+    if config.to_epoch < finished:
+        raise ConfigError(f"--to-epoch {config.to_epoch} is below the {finished} epochs that "
+                          f"{output} already holds")
+    if not path.is_file():
+        return
+    saved = checks.resolved_paths(checks.read_saved_config(path), _SOURCE_INPUTS)
+    current = config.saved_form()
+    free = _SOURCE_RESUME_FREE + (("to_epoch",) if config.lr_type in ("fixed", "step") else ())
+    diff = checks.changed(saved, current, [k for k in current if k not in free])
+    if diff:
+        raise checks.resume_refusal(path, saved, current, diff, f"the {finished} finished epochs")
 
 
 def _evaluator(config: SourceTrainConfig, protocol: Any,
@@ -292,8 +346,6 @@ def _evaluator(config: SourceTrainConfig, protocol: Any,
     """A function returning target-val metrics for a model, or None when no eval set is given."""
     if not config.eval_dataset:
         return None
-    if not config.eval_root:
-        raise ValueError("--eval-dataset needs --eval-root")
     from cbst.datasets import build_dataset
     from cbst.evaluation import evaluate_model
 
@@ -317,18 +369,25 @@ def train_source(config: SourceTrainConfig) -> Path:
     from cbst.datasets import build_dataset
     from cbst.transforms import TrainTransform
 
+    config.validate()
     output = Path(config.output)
+    check_output_dir(output)
     device = select_device(config.device)
     configure_backends(device)
     data = build_dataset(config.dataset, config.data_root, split=config.split,
                          num_classes=config.num_classes, list_file=config.list_file)
+    checks.require_batch_fits(config.batch_images, len(data), config.data_root)
     transform = TrainTransform(config.crop_size, scale_range=config.scale_range,
                                reference_long_side=config.origin_size, seed=config.seed)
     data = data.with_transform(transform)
     protocol = data.protocol
 
-    start_epoch = last_finished_epoch(output) if config.resume else 0
+    start_epoch = last_finished_epoch(output)
+    if start_epoch and not config.resume:
+        raise ValueError(f"{output}: already holds checkpoints; pass --resume to continue "
+                         f"or choose another --output")
     if start_epoch:
+        _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch),
                                       expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
@@ -336,16 +395,12 @@ def train_source(config: SourceTrainConfig) -> Path:
                                     weight_decay=config.weight_decay)
         optimizer.load_state_dict(meta["extra"]["optimizer"])
     else:
-        if last_finished_epoch(output):
-            raise ValueError(f"{output}: already holds checkpoints; pass --resume to continue "
-                             f"or choose another --output")
         seed_everything(config.seed)  # the random initialisation of new layers, too
         model = _init_model(config).to(device)
         optimizer = build_optimizer(model, config.base_lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-    output.mkdir(parents=True, exist_ok=True)
-    _write_config(output, config)
     evaluate = _evaluator(config, protocol, device)
+    _write_config(output, config)
     writer = _tensorboard(output) if config.tensorboard else None
 
     def on_epoch_end(epoch: int, stats: dict) -> None:

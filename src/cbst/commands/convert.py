@@ -11,12 +11,15 @@ deeplabv2_resnet101, loaded strictly; with --imagenet a torchvision ResNet-101 f
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cbst.checkpoints import save_checkpoint
 from cbst.cli import CLIError
+from cbst.io import check_output_file
 from cbst.labels import PROTOCOLS
 from cbst.models import ARCHS, SegmentationNet, build_model, load_strict, read_state_dict
 
@@ -32,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)")
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--imagenet", action="store_true",
                         help="INPUT is an ImageNet classifier: drop its FC and initialise the head")
 
@@ -59,6 +63,7 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
             raise CLIError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
         if not args.imagenet and any(k.endswith("linear1000_weight") for k in params):
             raise CLIError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
+        _warn_stored_gammas(path, params)
         state = resnet38_state_dict_from_params(params, args.num_classes, imagenet=args.imagenet,
                                                 source=str(path))
         with torch.device("meta"):  # every tensor comes from the file: skip the random init
@@ -76,11 +81,27 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
     return model, len(state)
 
 
+def _warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
+    """Warn, naming the layers, when BN gammas differ from 1: the converted model ignores them.
+
+    ResNet-38 A1 is built with ``fix_gamma=True``. MXNet's plain CPU and cuDNN kernels then use
+    1 (cuDNN also writes 1 back, so released files hold 1), but its oneDNN CPU kernel applies the
+    stored value, so such a file may have been meant either way.
+    """
+    layers = [name.split(":", 1)[-1][: -len("_gamma")] for name, value in params.items()
+              if name.endswith("_gamma") and not np.all(value == 1)]
+    if layers:
+        print(f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
+              f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
+              "and cuDNN kernels do), so these values are ignored", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert INPUT and write the checkpoint."""
     path = Path(args.input)
     if not path.is_file():
         raise CLIError(f"{path}: file not found")
+    check_output_file(args.out, overwrite=args.overwrite, inputs=(path,))
     protocol = _protocol(args)
     model, tensors = _load(args, path)
     n_params = sum(p.numel() for p in model.parameters())

@@ -62,15 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write labelIds/NAME.png (input for the official evaluator) and "
                      "color/NAME.png (the original's --output)")
     out.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     out.add_argument("--case", metavar="NAME",
                      help="row name in the table (default: checkpoint or prediction folder stem)")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Reject option combinations that make no sense, before any loading."""
+    """Reject option combinations that make no sense and unusable outputs, before any loading."""
+    from cbst.io import check_output_dir, check_output_file
+
     if args.predictions and args.output:
         raise CLIError("--output writes model predictions; it needs --checkpoint")
+    if args.out:
+        check_output_file(args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
+    if args.output:
+        check_output_dir(args.output)
     for flag, value in (("--test-scales", args.test_scales), ("--window", args.window),
                         ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:

@@ -85,8 +85,10 @@ def _summary(prior: np.ndarray, names: tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Compute or convert the prior, save it and print a per-class summary."""
+    from cbst.io import check_output_file
     from cbst.priors import save_prior
 
+    check_output_file(args.out, overwrite=True, inputs=(args.from_mat,))
     prior, names = _convert(args) if args.from_mat else _compute(args)
     save_prior(args.out, prior)
     print(_summary(prior, names))

@@ -95,19 +95,10 @@ def _as_list(value: object) -> list:
 
 
 def _check(args: argparse.Namespace) -> None:
-    """Reject missing or inconsistent options with a one-line message."""
+    """Reject missing required options; ``SourceTrainConfig.validate`` checks the values."""
     for flag in ("data_root", "output"):
         if not getattr(args, flag):
             raise CLIError(f"--{flag.replace('_', '-')} is required")
-    positive = {"batch_images": args.batch_images, "crop_size": args.crop_size,
-                "to_epoch": args.to_epoch, "base_lr": args.base_lr}
-    for flag, value in positive.items():
-        if value <= 0:
-            raise CLIError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.num_workers < 0:
-        raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.eval_dataset and not args.eval_root:
-        raise CLIError("--eval-dataset needs --eval-root")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset, data_root=args.data_root, output=args.output, split=args.split,
         list_file=args.list_file, num_classes=args.num_classes, model=args.model,
         weights=args.weights, batch_images=args.batch_images,
-        crop_size=math.ceil(args.crop_size / 8) * 8,
+        crop_size=math.ceil(args.crop_size / 8) * 8 if args.crop_size > 0 else args.crop_size,
         scale_range=scale_range,
         origin_size=args.origin_size, lr_type=args.lr_type, base_lr=args.base_lr,
         lr_steps=lr_steps,

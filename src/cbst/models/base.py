@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cbst.io import read_torch_file
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of the [0, 1]-scaled input, subtracted before the network."""
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -27,10 +29,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A bare state_dict from a torch file (a cbst checkpoint's ``state_dict`` is unwrapped)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: pretrained weights not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for unreadable files
-        raise ValueError(f"{path}: not a readable PyTorch file ({exc})") from None
+    obj = read_torch_file(path)
     obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors)")

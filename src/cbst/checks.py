@@ -1,0 +1,137 @@
+"""Checks shared by the run configurations (self-training, source training) and their resumption.
+
+Option checks run before a run writes anything, and their errors name the option as its
+command-line flag (``base_lr`` -> ``--base-lr``), so the same message serves the CLI and the
+library. A resumed run is compared with its saved ``config.yaml`` on what matters: input paths
+resolved (``./runs/a``, ``runs/a/`` and an absolute path are the same folder), the output folder
+left out (a run may be moved), and only the options a finished stage has used.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from cbst.io import DataError, read_text
+
+# Fields whose command-line flag is not simply the field name with dashes.
+_FLAGS = {"list_file": "--list", "scale_range": "--scale-rate-range"}
+# Boolean fields switched off by their flag.
+_NEGATED = {"amp": "--no-amp", "test_flipping": "--no-test-flipping"}
+
+
+class ConfigError(ValueError):
+    """An option value is invalid or conflicts with a saved run; the message names the option."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of configuration field ``name``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _number(config: Any, name: str) -> float:
+    """The numeric value of field ``name``; a non-number or NaN is a ``ConfigError``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
+    return value
+
+
+def require_positive(config: Any, *names: str, optional: bool = False) -> None:
+    """Each named field must be a finite number > 0 (or None when ``optional``)."""
+    for name in names:
+        if optional and getattr(config, name) is None:
+            continue
+        value = _number(config, name)
+        if not 0 < value < math.inf:
+            raise ConfigError(f"{flag(name)} must be positive, got {value}")
+
+
+def require_non_negative(config: Any, *names: str) -> None:
+    """Each named field must be a finite number >= 0."""
+    for name in names:
+        value = _number(config, name)
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"{flag(name)} must be >= 0, got {value}")
+
+
+def require_fraction(config: Any, *names: str) -> None:
+    """Each named field must be a number in [0, 1] (a portion or a probability)."""
+    for name in names:
+        value = _number(config, name)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{flag(name)} must be in [0, 1], got {value}")
+
+
+def require_scale_range(config: Any, name: str) -> None:
+    """Field ``name`` must be a pair (lo, hi) with 0 < lo <= hi < inf."""
+    value = getattr(config, name)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag(name)} must be two numbers LO,HI, got {value!r}") from None
+    if not 0 < lo <= hi < math.inf:
+        raise ConfigError(f"{flag(name)} must be LO,HI with 0 < LO <= HI, got {lo},{hi}")
+
+
+def require_batch_fits(batch: int, samples: int, what: str) -> None:
+    """A batch of ``batch`` images must fit in ``samples`` (incomplete batches are dropped)."""
+    if samples < batch:
+        raise ConfigError(f"--batch-images {batch} is more than the {samples} training images of "
+                          f"{what}, which would give no batch; lower --batch-images")
+
+
+def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """``values`` with the named path fields made absolute and normalised (None and keywords kept)."""
+    out = dict(values)
+    for name in names:
+        value = out.get(name)
+        if value is not None and value not in ("source", "imagenet"):
+            out[name] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """The mapping saved as a run's ``config.yaml``; anything else is a ``DataError`` naming it."""
+    try:
+        data = yaml.safe_load(read_text(path, "run configuration"))
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a run configuration (a YAML mapping); start the run again "
+                        "in a new --output")
+    return data
+
+
+def changed(saved: dict[str, Any], current: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """The fields among ``names`` whose saved and current values differ, in ``names`` order."""
+    return [n for n in names if n in current and saved.get(n) != current[n]]
+
+
+def resume_refusal(path: Path, saved: dict[str, Any], current: dict[str, Any],
+                   names: list[str], used_by: str) -> ConfigError:
+    """The error for resuming with options that ``used_by`` (finished work) depends on.
+
+    It says how to recover: resume with the saved values (given as flags), or start anew.
+    """
+    diffs = "; ".join(f"{_as_flag(n, saved.get(n))} before, {_as_flag(n, current[n])} now"
+                      for n in names)
+    again = " ".join(_as_flag(n, saved.get(n)) for n in names)
+    return ConfigError(f"{path}: cannot resume with options that {used_by} already used ({diffs}); "
+                       f"resume with {again}, or start a new run with another --output")
+
+
+def _as_flag(name: str, value: Any) -> str:
+    """Field ``name`` set to ``value``, written as command-line flags."""
+    if isinstance(value, bool):
+        switch = _NEGATED.get(name, flag(name))
+        return switch if value != (name in _NEGATED) else f"no {switch}"
+    if value is None:
+        return f"no {flag(name)}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return f"{flag(name)} {value}"
