@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cbst import datasets, pseudo_labels
 from cbst.datasets import build_dataset
 from cbst.evaluation import write_prediction
 from cbst.inference import InferencePlan, combine_outputs, image_batches, predict_probs
-from cbst.io import BackgroundWriter
+from cbst.io import BackgroundWriter, DataError
 from cbst.models import build_model
 from cbst.priors import apply_prior
 from cbst.pseudo_labels import CACHE_FOLDER, ProbabilityCache, pseudo_label_pass
@@ -182,3 +183,15 @@ def test_background_writer_names_the_failing_file_and_bounds_its_queue(tmp_path)
     blocked.join(5)
     writer.close()
     assert len(running) == 3
+
+
+def test_a_broken_image_in_a_loader_worker_stops_the_pass_naming_the_file(target, model, tmp_path):
+    broken = tmp_path / "broken_leftImg8bit.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bad = target.subset(range(len(target)))
+    bad.samples[1] = dataclasses.replace(bad.samples[1], image=broken)
+    with pytest.raises(DataError) as failure:
+        pseudo_label_pass(model, bad, tmp_path / "out", portion=0.5, num_workers=1,
+                          progress=False)
+    assert str(failure.value).startswith(f"{broken}: ")
+    assert "\n" not in str(failure.value)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbst.device import autocast
+from cbst.io import DataError
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 PAD_MULTIPLE = 8
@@ -38,6 +39,43 @@ def _identity(item: dict) -> dict:
     return item
 
 
+class _Failure:
+    """A ``DataError`` raised while loading an item, carried out of a loader worker as a value."""
+
+    def __init__(self, error: DataError) -> None:
+        self.error = error
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """A dataset whose ``DataError``s come back as :class:`_Failure` items."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except DataError as exc:
+            return _Failure(exc)
+
+
+def loaded_items(dataset: Any, num_workers: int = 0) -> Iterator[Any]:
+    """The dataset's items in order, loaded by ``num_workers`` prefetching processes (0: here).
+
+    A ``DataError`` raised in a worker is raised here as it was, a one-line message naming the
+    file, not wrapped in the loader's multi-line report.
+    """
+    loader = torch.utils.data.DataLoader(_Guarded(dataset), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity)
+    for item in loader:
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
+
+
 def image_batches(dataset: Any, batch_size: int = 1, *, num_workers: int = 0,
                   pin_memory: bool = False) -> Iterator[tuple[Tensor, list[dict]]]:
     """(uint8 N×3×H×W tensor, items) of consecutive equal-size images, in dataset order.
@@ -46,10 +84,8 @@ def image_batches(dataset: Any, batch_size: int = 1, *, num_workers: int = 0,
     prefetch ahead of the consumer. ``pin_memory`` returns page-locked batches, so that a
     ``.to("cuda", non_blocking=True)`` copy overlaps with the GPU's work.
     """
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity)
     batch: list[dict] = []
-    for item in loader:
+    for item in loaded_items(dataset, num_workers):
         if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
             yield _stack_images(batch, pin_memory), batch
             batch = []

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from cbst import io
 from cbst.evaluation import write_prediction
-from cbst.inference import InferencePlan, combine_outputs, image_batches, image_size, network_outputs
+from cbst.inference import (InferencePlan, combine_outputs, image_batches, image_size, loaded_items,
+                            network_outputs)
 from cbst.priors import apply_prior
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
@@ -270,12 +271,11 @@ class _GroundTruth(torch.utils.data.Dataset):
         return self.dataset.label(i)
 
 
-def _ground_truth(dataset: Any, num_workers: int) -> Iterator[Tensor | None]:
+def _ground_truth(dataset: Any, num_workers: int) -> Iterator[np.ndarray | None]:
     """Each image's ground truth in dataset order, decoded by loader workers (None if absent)."""
     if all(sample.label is None for sample in dataset.samples):
         return itertools.repeat(None)
-    return iter(torch.utils.data.DataLoader(_GroundTruth(dataset), batch_size=None,
-                                            num_workers=num_workers))
+    return loaded_items(_GroundTruth(dataset), num_workers)
 
 
 def _with_prior(probs: Tensor, prior: Tensor | None) -> Tensor:
@@ -333,7 +333,7 @@ def _write_labels(cache: ProbabilityCache, batches: list[list[int]], dataset: An
                               out_dir, name, label, protocol, prefix="pseudo_")
                 gt = next(truth)
                 if gt is not None:
-                    gt = gt.to(cache.device, torch.int64)
+                    gt = torch.from_numpy(gt).to(cache.device, torch.int64)
                     mask = valid[n] & (gt < c)
                     correct += (labels[n][mask] == gt[mask]).sum()
                     judged += mask.sum()
