@@ -87,16 +87,18 @@ def test_each_image_is_decoded_once_and_the_cache_can_be_kept(target, model, tmp
     real = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda path: decoded.append(path) or real(path))
     stats = pseudo_label_pass(model, target, tmp_path, portion=0.5, keep_cache=True,
-                              progress=False)
+                              long_side=64, progress=False)  # 38x64 passes: mirrors merged
     assert len(decoded) == len(target)
     written = sum(int((np.asarray(datasets.read_label(p)) != 0).sum())
                   for p in (tmp_path / "pseudo_labelIds").glob("*.png"))
     assert written == sum(stats["selected_pixels"].values()) > 0
     with ProbabilityCache.open(tmp_path / CACHE_FOLDER) as kept:
         assert len(kept) == len(target) and kept.dtype == torch.float16
+        assert len(kept.outputs(0)) == 1
         probs = kept.get(0)
     assert probs.shape == (19, 36, 60)
-    assert torch.allclose(probs, predict_probs(model, _image(target, 0), flip=True)[0], atol=2e-3)
+    expected = predict_probs(model, _image(target, 0), long_side=64, flip=True)[0]
+    assert torch.allclose(probs, expected, atol=2e-3)
 
 
 def _image(dataset, i: int) -> torch.Tensor:
@@ -195,3 +197,20 @@ def test_a_broken_image_in_a_loader_worker_stops_the_pass_naming_the_file(target
                           progress=False)
     assert str(failure.value).startswith(f"{broken}: ")
     assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("width, merged", [(32, True), (28, False)])
+def test_merged_mirror_passes_change_probabilities_by_rounding_only(tmp_path, width, merged):
+    plan = InferencePlan(scales=(1.0, 0.5), flip=True)
+    size = (16, width)  # a 28-px width is padded: merging is not exact there and is not done
+    outputs = [torch.cat([o, o.flip(-1)]) for o in _random_outputs(plan, size, 5)]
+    with ProbabilityCache(tmp_path, plan, device="cpu", dtype=torch.float32, backend="host",
+                          merge_flip=True) as cache:
+        probs = cache.store([0, 1], outputs, size)
+        assert len(cache.outputs(0)) == (2 if merged else 4)
+        assert torch.equal(cache.get_batch([0, 1]), probs)
+    unmerged = combine_outputs(outputs, plan, size)
+    if merged:
+        assert torch.allclose(probs, unmerged, atol=1e-6)
+    else:
+        assert torch.equal(probs, unmerged)

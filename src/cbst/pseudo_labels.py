@@ -10,8 +10,9 @@ the device, without decoding or forwarding any image again, and written as label
 
 Exact mode (``exact=True``) caches float32 maps, so the probabilities assigned from the cache
 are bit for bit those :func:`cbst.inference.predict_probs` computes, and the PNGs equal those
-of two full passes. The default caches float16 maps (about 1.2 MB per 2048×1024 image and
-pass) and computes thresholds and labels from the same rounded maps.
+of two full passes. The default caches float16 maps, each scale's mirrored pass averaged in at
+the output stride (about 1.2 MB per 2048×1024 image and scale), and computes thresholds and
+labels from the same rounded maps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,8 +34,8 @@ from tqdm import tqdm
 
 from cbst import io
 from cbst.evaluation import write_prediction
-from cbst.inference import (InferencePlan, combine_outputs, image_batches, image_size, loaded_items,
-                            network_outputs)
+from cbst.inference import (PAD_MULTIPLE, InferencePlan, combine_outputs, image_batches, image_size,
+                            loaded_items, network_outputs)
 from cbst.priors import apply_prior
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
@@ -58,6 +59,7 @@ class _Entry:
     size: tuple[int, int]
     shapes: list[tuple[int, ...]]
     tier: str
+    flip: bool
     offset: int = 0
     data: Tensor | None = None
 
@@ -89,6 +91,8 @@ class ProbabilityCache:
     ``dtype`` (float16, or float32 for exact results). Interface:
 
     - ``put(index, outputs, size)``: store one image's maps; ``size`` is the image's (H, W);
+      ``store(indices, outputs, size)`` stores a batch as :func:`cbst.inference.network_outputs`
+      returns it and gives back its probabilities, exactly as ``get_batch`` will;
     - ``get(index)``: its probabilities, C×H×W float32 on ``device``, up-sampled there exactly
       as :func:`cbst.inference.predict_probs` does; ``get_batch(indices)`` stacks equal-size
       images (N×C×H×W) and ``outputs(index)`` returns the stored maps themselves;
@@ -99,11 +103,16 @@ class ProbabilityCache:
     free memory), host memory (page-locked on CUDA, up to ``HOST_SHARE`` of the available
     memory), then the file ``folder/probabilities.bin``, read back through a memory map.
     ``backend`` other than ``"auto"`` puts everything in one tier.
+
+    ``merge_flip`` averages each scale's pass with its mirror (flipped back) before storing, at
+    the output stride, which halves the cache and the up-sampling. Up-sampling is linear and
+    commutes with flipping, so this changes the probabilities by float rounding only; it is
+    done where no pass pads the width (padding makes the mirror's crop asymmetric).
     """
 
     def __init__(self, folder: str | Path, plan: InferencePlan, *, device: torch.device | str,
                  dtype: torch.dtype = torch.float16, backend: str = "auto",
-                 keep: bool = False) -> None:
+                 keep: bool = False, merge_flip: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"cache backend must be one of {BACKENDS}, got {backend!r}")
         if dtype not in _NUMPY_DTYPES:
@@ -113,6 +122,7 @@ class ProbabilityCache:
         self.device = torch.device(device)
         self.dtype = dtype
         self.keep = keep
+        self.merge_flip = merge_flip
         self._budgets = self._tier_budgets(backend)
         self._used = dict.fromkeys(self._budgets, 0)
         self._entries: dict[int, _Entry] = {}
@@ -145,14 +155,41 @@ class ProbabilityCache:
         return self._entries[index].tier
 
     # ----------------------------------------------------------------- storing
+    def store(self, indices: Sequence[int], outputs: Sequence[Tensor],
+              size: tuple[int, int]) -> Tensor:
+        """Store the per-pass maps (N×C×h×w each, in pass order) of N images of ``size`` (H, W)
+        under ``indices``; returns their probabilities (N×C×H×W), computed from the stored
+        values as :meth:`get_batch` will compute them."""
+        outputs, flip = self._encoded(outputs, size)
+        for n, index in enumerate(indices):
+            self._put(index, [out[n] for out in outputs], size, flip)
+        return combine_outputs(outputs, replace(self.plan, flip=flip), size)
+
     def put(self, index: int, outputs: Sequence[Tensor], size: tuple[int, int]) -> None:
         """Store one image's per-pass maps (C×h×w each, in pass order) for an H×W image."""
+        outputs, flip = self._encoded([out[None] for out in outputs], size)
+        self._put(index, [out[0] for out in outputs], size, flip)
+
+    def _encoded(self, outputs: Sequence[Tensor], size: tuple[int, int]) -> tuple[list[Tensor], bool]:
+        """(maps as stored, whether they still hold separate mirrored passes)."""
+        sizes = self.plan.pass_sizes(*size)
+        if len(outputs) != len(sizes):
+            raise ValueError(f"{len(outputs)} network outputs for a plan of {len(sizes)} passes")
+        outputs = [out.to(self.dtype).contiguous() for out in outputs]
+        if not (self.plan.flip and self.merge_flip and all(w % PAD_MULTIPLE == 0 for _, w in sizes)):
+            return outputs, self.plan.flip
+        merged = [(plain.float() + mirror.float().flip(-1)) / 2
+                  for plain, mirror in zip(outputs[::2], outputs[1::2])]
+        return [out.to(self.dtype) for out in merged], False
+
+    def _put(self, index: int, outputs: Sequence[Tensor], size: tuple[int, int], flip: bool) -> None:
         if index in self._entries:
             raise ValueError(f"probability cache: entry {index} is already stored")
-        flat = torch.cat([out.reshape(-1) for out in outputs]).to(self.dtype)
+        flat = torch.cat([out.reshape(-1) for out in outputs])
         nbytes = flat.numel() * flat.element_size()
         tier = next(t for t, budget in self._budgets.items() if self._used[t] + nbytes <= budget)
-        entry = _Entry(size=tuple(size), shapes=[tuple(out.shape) for out in outputs], tier=tier)
+        entry = _Entry(size=tuple(size), shapes=[tuple(out.shape) for out in outputs], tier=tier,
+                       flip=flip)
         if tier == "disk":
             entry.offset = self._append(flat)
         elif tier == "host":
@@ -202,13 +239,14 @@ class ProbabilityCache:
 
     def get_batch(self, indices: Sequence[int]) -> Tensor:
         """Probabilities of equal-size images (N×C×H×W float32, on the device)."""
-        sizes = {self._entries[i].size for i in indices}
-        if len(sizes) != 1:
-            raise ValueError(f"probability cache: images of different sizes {sorted(sizes)} "
+        kinds = {(self._entries[i].size, self._entries[i].flip) for i in indices}
+        if len(kinds) != 1:
+            raise ValueError(f"probability cache: images of different sizes {sorted(kinds)} "
                              "cannot form one batch")
+        size, flip = kinds.pop()
         per_image = [self.outputs(i) for i in indices]
         stacked = [torch.stack(maps) for maps in zip(*per_image)]
-        return combine_outputs(stacked, self.plan, sizes.pop())
+        return combine_outputs(stacked, replace(self.plan, flip=flip), size)
 
     # ----------------------------------------------------------------- lifetime
     def close(self) -> None:
@@ -231,8 +269,8 @@ class ProbabilityCache:
         if self._file is not None:
             self._file.flush()
         index = {"dtype": str(self.dtype).removeprefix("torch."), "plan": asdict(self.plan),
-                 "entries": {str(i): {"size": e.size, "shapes": e.shapes, "offset": e.offset}
-                             for i, e in self._entries.items()}}
+                 "entries": {str(i): {"size": e.size, "shapes": e.shapes, "offset": e.offset,
+                                      "flip": e.flip} for i, e in self._entries.items()}}
         io.write_json(self.folder / "index.json", index)
 
     @classmethod
@@ -248,7 +286,7 @@ class ProbabilityCache:
                     device=device, dtype=getattr(torch, index["dtype"]), backend="disk", keep=True)
         for key, e in index["entries"].items():
             cache._entries[int(key)] = _Entry(size=tuple(e["size"]), tier="disk", offset=e["offset"],
-                                              shapes=[tuple(s) for s in e["shapes"]])
+                                              shapes=[tuple(s) for s in e["shapes"]], flip=e["flip"])
         return cache
 
     def __enter__(self) -> ProbabilityCache:
@@ -299,13 +337,9 @@ def _fill_cache(model: torch.nn.Module, dataset: Any, cache: ProbabilityCache,
         for images, items in image_batches(dataset.without_labels(), batch_size,
                                            num_workers=num_workers,
                                            pin_memory=cache.device.type == "cuda"):
-            size = image_size(images)
-            outputs = [out.to(cache.dtype).contiguous()
-                       for out in network_outputs(model, images, cache.plan, amp=amp)]
             indices = [item["index"] for item in items]
-            for n, index in enumerate(indices):
-                cache.put(index, [out[n] for out in outputs], size)
-            estimator.update(_with_prior(combine_outputs(outputs, cache.plan, size), prior))
+            outputs = network_outputs(model, images, cache.plan, amp=amp)
+            estimator.update(_with_prior(cache.store(indices, outputs, image_size(images)), prior))
             batches.append(indices)
             bar.update(len(items))
     return batches
@@ -363,7 +397,8 @@ def pseudo_label_pass(model: torch.nn.Module, dataset: Any, out_dir: str | Path,
         prior: spatial prior C×H×W at the images' resolution (CBST-SP), or None.
         long_side, scales, flip: the test-time plan (see :func:`cbst.inference.predict_probs`).
         exact: exact thresholds by selection, and a float32 cache whose labels equal those of
-            two full passes bit for bit; otherwise histogram thresholds and a float16 cache.
+            two full passes bit for bit; otherwise histogram thresholds and a float16 cache
+            with mirrored passes merged (``ProbabilityCache``'s ``merge_flip``).
         bins: histogram bins of the approximate thresholds.
         batch_size: images per forward pass (consecutive images of equal size).
         mine_id_number, mine_thresh: the rare-class statistics for patch mining.
@@ -382,7 +417,8 @@ def pseudo_label_pass(model: torch.nn.Module, dataset: Any, out_dir: str | Path,
     plan = InferencePlan(long_side, tuple(scales), flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(out_dir / CACHE_FOLDER, plan, device=device, backend=cache_backend,
-                          dtype=torch.float32 if exact else torch.float16, keep=keep_cache) as cache:
+                          dtype=torch.float32 if exact else torch.float16, keep=keep_cache,
+                          merge_flip=not exact) as cache:
         batches = _fill_cache(model, dataset, cache, estimator, prior, batch_size=batch_size,
                               num_workers=num_workers, amp=amp, progress=progress)
         thresholds = estimator.thresholds(portion)
