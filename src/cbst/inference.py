@@ -12,6 +12,10 @@ resolution. Deviations from the original, all deliberate:
   pass does. CRST's test pass averaged *logits* instead (spec §5.2); the two agree on the argmax
   in the vast majority of pixels, and probabilities are what pseudo-labelling needs;
 - optional sliding-window inference (``window``) bounds the memory of very large inputs.
+
+Without a window, ``predict_probs`` is :func:`network_outputs` (the forward passes, kept at the
+network's output stride) followed by :func:`combine_outputs` (deterministic up-sampling and
+averaging), so a cache of the former reproduces it bit for bit (``cbst.pseudo_labels``).
 """
 
 from __future__ import annotations
