@@ -14,7 +14,8 @@ from cbst.checkpoints import load_checkpoint
 from cbst.datasets import build_dataset
 from cbst.io import read_label
 from cbst.labels import CITYSCAPES_19
-from cbst.selftrain import SelfTrainConfig, pseudo_label_pass, self_train
+from cbst.pseudo_labels import pseudo_label_pass
+from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
 
 

@@ -85,6 +85,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         other.verify(full=False)
         return other
 
+    def without_labels(self) -> SegmentationDataset:
+        """The same images with no labels, so that loading an item decodes only its image."""
+        other = copy.copy(self)
+        other.samples = [replace(s, label=None) for s in self.samples]
+        return other
+
     def subset(self, indices: Sequence[int]) -> SegmentationDataset:
         """A copy holding only ``samples[i]`` for each of ``indices``, in that order."""
         other = copy.copy(self)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cbst.io import DataError, read_label, write_png
+from cbst.io import BackgroundWriter, DataError, read_label, write_png
 from cbst.labels import CLASSES_13, TABLE_HEADERS
 
 
@@ -184,8 +184,10 @@ def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str
                    std: Sequence[float] | None = None, amp: bool = True) -> Metrics:
     """Run ``model`` over a labelled dataset and score it; optionally save the predictions.
 
-    Images of equal size are batched together (up to ``batch_size``); the confusion matrix
-    stays on ``device``. ``mean``/``std`` default to the ImageNet values.
+    Images of equal size are batched together (up to ``batch_size``), decoded by
+    ``num_workers`` loader processes ahead of the forward passes, and predictions are written
+    by background threads; the confusion matrix stays on ``device``. ``mean``/``std`` default
+    to the ImageNet values.
     """
     from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 
@@ -195,15 +197,20 @@ def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str
     confusion = ConfusionMatrix(protocol.num_classes, device)
     options = dict(long_side=long_side, scales=tuple(scales), flip=flip, window=window,
                    mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, amp=amp)
-    with tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar:
-        for step, (images, batch) in enumerate(image_batches(dataset, batch_size,
-                                                             num_workers=num_workers), 1):
-            targets = torch.stack([_label_tensor(item) for item in batch]).to(device)
-            pred = predict_labels(model, images.to(device), **options)
+    pin = device.type == "cuda"
+    batches = image_batches(dataset, batch_size, num_workers=num_workers, pin_memory=pin)
+    with BackgroundWriter() as writer, \
+            tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar:
+        for step, (images, batch) in enumerate(batches, 1):
+            targets = torch.stack([_label_tensor(item) for item in batch])
+            targets = (targets.pin_memory() if pin else targets).to(device, non_blocking=True)
+            pred = predict_labels(model, images, **options)
             confusion.update(pred, targets)
             if output_dir is not None:
                 for item, train_ids in zip(batch, pred.to(torch.uint8).cpu().numpy()):
-                    write_prediction(Path(output_dir), item["name"], train_ids, protocol)
+                    writer.submit(Path(output_dir) / "labelIds" / f"{item['name']}.png",
+                                  write_prediction, Path(output_dir), item["name"], train_ids,
+                                  protocol)
             bar.update(len(batch))
             if progress and step % 10 == 0:  # the running mIoU costs a device sync
                 bar.set_postfix(mIoU=f"{confusion.metrics(protocol.class_names).miou:.3f}", refresh=False)

@@ -12,11 +12,16 @@ resolution. Deviations from the original, all deliberate:
   pass does. CRST's test pass averaged *logits* instead (docs/method.md §12.9); the two agree on the argmax
   in the vast majority of pixels, and probabilities are what pseudo-labelling needs;
 - optional sliding-window inference (``window``) bounds the memory of very large inputs.
+
+Without a window, ``predict_probs`` is :func:`network_outputs` (the forward passes, kept at the
+network's output stride) followed by :func:`combine_outputs` (deterministic up-sampling and
+averaging), so a cache of the former reproduces it bit for bit (``cbst.pseudo_labels``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbst.device import autocast
+from cbst.io import DataError
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 
 PAD_MULTIPLE = 8
@@ -37,24 +43,65 @@ def _identity(item: dict) -> dict:
     return item
 
 
-def image_batches(dataset: Any, batch_size: int = 1, *,
-                  num_workers: int = 0) -> Iterator[tuple[Tensor, list[dict]]]:
-    """(uint8 N×3×H×W tensor, items) of consecutive equal-size images, in dataset order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+class _Failure:
+    """A ``DataError`` raised while loading an item, carried out of a loader worker as a value."""
+
+    def __init__(self, error: DataError) -> None:
+        self.error = error
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """A dataset whose ``DataError``s come back as :class:`_Failure` items."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except DataError as exc:
+            return _Failure(exc)
+
+
+def loaded_items(dataset: Any, num_workers: int = 0) -> Iterator[Any]:
+    """The dataset's items in order, loaded by ``num_workers`` prefetching processes (0: here).
+
+    A ``DataError`` raised in a worker is raised here as it was, a one-line message naming the
+    file, not wrapped in the loader's multi-line report.
+    """
+    loader = torch.utils.data.DataLoader(_Guarded(dataset), batch_size=None, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity)
-    batch: list[dict] = []
     for item in loader:
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
+
+
+def image_batches(dataset: Any, batch_size: int = 1, *, num_workers: int = 0,
+                  pin_memory: bool = False) -> Iterator[tuple[Tensor, list[dict]]]:
+    """(uint8 N×3×H×W tensor, items) of consecutive equal-size images, in dataset order.
+
+    Items are decoded by ``num_workers`` loader processes (in the main process when 0), which
+    prefetch ahead of the consumer. ``pin_memory`` returns page-locked batches, so that a
+    ``.to("cuda", non_blocking=True)`` copy overlaps with the GPU's work.
+    """
+    batch: list[dict] = []
+    for item in loaded_items(dataset, num_workers):
         if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
-            yield _stack_images(batch), batch
+            yield _stack_images(batch, pin_memory), batch
             batch = []
         batch.append(item)
     if batch:
-        yield _stack_images(batch), batch
+        yield _stack_images(batch, pin_memory), batch
 
 
-def _stack_images(items: list[dict]) -> Tensor:
-    """The items' H×W×3 uint8 images as one N×3×H×W tensor."""
-    return torch.from_numpy(np.stack([item["image"] for item in items])).permute(0, 3, 1, 2)
+def _stack_images(items: list[dict], pin_memory: bool) -> Tensor:
+    """The items' H×W×3 uint8 images as one N×3×H×W tensor (page-locked with ``pin_memory``)."""
+    stacked = torch.from_numpy(np.stack([item["image"] for item in items]))
+    return (stacked.pin_memory() if pin_memory else stacked).permute(0, 3, 1, 2)
 
 
 def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
@@ -73,6 +120,11 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s).contiguous()
+
+
+def image_size(images: Tensor) -> tuple[int, int]:
+    """(H, W) of a uint8 batch laid out as :func:`normalize` reads it (N,3,H,W or N,H,W,3)."""
+    return tuple(images.shape[2:4]) if images.shape[1] == 3 else tuple(images.shape[1:3])
 
 
 def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -104,16 +156,27 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _forward_padded(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
-    """Softmax probabilities (float32, same H x W as ``x``) of one zero-padded forward pass."""
+    """Softmax probabilities (float32) at the network's output resolution of one forward pass
+    of ``x`` zero-padded bottom/right to a multiple of :data:`PAD_MULTIPLE`."""
     h, w = x.shape[-2:]
-    ph = math.ceil(h / PAD_MULTIPLE) * PAD_MULTIPLE
-    pw = math.ceil(w / PAD_MULTIPLE) * PAD_MULTIPLE
+    ph, pw = _padded_size(h, w)
     padded = F.pad(x, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else x
     with autocast(x.device, enabled=amp):
         logits = model(padded)
-    probs = logits.float().softmax(dim=1)
-    probs = F.interpolate(probs, size=(ph, pw), mode="bilinear", align_corners=False)
-    return probs[:, :, :h, :w]
+    return logits.float().softmax(dim=1)
+
+
+def _padded_size(height: int, width: int) -> tuple[int, int]:
+    """(h, w) rounded up to a multiple of :data:`PAD_MULTIPLE`."""
+    return (math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE,
+            math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _upsample_cropped(probs: Tensor, size: tuple[int, int]) -> Tensor:
+    """Output-stride probabilities of a padded pass, up-sampled to the padded size and cropped
+    back to the ``size`` (h, w) of the unpadded input."""
+    probs = F.interpolate(probs, size=_padded_size(*size), mode="bilinear", align_corners=False)
+    return probs[:, :, :size[0], :size[1]]
 
 
 def _tile_starts(length: int, tile: int) -> list[int]:
@@ -126,16 +189,18 @@ def _tile_starts(length: int, tile: int) -> list[int]:
 
 
 def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool) -> Tensor:
-    """Probabilities of ``x``, by sliding ``window``-px tiles when the longer side exceeds it."""
+    """Probabilities of ``x`` at its resolution, by sliding ``window``-px tiles when the longer
+    side exceeds it."""
     h, w = x.shape[-2:]
     if window is None or max(h, w) <= window:
-        return _forward_padded(model, x, amp)
+        return _upsample_cropped(_forward_padded(model, x, amp), (h, w))
     th, tw = min(window, h), min(window, w)
     total: Tensor | None = None
     count = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
     for top in _tile_starts(h, th):
         for left in _tile_starts(w, tw):
-            probs = _forward_padded(model, x[:, :, top:top + th, left:left + tw], amp)
+            tile = x[:, :, top:top + th, left:left + tw]
+            probs = _upsample_cropped(_forward_padded(model, tile, amp), (th, tw))
             if total is None:
                 total = x.new_zeros((x.shape[0], probs.shape[1], h, w), dtype=torch.float32)
             total[:, :, top:top + th, left:left + tw] += probs
@@ -143,13 +208,85 @@ def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool
     return total / count
 
 
-def _forward_flip(model: nn.Module, x: Tensor, flip: bool, window: int | None, amp: bool) -> Tensor:
-    """Probabilities of ``x``, averaged with those of its mirror image when ``flip`` is set."""
-    probs = _forward_windowed(model, x, window, amp)
-    if flip:
-        mirrored = _forward_windowed(model, x.flip(-1), window, amp).flip(-1)
-        probs = (probs + mirrored) / 2
-    return probs
+@dataclass(frozen=True)
+class InferencePlan:
+    """Which forward passes test-time augmentation runs: the long-side resize, the scale
+    factors and the horizontal flip (see :func:`predict_probs`)."""
+
+    long_side: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.scales:
+            raise ValueError("scales must hold at least one factor")
+        if any(s <= 0 for s in self.scales) or (self.long_side is not None and self.long_side <= 0):
+            raise ValueError(f"scales and long_side must be positive "
+                             f"(got {self.scales}, {self.long_side})")
+
+    def base_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) after the long-side resize (unchanged without one)."""
+        return long_side_size(height, width, self.long_side) if self.long_side else (height, width)
+
+    def pass_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Input size (h, w) of every forward pass, in pass order (each scale, then its mirror)."""
+        base = self.base_size(height, width)
+        sizes = [_scaled_size(base[0], base[1], factor) for factor in self.scales]
+        return [size for size in sizes for _ in range(1 + self.flip)]
+
+
+def _pass_inputs(x: Tensor, plan: InferencePlan) -> Iterator[Tensor]:
+    """The normalised inputs of every forward pass of ``plan``, in pass order."""
+    x = _resize(x, plan.base_size(*x.shape[-2:]))
+    for size in plan.pass_sizes(*x.shape[-2:])[::1 + plan.flip]:
+        scaled = _resize(x, size)
+        yield scaled
+        if plan.flip:
+            yield scaled.flip(-1)
+
+
+def _merge_passes(passes: Iterator[Tensor], plan: InferencePlan, size: tuple[int, int]) -> Tensor:
+    """Average each scale's pass with its mirrored pass (flipped back), bring every scale to
+    ``size`` and average the scales; ``passes`` are probabilities at their pass's input size."""
+    result: Tensor | None = None
+    for _ in plan.scales:
+        probs = next(passes)
+        if plan.flip:
+            probs = (probs + next(passes).flip(-1)) / 2
+        probs = _resize(probs, size)
+        result = probs if result is None else result + probs
+    return result / len(plan.scales)
+
+
+@torch.no_grad()
+def network_outputs(model: nn.Module, images: Tensor, plan: InferencePlan, *,
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                    amp: bool = True) -> list[Tensor]:
+    """The network half of :func:`predict_probs`: one float32 N×C×h×w softmax map at the
+    network's output resolution per forward pass of ``plan`` (a mirrored pass stays mirrored).
+
+    :func:`combine_outputs` turns them into what ``predict_probs`` returns, bit for bit. On
+    CUDA the model and its inputs are switched to channels-last, the faster layout there
+    (``images`` may be page-locked: its copy to the device does not block).
+    """
+    model.eval()
+    device = _model_device(model, images.device)
+    x = normalize(images.to(device, non_blocking=True), mean, std)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [_forward_padded(model, inputs, amp) for inputs in _pass_inputs(x, plan)]
+
+
+def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan,
+                    size: tuple[int, int]) -> Tensor:
+    """The deterministic half of :func:`predict_probs`: up-sample, flip-average and
+    scale-average the :func:`network_outputs` of images of ``size`` (h, w) -> N×C×h×w."""
+    sizes = plan.pass_sizes(*size)
+    if len(outputs) != len(sizes):
+        raise ValueError(f"{len(outputs)} network outputs for a plan of {len(sizes)} passes")
+    passes = (_upsample_cropped(out.float(), s) for out, s in zip(outputs, sizes))
+    return _merge_passes(passes, plan, size)
 
 
 @torch.no_grad()
@@ -163,22 +300,15 @@ def predict_probs(model: nn.Module, images: Tensor, *, long_side: int | None = N
     first (the original's ``--test-scales``); each factor in ``scales`` then rescales that,
     and the per-scale probabilities, brought back to H x W, are averaged arithmetically.
     """
-    if not scales:
-        raise ValueError("scales must hold at least one factor")
-    if any(s <= 0 for s in scales) or (long_side is not None and long_side <= 0):
-        raise ValueError(f"scales and long_side must be positive (got {scales}, {long_side})")
+    plan = InferencePlan(long_side, tuple(scales), flip)
+    size = image_size(images)
+    if window is None:
+        return combine_outputs(network_outputs(model, images, plan, mean=mean, std=std, amp=amp),
+                               plan, size)
     model.eval()
-    device = _model_device(model, images.device)
-    x = normalize(images.to(device), mean, std)
-    height, width = x.shape[-2:]
-    base = long_side_size(height, width, long_side) if long_side else (height, width)
-    x = _resize(x, base)
-    result: Tensor | None = None
-    for factor in scales:
-        scaled = _resize(x, _scaled_size(base[0], base[1], factor))
-        probs = _resize(_forward_flip(model, scaled, flip, window, amp), (height, width))
-        result = probs if result is None else result + probs
-    return result / len(scales)
+    x = normalize(images.to(_model_device(model, images.device)), mean, std)
+    passes = (_forward_windowed(model, inputs, window, amp) for inputs in _pass_inputs(x, plan))
+    return _merge_passes(passes, plan, size)
 
 
 @torch.no_grad()

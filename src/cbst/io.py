@@ -16,8 +16,10 @@ import json
 import os
 import secrets
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -251,3 +253,56 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
     """Write a ``.npy`` file atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
+
+
+class BackgroundWriter:
+    """Runs file writes (e.g. PNG encoding, whose zlib time would stall the GPU) on threads.
+
+    At most ``max_pending`` writes wait or run at once: ``submit`` blocks beyond that, so the
+    memory held by queued arrays stays bounded. The first failure is re-raised, as an ``OSError``
+    naming the file, by the next ``submit`` or by ``close`` (which waits for every write).
+    Use it as a context manager; leaving the block closes it.
+    """
+
+    def __init__(self, threads: int = 4, max_pending: int = 8) -> None:
+        if threads < 1 or max_pending < 1:
+            raise ValueError(f"threads and max_pending must be >= 1, got {threads}, {max_pending}")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cbst-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._lock = threading.Lock()
+        self._error: OSError | None = None
+
+    def submit(self, path: str | Path, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``write(*args, **kwargs)`` in the background; ``path`` names what it writes."""
+        self._raise_error()
+        self._slots.acquire()
+        self._pool.submit(self._run, str(path), write, args, kwargs)
+
+    def _run(self, path: str, write: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            write(*args, **kwargs)
+        except Exception as exc:  # re-raised in the submitting thread, naming the file
+            with self._lock:
+                if self._error is None:
+                    self._error = OSError(f"{path}: cannot write ({type(exc).__name__}: {exc})")
+                    self._error.__cause__ = exc
+        finally:
+            self._slots.release()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every submitted write; raise the first failure."""
+        self._pool.shutdown(wait=True)
+        self._raise_error()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # an error is already on its way: finish what runs, drop the queue, keep that error
+            self._pool.shutdown(wait=True, cancel_futures=True)

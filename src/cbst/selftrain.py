@@ -2,12 +2,12 @@
 
 Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
 
-1. ``pseudo``: two inference passes over the target training images. The first feeds softmax
-   probabilities (times the spatial prior for CBST-SP) into a :class:`ThresholdEstimator`; the
-   second assigns pseudo-labels with the round's thresholds and writes them as labelId PNGs
-   (0 = not selected) plus colour PNGs and ``stats.json``. Recomputing the forward pass instead
-   of storing probability maps keeps disk and memory use independent of image size (the
-   original wrote ~150 MiB per image).
+1. ``pseudo``: one inference pass over the target training images
+   (:func:`cbst.pseudo_labels.pseudo_label_pass`): softmax probabilities (times the spatial
+   prior for CBST-SP) feed a :class:`ThresholdEstimator` and are cached at the network's output
+   stride; pseudo-labels are then assigned from the cache with the round's thresholds and
+   written as labelId PNGs (0 = not selected) plus colour PNGs and ``stats.json`` (the original
+   wrote ~150 MiB of full-resolution probabilities per image).
 2. ``train``: the round's source subset plus the pseudo-labelled target images, with rare-class
    patch mining, trained from the previous round's weights with a fresh optimiser.
 3. ``eval``: the round's model on the target validation split.
@@ -21,21 +21,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from cbst import checks, io
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, select_device
+from cbst.pseudo_labels import pseudo_label_pass
 from cbst.rounds import RoundPlan, round_schedule, source_subset
-from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
@@ -261,72 +257,6 @@ def _check_weights(cfg: SelfTrainConfig, protocol: str) -> None:
     from cbst.checkpoints import read_meta
 
     read_meta(cfg.weights, expect_protocol=protocol)
-
-
-def pseudo_label_pass(model: torch.nn.Module, dataset, out_dir: Path, *, portion: float,
-                      policy: str = "cb", prior: torch.Tensor | None = None,
-                      long_side: int | None = None, scales: tuple[float, ...] = (1.0,),
-                      flip: bool = True, exact: bool = False,
-                      bins: int = 65536, batch_size: int = 1, mine_id_number: int = 3,
-                      mine_thresh: float = 1e-3, num_workers: int = 0, amp: bool = True,
-                      progress: bool = True) -> dict:
-    """Threshold statistics, then pseudo-labels written to ``out_dir``; returns the round stats."""
-    from cbst.evaluation import write_prediction
-    from cbst.inference import image_batches, predict_probs
-    from cbst.priors import apply_prior
-
-    device = next(model.parameters()).device
-    protocol = dataset.protocol
-    started = time.time()
-
-    def batches(desc: str) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-        with tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False) as bar:
-            for images, items in image_batches(dataset, batch_size, num_workers=num_workers):
-                yield images, items
-                bar.update(len(items))
-
-    def probabilities(images: torch.Tensor) -> torch.Tensor:
-        probs = predict_probs(model, images.to(device), long_side=long_side, scales=scales,
-                              flip=flip, amp=amp)
-        return apply_prior(probs, prior) if prior is not None else probs
-
-    estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
-    for images, _ in batches("pseudo-label stats"):
-        estimator.update(probabilities(images))
-    thresholds = estimator.thresholds(portion)
-    predicted = estimator.class_pixel_counts
-    mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
-
-    selected = torch.zeros(protocol.num_classes, dtype=torch.int64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    judged = torch.zeros((), dtype=torch.int64, device=device)
-    for images, samples in batches("pseudo-labels"):
-        labels = assign_pseudo_labels(probabilities(images), thresholds)
-        valid = labels < protocol.num_classes
-        selected += torch.bincount(labels[valid], minlength=protocol.num_classes)
-        for label, sample in zip(labels.cpu().numpy().astype(np.uint8), samples):
-            write_prediction(out_dir, sample["name"], label, protocol, prefix="pseudo_")
-        if samples[0].get("label") is not None:
-            gt = _stack_labels(samples).to(device)
-            mask = valid & (gt < protocol.num_classes)
-            correct += (labels[mask] == gt[mask]).sum()
-            judged += mask.sum()
-    stats = {
-        "portion": portion, "policy": policy, "with_prior": prior is not None,
-        "thresholds": dict(zip(protocol.class_names, thresholds.tolist())),
-        "predicted_pixels": dict(zip(protocol.class_names, predicted.tolist())),
-        "selected_pixels": dict(zip(protocol.class_names, selected.tolist())),
-        "mine_id": [int(i) for i in mine_id], "mine_id_priority": [int(i) for i in priority],
-        "selected_fraction": float(selected.sum()) / max(1, int(predicted.sum())),
-        "pseudo_label_accuracy": float(correct) / int(judged) if int(judged) else None,
-        "seconds": round(time.time() - started, 2),
-    }
-    io.write_json(out_dir / "stats.json", stats)
-    return stats
-
-
-def _stack_labels(samples: list[dict]) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(s["label"]), dtype=torch.int64) for s in samples])
 
 
 def _load_prior(cfg: SelfTrainConfig, out: Path, source, target,

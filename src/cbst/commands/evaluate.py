@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cbst.cli import CLIError
-from cbst.commands.options import float_list
+from cbst.commands.options import default_num_workers, float_list
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "longer side exceeds N; default: whole image at once")
     model.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
-    model.add_argument("--num-workers", type=int, default=2, help="image-loading processes")
+    model.add_argument("--num-workers", type=int, default=default_num_workers(),
+                       help="image-loading processes (default: the CPU cores, at most 8)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR",
                      help="write labelIds/NAME.png (input for the official evaluator) and "
