@@ -229,6 +229,8 @@ def test_resumed_run_shows_the_rounds_that_exist(target, tmp_path):
     assert _table(page, "run", "method")[1][-1] == "2 of 4"
     one = write_run(target, tmp_path / "one", rounds=1)
     assert len(_table(_Page(build_report([one], images=0)), "run", "mIoU")) == 2
+    unevaluated = _Page(build_report([write_run(target, tmp_path / "none", rounds=2, evaluated=0)], images=0))
+    assert not any("mIoU" in t[0] for t in unevaluated.tables) and len(unevaluated.images) == 3
 
 
 @pytest.mark.parametrize("damage, message", [

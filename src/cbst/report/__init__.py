@@ -29,19 +29,18 @@ def _classes(runs: Sequence[Run]) -> tuple[str, ...]:
     names = [tuple(r.rounds[0].stats.get("thresholds", {})) for r in runs]
     for run, other in zip(runs[1:], names[1:]):
         if other != names[0]:
-            raise DataError(f"{run.path} has classes {len(other)} classes but {runs[0].path} has "
+            raise DataError(f"{run.path} has {len(other)} classes but {runs[0].path} has "
                             f"{len(names[0])}: runs of different label sets cannot be compared")
     if not names[0]:
         raise DataError(f"{runs[0].rounds[0].path / 'stats.json'}: no per-class thresholds")
     return names[0]
 
 
-def _colors(run: Run, dataset, classes: Sequence[str]) -> list[tuple[int, int, int]]:
-    """The label palette: the target protocol's colours, or matplotlib's for unknown protocols."""
+def _colors(run: Run, classes: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The label palette of a run's target protocol (when its data cannot be read), or
+    matplotlib's colours for a protocol only its data folder defines."""
     from cbst.labels import protocol_for
 
-    if dataset is not None:
-        return list(dataset.protocol.colors)
     try:
         return list(protocol_for(str(run.config.get("dataset_tgt")), len(classes)).colors)
     except ValueError:
@@ -68,23 +67,44 @@ def _target_sections(runs: Sequence[Run], classes: Sequence[str], images: int,
                      device: str) -> tuple[str, str, list]:
     """The pseudo-label accuracy heat map and the gallery (with notes when they are left out)."""
     same = [r for r in runs if all(r.config.get(k) == runs[0].config.get(k) for k in _TARGET_KEYS)]
-    dataset, note = target_dataset(runs[0])
+    dataset, problem = target_dataset(runs[0])
     if dataset is None:
-        return note, note, []
+        return html.note(problem), html.note(problem), []
     scan = scan_targets(dataset, same)
     if scan.accuracy:
-        lookup = {key: values for key, values in scan.accuracy.items()}
-        panels = plots.round_panels([r for r in same if (r.path, 0) in lookup], classes,
-                                    lambda run, rnd: lookup[(run.path, rnd.index)], scale=100)
+        scored = [r for r in same if (r.path, 0) in scan.accuracy]
+        panels = plots.round_panels(scored, classes, lambda run, rnd: scan.accuracy[(run.path, rnd.index)],
+                                    scale=100)
         accuracy = html.image(plots.heatmap(panels, classes, unit="accuracy (%)", vmax=100),
                               "pseudo-label accuracy per class")
     else:
-        accuracy = ("not scored: the runs were made without --score-pseudo-labels, or the "
-                    "target training images have no ground truth")
+        accuracy = html.note("Not scored: the runs were made without --score-pseudo-labels, or "
+                             "the target training images have no ground truth.")
     rows = gallery(dataset, same, pick_images(scan.presence, images), device) if images > 0 else []
     left_out = [r.label for r in runs if r not in same]
-    note = f"Left out (another target training split): {', '.join(left_out)}." if left_out else ""
+    note = html.note(f"Left out (another target training split): {', '.join(left_out)}.") if left_out else ""
     return accuracy, html.gallery_table(same, rows) + note, list(dataset.protocol.colors)
+
+
+def _score_sections(runs: Sequence[Run], classes: Sequence[str]) -> list[str]:
+    """The val scores: the paper's table, the mIoU plot and the per-class IoU heat map."""
+    scored = [r for r in runs if r.evaluated or r.source is not None]
+    if not scored:
+        return [html.section("Val scores", "", html.note(
+            "No val scores: the runs were made with --eval-split none, or no round has been "
+            "evaluated yet."))]
+    return [
+        html.section("Val scores per round (%)", "The paper's table: mIoU and per-class IoU of "
+                     "each round's model; green above the source model, red below (hover for "
+                     "the change).", html.score_table(runs, classes)),
+        html.section("mIoU per round", "One line per run, starting from the source model when "
+                     "its score is known: a rising line is self-training helping.",
+                     html.image(plots.miou_plot(scored), "mIoU per round")),
+        html.section("Per-class IoU per round (%)", "Rows are classes, columns rounds: a row "
+                     "that brightens is a class gained, one that darkens a class lost.",
+                     html.image(plots.heatmap(plots.iou_panels(scored, classes), classes,
+                                              unit="IoU (%)", vmax=100), "per-class IoU")),
+    ]
 
 
 def build_report(paths: Sequence[str | Path], *, images: int = 6,
@@ -100,24 +120,16 @@ def build_report(paths: Sequence[str | Path], *, images: int = 6,
     runs = load_runs(list(paths), source_metrics)
     classes = _classes(runs)
     accuracy, gallery_html, palette = _target_sections(runs, classes, images, device)
-    colors = palette or _colors(runs[0], None, classes)
+    colors = palette or _colors(runs[0], classes)
     lam = plots.round_panels(runs, classes, lambda run, rnd: rnd.stats.get("thresholds", {}))
     parts = [
         html.section("Runs", "What each run did: method, model, data and round schedule; "
-                     "rounds counts those with pseudo-labels, of the rounds planned.", html.config_table(runs, _model_names(runs))),
+                     "rounds counts those with pseudo-labels, of the rounds planned.",
+                     html.config_table(runs, _model_names(runs))),
         html.section("Time per stage", "Pseudo-labelling as the run recorded it; training and "
                      "evaluation from the times their files were written (a pause before a "
                      "resume counts in the stage it interrupted).", html.time_table(runs)),
-        html.section("Val scores per round (%)", "The paper's table: mIoU and per-class IoU of "
-                     "each round's model; green above the source model, red below (hover for "
-                     "the change).", html.score_table(runs, classes)),
-        html.section("mIoU per round", "One line per run, starting from the source model when "
-                     "its score is known: a rising line is self-training helping.",
-                     html.image(plots.miou_plot(runs), "mIoU per round")),
-        html.section("Per-class IoU per round (%)", "Rows are classes, columns rounds: a row "
-                     "that brightens is a class gained, one that darkens a class lost.",
-                     html.image(plots.heatmap(plots.iou_panels(runs, classes), classes,
-                                              unit="IoU (%)", vmax=100), "per-class IoU")),
+        *_score_sections(runs, classes),
         html.section("Share of pseudo-labelled pixels per class", "One stacked bar per run and "
                      "round: a single global threshold (ST) lets frequent classes such as road "
                      "fill the bar; class-balanced thresholds (CBST) spread it over the classes.",

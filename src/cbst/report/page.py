@@ -67,6 +67,11 @@ def section(title: str, how_to_read: str, content: str) -> str:
     return f'<h2>{html.escape(title)}</h2>\n<p class="how">{html.escape(how_to_read)}</p>\n{content}\n'
 
 
+def note(text: str) -> str:
+    """A paragraph saying why a part of the page is missing."""
+    return f"<p>{html.escape(text)}</p>"
+
+
 def image(uri: str, alt: str) -> str:
     """An embedded image."""
     return f'<img src="{uri}" alt="{html.escape(alt)}">'

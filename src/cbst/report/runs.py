@@ -230,12 +230,12 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
         source_metrics: a ``cbst evaluate --out`` JSON of the source model, used for the runs
             whose source metrics are not otherwise known.
     """
+    if not paths:
+        raise ValueError("no run folder given")
     source = read_metrics(Path(source_metrics)) if source_metrics else None
     runs: list[Run] = []
     for path in map(Path, paths):
         found = load_demo(path) if is_demo(path) else [load_run(path)]
         runs += [replace(r, source=r.source or source) for r in found]
-    if not runs:
-        raise DataError(f"{paths[0]}: demo folder holds no started run yet")
     check_same_val_split(runs)
     return _unique_labels(runs)
