@@ -28,7 +28,9 @@ table {{ border-collapse: collapse; font-size: 0.85em; margin-bottom: 0.8em; }}
 th, td {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
 th {{ background: #f3f3f3; }} td.name, th.name {{ text-align: left; }}
 td.up {{ background: #c9f0c9; }} td.down {{ background: #f6c8c8; }}
-img {{ max-width: 100%; }} .gallery td {{ text-align: center; vertical-align: top; }}
+img {{ max-width: 100%; }} table.gallery {{ width: 100%; table-layout: fixed; }}
+.gallery td {{ text-align: center; vertical-align: top; }} .gallery img {{ width: 100%; }}
+.gallery img.labels {{ image-rendering: pixelated; }}
 .legend span {{ display: inline-block; margin: 2px 10px 2px 0; font-size: 0.85em; }}
 .legend i {{ display: inline-block; width: 1em; height: 1em; vertical-align: middle; margin-right: 4px; border: 1px solid #999; }}
 </style>
@@ -72,9 +74,9 @@ def note(text: str) -> str:
     return f"<p>{html.escape(text)}</p>"
 
 
-def image(uri: str, alt: str) -> str:
-    """An embedded image."""
-    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+def image(uri: str, alt: str, css: str = "") -> str:
+    """An embedded image (``css``: its class)."""
+    return f'<img src="{uri}" alt="{html.escape(alt)}"' + (f' class="{css}">' if css else ">")
 
 
 def percent(value: float | None) -> str:
@@ -178,9 +180,9 @@ def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow]) -> str:
     for row in rows:
         cells = [image(row.image, row.name) + f"<br>{html.escape(row.name)}"]
         for run, (pseudo, pred) in zip(runs, row.runs):
-            cells += [image(pseudo, f"{run.label} pseudo-label"),
-                      image(pred, f"{run.label} prediction") if pred else "no trained model yet"]
-        cells.append(image(row.truth, "ground truth") if row.truth else "no ground truth")
+            cells += [image(pseudo, f"{run.label} pseudo-label", "labels"),
+                      image(pred, f"{run.label} prediction", "labels") if pred else "no trained model yet"]
+        cells.append(image(row.truth, "ground truth", "labels") if row.truth else "no ground truth")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"
 
