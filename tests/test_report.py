@@ -233,6 +233,13 @@ def test_resumed_run_shows_the_rounds_that_exist(target, tmp_path):
     assert not any("mIoU" in t[0] for t in unevaluated.tables) and len(unevaluated.images) == 3
 
 
+def test_without_the_target_images_the_report_says_so(target, tmp_path):
+    run = write_run(target, tmp_path / "run", eval_root=tmp_path / "moved")
+    text = build_report([run], images=2)
+    assert text.count(f"target images not readable from here ({tmp_path / 'moved'}") == 2
+    assert len(_Page(text).images) == 4  # mIoU, class shares, IoU and λ; no accuracy, no gallery
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda run: shutil.rmtree(run / "round_1"), "round_1 is missing (found round_0, round_2)"),
     (lambda run: (run / "round_1" / "metrics.json").unlink(), "metrics.json: missing, but round_2 was evaluated"),

@@ -42,15 +42,14 @@ def target_dataset(run: Run):
     cfg = run.config
     options = dict(split=cfg.get("split_tgt", "train"), num_classes=int(cfg.get("num_classes", 19)),
                    list_file=cfg.get("list_tgt"), verify="headers")
-    try:
-        return build_dataset(cfg.get("dataset_tgt", "cityscapes"), cfg["data_root_tgt"], **options), None
-    except (DataError, ValueError, KeyError):
-        pass
-    try:
-        return build_dataset(cfg.get("dataset_tgt", "cityscapes"), cfg["data_root_tgt"],
-                             with_labels=False, **options), None
-    except (DataError, ValueError, KeyError) as exc:
-        return None, f"target images not readable from here ({exc})"
+    problem: Exception | None = None
+    for with_labels in (True, False):
+        try:
+            return build_dataset(cfg.get("dataset_tgt", "cityscapes"), cfg["data_root_tgt"],
+                                 with_labels=with_labels, **options), None
+        except (DataError, ValueError, KeyError) as exc:
+            problem = exc
+    return None, f"target images not readable from here ({problem})"
 
 
 def _pseudo_train_ids(rnd: Round, name: str, protocol) -> np.ndarray:
