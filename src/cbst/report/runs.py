@@ -85,8 +85,9 @@ def read_json(path: Path) -> Any:
 def read_metrics(path: Path) -> Metrics:
     """Val metrics as written by ``self-train`` (``metrics.json``) or ``cbst evaluate --out``."""
     data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("iou"), dict) or "miou" not in data:
-        raise DataError(f"{path}: not a metrics file (expected 'miou' and a per-class 'iou')")
+    keys = ("miou", "pixel_acc", "mean_acc")
+    if not isinstance(data, dict) or not isinstance(data.get("iou"), dict) or not all(k in data for k in keys):
+        raise DataError(f"{path}: not a metrics file (expected {', '.join(keys)} and a per-class 'iou')")
     return Metrics.from_json(data)
 
 
@@ -117,9 +118,10 @@ def _finished_rounds(run: Path) -> int:
     """1 + the highest round index that ``state.json`` lists a finished stage of (0 if none)."""
     state = read_json(run / "state.json")
     stages = state.get("finished") if isinstance(state, dict) else None
-    if not isinstance(stages, list):
-        raise DataError(f"{run / 'state.json'}: expected {{'finished': [...]}}")
-    return 1 + max((int(str(s).split("/")[0]) for s in stages), default=-1)
+    try:
+        return 1 + max((int(str(s).split("/")[0]) for s in stages), default=-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{run / 'state.json'}: expected {{'finished': ['ROUND/STAGE', ...]}}") from None
 
 
 def _read_round(run: Path, index: int) -> Round | None:
@@ -166,9 +168,11 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
         raise DataError(f"{run}: not a self-training run (no config.yaml and state.json; expected "
                         "the --output folder of 'cbst self-train' or a 'cbst demo' folder)")
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        config = yaml.safe_load((run / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise DataError(f"{run / 'config.yaml'}: not readable YAML ({exc})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{run / 'config.yaml'}: expected the run's options as a mapping")
     indices = _round_dirs(run)
     listed = _finished_rounds(run)
     if listed > len(indices):
