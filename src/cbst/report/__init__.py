@@ -44,7 +44,9 @@ def _colors(run: Run, classes: Sequence[str]) -> list[tuple[int, int, int]]:
     try:
         return list(protocol_for(str(run.config.get("dataset_tgt")), len(classes)).colors)
     except ValueError:
-        cmap = plots.plt.get_cmap("tab20")
+        from matplotlib import colormaps
+
+        cmap = colormaps["tab20"]
         return [tuple(int(255 * v) for v in cmap(k % 20)[:3]) for k in range(len(classes))]
 
 

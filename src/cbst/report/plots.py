@@ -1,4 +1,7 @@
-"""The report's figures, drawn with matplotlib's headless Agg backend and returned as PNG data URIs.
+"""The report's figures, drawn with matplotlib and returned as PNG data URIs.
+
+Figures are built as ``matplotlib.figure.Figure`` objects, without pyplot, so no display,
+GUI backend or global matplotlib state is involved (PNG output goes through Agg).
 
 Every figure shows all runs, so runs compared side by side share axes, colour scales and class
 colours (the label palette of the target dataset).
@@ -11,14 +14,10 @@ import io
 import math
 from typing import Callable, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display: works on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from cbst.report.runs import Round, Run  # noqa: E402
+from cbst.report.runs import Round, Run
 
 Panel = tuple[str, list[str], np.ndarray]
 """One heat-map panel: title, column names, classes x columns values (NaN = no value)."""
@@ -30,10 +29,9 @@ def png_data_uri(data: bytes) -> str:
 
 
 def figure_uri(fig: Figure) -> str:
-    """Render ``fig`` to PNG, close it and return it as a data URI."""
+    """Render ``fig`` to PNG and return it as a data URI."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
-    plt.close(fig)
     return png_data_uri(buffer.getvalue())
 
 
@@ -50,7 +48,8 @@ def _percent(value: float | None) -> float:
 
 def miou_plot(runs: Sequence[Run]) -> str:
     """mIoU (%) per round, one line per run; the source model is the first point."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     for run in runs:
         metrics = ([run.source] if run.source is not None else []) + [r.metrics for r in run.evaluated]
         columns = round_columns(run, evaluated_only=True)
@@ -92,8 +91,8 @@ def heatmap(panels: Sequence[Panel], classes: Sequence[str], *, unit: str, vmax:
             fmt: str = "{:.0f}", cmap: str = "viridis") -> str:
     """Side-by-side classes x columns heat maps with the value written in each cell."""
     widths = [max(2, len(columns)) for _, columns, _ in panels]
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths},
-                             figsize=(2.2 + 0.75 * sum(widths), 0.3 * len(classes) + 1.4))
+    fig = Figure(figsize=(2.2 + 0.75 * sum(widths), 0.3 * len(classes) + 1.4))
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": widths})
     image = None
     for ax, (title, columns, values) in zip(axes[0], panels):
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
@@ -118,7 +117,8 @@ def class_share_plot(runs: Sequence[Run], classes: Sequence[str],
             counts = np.array([float(rnd.stats.get("selected_pixels", {}).get(c, 0)) for c in classes])
             total = counts.sum()
             bars.append((f"{run.label}\nround_{rnd.index}", 100 * counts / total if total else counts))
-    fig, ax = plt.subplots(figsize=(2.5 + 0.7 * len(bars), 4.2))
+    fig = Figure(figsize=(2.5 + 0.7 * len(bars), 4.2))
+    ax = fig.subplots()
     bottom = np.zeros(len(bars))
     for i, name in enumerate(classes):
         shares = np.array([share[i] for _, share in bars])
