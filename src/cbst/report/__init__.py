@@ -17,7 +17,7 @@ from cbst.io import DataError
 from cbst.report import page as html
 from cbst.report import plots
 from cbst.report.runs import Run, load_runs
-from cbst.report.target import gallery, pick_images, scan_targets, target_dataset
+from cbst.report.target import gallery, pick_images, prediction_model, scan_targets, target_dataset
 
 __all__ = ["build_report", "write_report", "load_runs"]
 
@@ -56,10 +56,9 @@ def _model_names(runs: Sequence[Run]) -> dict[str, str]:
 
     names = {}
     for run in runs:
-        trained = [r.path / "model.pt" for r in run.rounds if (r.path / "model.pt").is_file()]
-        path = trained[-1] if trained else Path(str(run.config.get("weights")))
+        path = prediction_model(run)[0]
         try:
-            names[run.label] = str(read_meta(path)["arch"])
+            names[run.label] = str(read_meta(path)["arch"]) if path else "? (no checkpoint)"
         except (CheckpointError, KeyError, OSError):
             names[run.label] = "? (no readable checkpoint)"
     return names
@@ -146,8 +145,8 @@ def build_report(paths: Sequence[str | Path], *, images: int = 6,
                      "scored); the heat map gives the accuracy per class.",
                      html.pseudo_table(runs) + accuracy),
         html.section("Gallery: target training images", "Rare classes first. Per run, the last "
-                     "round's pseudo-label (black: not selected) and its model's prediction, "
-                     "then the ground truth.", html.legend(classes, colors) + gallery_html),
+                     "round's pseudo-label (black: not selected) and the prediction of its latest "
+                     "model, then the ground truth.", html.legend(classes, colors) + gallery_html),
     ]
     names = ", ".join(r.label for r in runs)
     return html.page(f"cbst report: {names}", "\n".join(parts))

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from cbst.labels import CLASSES_13, TABLE_HEADERS
 from cbst.report.runs import Run
-from cbst.report.target import GalleryRow
+from cbst.report.target import GalleryRow, prediction_model
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
@@ -174,14 +174,15 @@ def legend(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> st
 def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow]) -> str:
     """Image | per run: last pseudo-label, prediction | ground truth."""
     head = ["image"] + [f"{run.label}: {what}" for run in runs
-                        for what in (f"pseudo-label round_{run.rounds[-1].index}", "prediction")]
+                        for what in (f"pseudo-label round_{run.rounds[-1].index}",
+                                     f"prediction ({prediction_model(run)[1]})")]
     head.append("ground truth")
     out = ["<table class=\"gallery\"><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
         cells = [image(row.image, row.name) + f"<br>{html.escape(row.name)}"]
         for run, (pseudo, pred) in zip(runs, row.runs):
             cells += [image(pseudo, f"{run.label} pseudo-label", "labels"),
-                      image(pred, f"{run.label} prediction", "labels") if pred else "no trained model yet"]
+                      image(pred, f"{run.label} prediction", "labels") if pred else "no readable model"]
         cells.append(image(row.truth, "ground truth", "labels") if row.truth else "no ground truth")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"

@@ -125,9 +125,14 @@ class GalleryRow:
     truth: str | None
 
 
-def _last_model(run: Run) -> Path | None:
-    trained = [r.path / "model.pt" for r in run.rounds if (r.path / "model.pt").is_file()]
-    return trained[-1] if trained else None
+def prediction_model(run: Run) -> tuple[Path | None, str]:
+    """The checkpoint whose predictions the gallery shows, and its name: the last trained
+    round's model, or the source model (the run's initial weights) before any round trained."""
+    trained = [r for r in run.rounds if (r.path / "model.pt").is_file()]
+    if trained:
+        return trained[-1].path / "model.pt", f"round_{trained[-1].index} model"
+    weights = Path(str(run.config.get("weights")))
+    return (weights, "source model") if weights.is_file() else (None, "no model")
 
 
 def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -> list[GalleryRow]:
@@ -141,7 +146,7 @@ def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -
 
     protocol = dataset.protocol
     torch_device = select_device(device)
-    models = {r.path: load_checkpoint(m, device=torch_device)[0] if (m := _last_model(r)) else None
+    models = {r.path: load_checkpoint(m, device=torch_device)[0] if (m := prediction_model(r)[0]) else None
               for r in runs}
     rows = []
     for i in indices:
