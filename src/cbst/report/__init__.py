@@ -123,6 +123,7 @@ def build_report(paths: Sequence[str | Path], *, images: int = 6,
     accuracy, gallery_html, palette = _target_sections(runs, classes, images, device)
     colors = palette or _colors(runs[0], classes)
     lam = plots.round_panels(runs, classes, lambda run, rnd: rnd.stats.get("thresholds", {}))
+    scores = _score_sections(runs, classes)  # the class shares go after the table and mIoU plot
     parts = [
         html.section("Runs", "What each run did: method, model, data and round schedule; "
                      "rounds counts those with pseudo-labels, of the rounds planned.",
@@ -130,11 +131,12 @@ def build_report(paths: Sequence[str | Path], *, images: int = 6,
         html.section("Time per stage", "Pseudo-labelling as the run recorded it; training and "
                      "evaluation from the times their files were written (a pause before a "
                      "resume counts in the stage it interrupted).", html.time_table(runs)),
-        *_score_sections(runs, classes),
+        *scores[:2],
         html.section("Share of pseudo-labelled pixels per class", "One stacked bar per run and "
                      "round: a single global threshold (ST) lets frequent classes such as road "
                      "fill the bar; class-balanced thresholds (CBST) spread it over the classes.",
                      html.image(plots.class_share_plot(runs, classes, colors), "class shares")),
+        *scores[2:],
         html.section("Confidence threshold λ per class", "The probability a pixel needed to be "
                      "pseudo-labelled as each class: one value for all under ST, lower for "
                      "harder classes under CBST.",
