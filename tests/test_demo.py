@@ -23,6 +23,8 @@ def test_demo_writes_the_papers_table_and_results(tmp_path, capsys):
     assert len(list((tmp_path / "examples").glob("*.png"))) == 3
     assert (tmp_path / "cbst_sp" / "prior.npy").exists() is False  # the prior is shared
     assert (tmp_path / "prior.npy").exists()
+    report = (tmp_path / "report.html").read_text()
+    assert "CBST-SP" in report and report.count("<img") > 5
 
 
 def test_demo_help_names_the_methods(capsys):

@@ -18,6 +18,7 @@ import yaml
 
 COMMANDS: tuple[str, ...] = (
     "make_synthetic", "evaluate", "convert", "prior", "train_source", "self_train", "demo",
+    "report",
 )
 
 

@@ -2,7 +2,8 @@
 
 Renders the benchmark (once), trains the small model on the "game" source domain, then runs
 ST, CBST and CBST-SP for three rounds each, all branching from the same source model, and
-prints the original README's table for the "camera" target domain's val split.
+prints the original README's table for the "camera" target domain's val split, and writes
+``report.html`` (``cbst report``) beside it.
 
 The benchmark itself is fixed (rendered with seed 0) so that ``--seed`` varies only the
 training: the spread over seeds is then the method's own variance. Each variant is reported
@@ -157,4 +158,7 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
+    from cbst.report import write_report
+
+    write_report([out], out / "report.html", device=device)
     return result

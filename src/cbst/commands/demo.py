@@ -31,4 +31,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
     print(f"{result['seconds']:.0f} s on {result['device']}; results in {args.out}/results.md, "
           f"{args.out}/results.json, example predictions in {args.out}/examples/")
+    print(f"report: {Path(args.out) / 'report.html'}")
     return 0

@@ -103,4 +103,5 @@ def run(args: argparse.Namespace) -> int:
     results = self_train(config_from_args(args))
     for index, metrics in results.items():
         print(f"round {index}: mIoU {100 * metrics['miou']:.1f}")
+    print(f"to see the rounds on one page: cbst report {args.output}")
     return 0
