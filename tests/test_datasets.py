@@ -249,6 +249,10 @@ def test_folder_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="0..255") as err:
         datasets.folder(tmp_path)
     assert str(err.value).startswith(str(config))
+    config.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match="not a text dataset config") as err:
+        datasets.folder(tmp_path)
+    assert str(err.value).startswith(str(config))
 
 
 # ------------------------------------------------------------------------------------ API

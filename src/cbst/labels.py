@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
+
+from cbst.io import DataError, read_text
 
 IGNORE_INDEX = 255
 """TrainId of pixels that carry no label (loss and metrics skip them)."""
@@ -163,3 +167,88 @@ def cityscapes_palette() -> list[int]:
         if lab.id >= 0:
             palette[lab.id] = lab.color
     return palette.reshape(-1).tolist()
+
+
+# ------------------------------------------------- user label tables (the folder dataset's YAML)
+
+def _palette(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct colours, spreading the bits of the class index over R, G and B."""
+    colors = []
+    for i in range(n):
+        r = g = b = 0
+        c = i + 1
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colors.append((r, g, b))
+    return colors
+
+
+def _config_error(config: Path, problem: str) -> DataError:
+    return DataError(f"{config}: {problem}")
+
+
+def _raw_value(config: Path, value: Any, where: str) -> int:
+    """A raw label value from the YAML: an integer in 0..255."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise _config_error(config, f"{where} must be an integer in 0..255, got {value!r}")
+    return value
+
+
+def folder_protocol(config: Path, cfg: dict) -> Protocol:
+    """A protocol from the YAML ``classes`` (in trainId order) and ``ignore_values``.
+
+    Raw value 0 is known (ignored) unless it is a class, because pseudo-label PNGs write 0 for
+    unselected pixels (``labels.PSEUDO_IGNORE_RAW_ID``).
+    """
+    classes = cfg.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise _config_error(config, "'classes' must be a non-empty list of {name, value}")
+    if len(classes) >= IGNORE_INDEX:
+        raise _config_error(config, f"at most {IGNORE_INDEX - 1} classes are supported")
+    names, values, colors = [], [], _palette(len(classes))
+    for k, entry in enumerate(classes):
+        if not isinstance(entry, dict) or "name" not in entry or "value" not in entry:
+            raise _config_error(config, f"classes[{k}] must be a mapping with 'name' and 'value'")
+        value = _raw_value(config, entry["value"], f"classes[{k}].value")
+        if value in values:
+            raise _config_error(config, f"classes[{k}].value {value} is used by two classes")
+        names.append(str(entry["name"]))
+        values.append(value)
+        if "color" in entry:
+            color = entry["color"]
+            if not (isinstance(color, list) and len(color) == 3):
+                raise _config_error(config, f"classes[{k}].color must be [r, g, b]")
+            colors[k] = tuple(_raw_value(config, c, f"classes[{k}].color") for c in color)
+    ignore = cfg.get("ignore_values", [])
+    if not isinstance(ignore, list):
+        raise _config_error(config, "'ignore_values' must be a list of integers")
+    ignored = {_raw_value(config, v, "ignore_values entry") for v in ignore}
+    if ignored & set(values):
+        raise _config_error(config, f"ignore_values {sorted(ignored & set(values))} are also class values")
+    if PSEUDO_IGNORE_RAW_ID not in values:
+        ignored.add(PSEUDO_IGNORE_RAW_ID)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[values] = np.arange(len(values), dtype=np.uint8)
+    return Protocol(name=str(cfg.get("name", config.parent.name)), class_names=tuple(names),
+                    raw_ids=tuple(values), known_raw_ids=frozenset(values) | frozenset(ignored),
+                    colors=tuple(colors), lut=lut)
+
+
+def read_folder_config(config: Path) -> dict:
+    """The folder dataset's YAML as a mapping, its keys checked (``folder_protocol`` reads classes)."""
+    try:
+        cfg = yaml.safe_load(read_text(config, "dataset config"))
+    except yaml.YAMLError as exc:
+        raise DataError(f"{config}: invalid YAML ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise _config_error(config, "expected a mapping with 'images', 'labels' and 'classes'")
+    unknown = set(cfg) - {"name", "images", "labels", "image_suffix", "label_suffix", "classes",
+                          "ignore_values"}
+    if unknown:
+        raise _config_error(config, f"unknown keys {sorted(unknown)}")
+    if "images" not in cfg:
+        raise _config_error(config, "'images' (the image folder) is required")
+    return cfg
