@@ -15,8 +15,9 @@ import yaml
 from torch import nn
 
 from cbst.labels import get_protocol
-from cbst.training import (SourceTrainConfig, build_optimizer, epoch_loader, lr_at,
-                           segmentation_loss, set_lr, train_epochs, train_source)
+from cbst.models import IMAGENET_MEAN, IMAGENET_STD
+from cbst.training import (SourceTrainConfig, build_optimizer, lr_at, segmentation_loss, set_lr,
+                           train_epochs, train_loader, train_source)
 from cbst.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,10 +120,37 @@ def test_training_reduces_the_loss():
 
 def test_loader_order_and_crops_do_not_depend_on_worker_count():
     data = _dataset()
-    batches = [next(iter(epoch_loader(data, batch_size=4, epoch=2, seed=1, num_workers=n)))
-               for n in (0, 2)]
-    assert torch.equal(batches[0]["index"], batches[1]["index"])
-    assert torch.equal(batches[0]["image"], batches[1]["image"])
+    runs = [list(train_loader(data, batch_size=4, epochs=range(1, 3), seed=1, num_workers=n))
+            for n in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == 4  # 2 epochs of 8 // 4 batches, one loader
+    for a, b in zip(*runs):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(runs[0][0]["image"], runs[0][2]["image"])  # epochs draw anew
+
+
+def test_an_epoch_is_the_shuffled_loader_of_its_seed():
+    data = _dataset()
+    got = list(train_loader(data, batch_size=4, epochs=range(2, 3), seed=1))
+    data.transform.set_epoch(2)
+    want = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True,
+                                       generator=torch.Generator().manual_seed(1 + 2))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+
+
+def test_uint8_batches_normalise_to_the_float_path():
+    """The device-side normalisation gives the tensors the transform used to return."""
+    from cbst.inference import normalize
+
+    batch = next(iter(train_loader(_dataset(), batch_size=4, epochs=range(1), seed=0)))
+    assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.uint8
+    raw = batch["image"].numpy().astype(np.float64)  # N x 3 x H x W
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    expected = torch.from_numpy(((raw / 255.0 - mean) / std).astype(np.float32))
+    got = normalize(batch["image"])
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 class _Crash(Exception):

@@ -24,10 +24,19 @@ def float_range(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def add_compile_argument(group: argparse._ActionsContainer) -> None:
+    """--compile (``args.compile``)."""
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (off by default: compiling takes about a "
+                            "minute per input size and train/eval mode, which pays back only on "
+                            "long GPU runs)")
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """--device, --num-workers, --no-amp and --no-progress."""
+    """--device, --num-workers, --no-amp, --no-progress and --compile."""
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_compile_argument(g)
