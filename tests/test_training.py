@@ -244,3 +244,17 @@ def test_shipped_configs_name_only_known_options(name):
     known = {a.dest for a in _parser()._actions}
     config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     assert set(config) <= known
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training():
+    from cbst.device import maybe_compile
+
+    kwargs = dict(epochs=1, batch_size=4, base_lr=0.05, device="cpu", seed=2, progress=False)
+    torch.manual_seed(0)
+    eager, compiled = TinyNet(), TinyNet()
+    compiled.load_state_dict(eager.state_dict())
+    train_epochs(eager, _dataset(), **kwargs)
+    train_epochs(maybe_compile(compiled, True), _dataset(), **kwargs)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-5)
