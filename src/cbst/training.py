@@ -206,8 +206,7 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
         loader = itertools.islice(batches, iters)
         stats = _run_epoch(model, loader, optimizer, scaler, epoch=epoch, first_it=epoch * iters,
                            steps=iters, total=total, base_lr=base_lr, lr_policy=lr_policy,
-                           lr_steps=lr_steps,
-                           device=device, amp=amp, channels_last=channels_last,
+                           lr_steps=lr_steps, device=device, amp=amp, channels_last=channels_last,
                            log_every=log_every, writer=writer, progress=progress)
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
@@ -216,9 +215,8 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
 
 def _run_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler | None, *, epoch: int, first_it: int, steps: int,
-               total: int,
-               base_lr: float, lr_policy: str, lr_steps: Sequence[int], device: torch.device,
-               amp: bool, channels_last: bool, log_every: int, writer: Any,
+               total: int, base_lr: float, lr_policy: str, lr_steps: Sequence[int],
+               device: torch.device, amp: bool, channels_last: bool, log_every: int, writer: Any,
                progress: bool = True) -> dict:
     """``steps`` batches of ``loader``; the running loss stays on the device between log points.
 

@@ -27,9 +27,9 @@ def float_range(text: str) -> tuple[float, float]:
 def add_compile_argument(group: argparse._ActionsContainer) -> None:
     """--compile (``args.compile``)."""
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (off by default: compiling takes about a "
-                            "minute per input size and train/eval mode, which pays back only on "
-                            "long GPU runs)")
+                       help="torch.compile the model (off by default: compilation repeats for "
+                            "every input size and train/eval mode and is not yet shown to pay "
+                            "for itself on an ordinary run)")
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
