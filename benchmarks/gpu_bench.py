@@ -175,10 +175,10 @@ def emit(record: dict, device: torch.device, out: Path | None) -> None:
             fh.write(line + "\n")
 
 
-def guarded(measure: Callable[[], dict], label: dict) -> dict:
-    """The measurement, or ``label`` with the error when the device runs out of memory."""
+def guarded(label: dict, measure: Callable[..., dict], *args: Any) -> dict:
+    """``measure(*args)``, or ``label`` with the error when the device runs out of memory."""
     try:
-        return measure()
+        return measure(*args)
     except torch.cuda.OutOfMemoryError:
         return {**label, "error": "out of memory"}
 
@@ -191,15 +191,15 @@ def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | No
     frames = build_dataset("cityscapes", root, split="val", num_classes=19)
     for kind in ("pseudo_labels", "evaluate"):
         label = {"measure": kind, "arch": sizes.infer_arch}
-        emit(guarded(lambda: measure_inference(kind, sizes.infer_arch, frames, root / kind,
-                                               device, num_workers), label), device, out)
+        emit(guarded(label, measure_inference, kind, sizes.infer_arch, frames, root / kind,
+                     device, num_workers), device, out)
     crops = TrainTransform(sizes.crop_hw, scale_range=(0.7, 1.3), seed=0)
     data = build_dataset("cityscapes", root, split="train", num_classes=19).with_transform(crops)
     for mode in sizes.modes:
         for arch in sizes.train_archs:
             label = {"measure": "train", "arch": arch, "mode": mode}
-            emit(guarded(lambda: measure_training(arch, mode, data, sizes, device, num_workers),
-                         label), device, out)
+            emit(guarded(label, measure_training, arch, mode, data, sizes, device, num_workers),
+                 device, out)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -104,7 +104,7 @@ class TrainTransform:
         self.flip = flip
         self.mining = mining
         self.seed = int(seed)
-        self.fill = tuple(int(round(255 * float(m))) for m in mean)
+        self.fill = tuple(round(255 * float(m)) for m in mean)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
