@@ -30,7 +30,7 @@ def test_smoke_run_writes_one_line_per_measurement(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["measure"], r.get("mode")) for r in lines] == [
-        ("pseudo_labels", None), ("evaluate", None), ("train", "fp32_strict"), ("train", "default")]
+        ("pseudo_labels", None), ("evaluate", None), ("train", "default"), ("train", "fp32_strict")]
     assert all(r["img_per_s"] > 0 and "peak_mem_gib" in r and r["device"] for r in lines)
 
 
