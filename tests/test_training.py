@@ -144,13 +144,15 @@ def test_uint8_batches_normalise_to_the_float_path():
 
     batch = next(iter(train_loader(_dataset(), batch_size=4, epochs=range(1), seed=0)))
     assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.uint8
-    raw = batch["image"].numpy().astype(np.float64)  # N x 3 x H x W
-    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
-    expected = torch.from_numpy(((raw / 255.0 - mean) / std).astype(np.float32))
+    raw = batch["image"].numpy()  # N x 3 x H x W
+    shape = (1, 3, 1, 1)
+    old = raw.astype(np.float32) * (1.0 / 255.0)  # the float32 path crops used to take
+    old -= np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(shape)
+    old *= 1.0 / np.asarray(IMAGENET_STD, dtype=np.float32).reshape(shape)
+    exact = (raw / 255.0 - np.reshape(IMAGENET_MEAN, shape)) / np.reshape(IMAGENET_STD, shape)
     got = normalize(batch["image"])
-    assert got.dtype == torch.float32 and got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(old))  # bit for bit
+    torch.testing.assert_close(got.double(), torch.from_numpy(exact), rtol=0, atol=1e-6)
 
 
 class _Crash(Exception):
