@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+import cbst  # noqa: F401  (before torch: idle OpenMP threads sleep, see cbst/__init__.py)
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

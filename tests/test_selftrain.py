@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cbst import selftrain
-from cbst.checkpoints import load_checkpoint
+from cbst.checkpoints import load_checkpoint, save_checkpoint
 from cbst.datasets import build_dataset
 from cbst.io import read_label
 from cbst.labels import CITYSCAPES_19
+from cbst.models import build_model
 from cbst.pseudo_labels import pseudo_label_pass
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
@@ -97,3 +98,33 @@ def test_bad_options_fail_before_any_work(bench, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.npy"):
         self_train(_config(bench, tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))
     assert not (tmp_path / "a").exists()
+
+
+def test_rounds_load_their_weights_into_one_model(bench, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, build_model("small", 19), arch="small", num_classes=19,
+                    protocol="cityscapes19")
+    reused = selftrain._RoundModel(torch.device("cpu"), "cityscapes19", compile=False)
+    first = reused.load(bench / "source.pt")
+    assert reused.load(other) is first is reused.model  # the same module: compiled graphs stay
+    want, _ = load_checkpoint(other)
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in want.state_dict().items())
+    with pytest.raises(ValueError, match="cityscapes19"):
+        selftrain._RoundModel(torch.device("cpu"), "synthia16", False).load(other)
+
+
+def test_compiled_self_training_saves_plain_checkpoints(bench, tmp_path, monkeypatch):
+    """Every round runs one wrapper; checkpoints hold the plain module's keys."""
+    compiled, compile_for_real = [], torch.compile
+
+    def compile_traced(model):  # dynamo without code generation: the wiring, in seconds
+        compiled.append(model)
+        return compile_for_real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_traced)
+    results = self_train(_config(bench, tmp_path / "run", num_round=2, compile=True))
+    assert sorted(results) == [0, 1] and len(compiled) == 1
+    state = torch.load(tmp_path / "run" / "round_1" / "model.pt", weights_only=False)["state_dict"]
+    assert not any(key.startswith("_orig_mod") for key in state)
+    load_checkpoint(tmp_path / "run" / "round_1" / "model.pt")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,9 @@ import yaml
 from torch import nn
 
 from cbst.labels import get_protocol
-from cbst.training import (SourceTrainConfig, build_optimizer, epoch_loader, lr_at,
-                           segmentation_loss, set_lr, train_epochs, train_source)
+from cbst.models import IMAGENET_MEAN, IMAGENET_STD
+from cbst.training import (SourceTrainConfig, build_optimizer, lr_at, segmentation_loss, set_lr,
+                           train_epochs, train_loader, train_source)
 from cbst.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,10 +118,39 @@ def test_training_reduces_the_loss():
 
 def test_loader_order_and_crops_do_not_depend_on_worker_count():
     data = _dataset()
-    batches = [next(iter(epoch_loader(data, batch_size=4, epoch=2, seed=1, num_workers=n)))
-               for n in (0, 2)]
-    assert torch.equal(batches[0]["index"], batches[1]["index"])
-    assert torch.equal(batches[0]["image"], batches[1]["image"])
+    runs = [list(train_loader(data, batch_size=4, epochs=range(1, 3), seed=1, num_workers=n))
+            for n in (0, 2)]
+    assert len(runs[0]) == len(runs[1]) == 4  # 2 epochs of 8 // 4 batches, one loader
+    for a, b in zip(*runs):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(runs[0][0]["image"], runs[0][2]["image"])  # epochs draw anew
+
+
+def test_an_epoch_is_the_shuffled_loader_of_its_seed():
+    data = _dataset()
+    got = list(train_loader(data, batch_size=4, epochs=range(2, 3), seed=1))
+    data.transform.set_epoch(2)
+    want = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True,
+                                       generator=torch.Generator().manual_seed(1 + 2))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
+
+
+def test_uint8_batches_normalise_to_the_float_path():
+    """The device-side normalisation gives the tensors the transform used to return."""
+    from cbst.inference import normalize
+
+    batch = next(iter(train_loader(_dataset(), batch_size=4, epochs=range(1), seed=0)))
+    assert batch["image"].dtype == torch.uint8 and batch["label"].dtype == torch.uint8
+    raw = batch["image"].numpy()  # N x 3 x H x W
+    shape = (1, 3, 1, 1)
+    old = raw.astype(np.float32) * (1.0 / 255.0)  # the float32 path crops used to take
+    old -= np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(shape)
+    old *= 1.0 / np.asarray(IMAGENET_STD, dtype=np.float32).reshape(shape)
+    exact = (raw / 255.0 - np.reshape(IMAGENET_MEAN, shape)) / np.reshape(IMAGENET_STD, shape)
+    got = normalize(batch["image"])
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(old))  # bit for bit
+    torch.testing.assert_close(got.double(), torch.from_numpy(exact), rtol=0, atol=1e-6)
 
 
 class _Crash(Exception):
@@ -216,3 +244,17 @@ def test_shipped_configs_name_only_known_options(name):
     known = {a.dest for a in _parser()._actions}
     config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     assert set(config) <= known
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training():
+    from cbst.device import maybe_compile
+
+    kwargs = dict(epochs=1, batch_size=4, base_lr=0.05, device="cpu", seed=2, progress=False)
+    torch.manual_seed(0)
+    eager, compiled = TinyNet(), TinyNet()
+    compiled.load_state_dict(eager.state_dict())
+    train_epochs(eager, _dataset(), **kwargs)
+    train_epochs(maybe_compile(compiled, True), _dataset(), **kwargs)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-5)

@@ -70,13 +70,19 @@ def read_meta(path: str | Path, expect_protocol: str | None = None) -> dict[str,
     return meta
 
 
+def _read_for(path: Path, expect_protocol: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checkpoint dict, its meta), checked against the protocol the caller's data uses."""
+    obj = _read(path)
+    meta = dict(obj["meta"])
+    _check_protocol(path, meta, expect_protocol)
+    return obj, meta
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     expect_protocol: str | None = None) -> tuple[SegmentationNet, dict[str, Any]]:
     """Rebuild the model a checkpoint describes, load its weights, and return ``(model, meta)``."""
     path = Path(path)
-    obj = _read(path)
-    meta = dict(obj["meta"])
-    _check_protocol(path, meta, expect_protocol)
+    obj, meta = _read_for(path, expect_protocol)
     with torch.device("meta"):  # every tensor comes from the file: skip the random init
         model = build_model(meta["arch"], meta["num_classes"], freeze_bn=meta.get("freeze_bn"))
     try:
@@ -84,3 +90,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     return model.to(device), meta
+
+
+def load_weights_into(model: nn.Module, path: str | Path,
+                      expect_protocol: str | None = None) -> dict[str, Any]:
+    """Copy a checkpoint's weights into ``model`` (same architecture, any device); returns the meta.
+
+    Unlike :func:`load_checkpoint` this keeps the module, so a ``torch.compile`` wrapper of it
+    stays valid and is not compiled again.
+    """
+    path = Path(path)
+    obj, meta = _read_for(path, expect_protocol)
+    try:
+        load_strict(model, obj["state_dict"], str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return meta

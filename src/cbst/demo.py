@@ -14,7 +14,7 @@ model selection on the test set (docs/method.md §8.4).
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,16 @@ def _stage(step: int, text: str) -> None:
     print(f"[{step}/5] {text}", flush=True)
 
 
+def _loader_workers(device: str) -> int:
+    """Training loader processes: 4 on a GPU, 0 on the CPU (crops do not depend on the count).
+
+    Decoding in the main process would starve a GPU; on the CPU the network keeps every core busy.
+    """
+    from cbst.device import select_device
+
+    return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
+
+
 def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str) -> Path:
     """Train (or reuse) the source-only small model; returns its checkpoint."""
     from cbst.training import SourceTrainConfig, last_finished_epoch, train_source
@@ -64,7 +74,7 @@ def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str
         dataset="gta5", data_root=str(data / "gta5"), output=str(out / "source"), model="small",
         batch_images=s.batch_images, crop_size=s.crop_size, scale_range=(0.75, 1.25),
         lr_type="poly", base_lr=s.source_lr, to_epoch=s.source_epochs, seed=seed,
-        device=device, num_workers=0)
+        device=device, num_workers=_loader_workers(device))
     finished = last_finished_epoch(Path(config.output))
     if finished < s.source_epochs:
         config = dataclasses.replace(config, resume=finished > 0)
@@ -87,7 +97,8 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, prior: Path
         epoch_per_round=s.epoch_per_round, base_lr=s.round_lr, seed=seed, kc_policy=policy,
         with_prior=str(prior) if with_prior else None, batch_images=s.batch_images,
         crop_size=s.crop_size, scale_rate_range=(0.75, 1.25), mine_port=s.mine_port,
-        device=device, resume=(run_dir / "state.json").is_file(),
+        device=device, num_workers=_loader_workers(device),
+        resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True)
 
 

@@ -44,3 +44,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``enabled``, else ``model`` itself.
+
+    The compiled wrapper shares ``model``'s parameters and buffers, so weights loaded into
+    ``model`` with ``load_state_dict`` are what the wrapper runs, and the compiled graphs are
+    reused; save and load checkpoints through ``model`` (the wrapper prefixes its state_dict
+    keys). Compilation happens on the first call of each input shape and train/eval mode.
+    """
+    return torch.compile(model) if enabled else model

@@ -108,7 +108,9 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """uint8 RGB images (N,3,H,W or N,H,W,3) -> float32 (N,3,H,W) ``(x/255 - mean)/std``.
 
-    A tensor whose dimension 1 has size 3 is taken as channels-first.
+    A tensor whose dimension 1 has size 3 is taken as channels-first. Computed as products with
+    float32 reciprocals, which gives bit for bit the values of the numpy path that training
+    crops were normalised with before they were shipped as uint8 (so CPU training is unchanged).
     """
     if images.ndim != 4:
         raise ValueError(f"expected a 4-D image batch, got shape {tuple(images.shape)}")
@@ -116,10 +118,10 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
         if images.shape[3] != 3:
             raise ValueError(f"expected 3 RGB channels, got shape {tuple(images.shape)}")
         images = images.permute(0, 3, 1, 2)
-    x = images.float().div_(255.0)
+    x = images.float().mul_(1.0 / 255.0)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s).contiguous()
+    return x.sub_(m).mul_(s.reciprocal()).contiguous()
 
 
 def image_size(images: Tensor) -> tuple[int, int]:

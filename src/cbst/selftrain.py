@@ -116,6 +116,7 @@ class SelfTrainConfig:
     device: str = "auto"
     num_workers: int = 0
     amp: bool = True
+    compile: bool = False
     progress: bool = True
     resume: bool = False
     score_pseudo_labels: bool = False
@@ -309,6 +310,33 @@ def _train_round(cfg: SelfTrainConfig, plan: RoundPlan, model: torch.nn.Module, 
                  progress=cfg.progress)
 
 
+class _RoundModel:
+    """One model for every round, built (and compiled, with ``compile``) on first use.
+
+    Each round's weights are loaded into the same module, so compiled graphs are reused instead
+    of compiled again for a new module every round.
+    """
+
+    def __init__(self, device: torch.device, protocol: str, compile: bool) -> None:
+        self.device, self.protocol, self.compile = device, protocol, compile
+        self.model: torch.nn.Module | None = None
+        self.net: torch.nn.Module | None = None
+        self.meta: dict = {}
+
+    def load(self, path: Path) -> torch.nn.Module:
+        """The model holding the checkpoint's weights (compiled when asked); run it, not save it."""
+        from cbst.checkpoints import load_checkpoint, load_weights_into
+        from cbst.device import maybe_compile
+
+        if self.model is None:
+            self.model, self.meta = load_checkpoint(path, device=self.device,
+                                                    expect_protocol=self.protocol)
+            self.net = maybe_compile(self.model, self.compile)
+        else:
+            load_weights_into(self.model, path, expect_protocol=self.protocol)
+        return self.net
+
+
 def _datasets(cfg: SelfTrainConfig):
     """(source, target train, target val or None), verified before any work starts."""
     from cbst.datasets import build_dataset
@@ -325,7 +353,7 @@ def _datasets(cfg: SelfTrainConfig):
 
 def self_train(cfg: SelfTrainConfig) -> dict:
     """Run (or resume) every round; returns {round index: metrics json} of the evaluations."""
-    from cbst.checkpoints import load_checkpoint, save_checkpoint
+    from cbst.checkpoints import save_checkpoint
     from cbst.evaluation import evaluate_model
 
     cfg.validate()
@@ -340,13 +368,14 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     configure_backends(device)
     prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
+    reused = _RoundModel(device, protocol_name, cfg.compile)
     results: dict[int, dict] = {}
     for plan in cfg.schedule():
         rdir = out / f"round_{plan.index}"
         ckpt = rdir / "model.pt"
         model = None
         if not state.done(plan.index, "train"):
-            model, meta = load_checkpoint(weights, device=device, expect_protocol=protocol_name)
+            model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
             pseudo_label_pass(
                 model, target, rdir, portion=plan.tgt_portion, policy=cfg.kc_policy, prior=prior,
@@ -360,13 +389,14 @@ def self_train(cfg: SelfTrainConfig) -> dict:
             stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             _train_round(cfg, plan, model, source, pseudo, stats, device)
-            save_checkpoint(ckpt, model, arch=meta["arch"], num_classes=cfg.num_classes,
+            save_checkpoint(ckpt, reused.model, arch=reused.meta["arch"],
+                            num_classes=cfg.num_classes,
                             protocol=protocol_name, round=plan.index, epoch=plan.end_epoch)
             state.mark(plan.index, "train")
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:
-                model, _ = load_checkpoint(ckpt, device=device)
+                model = reused.load(ckpt)
             metrics = evaluate_model(model, val, device=device, long_side=cfg.eval_long_side,
                                      flip=cfg.eval_flipping, progress=cfg.progress)
             io.write_json(rdir / "metrics.json", metrics.to_json())

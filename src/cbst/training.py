@@ -8,6 +8,7 @@ checkpoint written after epoch e therefore continues exactly as the uninterrupte
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,9 @@ from tqdm import tqdm
 
 from cbst import checks
 from cbst.checks import ConfigError
-from cbst.device import autocast, configure_backends, seed_everything, select_device
+from cbst.device import (autocast, configure_backends, maybe_compile, seed_everything,
+                         select_device)
+from cbst.inference import normalize
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
 from cbst.labels import IGNORE_INDEX
 
@@ -106,13 +109,61 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def epoch_loader(dataset: Dataset, *, batch_size: int, epoch: int, seed: int,
+class EpochIndexed(Dataset):
+    """``data[(epoch, i)]`` is ``dataset[i]`` drawn from epoch ``epoch``'s random stream.
+
+    One loader then spans every epoch of a call: loader workers, which would not see
+    ``set_epoch`` calls made in the main process, learn each sample's epoch from its key, so
+    they can stay alive and prefetch across epoch boundaries.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        set_dataset_epoch(self.dataset, epoch)
+        return self.dataset[index]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of ``(epoch, index)`` keys for ``epochs``, each epoch in its own shuffled order.
+
+    An epoch's order is the one ``DataLoader(shuffle=True, drop_last=True,
+    generator=torch.Generator().manual_seed(seed + epoch))`` gives (the loader draws its worker
+    base seed from the generator before the permutation); the remainder is dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, epochs: range, seed: int) -> None:
+        self.size, self.batch_size, self.epochs, self.seed = size, batch_size, epochs, seed
+
+    def __len__(self) -> int:
+        return len(self.epochs) * (self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in self.epochs:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.size, generator=generator).tolist()
+            for start in range(0, self.size - self.batch_size + 1, self.batch_size):
+                yield [(epoch, i) for i in order[start:start + self.batch_size]]
+
+
+def train_loader(dataset: Dataset, *, batch_size: int, epochs: range, seed: int,
                  num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A shuffled loader whose order depends only on (seed, epoch); the remainder is dropped."""
-    set_dataset_epoch(dataset, epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed + epoch),
+    """One loader over ``epochs``; each epoch's order and crops depend only on (seed, epoch).
+
+    Workers prefetch (``prefetch_factor`` batches each) across epoch boundaries; ``pin_memory``
+    puts batches in page-locked memory so the copy to a CUDA device can overlap compute.
+    """
+    batches = EpochBatches(len(dataset), batch_size, epochs, seed)  # type: ignore[arg-type]
+    return DataLoader(EpochIndexed(dataset), batch_sampler=batches, num_workers=num_workers,
+                      pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed),
+                      prefetch_factor=4 if num_workers > 0 else None,
                       worker_init_fn=_seed_worker if num_workers > 0 else None)
 
 
@@ -149,13 +200,15 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
     scaler = _grad_scaler(device, amp)
     total = epochs * iters
     stats: dict[str, Any] = {"loss": float("nan"), "iterations": start_epoch * iters}
+    batches = iter(train_loader(dataset, batch_size=batch_size, epochs=range(start_epoch, epochs),
+                                seed=seed, num_workers=num_workers,
+                                pin_memory=device.type == "cuda"))
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(_epoch_seed(seed, epoch))
-        loader = epoch_loader(dataset, batch_size=batch_size, epoch=epoch, seed=seed,
-                              num_workers=num_workers, pin_memory=device.type == "cuda")
+        loader = itertools.islice(batches, iters)
         stats = _run_epoch(model, loader, optimizer, scaler, epoch=epoch, first_it=epoch * iters,
-                           total=total, base_lr=base_lr, lr_policy=lr_policy, lr_steps=lr_steps,
-                           device=device, amp=amp, channels_last=channels_last,
+                           steps=iters, total=total, base_lr=base_lr, lr_policy=lr_policy,
+                           lr_steps=lr_steps, device=device, amp=amp, channels_last=channels_last,
                            log_every=log_every, writer=writer, progress=progress)
         _check_finite_weights(model, epoch)
         if on_epoch_end is not None:
@@ -163,25 +216,29 @@ def train_epochs(model: nn.Module, dataset: Dataset, *, epochs: int, start_epoch
     return stats
 
 
-def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None, *, epoch: int, first_it: int, total: int,
-               base_lr: float, lr_policy: str, lr_steps: Sequence[int], device: torch.device,
-               amp: bool, channels_last: bool, log_every: int, writer: Any,
+def _run_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, *, epoch: int, first_it: int, steps: int,
+               total: int, base_lr: float, lr_policy: str, lr_steps: Sequence[int],
+               device: torch.device, amp: bool, channels_last: bool, log_every: int, writer: Any,
                progress: bool = True) -> dict:
-    """One pass over ``loader``; the running loss stays on the device between log points."""
+    """``steps`` batches of ``loader``; the running loss stays on the device between log points.
+
+    Batches hold uint8 images and labels; images are normalised here, on the device.
+    """
     model.train()
     memory_format = (torch.channels_last if channels_last and device.type == "cuda"
                      else torch.contiguous_format)
     loss_sum = torch.zeros((), device=device)
     start, it, lr = time.perf_counter(), first_it, base_lr
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not progress)
     for step, batch in enumerate(bar, 1):
         it = first_it + step - 1
         lr = lr_at(lr_policy, base_lr, it, total, steps=lr_steps)
         set_lr(optimizer, lr)
-        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-        labels = batch["label"].to(device, non_blocking=True)
+        images = normalize(batch["image"].to(device, non_blocking=True))
+        images = images.contiguous(memory_format=memory_format)
+        labels = batch["label"].to(device, non_blocking=True).long()
         with autocast(device, enabled=amp):
             logits = model(images)
         loss = segmentation_loss(logits, labels)
@@ -194,14 +251,14 @@ def _run_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opti
             scaler.step(optimizer)
             scaler.update()
         loss_sum += loss.detach()
-        if step % log_every == 0 or step == len(loader):
+        if step % log_every == 0 or step == steps:
             mean = _checked_mean(loss_sum, step, epoch, it)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
             if writer is not None:
                 writer.add_scalar("train/loss", mean, it + 1)
                 writer.add_scalar("train/lr", lr, it + 1)
     bar.close()
-    return {"epoch": epoch, "loss": _checked_mean(loss_sum, len(loader), epoch, it),
+    return {"epoch": epoch, "loss": _checked_mean(loss_sum, steps, epoch, it),
             "iterations": it + 1, "lr": lr, "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -248,6 +305,7 @@ class SourceTrainConfig:
     device: str = "auto"
     num_workers: int = 4
     amp: bool = True
+    compile: bool = False
     resume: bool = False
     eval_dataset: str | None = None
     eval_root: str | None = None
@@ -277,7 +335,7 @@ class SourceTrainConfig:
 _SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
 # Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
 # the lr policy does not span the whole run.
-_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "tensorboard")
+_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "tensorboard", "compile")
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
@@ -401,13 +459,14 @@ def train_source(config: SourceTrainConfig) -> Path:
                                     weight_decay=config.weight_decay)
     evaluate = _evaluator(config, protocol, device)
     _write_config(output, config)
+    net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
     writer = _tensorboard(output) if config.tensorboard else None
 
     def on_epoch_end(epoch: int, stats: dict) -> None:
         done = epoch + 1
         record = {**stats, "epoch": done}
         if evaluate is not None:
-            record.update(evaluate(model))
+            record.update(evaluate(net))
         extra = {"optimizer": optimizer.state_dict(), "config": asdict(config), "stats": record}
         save_checkpoint(checkpoint_path(output, done), model, arch=config.model,
                         num_classes=config.num_classes, protocol=protocol.name, epoch=done, extra=extra)
@@ -419,7 +478,7 @@ def train_source(config: SourceTrainConfig) -> Path:
         print(json.dumps(record), flush=True)
 
     try:
-        train_epochs(model, data, epochs=config.to_epoch, start_epoch=start_epoch,
+        train_epochs(net, data, epochs=config.to_epoch, start_epoch=start_epoch,
                      batch_size=config.batch_images, base_lr=config.base_lr,
                      lr_policy=config.lr_type, lr_steps=config.lr_steps, device=device,
                      optimizer=optimizer, num_workers=config.num_workers, seed=config.seed,

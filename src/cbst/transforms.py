@@ -1,9 +1,13 @@
-"""Training-time augmentation: random scale, (mined) crop, horizontal flip and normalisation.
+"""Training-time augmentation: random scale, (mined) crop and horizontal flip.
 
 One ``TrainTransform`` serves source training and self-training (docs/method.md §7.1, §6.2, §2). Its
 random numbers come from ``np.random.default_rng([seed, epoch, index])``, so a sample's crop
 depends only on the seed, the epoch and the image index: not on the number of data-loader
 workers, their scheduling, or whether the run was restarted.
+
+Crops leave the transform as uint8 tensors (image 3 x H x W RGB, label H x W trainIds with
+255 = ignore): a quarter of the bytes of float32 to collate, pin and copy to the device, where
+``train_epochs`` normalises them with :func:`cbst.inference.normalize`.
 
 Loss convention: the transform returns the full-resolution crop label and the training step
 up-samples the logits bilinearly to the crop size (the CRST-PT convention, docs/method.md §7.2). CBST-MX
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from cbst.labels import IGNORE_INDEX
-from cbst.models import IMAGENET_MEAN, IMAGENET_STD
+from cbst.models import IMAGENET_MEAN
 
 if TYPE_CHECKING:
     from cbst.mining import MiningPlan
@@ -77,23 +81,18 @@ def random_window(rng: np.random.Generator, image_hw: tuple[int, int],
                  for n, c in zip(image_hw, crop_hw))
 
 
-def normalise(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 H x W x 3 RGB -> float32 3 x H x W, scaled to [0, 1] then standardised."""
-    x = image.astype(np.float32) * (1.0 / 255.0)
-    x -= np.asarray(mean, dtype=np.float32)
-    x *= 1.0 / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
 class TrainTransform:
-    """Random scale, crop (mined with probability ``mining.port``), flip and normalisation."""
+    """Random scale, crop (mined with probability ``mining.port``) and flip, as uint8 tensors.
+
+    Pixels outside the image are filled with the ``mean`` colour (0 after normalisation) and
+    labelled 255 (ignored).
+    """
 
     def __init__(self, crop_size: int | tuple[int, int], *,
                  scale_range: tuple[float, float] = (0.7, 1.3),
                  reference_long_side: int | None = None, flip: bool = True,
                  mining: MiningPlan | None = None, seed: int = 0,
-                 mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+                 mean: tuple[float, float, float] = IMAGENET_MEAN) -> None:
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
             raise ValueError(f"scale range must satisfy 0 < lo <= hi, got {scale_range!r}")
@@ -105,9 +104,7 @@ class TrainTransform:
         self.flip = flip
         self.mining = mining
         self.seed = int(seed)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.fill = tuple(int(round(255 * m)) for m in self.mean)
+        self.fill = tuple(round(255 * float(m)) for m in mean)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,7 +131,7 @@ class TrainTransform:
         return random_window(rng, label.shape, self.crop_hw)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Augment one dataset sample into network-ready tensors."""
+        """Augment one dataset sample into a uint8 3 x H x W image and a uint8 H x W label."""
         image, label = sample["image"], sample["label"]
         if image.shape[:2] != label.shape:
             raise ValueError(f"{sample.get('name')}: image {image.shape[:2]} and label "
@@ -147,6 +144,6 @@ class TrainTransform:
         label = extract_window(label, y0, x0, self.crop_hw, IGNORE_INDEX)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        return {"image": normalise(image, self.mean, self.std),
-                "label": torch.from_numpy(label.astype(np.int64)),
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "label": torch.from_numpy(np.ascontiguousarray(label)),
                 "name": sample["name"], "index": sample["index"]}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cbst.cli import CLIError
-from cbst.commands.options import default_num_workers, float_list
+from cbst.commands.options import add_compile_argument, default_num_workers, float_list
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
     model.add_argument("--num-workers", type=int, default=default_num_workers(),
                        help="image-loading processes (default: the CPU cores, at most 8)")
+    add_compile_argument(model)
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="DIR",
                      help="write labelIds/NAME.png (input for the official evaluator) and "
@@ -106,7 +107,7 @@ def _default_num_classes(dataset: str) -> int:
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model, check its protocol against the dataset's and run it; (metrics, dataset)."""
     from cbst.checkpoints import load_checkpoint
-    from cbst.device import select_device
+    from cbst.device import maybe_compile, select_device
     from cbst.evaluation import evaluate_model
 
     scales = args.scales
@@ -122,7 +123,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
         model, meta = load_checkpoint(args.checkpoint, device=device,
                                       expect_protocol=dataset.protocol.name)
     metrics = evaluate_model(
-        model, dataset, device=device, long_side=args.test_scales, scales=scales,
+        maybe_compile(model, args.compile), dataset, device=device, long_side=args.test_scales,
+        scales=scales,
         flip=args.test_flipping, window=args.window, batch_size=args.batch_size,
         output_dir=args.output, num_workers=args.num_workers, progress=not args.no_progress,
         mean=meta.get("mean"), std=meta.get("std"))

@@ -15,7 +15,7 @@ import argparse
 import math
 
 from cbst.cli import CLIError
-from cbst.commands.options import float_range
+from cbst.commands.options import add_compile_argument, float_range
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
 
@@ -76,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes")
     run.add_argument("--no-amp", action="store_true",
                      help="train in float32 instead of bf16 autocast on CUDA")
+    add_compile_argument(run)
     run.add_argument("--resume", action="store_true",
                      help="continue from the last epoch checkpoint in --output")
     run.add_argument("--tensorboard", action="store_true",
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, num_workers=args.num_workers, amp=not args.no_amp,
         resume=args.resume, eval_dataset=args.eval_dataset, eval_root=args.eval_root,
         eval_split=args.eval_split, eval_long_side=args.eval_long_side,
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, compile=args.compile)
     last = train_source(config)
     print(f"trained {config.model} on {config.dataset}: {last}")
     return 0

@@ -1,0 +1,226 @@
+"""Throughput of training, the pseudo-label pass and evaluation on this machine, as JSON lines.
+
+One line per measurement (printed, and appended to ``--out`` as soon as it is made):
+
+- ``train``: ``train_epochs`` img/s at batch 8 on 512x1024 crops, for DeepLab-v2 ResNet-101 and
+  ResNet-38, in three modes: ``fp32_strict`` (no TF32, no AMP), ``default`` (bf16 autocast,
+  TF32, channels-last) and ``compile`` (the default plus ``torch.compile``). The first epoch
+  warms up (cuDNN autotuning, compilation); the second is timed.
+- ``pseudo_labels`` and ``evaluate``: img/s of the pseudo-label pass (thresholds and PNG writing
+  included) and of ``evaluate_model``, on 2048x1024 frames with flip, DeepLab-v2.
+
+Each line carries the peak GPU memory of the measurement and the device's name. The data are
+synthetic PNG frames in the Cityscapes layout, written to a temporary folder, so decoding costs
+what it costs on real frames. ``--smoke`` runs everything tiny on the CPU (the small model,
+256x128 frames, no compilation) in well under a minute; the test suite runs it.
+
+Usage: ``python benchmarks/gpu_bench.py [--out results.jsonl] [--num-workers N] [--smoke]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from cbst.datasets import build_dataset
+from cbst.device import configure_backends, maybe_compile, select_device
+from cbst.evaluation import evaluate_model
+from cbst.labels import CITYSCAPES_19
+from cbst.models import build_model
+from cbst.training import train_epochs
+from cbst.transforms import TrainTransform
+
+try:  # the pass moves to its own module (issue 7); either place works
+    from cbst.pseudo_labels import pseudo_label_pass
+except ImportError:
+    from cbst.selftrain import pseudo_label_pass
+
+TRAIN_MODES = ("default", "compile", "fp32_strict")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures: models, frame and crop sizes, batch and image counts."""
+
+    train_archs: tuple[str, ...]
+    infer_arch: str
+    frame_hw: tuple[int, int]
+    crop_hw: tuple[int, int]
+    batch: int
+    train_iters: int
+    infer_images: int
+    modes: tuple[str, ...]
+
+
+FULL = Sizes(("deeplabv2_resnet101", "resnet38"), "deeplabv2_resnet101", (1024, 2048),
+             (512, 1024), 8, 6, 16, TRAIN_MODES)
+SMOKE = Sizes(("small",), "small", (128, 256), (64, 128), 2, 2, 4, ("default", "fp32_strict"))
+
+
+def write_frames(root: Path, split: str, count: int, frame_hw: tuple[int, int], seed: int) -> None:
+    """``count`` Cityscapes-layout frames: blocky labelId maps and their noisy colour images."""
+    rng = np.random.default_rng(seed)
+    h, w = frame_hw
+    ids = CITYSCAPES_19.decode(np.arange(19))  # trainId -> labelId
+    colours = rng.integers(0, 256, (19, 3), dtype=np.uint8)
+    image_dir = root / "leftImg8bit" / split / "bench"
+    label_dir = root / "gtFine" / split / "bench"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        classes = rng.integers(0, 19, (max(1, h // 64), max(1, w // 64)))
+        train_ids = cv2.resize(classes.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        noise = rng.normal(0, 12, (h, w, 3))
+        image = np.clip(colours[train_ids] + noise, 0, 255).astype(np.uint8)
+        name = f"bench_{i:06d}_000019"
+        cv2.imwrite(str(image_dir / f"{name}_leftImg8bit.png"), image[:, :, ::-1])
+        cv2.imwrite(str(label_dir / f"{name}_gtFine_labelIds.png"), ids[train_ids])
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (with the number of torch threads)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, record: dict) -> Iterator[None]:
+    """Store the peak GPU memory (GiB) allocated inside the block in ``record``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    else:
+        record["peak_mem_gib"] = None
+
+
+def set_strict_fp32(device: torch.device, strict: bool) -> None:
+    """TF32 off (``strict``) or the project's defaults back on."""
+    configure_backends(device)
+    if strict and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def measure_training(arch: str, mode: str, data: Any, sizes: Sizes, device: torch.device,
+                     num_workers: int) -> dict:
+    """img/s of the second of two epochs of ``train_epochs``."""
+    set_strict_fp32(device, mode == "fp32_strict")
+    torch.manual_seed(0)
+    model = build_model(arch, 19).to(device)
+    net = maybe_compile(model, mode == "compile")
+    seconds: list[float] = []
+    record: dict[str, Any] = {"measure": "train", "arch": arch, "mode": mode,
+                              "batch": sizes.batch, "crop": list(sizes.crop_hw)}
+    with peak_memory(device, record):
+        train_epochs(net, data, epochs=2, batch_size=sizes.batch, base_lr=1e-4, device=device,
+                     num_workers=num_workers, amp=mode != "fp32_strict", progress=False,
+                     on_epoch_end=lambda epoch, stats: seconds.append(stats["seconds"]))
+    record["img_per_s"] = round(sizes.train_iters * sizes.batch / seconds[-1], 2)
+    return record
+
+
+def measure_inference(kind: str, arch: str, target: Any, out_dir: Path, device: torch.device,
+                      num_workers: int) -> dict:
+    """img/s of one pseudo-label pass or one evaluation over ``target`` with flip."""
+    set_strict_fp32(device, False)
+    torch.manual_seed(0)
+    model = build_model(arch, 19).to(device).eval()
+    run: Callable[[], Any]
+    if kind == "pseudo_labels":
+        def run() -> Any:
+            return pseudo_label_pass(model, target, out_dir, portion=0.2, flip=True,
+                                     num_workers=num_workers, progress=False)
+    else:
+        def run() -> Any:
+            return evaluate_model(model, target, device=device, flip=True,
+                                  num_workers=num_workers, progress=False)
+    record: dict[str, Any] = {"measure": kind, "arch": arch, "flip": True,
+                              "frame": list(target[0]["image"].shape[:2])}
+    run()  # warm-up: cuDNN autotuning, worker start-up, page cache
+    with peak_memory(device, record):
+        start = time.perf_counter()
+        run()
+        record["img_per_s"] = round(len(target) / (time.perf_counter() - start), 2)
+    return record
+
+
+def emit(record: dict, device: torch.device, out: Path | None) -> None:
+    """Print one JSON line (and append it to ``out``), with the device and torch version."""
+    line = json.dumps({**record, "device": device_name(device), "torch": torch.__version__})
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a") as fh:
+            fh.write(line + "\n")
+
+
+def guarded(label: dict, measure: Callable[..., dict], *args: Any) -> dict:
+    """``measure(*args)``, or ``label`` with the error when the device runs out of memory."""
+    try:
+        return measure(*args)
+    except torch.cuda.OutOfMemoryError:
+        return {**label, "error": "out of memory"}
+
+
+def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | None,
+            root: Path) -> None:
+    """Write the frames, then make and emit every measurement (DeepLab-v2's first)."""
+    write_frames(root, "train", sizes.train_iters * sizes.batch, sizes.frame_hw, seed=0)
+    write_frames(root, "val", sizes.infer_images, sizes.frame_hw, seed=1)
+    frames = build_dataset("cityscapes", root, split="val", num_classes=19)
+    for kind in ("pseudo_labels", "evaluate"):
+        label = {"measure": kind, "arch": sizes.infer_arch}
+        emit(guarded(label, measure_inference, kind, sizes.infer_arch, frames, root / kind,
+                     device, num_workers), device, out)
+    crops = TrainTransform(sizes.crop_hw, scale_range=(0.7, 1.3), seed=0)
+    data = build_dataset("cityscapes", root, split="train", num_classes=19).with_transform(crops)
+    for arch in sizes.train_archs:
+        for mode in sizes.modes:
+            label = {"measure": "train", "arch": arch, "mode": mode}
+            emit(guarded(label, measure_training, arch, mode, data, sizes, device, num_workers),
+                 device, out)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options and run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, the small model, on the CPU (a test of this script)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, cpu, ...")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="data-loader worker processes")
+    parser.add_argument("--out", type=Path, help="append the JSON lines to this file too")
+    args = parser.parse_args(argv)
+    device = select_device("cpu" if args.smoke else args.device)
+    workers = 0 if args.smoke else args.num_workers
+    if args.smoke:
+        torch.set_num_threads(1)  # quick and steady on a busy machine, whatever its cores
+    with tempfile.TemporaryDirectory(prefix="cbst-gpu-bench-") as tmp:
+        run_all(SMOKE if args.smoke else FULL, device, workers, args.out, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
