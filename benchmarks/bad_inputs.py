@@ -46,10 +46,13 @@ class Case:
 
 def cbst(root: Path, argv: tuple[str, ...] | list[str], cwd: str = ".") -> subprocess.CompletedProcess:
     """Run ``python -m cbst ARGV`` in ``root/cwd`` with this checkout's sources first on the path."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                                    os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "cbst", *argv], cwd=root / cwd, env=env,
-                          capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "cbst", *argv], cwd=root / cwd, env=env, capture_output=True, text=True
+    )
 
 
 def visible_lines(stderr: str) -> list[str]:
@@ -77,17 +80,68 @@ def setup(root: Path) -> None:
     """The benchmark, a source model, good runs of each command, and the bad files of the cases."""
     from PIL import Image
 
-    train = ("--dataset", "gta5", "--data-root", "data/gta5", "--model", "small", "--batch-images", "2",
-             "--crop-size", "32", "--to-epoch", "1", "--num-workers", "0", "--device", "cpu")
+    train = (
+        "--dataset",
+        "gta5",
+        "--data-root",
+        "data/gta5",
+        "--model",
+        "small",
+        "--batch-images",
+        "2",
+        "--crop-size",
+        "32",
+        "--to-epoch",
+        "1",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     steps = [
-        ("make-synthetic", "data", "--num-source", "4", "--num-train", "2", "--num-val", "2",
-         "--size", "64x32", "--quiet"),
+        (
+            "make-synthetic",
+            "data",
+            "--num-source",
+            "4",
+            "--num-train",
+            "2",
+            "--num-val",
+            "2",
+            "--size",
+            "64x32",
+            "--quiet",
+        ),
         ("train-source", *train, "--base-lr", "0.01", "--output", "source"),
-        ("evaluate", "--data-root", "data/cityscapes", "--checkpoint", "source/last.pt", "--device",
-         "cpu", "--num-workers", "0", "--no-progress", "--out", "metrics.json", "--output", "preds"),
+        (
+            "evaluate",
+            "--data-root",
+            "data/cityscapes",
+            "--checkpoint",
+            "source/last.pt",
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--out",
+            "metrics.json",
+            "--output",
+            "preds",
+        ),
         ("convert", "source/last.pt", "--arch", "small", "--num-classes", "19", "--out", "converted.pt"),
-        ("prior", "--dataset", "gta5", "--data-root", "data/gta5", "--size", "32,64", "--no-progress",
-         "--out", "prior.npy"),
+        (
+            "prior",
+            "--dataset",
+            "gta5",
+            "--data-root",
+            "data/gta5",
+            "--size",
+            "32,64",
+            "--no-progress",
+            "--out",
+            "prior.npy",
+        ),
         ("self-train", *SELF_TRAIN, "--base-lr", "0.001", "--output", "st"),
     ]
     for argv in steps:
@@ -107,13 +161,55 @@ def setup(root: Path) -> None:
     labels.save(label_png)
 
 
-SELF_TRAIN = ("--data-root", "data/gta5", "--data-root-tgt", "data/cityscapes", "--weights",
-              "source/last.pt", "--num-round", "1", "--epoch-per-round", "1", "--batch-images", "1",
-              "--crop-size", "32", "--device", "cpu", "--no-progress", "--eval-split", "none")
-TRAIN_SOURCE = ("--dataset", "gta5", "--data-root", "data/gta5", "--model", "small",
-                "--batch-images", "2", "--crop-size", "32", "--num-workers", "0", "--device", "cpu")
-EVALUATE = ("evaluate", "--data-root", "data/cityscapes", "--checkpoint", "source/last.pt",
-            "--device", "cpu", "--num-workers", "0", "--no-progress")
+SELF_TRAIN = (
+    "--data-root",
+    "data/gta5",
+    "--data-root-tgt",
+    "data/cityscapes",
+    "--weights",
+    "source/last.pt",
+    "--num-round",
+    "1",
+    "--epoch-per-round",
+    "1",
+    "--batch-images",
+    "1",
+    "--crop-size",
+    "32",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--eval-split",
+    "none",
+)
+TRAIN_SOURCE = (
+    "--dataset",
+    "gta5",
+    "--data-root",
+    "data/gta5",
+    "--model",
+    "small",
+    "--batch-images",
+    "2",
+    "--crop-size",
+    "32",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+)
+EVALUATE = (
+    "evaluate",
+    "--data-root",
+    "data/cityscapes",
+    "--checkpoint",
+    "source/last.pt",
+    "--device",
+    "cpu",
+    "--num-workers",
+    "0",
+    "--no-progress",
+)
 CONVERT = ("convert", "source/last.pt", "--arch", "small", "--num-classes", "19")
 
 
@@ -140,66 +236,184 @@ def cases(root: Path) -> list[Case]:
         Case("evaluate --output is a file", EVALUATE + ("--output", "a_file"), ("a_file", "--output")),
         Case("evaluate --out below a file", EVALUATE + ("--out", "a_file/m.json"), ("a_file/m.json",)),
         Case("evaluate --list is binary", EVALUATE + ("--list", "binary.lst"), ("binary.lst",)),
-        Case("evaluate --checkpoint is random bytes", EVALUATE[:3] + ("--checkpoint", "random.pth"),
-             ("random.pth",), forbid=("weights_only",)),
-        Case("evaluate --predictions holds 250", EVALUATE[:3] + ("--predictions", "preds/labelIds",
-             "--no-progress"),
-             (str(pred), "250")),
+        Case(
+            "evaluate --checkpoint is random bytes",
+            EVALUATE[:3] + ("--checkpoint", "random.pth"),
+            ("random.pth",),
+            forbid=("weights_only",),
+        ),
+        Case(
+            "evaluate --predictions holds 250",
+            EVALUATE[:3] + ("--predictions", "preds/labelIds", "--no-progress"),
+            (str(pred), "250"),
+        ),
         Case("convert --out exists", CONVERT + ("--out", "converted.pt"), ("converted.pt", "--overwrite")),
-        Case("convert --out is its input", CONVERT + ("--out", "source/last.pt", "--overwrite"),
-             ("source/last.pt", "input")),
+        Case(
+            "convert --out is its input",
+            CONVERT + ("--out", "source/last.pt", "--overwrite"),
+            ("source/last.pt", "input"),
+        ),
         Case("convert --out is a folder", CONVERT + ("--out", "a_folder"), ("a_folder",)),
-        Case("convert INPUT is random bytes", ("convert", "random.pth", "--arch", "small",
-             "--num-classes", "19", "--out", "r.pt"), ("random.pth",), absent=("r.pt",),
-             forbid=("weights_only",)),
-        Case("prior --out is a folder", ("prior", "--dataset", "gta5", "--data-root", "data/gta5",
-             "--out", "a_folder"), ("a_folder",)),
-        Case("prior --out below a file", ("prior", "--dataset", "gta5", "--data-root", "data/gta5",
-             "--out", "a_file/p.npy"), ("a_file/p.npy",)),
-        Case("self-train --output is a file", ("self-train", *SELF_TRAIN, "--output", "a_file"),
-             ("a_file", "--output")),
-        Case("self-train --base-lr -1", ("self-train", *SELF_TRAIN, "--base-lr", "-1", "--output", "b1"),
-             ("--base-lr",), absent=("b1",)),
-        Case("self-train --mine-port 2", ("self-train", *SELF_TRAIN, "--mine-port", "2", "--output", "b2"),
-             ("--mine-port",), absent=("b2",)),
-        Case("self-train --init-src-port -0.2", ("self-train", *SELF_TRAIN, "--init-src-port", "-0.2",
-             "--output", "b3"), ("--init-src-port",), absent=("b3",)),
-        Case("self-train --init-tgt-port 1.5", ("self-train", *SELF_TRAIN, "--init-tgt-port", "1.5",
-             "--output", "b4"), ("--init-tgt-port",), absent=("b4",)),
-        Case("self-train scale range 1.3,0.7 (config)", ("self-train", "--config", "bad_range.yaml",
-             *SELF_TRAIN, "--output", "b5"), ("--scale-rate-range",), absent=("b5",)),
-        Case("self-train --batch-images 50", ("self-train", *SELF_TRAIN, "--batch-images", "50",
-             "--output", "b6"), ("--batch-images",), absent=("b6",)),
-        Case("self-train --base-lr 1e30 diverges", ("self-train", *SELF_TRAIN, "--base-lr", "1e30",
-             "--output", "nan"), ("non-finite", "epoch")),
-        Case("  ... resumed with --base-lr 1e-3", ("self-train", *SELF_TRAIN, "--base-lr", "1e-3",
-             "--output", "nan", "--resume"), status=0),
-        Case("self-train --resume, paths written differently", ("self-train", *SELF_TRAIN,
-             "--data-root", "./data/gta5/", "--data-root-tgt", str(root / "data" / "cityscapes"),
-             "--weights", "source//last.pt", "--base-lr", "0.001", "--output", "./st/", "--resume"),
-             status=0),
-        Case("self-train --resume from another folder", ("self-train", *SELF_TRAIN, "--data-root",
-             "../data/gta5", "--data-root-tgt", "../data/cityscapes", "--weights", "../source/last.pt",
-             "--base-lr", "0.001", "--output", "../st", "--resume"), status=0, cwd="a_folder"),
-        Case("self-train --resume of a moved run", ("self-train", *SELF_TRAIN, "--base-lr", "0.001",
-             "--output", "st_moved", "--resume"), status=0),
-        Case("train-source --base-lr -1", ("train-source", *TRAIN_SOURCE, "--base-lr", "-1",
-             "--output", "s1"), ("--base-lr",), absent=("s1",)),
-        Case("train-source --output is a file", ("train-source", *TRAIN_SOURCE, "--output", "a_file"),
-             ("a_file",)),
-        Case("train-source --batch-images 50", ("train-source", *TRAIN_SOURCE, "--batch-images", "50",
-             "--output", "s2"), ("--batch-images",), absent=("s2",)),
-        Case("train-source --resume, changed --base-lr", ("train-source", *TRAIN_SOURCE, "--to-epoch",
-             "2", "--base-lr", "1e6", "--output", "source", "--resume"), ("--base-lr", "config.yaml")),
-        Case("train-source --base-lr 1e30 diverges", ("train-source", *TRAIN_SOURCE, "--to-epoch", "1",
-             "--base-lr", "1e30", "--output", "s3"), ("non-finite", "epoch")),
-        Case("--config file is binary", ("evaluate", "--config", "random.pth", "--data-root", "x",
-             "--checkpoint", "y"), ("random.pth",)),
+        Case(
+            "convert INPUT is random bytes",
+            ("convert", "random.pth", "--arch", "small", "--num-classes", "19", "--out", "r.pt"),
+            ("random.pth",),
+            absent=("r.pt",),
+            forbid=("weights_only",),
+        ),
+        Case(
+            "prior --out is a folder",
+            ("prior", "--dataset", "gta5", "--data-root", "data/gta5", "--out", "a_folder"),
+            ("a_folder",),
+        ),
+        Case(
+            "prior --out below a file",
+            ("prior", "--dataset", "gta5", "--data-root", "data/gta5", "--out", "a_file/p.npy"),
+            ("a_file/p.npy",),
+        ),
+        Case(
+            "self-train --output is a file",
+            ("self-train", *SELF_TRAIN, "--output", "a_file"),
+            ("a_file", "--output"),
+        ),
+        Case(
+            "self-train --base-lr -1",
+            ("self-train", *SELF_TRAIN, "--base-lr", "-1", "--output", "b1"),
+            ("--base-lr",),
+            absent=("b1",),
+        ),
+        Case(
+            "self-train --mine-port 2",
+            ("self-train", *SELF_TRAIN, "--mine-port", "2", "--output", "b2"),
+            ("--mine-port",),
+            absent=("b2",),
+        ),
+        Case(
+            "self-train --init-src-port -0.2",
+            ("self-train", *SELF_TRAIN, "--init-src-port", "-0.2", "--output", "b3"),
+            ("--init-src-port",),
+            absent=("b3",),
+        ),
+        Case(
+            "self-train --init-tgt-port 1.5",
+            ("self-train", *SELF_TRAIN, "--init-tgt-port", "1.5", "--output", "b4"),
+            ("--init-tgt-port",),
+            absent=("b4",),
+        ),
+        Case(
+            "self-train scale range 1.3,0.7 (config)",
+            ("self-train", "--config", "bad_range.yaml", *SELF_TRAIN, "--output", "b5"),
+            ("--scale-rate-range",),
+            absent=("b5",),
+        ),
+        Case(
+            "self-train --batch-images 50",
+            ("self-train", *SELF_TRAIN, "--batch-images", "50", "--output", "b6"),
+            ("--batch-images",),
+            absent=("b6",),
+        ),
+        Case(
+            "self-train --base-lr 1e30 diverges",
+            ("self-train", *SELF_TRAIN, "--base-lr", "1e30", "--output", "nan"),
+            ("non-finite", "epoch"),
+        ),
+        Case(
+            "  ... resumed with --base-lr 1e-3",
+            ("self-train", *SELF_TRAIN, "--base-lr", "1e-3", "--output", "nan", "--resume"),
+            status=0,
+        ),
+        Case(
+            "self-train --resume, paths written differently",
+            (
+                "self-train",
+                *SELF_TRAIN,
+                "--data-root",
+                "./data/gta5/",
+                "--data-root-tgt",
+                str(root / "data" / "cityscapes"),
+                "--weights",
+                "source//last.pt",
+                "--base-lr",
+                "0.001",
+                "--output",
+                "./st/",
+                "--resume",
+            ),
+            status=0,
+        ),
+        Case(
+            "self-train --resume from another folder",
+            (
+                "self-train",
+                *SELF_TRAIN,
+                "--data-root",
+                "../data/gta5",
+                "--data-root-tgt",
+                "../data/cityscapes",
+                "--weights",
+                "../source/last.pt",
+                "--base-lr",
+                "0.001",
+                "--output",
+                "../st",
+                "--resume",
+            ),
+            status=0,
+            cwd="a_folder",
+        ),
+        Case(
+            "self-train --resume of a moved run",
+            ("self-train", *SELF_TRAIN, "--base-lr", "0.001", "--output", "st_moved", "--resume"),
+            status=0,
+        ),
+        Case(
+            "train-source --base-lr -1",
+            ("train-source", *TRAIN_SOURCE, "--base-lr", "-1", "--output", "s1"),
+            ("--base-lr",),
+            absent=("s1",),
+        ),
+        Case(
+            "train-source --output is a file",
+            ("train-source", *TRAIN_SOURCE, "--output", "a_file"),
+            ("a_file",),
+        ),
+        Case(
+            "train-source --batch-images 50",
+            ("train-source", *TRAIN_SOURCE, "--batch-images", "50", "--output", "s2"),
+            ("--batch-images",),
+            absent=("s2",),
+        ),
+        Case(
+            "train-source --resume, changed --base-lr",
+            (
+                "train-source",
+                *TRAIN_SOURCE,
+                "--to-epoch",
+                "2",
+                "--base-lr",
+                "1e6",
+                "--output",
+                "source",
+                "--resume",
+            ),
+            ("--base-lr", "config.yaml"),
+        ),
+        Case(
+            "train-source --base-lr 1e30 diverges",
+            ("train-source", *TRAIN_SOURCE, "--to-epoch", "1", "--base-lr", "1e30", "--output", "s3"),
+            ("non-finite", "epoch"),
+        ),
+        Case(
+            "--config file is binary",
+            ("evaluate", "--config", "random.pth", "--data-root", "x", "--checkpoint", "y"),
+            ("random.pth",),
+        ),
     ]
     target = unwritable_target(root)
     if target is not None:
-        found.append(Case("evaluate --out unwritable", EVALUATE + ("--out", target), (target,),
-                          absent=(target,)))
+        found.append(
+            Case("evaluate --out unwritable", EVALUATE + ("--out", target), (target,), absent=(target,))
+        )
     return found
 
 
@@ -216,17 +430,28 @@ def run_case(root: Path, case: Case) -> bool:
         ok = done.returncode == 0 and not traceback
         checks = f"a recovery, must succeed   traceback: {yes_no[traceback]}"
     else:
-        one_line = (len(lines) == 1 and all(n in lines[0] for n in case.names)
-                    and not any(f in done.stderr for f in case.forbid))
+        one_line = (
+            len(lines) == 1
+            and all(n in lines[0] for n in case.names)
+            and not any(f in done.stderr for f in case.forbid)
+        )
         ok = done.returncode == 2 and one_line and not traceback and not changed and not created
-        checks = (f"one line naming it: {yes_no[one_line]}  traceback: {yes_no[traceback]}  "
-                  f"unchanged: {yes_no[not changed and not created]}")
+        checks = (
+            f"one line naming it: {yes_no[one_line]}  traceback: {yes_no[traceback]}  "
+            f"unchanged: {yes_no[not changed and not created]}"
+        )
     print(f"{'ok  ' if ok else 'FAIL'} {case.name:<48} exit {done.returncode}  {checks}", flush=True)
     if not ok:
         shown = lines if case.status else lines[-5:]
-        print("       stderr: " + " | ".join(shown)[:600]
-              + (f"\n       changed: {[str(p.relative_to(root)) for p in changed]} created: {created}"
-                 if changed or created else ""))
+        print(
+            "       stderr: "
+            + " | ".join(shown)[:600]
+            + (
+                f"\n       changed: {[str(p.relative_to(root)) for p in changed]} created: {created}"
+                if changed or created
+                else ""
+            )
+        )
     return ok
 
 
@@ -255,11 +480,15 @@ def main() -> int:
         setup(root)
         results = [run_case(root, case) for case in cases(root)]
         modes_ok, count, bad = readable_by_others(root)
-        print(f"{'ok  ' if modes_ok else 'FAIL'} files and folders created under umask 022 readable by "
-              f"group and others: {count - len(bad)}/{count}" + (f" (not: {', '.join(bad[:5])})" if bad else ""))
+        print(
+            f"{'ok  ' if modes_ok else 'FAIL'} files and folders created under umask 022 readable by "
+            f"group and others: {count - len(bad)}/{count}" + (f" (not: {', '.join(bad[:5])})" if bad else "")
+        )
         results.append(modes_ok)
-        print(f"summary: {sum(results)}/{len(results)} checks passed"
-              + ("" if all(results) else f", {len(results) - sum(results)} failed"))
+        print(
+            f"summary: {sum(results)}/{len(results)} checks passed"
+            + ("" if all(results) else f", {len(results) - sum(results)} failed")
+        )
         return 0 if all(results) else 1
     finally:
         if (root / "read_only").exists():

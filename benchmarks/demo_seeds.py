@@ -33,8 +33,9 @@ def main() -> None:
     for seed in args.seeds:
         folder = Path(args.out) / f"seed_{seed}"
         done = folder / "results.json"
-        results.append(json.loads(done.read_text()) if done.is_file()
-                       else run_demo(folder, seed, device=args.device))
+        results.append(
+            json.loads(done.read_text()) if done.is_file() else run_demo(folder, seed, device=args.device)
+        )
     rows = list(results[0]["rows"])
     print(f"{len(args.seeds)} seeds: {args.seeds}")
     print(f"{'row':8s} | {'mIoU':13s} | {'rare-class IoU':13s} | per-seed mIoU")

@@ -26,9 +26,10 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -64,8 +65,16 @@ class Sizes:
     modes: tuple[str, ...]
 
 
-FULL = Sizes(("deeplabv2_resnet101", "resnet38"), "deeplabv2_resnet101", (1024, 2048),
-             (512, 1024), 8, 6, 16, TRAIN_MODES)
+FULL = Sizes(
+    ("deeplabv2_resnet101", "resnet38"),
+    "deeplabv2_resnet101",
+    (1024, 2048),
+    (512, 1024),
+    8,
+    6,
+    16,
+    TRAIN_MODES,
+)
 SMOKE = Sizes(("small",), "small", (128, 256), (64, 128), 2, 2, 4, ("default", "fp32_strict"))
 
 
@@ -94,9 +103,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in
-             (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-             if line.startswith("model name")]
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
     return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
 
 
@@ -123,41 +134,66 @@ def set_strict_fp32(device: torch.device, strict: bool) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
-def measure_training(arch: str, mode: str, data: Any, sizes: Sizes, device: torch.device,
-                     num_workers: int) -> dict:
+def measure_training(
+    arch: str, mode: str, data: Any, sizes: Sizes, device: torch.device, num_workers: int
+) -> dict:
     """img/s of the second of two epochs of ``train_epochs``."""
     set_strict_fp32(device, mode == "fp32_strict")
     torch.manual_seed(0)
     model = build_model(arch, 19).to(device)
     net = maybe_compile(model, mode == "compile")
     seconds: list[float] = []
-    record: dict[str, Any] = {"measure": "train", "arch": arch, "mode": mode,
-                              "batch": sizes.batch, "crop": list(sizes.crop_hw)}
+    record: dict[str, Any] = {
+        "measure": "train",
+        "arch": arch,
+        "mode": mode,
+        "batch": sizes.batch,
+        "crop": list(sizes.crop_hw),
+    }
     with peak_memory(device, record):
-        train_epochs(net, data, epochs=2, batch_size=sizes.batch, base_lr=1e-4, device=device,
-                     num_workers=num_workers, amp=mode != "fp32_strict", progress=False,
-                     on_epoch_end=lambda epoch, stats: seconds.append(stats["seconds"]))
+        train_epochs(
+            net,
+            data,
+            epochs=2,
+            batch_size=sizes.batch,
+            base_lr=1e-4,
+            device=device,
+            num_workers=num_workers,
+            amp=mode != "fp32_strict",
+            progress=False,
+            on_epoch_end=lambda epoch, stats: seconds.append(stats["seconds"]),
+        )
     record["img_per_s"] = round(sizes.train_iters * sizes.batch / seconds[-1], 2)
     return record
 
 
-def measure_inference(kind: str, arch: str, target: Any, out_dir: Path, device: torch.device,
-                      num_workers: int) -> dict:
+def measure_inference(
+    kind: str, arch: str, target: Any, out_dir: Path, device: torch.device, num_workers: int
+) -> dict:
     """img/s of one pseudo-label pass or one evaluation over ``target`` with flip."""
     set_strict_fp32(device, False)
     torch.manual_seed(0)
     model = build_model(arch, 19).to(device).eval()
     run: Callable[[], Any]
     if kind == "pseudo_labels":
+
         def run() -> Any:
-            return pseudo_label_pass(model, target, out_dir, portion=0.2, flip=True,
-                                     num_workers=num_workers, progress=False)
+            return pseudo_label_pass(
+                model, target, out_dir, portion=0.2, flip=True, num_workers=num_workers, progress=False
+            )
     else:
+
         def run() -> Any:
-            return evaluate_model(model, target, device=device, flip=True,
-                                  num_workers=num_workers, progress=False)
-    record: dict[str, Any] = {"measure": kind, "arch": arch, "flip": True,
-                              "frame": list(target[0]["image"].shape[:2])}
+            return evaluate_model(
+                model, target, device=device, flip=True, num_workers=num_workers, progress=False
+            )
+
+    record: dict[str, Any] = {
+        "measure": kind,
+        "arch": arch,
+        "flip": True,
+        "frame": list(target[0]["image"].shape[:2]),
+    }
     run()  # warm-up: cuDNN autotuning, worker start-up, page cache
     with peak_memory(device, record):
         start = time.perf_counter()
@@ -183,23 +219,26 @@ def guarded(label: dict, measure: Callable[..., dict], *args: Any) -> dict:
         return {**label, "error": "out of memory"}
 
 
-def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | None,
-            root: Path) -> None:
+def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | None, root: Path) -> None:
     """Write the frames, then make and emit every measurement (DeepLab-v2's first)."""
     write_frames(root, "train", sizes.train_iters * sizes.batch, sizes.frame_hw, seed=0)
     write_frames(root, "val", sizes.infer_images, sizes.frame_hw, seed=1)
     frames = build_dataset("cityscapes", root, split="val", num_classes=19)
     for kind in ("pseudo_labels", "evaluate"):
         label = {"measure": kind, "arch": sizes.infer_arch}
-        emit(guarded(label, measure_inference, kind, sizes.infer_arch, frames, root / kind,
-                     device, num_workers), device, out)
+        emit(
+            guarded(
+                label, measure_inference, kind, sizes.infer_arch, frames, root / kind, device, num_workers
+            ),
+            device,
+            out,
+        )
     crops = TrainTransform(sizes.crop_hw, scale_range=(0.7, 1.3), seed=0)
     data = build_dataset("cityscapes", root, split="train", num_classes=19).with_transform(crops)
     for arch in sizes.train_archs:
         for mode in sizes.modes:
             label = {"measure": "train", "arch": arch, "mode": mode}
-            emit(guarded(label, measure_training, arch, mode, data, sizes, device, num_workers),
-                 device, out)
+            emit(guarded(label, measure_training, arch, mode, data, sizes, device, num_workers), device, out)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -207,11 +246,13 @@ def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | No
 def main(argv: list[str] | None = None) -> None:
     """Parse the options and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, the small model, on the CPU (a test of this script)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, the small model, on the CPU (a test of this script)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda, cpu, ...")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="data-loader worker processes")
+    parser.add_argument(
+        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader worker processes"
+    )
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file too")
     args = parser.parse_args(argv)
     device = select_device("cpu" if args.smoke else args.device)

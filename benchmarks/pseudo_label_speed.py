@@ -49,12 +49,12 @@ def _timed(run) -> float:
 
 def time_both(model: torch.nn.Module, dataset, repeats: int, work: Path) -> dict:
     """Median seconds of evaluation and of the pseudo-label pass, run alternately."""
+
     def evaluate(data) -> None:
         evaluate_model(model, data, device="cpu", flip=True, progress=False)
 
     def pseudo(data) -> None:
-        pseudo_label_pass(model, data, work / "pseudo", portion=PORTION, flip=True,
-                          progress=False)
+        pseudo_label_pass(model, data, work / "pseudo", portion=PORTION, flip=True, progress=False)
 
     first = dataset.subset([0])
     evaluate(first), pseudo(first)  # warm-up: allocator, thread pools
@@ -63,9 +63,13 @@ def time_both(model: torch.nn.Module, dataset, repeats: int, work: Path) -> dict
         times["evaluate"].append(_timed(lambda: evaluate(dataset)))
         times["pseudo_label_pass"].append(_timed(lambda: pseudo(dataset)))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {"images": len(dataset), "repeats": repeats, "seconds": times,
-            "median_seconds": medians,
-            "ratio": medians["pseudo_label_pass"] / medians["evaluate"]}
+    return {
+        "images": len(dataset),
+        "repeats": repeats,
+        "seconds": times,
+        "median_seconds": medians,
+        "ratio": medians["pseudo_label_pass"] / medians["evaluate"],
+    }
 
 
 def _kth_largest(values: torch.Tensor, portion: float) -> float:
@@ -76,8 +80,7 @@ def _kth_largest(values: torch.Tensor, portion: float) -> float:
 
 def check_exact(model: torch.nn.Module, dataset, work: Path) -> dict:
     """Whether the exact single pass writes the labels of image-by-image predict_probs."""
-    pseudo_label_pass(model, dataset, work / "exact", portion=PORTION, flip=True, exact=True,
-                      progress=False)
+    pseudo_label_pass(model, dataset, work / "exact", portion=PORTION, flip=True, exact=True, progress=False)
     probs = []
     for i in range(len(dataset)):
         image = torch.as_tensor(dataset[i]["image"]).permute(2, 0, 1)[None]
@@ -91,14 +94,21 @@ def check_exact(model: torch.nn.Module, dataset, work: Path) -> dict:
         if not np.array_equal(dataset.protocol.encode(written), expected):
             mismatched.append(sample.name)
     stats = json.loads((work / "exact" / "stats.json").read_text())
-    return {"exact_labels_equal": not mismatched, "mismatched": mismatched,
-            "exact_thresholds_equal": list(stats["thresholds"].values()) == lam.tolist()}
+    return {
+        "exact_labels_equal": not mismatched,
+        "mismatched": mismatched,
+        "exact_thresholds_equal": list(stats["thresholds"].values()) == lam.tolist(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "testdata" / "cityscapes",
-                        help="a Cityscapes folder (leftImg8bit/ + gtFine/); its train split is used")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=REPO.parent / "shared" / "testdata" / "cityscapes",
+        help="a Cityscapes folder (leftImg8bit/ + gtFine/); its train split is used",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each")
     parser.add_argument("--skip-exact", action="store_true", help="only time")
     args = parser.parse_args(argv)

@@ -80,7 +80,7 @@ def _child(method: str, total: int, num_classes: int, portion: float) -> None:
     import torch
 
     torch.set_num_threads(2)
-    next(_chunks(CHUNK, num_classes, seed=1))    # warm up the generator before the baseline
+    next(_chunks(CHUNK, num_classes, seed=1))  # warm up the generator before the baseline
     baseline = _rss_mib()
     if method == "original":
         seconds, lam = _run_original(total, num_classes, portion)
@@ -91,8 +91,18 @@ def _child(method: str, total: int, num_classes: int, portion: float) -> None:
 
 def _measure(method: str, total: int, args: argparse.Namespace) -> dict:
     """Run ``method`` in a fresh interpreter so its peak RSS is its own."""
-    cmd = [sys.executable, __file__, "--child", method, "--sizes", str(total),
-           "--classes", str(args.classes), "--portion", str(args.portion)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--sizes",
+        str(total),
+        "--classes",
+        str(args.classes),
+        "--portion",
+        str(args.portion),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -101,8 +111,10 @@ def _extrapolate(rows: list[dict], total: int) -> dict:
     """n·log n time and linear memory from the largest measured size of the original."""
     ref = max(rows, key=lambda r: r["n"])
     ratio = total / ref["n"]
-    return {"seconds": ref["seconds"] * ratio * math.log(total) / math.log(ref["n"]),
-            "peak_mib": ref["peak_mib"] * ratio}
+    return {
+        "seconds": ref["seconds"] * ratio * math.log(total) / math.log(ref["n"]),
+        "peak_mib": ref["peak_mib"] * ratio,
+    }
 
 
 def main() -> None:
@@ -110,8 +122,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1e7,3e7,1e8", help="comma list of value counts")
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--portion", type=float, default=0.2)
-    parser.add_argument("--original-max", type=float, default=3e7,
-                        help="largest size at which the original's method is actually run")
+    parser.add_argument(
+        "--original-max",
+        type=float,
+        default=3e7,
+        help="largest size at which the original's method is actually run",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -119,8 +135,10 @@ def main() -> None:
         _child(args.child, sizes[0], args.classes, args.portion)
         return
 
-    print(f"{args.classes} classes, portion {args.portion}, chunks of {CHUNK} values, "
-          f"torch threads 2; peak = RSS above the pre-run baseline")
+    print(
+        f"{args.classes} classes, portion {args.portion}, chunks of {CHUNK} values, "
+        f"torch threads 2; peak = RSS above the pre-run baseline"
+    )
     print(f"{'values':>8} {'method':<22} {'seconds':>9} {'peak MiB':>9} {'max |λ - λ_sort|':>17}")
     original_rows: list[dict] = []
     for total in sizes:
@@ -131,13 +149,18 @@ def main() -> None:
         reference = results["exact"]["lam"]
         for method, res in results.items():
             err = max(abs(a - b) for a, b in zip(res["lam"], reference))
-            label = {"approx": "histogram (65536 bins)", "exact": "exact (device pools)",
-                     "original": "original (lists+sort)"}[method]
+            label = {
+                "approx": "histogram (65536 bins)",
+                "exact": "exact (device pools)",
+                "original": "original (lists+sort)",
+            }[method]
             print(f"{total:>8.0e} {label:<22} {res['seconds']:>9.2f} {res['peak_mib']:>9.0f} {err:>17.2e}")
         if total > args.original_max and original_rows:
             est = _extrapolate(original_rows, total)
-            print(f"{total:>8.0e} {'original EXTRAPOLATED':<22} {est['seconds']:>9.1f} "
-                  f"{est['peak_mib']:>9.0f} {'(not run)':>17}")
+            print(
+                f"{total:>8.0e} {'original EXTRAPOLATED':<22} {est['seconds']:>9.1f} "
+                f"{est['peak_mib']:>9.0f} {'(not run)':>17}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import cbst  # noqa: F401  (before torch: idle OpenMP threads sleep, see cbst/__init__.py)
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "tests" / "data"
@@ -29,8 +29,10 @@ torch.set_num_threads(2)
 def testdata() -> Path:
     """The folder holding real Cityscapes frames (``cityscapes/``); skips the test without it."""
     if not (TESTDATA / "cityscapes").is_dir():
-        reason = (f"{TESTDATA / 'cityscapes'}: real Cityscapes frames not found (not redistributable; "
-                  "see README, 'Tests')")
+        reason = (
+            f"{TESTDATA / 'cityscapes'}: real Cityscapes frames not found (not redistributable; "
+            "see README, 'Tests')"
+        )
         if REQUIRE_TESTDATA:
             pytest.fail(reason + "; CBST_REQUIRE_TESTDATA is set")
         pytest.skip(reason)
@@ -46,9 +48,9 @@ def bench(tmp_path_factory) -> Path:
     from cbst.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("bench")
-    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32),
-                   progress=False)
+    make_synthetic(root / "data", seed=0, num_source=8, num_train=4, num_val=2, size=(64, 32), progress=False)
     torch.manual_seed(0)
-    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
+    save_checkpoint(
+        root / "source.pt", build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19"
+    )
     return root

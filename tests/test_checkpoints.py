@@ -20,8 +20,9 @@ def small_ckpt(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     model = build_model("small", 16)
     model.train()(torch.randn(2, 3, 64, 64))  # move the running statistics off their defaults
     path = tmp_path / "run" / "model.pt"
-    save_checkpoint(path, model, arch="small", num_classes=16, protocol="synthia16", round=2, epoch=5,
-                    extra={"note": "x"})
+    save_checkpoint(
+        path, model, arch="small", num_classes=16, protocol="synthia16", round=2, epoch=5, extra={"note": "x"}
+    )
     return path, model.eval()
 
 
@@ -32,9 +33,14 @@ def test_round_trip_same_outputs_and_meta(small_ckpt: tuple[Path, torch.nn.Modul
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
     assert meta == read_meta(path)
-    assert {k: meta[k] for k in ("arch", "num_classes", "protocol", "round", "epoch", "extra")} == \
-           {"arch": "small", "num_classes": 16, "protocol": "synthia16", "round": 2, "epoch": 5,
-            "extra": {"note": "x"}}
+    assert {k: meta[k] for k in ("arch", "num_classes", "protocol", "round", "epoch", "extra")} == {
+        "arch": "small",
+        "num_classes": 16,
+        "protocol": "synthia16",
+        "round": 2,
+        "epoch": 5,
+        "extra": {"note": "x"},
+    }
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     assert meta["cbst_version"] == __version__ and meta["freeze_bn"] is False
     assert all(p.requires_grad for p in loaded.parameters())
@@ -43,15 +49,19 @@ def test_round_trip_same_outputs_and_meta(small_ckpt: tuple[Path, torch.nn.Modul
 
 def test_wrong_protocol_is_a_clear_error(small_ckpt: tuple[Path, torch.nn.Module]) -> None:
     path, _ = small_ckpt
-    with pytest.raises(CheckpointError, match=re.escape(
-            f"{path} was trained for synthia16 but the dataset uses cityscapes19")):
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"{path} was trained for synthia16 but the dataset uses cityscapes19"),
+    ):
         load_checkpoint(path, expect_protocol="cityscapes19")
 
 
 def test_bare_state_dict_and_missing_file(tmp_path: Path) -> None:
     bare = tmp_path / "bare.pth"
     torch.save(build_model("small", 19).state_dict(), bare)
-    with pytest.raises(CheckpointError, match=rf"{re.escape(str(bare))}: not a cbst checkpoint.*cbst convert"):
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(bare))}: not a cbst checkpoint.*cbst convert"
+    ):
         load_checkpoint(bare)
     with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
         read_meta(tmp_path / "missing.pt")
@@ -73,18 +83,49 @@ def test_convert_bare_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture) 
     model = build_model("small", 16).eval()
     torch.save(model.state_dict(), tmp_path / "w.pth")
     out = tmp_path / "m.pt"
-    assert cli_main(["convert", str(tmp_path / "w.pth"), "--arch", "small", "--num-classes", "16",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            ["convert", str(tmp_path / "w.pth"), "--arch", "small", "--num-classes", "16", "--out", str(out)]
+        )
+        == 0
+    )
     assert "loaded" in capsys.readouterr().out
     loaded, meta = load_checkpoint(out, expect_protocol="cityscapes16")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x))
-    assert cli_main(["convert", str(tmp_path / "w.pth"), "--arch", "small", "--num-classes", "19",
-                     "--out", str(out), "--overwrite"]) == 2
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "w.pth"),
+                "--arch",
+                "small",
+                "--num-classes",
+                "19",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert "shape mismatch: head.classifier.weight" in capsys.readouterr().err
-    assert cli_main(["convert", str(tmp_path / "none.pth"), "--arch", "small", "--num-classes", "19",
-                     "--out", str(out)]) == 2
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "none.pth"),
+                "--arch",
+                "small",
+                "--num-classes",
+                "19",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "none.pth: file not found" in capsys.readouterr().err
 
 
@@ -93,8 +134,21 @@ def test_convert_crst_deeplab(tmp_path: Path) -> None:
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "gta_src.pth")
     out = tmp_path / "crst.pt"
-    assert cli_main(["convert", str(tmp_path / "gta_src.pth"), "--arch", "deeplabv2_resnet101",
-                     "--num-classes", "19", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "convert",
+                str(tmp_path / "gta_src.pth"),
+                "--arch",
+                "deeplabv2_resnet101",
+                "--num-classes",
+                "19",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     loaded, meta = load_checkpoint(out)
     assert meta["protocol"] == "cityscapes19" and meta["freeze_bn"] is True
     torch.testing.assert_close(loaded.layer5.conv2d_list[3].weight, model.layer5.conv2d_list[3].weight)

@@ -23,9 +23,10 @@ def test_every_command_has_help(command, capsys):
 def test_shipped_configs_parse_as_defaults(path):
     command = "train-source" if "_source_" in path.name else "self-train"
     parser, subparsers = build_parser()
-    required = {"train-source": ["--data-root", "d", "--output", "o"],
-                "self-train": ["--data-root", "d", "--data-root-tgt", "t", "--weights", "w.pt",
-                               "--output", "o"]}[command]
+    required = {
+        "train-source": ["--data-root", "d", "--output", "o"],
+        "self-train": ["--data-root", "d", "--data-root-tgt", "t", "--weights", "w.pt", "--output", "o"],
+    }[command]
     argv = [command, "--config", str(path)] + required
     _apply_config(argv, subparsers)
     args = parser.parse_args(argv)
@@ -38,8 +39,9 @@ def test_shipped_configs_parse_as_defaults(path):
 
 def test_config_can_supply_required_options_and_flags_override_it(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("data_root: /data/gta\ndata-root-tgt: /data/cs\nweights: w.pt\noutput: out\n"
-                   "num_round: 4\n")
+    cfg.write_text(
+        "data_root: /data/gta\ndata-root-tgt: /data/cs\nweights: w.pt\noutput: out\nnum_round: 4\n"
+    )
     parser, subparsers = build_parser()
     argv = ["self-train", "--config", str(cfg), "--num-round", "2"]
     _apply_config(argv, subparsers)
@@ -59,8 +61,10 @@ def test_bad_config_is_an_error_naming_the_file(tmp_path, capsys):
 
 def test_spatial_prior_config_differs_from_cbst_only_by_the_prior():
     _, subparsers = build_parser()
-    cbst, sp, st = (_load_config(str(CONFIGS / f"gta2city_{name}.yaml"), subparsers["self-train"])
-                    for name in ("cbst", "cbst_sp", "st"))
+    cbst, sp, st = (
+        _load_config(str(CONFIGS / f"gta2city_{name}.yaml"), subparsers["self-train"])
+        for name in ("cbst", "cbst_sp", "st")
+    )
     assert sp == {**cbst, "with_prior": "source"}
     assert st == {**cbst, "kc_policy": "global"} and cbst["kc_policy"] == "cb"
 
@@ -81,13 +85,23 @@ def test_base_is_relative_to_the_including_file_and_its_keys_are_overridden(tmp_
 def test_base_errors_are_one_line_naming_the_file(tmp_path, capsys, case):
     run, other = tmp_path / "run.yaml", tmp_path / "other.yaml"
     run.write_text("_base_: other.yaml\n")
-    other.write_text({"missing": "_base_: gone.yaml\n", "cycle": "_base_: run.yaml\n",
-                      "unknown": "num_rounds: 2\n", "not_a_name": "_base_: {a: 1}\n"}[case])
+    other.write_text(
+        {
+            "missing": "_base_: gone.yaml\n",
+            "cycle": "_base_: run.yaml\n",
+            "unknown": "num_rounds: 2\n",
+            "not_a_name": "_base_: {a: 1}\n",
+        }[case]
+    )
     assert main(["self-train", "--config", str(run)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert {"missing": "gone.yaml", "cycle": "cycle", "unknown": "num_rounds",
-            "not_a_name": "_base_ must be"}[case] in err
+    assert {
+        "missing": "gone.yaml",
+        "cycle": "cycle",
+        "unknown": "num_rounds",
+        "not_a_name": "_base_ must be",
+    }[case] in err
     assert str(other) in err
 
 
@@ -96,8 +110,7 @@ def test_list_and_range_options_parse_and_reject_bad_values(capsys):
     base = ["self-train", "--data-root", "d", "--data-root-tgt", "t", "--weights", "w", "--output", "o"]
     args = parser.parse_args(base + ["--pseudo-scales", "0.75,1.0,1.25", "--scale-rate-range", "0.5,1.5"])
     assert args.pseudo_scales == (0.75, 1.0, 1.25) and args.scale_rate_range == (0.5, 1.5)
-    for bad in (["--pseudo-scales", "0,1"], ["--scale-rate-range", "1.3,0.7"],
-                ["--scale-rate-range", "0.7"]):
+    for bad in (["--pseudo-scales", "0,1"], ["--scale-rate-range", "1.3,0.7"], ["--scale-rate-range", "0.7"]):
         with pytest.raises(SystemExit):
             parser.parse_args(base + bad)
     assert "LO,HI" in capsys.readouterr().err

@@ -18,13 +18,64 @@ from cbst.io import DataError
 from cbst.labels import CITYSCAPES_16, CITYSCAPES_19, cityscapes_palette
 
 # Standard Cityscapes labelId -> trainId table (docs/method.md §9.2), written out by hand.
-CS19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CS19 = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 # 16-class Cityscapes table and SYNTHIA raw id -> trainId (docs/method.md §9.2, as CBST-MX).
-CS16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10, 25: 11, 26: 12,
-        28: 13, 32: 14, 33: 15}
-SYN16 = {1: 9, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 12, 9: 7, 10: 10, 11: 15, 12: 14, 15: 6, 17: 11,
-         19: 13, 21: 3}
+CS16 = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    23: 9,
+    24: 10,
+    25: 11,
+    26: 12,
+    28: 13,
+    32: 14,
+    33: 15,
+}
+SYN16 = {
+    1: 9,
+    2: 2,
+    3: 0,
+    4: 1,
+    5: 4,
+    6: 8,
+    7: 5,
+    8: 12,
+    9: 7,
+    10: 10,
+    11: 15,
+    12: 14,
+    15: 6,
+    17: 11,
+    19: 13,
+    21: 3,
+}
 
 FRANKFURT = "frankfurt_000000_000294"
 AACHEN = [f"aachen_00000{i}_000019" for i in range(7)]
@@ -83,6 +134,7 @@ def gta_tree(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 # ------------------------------------------------------------------------------------ Cityscapes
 
+
 def test_cityscapes_val_exact_mapping(testdata: Path) -> None:
     ds = datasets.cityscapes(testdata / "cityscapes", "val")
     assert [s.name for s in ds.samples] == [FRANKFURT]
@@ -111,7 +163,9 @@ def test_cityscapes_16_class_protocol(testdata: Path) -> None:
     raw = np.asarray(Image.open(ds.samples[0].label))
     label = ds[0]["label"]
     np.testing.assert_array_equal(label, by_hand(raw, CS16))
-    assert (label[raw == 23] == 9).all() and (raw == 23).any()  # sky: trainId 9 here, 10 in the 19-class table
+    assert (label[raw == 23] == 9).all() and (
+        raw == 23
+    ).any()  # sky: trainId 9 here, 10 in the 19-class table
     raw = raw.copy()
     raw[:2, :2] = (22, 27)  # terrain and truck have no 16-class trainId
     np.testing.assert_array_equal(ds.protocol.encode(raw[:2, :2]), 255)
@@ -128,7 +182,8 @@ def test_cityscapes_list_file_selects_subset(testdata: Path, tmp_path: Path) -> 
     lst.write_text(
         "# the original's format\n\n"
         f"leftImg8bit/train/aachen/{AACHEN[5]}_leftImg8bit.png\tgtFine/train/aachen/{AACHEN[5]}_gtFine_labelIds.png\n"
-        f"leftImg8bit/train/aachen/{AACHEN[1]}_leftImg8bit.png\n")
+        f"leftImg8bit/train/aachen/{AACHEN[1]}_leftImg8bit.png\n"
+    )
     root = testdata / "cityscapes"
     ds = datasets.cityscapes(root, "train", list_file=lst, verify="headers")
     assert [s.name for s in ds.samples] == [AACHEN[1], AACHEN[5]]
@@ -136,12 +191,15 @@ def test_cityscapes_list_file_selects_subset(testdata: Path, tmp_path: Path) -> 
     unlabelled = datasets.cityscapes(root, "train", list_file=lst, with_labels=False, verify="headers")
     assert [s.label for s in unlabelled.samples] == [None, None]
     pairs = read_list_file(lst, root)
-    assert pairs[0] == (root / f"leftImg8bit/train/aachen/{AACHEN[5]}_leftImg8bit.png",
-                        root / f"gtFine/train/aachen/{AACHEN[5]}_gtFine_labelIds.png")
+    assert pairs[0] == (
+        root / f"leftImg8bit/train/aachen/{AACHEN[5]}_leftImg8bit.png",
+        root / f"gtFine/train/aachen/{AACHEN[5]}_gtFine_labelIds.png",
+    )
     assert pairs[1][1] is None
 
 
 # ------------------------------------------------------------------------------------ GTA5
+
 
 def test_gta5_palette_labels_mixed_sizes(gta_tree: tuple[Path, dict[str, np.ndarray]]) -> None:
     root, raws = gta_tree
@@ -166,6 +224,7 @@ def test_gta5_list_file(gta_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: 
 
 # ------------------------------------------------------------------------------------ SYNTHIA
 
+
 def write_synthia_label(path: Path, cls: np.ndarray, inst: np.ndarray) -> None:
     """A 16-bit 3-channel PNG with class in R, instance in G (cv2 takes BGR)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +241,9 @@ def test_synthia_16bit_labels(tmp_path: Path) -> None:
         cls[0, :3] = (12, 15, 21)  # ids whose high byte is 0: Pillow's 8-bit view reads them as 0
         raws[name] = cls
         write_png(root / "RGB" / f"{name}.png", rgb(rng, 32, 24))
-        write_synthia_label(root / "GT" / "LABELS" / f"{name}.png", cls,
-                            rng.integers(0, 4000, (24, 32)).astype(np.uint16))
+        write_synthia_label(
+            root / "GT" / "LABELS" / f"{name}.png", cls, rng.integers(0, 4000, (24, 32)).astype(np.uint16)
+        )
     ds = build_dataset("synthia", root, num_classes=16)
     assert [s.name for s in ds.samples] == ["0000001", "0000002"]
     for i, sample in enumerate(ds.samples):
@@ -197,8 +257,9 @@ def test_synthia_16bit_labels(tmp_path: Path) -> None:
 def test_synthia_list_reads_16bit_originals(tmp_path: Path) -> None:
     root = tmp_path / "synthia"
     write_png(root / "RGB" / "0000007.png", np.zeros((4, 6, 3), np.uint8))
-    write_synthia_label(root / "GT" / "LABELS" / "0000007.png", np.full((4, 6), 21, np.uint16),
-                        np.zeros((4, 6), np.uint16))
+    write_synthia_label(
+        root / "GT" / "LABELS" / "0000007.png", np.full((4, 6), 21, np.uint16), np.zeros((4, 6), np.uint16)
+    )
     lst = tmp_path / "synthia.lst"
     lst.write_text("RGB/0000007.png\tGT/labels/0000007.png\n")  # original list: converted 8-bit copies
     ds = datasets.synthia(root, list_file=lst)
@@ -217,13 +278,15 @@ def test_synthia_class_id_outside_table(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ folder
 
+
 def test_folder_dataset_yaml(tmp_path: Path) -> None:
     root = tmp_path / "mine"
     root.mkdir()
     (root / "dataset.yaml").write_text(
         "images: imgs\nlabels: masks\nimage_suffix: _img.png\nlabel_suffix: _mask.png\n"
         "classes:\n  - {name: road, value: 10}\n  - {name: car, value: 20, color: [0, 0, 142]}\n"
-        "  - {name: tree, value: 30}\nignore_values: [255]\n")
+        "  - {name: tree, value: 30}\nignore_values: [255]\n"
+    )
     raw = np.array([[10, 20, 30, 255], [0, 30, 20, 10]], np.uint8)
     write_png(root / "imgs" / "site_b" / "b_img.png", np.zeros((2, 4, 3), np.uint8))
     write_png(root / "masks" / "site_b" / "b_mask.png", raw)
@@ -257,6 +320,7 @@ def test_folder_bad_yaml(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ API
 
+
 def test_dataset_api(gta_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
     root, raws = gta_tree
     ds = datasets.gta5(root)
@@ -288,6 +352,7 @@ def test_duplicate_names_rejected(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ bad input
+
 
 def test_missing_root_and_subfolder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="root not found") as err:
@@ -422,6 +487,7 @@ def test_label_reads_only_the_label(tmp_path):
 
 def test_readers_take_the_same_keyword_options_in_the_same_order():
     readers = (datasets.gta5, datasets.synthia, datasets.cityscapes)
-    keyword = [[n for n, p in inspect.signature(r).parameters.items() if p.kind is p.KEYWORD_ONLY]
-               for r in readers]
+    keyword = [
+        [n for n, p in inspect.signature(r).parameters.items() if p.kind is p.KEYWORD_ONLY] for r in readers
+    ]
     assert keyword == [["protocol", "list_file", "with_labels", "verify"]] * 3

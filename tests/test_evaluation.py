@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cbst.evaluation import (ConfusionMatrix, Metrics, evaluate_model, evaluate_predictions,
-                             format_table)
+from cbst.evaluation import ConfusionMatrix, Metrics, evaluate_model, evaluate_predictions, format_table
 from cbst.inference import IMAGENET_MEAN, IMAGENET_STD
 from cbst.io import DataError, read_label, write_png
 from cbst.labels import CITYSCAPES_16, CITYSCAPES_19, CLASSES_13, CLASSES_16
@@ -37,9 +36,12 @@ def brute_force(pred: np.ndarray, target: np.ndarray, c: int) -> dict[str, objec
         if np.sum(target == k):
             acc.append(tp / np.sum(target == k))
     present = [v for v in iou if v is not None]
-    return {"iou": iou, "miou": sum(present) / len(present),
-            "pixel_acc": np.sum(valid & (pred == target)) / np.sum(valid),
-            "mean_acc": sum(acc) / len(acc)}
+    return {
+        "iou": iou,
+        "miou": sum(present) / len(present),
+        "pixel_acc": np.sum(valid & (pred == target)) / np.sum(valid),
+        "mean_acc": sum(acc) / len(acc),
+    }
 
 
 def random_maps(seed: int, c: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +49,9 @@ def random_maps(seed: int, c: int = 6) -> tuple[np.ndarray, np.ndarray]:
     and never predicted, and some predictions outside the class range (255)."""
     rng = np.random.default_rng(seed)
     target = rng.choice([0, 1, 2, 3, 255], size=(2, 31, 47), p=[0.3, 0.25, 0.2, 0.1, 0.15])
-    pred = np.where(rng.random(target.shape) < 0.6, target, rng.choice([0, 1, 2, 3, 4, 255], size=target.shape))
+    pred = np.where(
+        rng.random(target.shape) < 0.6, target, rng.choice([0, 1, 2, 3, 4, 255], size=target.shape)
+    )
     return pred.astype(np.int64), target.astype(np.int64)
 
 
@@ -102,8 +106,9 @@ def test_to_json_and_miou13() -> None:
     assert out["miou13"] == pytest.approx(sum(CLASSES_16.index(n) for n in CLASSES_13) / 20 / 13)
     assert out["iou"]["wall"] is None
     json.dumps(out)
-    nineteen = Metrics(class_names=("a",), iou={"a": None}, miou=math.nan, pixel_acc=math.nan,
-                       mean_acc=math.nan)
+    nineteen = Metrics(
+        class_names=("a",), iou={"a": None}, miou=math.nan, pixel_acc=math.nan, mean_acc=math.nan
+    )
     assert nineteen.to_json() == {"miou": None, "pixel_acc": None, "mean_acc": None, "iou": {"a": None}}
     back = Metrics.from_json(json.loads(json.dumps(out)))
     assert back.class_names == CLASSES_16 and back.iou == iou and back.miou == 0.4567
@@ -131,8 +136,10 @@ def _paths(testdata: Path, frame: str) -> tuple[Path, Path]:
     city = frame.split("_")[0]
     split = "val" if city == "frankfurt" else "train"
     root = testdata / "cityscapes"
-    return (root / "leftImg8bit" / split / city / f"{frame}_leftImg8bit.png",
-            root / "gtFine" / split / city / f"{frame}_gtFine_labelIds.png")
+    return (
+        root / "leftImg8bit" / split / city / f"{frame}_leftImg8bit.png",
+        root / "gtFine" / split / city / f"{frame}_gtFine_labelIds.png",
+    )
 
 
 def _perturb(gt: np.ndarray, seed: int) -> np.ndarray:
@@ -142,15 +149,15 @@ def _perturb(gt: np.ndarray, seed: int) -> np.ndarray:
     h, w = gt.shape
     left = np.zeros_like(gt, dtype=bool)
     left[:, : w // 2] = True
-    pred[left & (gt == 7)] = 8      # road -> sidewalk on the left half
-    pred[~left & (gt == 8)] = 7     # sidewalk -> road on the right half
-    pred[gt == 26] = 27             # car -> truck
+    pred[left & (gt == 7)] = 8  # road -> sidewalk on the left half
+    pred[~left & (gt == 8)] = 7  # sidewalk -> road on the right half
+    pred[gt == 26] = 27  # car -> truck
     pred[(gt == 21) & (rng.random(gt.shape) < 0.3)] = 22  # vegetation -> terrain, sparsely
     ids = [i for i in range(34) if i != 31]  # never predict 'train' (absent from the GT too)
     for _ in range(25):
         bh, bw = rng.integers(h // 40 + 1, h // 6), rng.integers(w // 40 + 1, w // 6)
         y, x = rng.integers(0, h - bh), rng.integers(0, w - bw)
-        pred[y:y + bh, x:x + bw] = rng.choice(ids)
+        pred[y : y + bh, x : x + bw] = rng.choice(ids)
     return pred
 
 
@@ -270,10 +277,12 @@ def memory_dataset() -> MemoryDataset:
     return MemoryDataset(labels)
 
 
-def test_evaluate_model_oracle_scores_one_and_writes_outputs(memory_dataset: MemoryDataset,
-                                                             tmp_path: Path) -> None:
-    m = evaluate_model(Oracle(), memory_dataset, device="cpu", batch_size=2, output_dir=tmp_path,
-                       progress=False)
+def test_evaluate_model_oracle_scores_one_and_writes_outputs(
+    memory_dataset: MemoryDataset, tmp_path: Path
+) -> None:
+    m = evaluate_model(
+        Oracle(), memory_dataset, device="cpu", batch_size=2, output_dir=tmp_path, progress=False
+    )
     assert m.miou == 1.0 and m.pixel_acc == 1.0 and m.mean_acc == 1.0
     assert [n for n, v in m.iou.items() if v is not None] == list(CITYSCAPES_19.class_names[:5])
     for i, label in enumerate(memory_dataset.labels):
@@ -285,8 +294,9 @@ def test_evaluate_model_oracle_scores_one_and_writes_outputs(memory_dataset: Mem
 
 
 def test_evaluate_model_constant_prediction(memory_dataset: MemoryDataset) -> None:
-    m = evaluate_model(Constant(2), memory_dataset, device="cpu", batch_size=3, progress=False,
-                       flip=True, scales=(0.5, 1.0))
+    m = evaluate_model(
+        Constant(2), memory_dataset, device="cpu", batch_size=3, progress=False, flip=True, scales=(0.5, 1.0)
+    )
     target = np.concatenate([label.ravel() for label in memory_dataset.labels]).astype(np.int64)
     ref = brute_force(np.full_like(target, 2), target, 19)
     assert m.miou == pytest.approx(ref["miou"], abs=1e-12)
@@ -295,9 +305,13 @@ def test_evaluate_model_constant_prediction(memory_dataset: MemoryDataset) -> No
 
 
 # ----------------------------------------------------------------------------- command line
-def test_evaluate_command_on_real_val_frame(predictions: dict, testdata: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_command_on_real_val_frame(
+    predictions: dict,
+    testdata: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     import cbst.cli
 
     monkeypatch.setattr(cbst.cli, "COMMANDS", ("evaluate",))  # independent of other commands
@@ -305,8 +319,18 @@ def test_evaluate_command_on_real_val_frame(predictions: dict, testdata: Path, t
     folder.mkdir()
     (folder / predictions["pred"][0].name).write_bytes(predictions["pred"][0].read_bytes())
     out = tmp_path / "metrics.json"
-    argv = ["evaluate", "--dataset", "cityscapes", "--data-root", str(testdata / "cityscapes"),
-            "--predictions", str(folder), "--out", str(out), "--no-progress"]
+    argv = [
+        "evaluate",
+        "--dataset",
+        "cityscapes",
+        "--data-root",
+        str(testdata / "cityscapes"),
+        "--predictions",
+        str(folder),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cbst.cli.main(argv) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0].startswith("Case|mIoU|Road|") and table[2].startswith("my_preds|")
@@ -326,8 +350,9 @@ def test_evaluate_command_on_real_val_frame(predictions: dict, testdata: Path, t
     assert cbst.cli.main(argv + ["--output", str(tmp_path / "x")]) == 2  # --output needs a model
 
 
-def test_evaluate_command_with_checkpoint(testdata: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_command_with_checkpoint(
+    testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import cbst.cli
     from cbst.checkpoints import save_checkpoint
     from cbst.models import build_model
@@ -336,17 +361,42 @@ def test_evaluate_command_with_checkpoint(testdata: Path, tmp_path: Path,
     torch.manual_seed(0)
     ckpt = tmp_path / "small_src.pt"
     save_checkpoint(ckpt, build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19")
-    common = ["evaluate", "--dataset", "cityscapes", "--data-root", str(testdata / "cityscapes"),
-              "--no-progress"]
+    common = [
+        "evaluate",
+        "--dataset",
+        "cityscapes",
+        "--data-root",
+        str(testdata / "cityscapes"),
+        "--no-progress",
+    ]
     out, preds = tmp_path / "m.json", tmp_path / "pred"
-    assert cbst.cli.main(common + ["--checkpoint", str(ckpt), "--test-flipping", "--device", "cpu",
-                                   "--num-workers", "0", "--output", str(preds), "--out", str(out)]) == 0
+    assert (
+        cbst.cli.main(
+            common
+            + [
+                "--checkpoint",
+                str(ckpt),
+                "--test-flipping",
+                "--device",
+                "cpu",
+                "--num-workers",
+                "0",
+                "--output",
+                str(preds),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["case"] == "small_src" and result["protocol"] == "cityscapes19"
     assert (preds / "color" / f"{VAL_FRAME}.png").is_file()
     # the written labelIds, scored as a prediction folder, give the same numbers
-    assert cbst.cli.main(common + ["--predictions", str(preds / "labelIds"), "--out", str(out),
-                                   "--overwrite"]) == 0
+    assert (
+        cbst.cli.main(common + ["--predictions", str(preds / "labelIds"), "--out", str(out), "--overwrite"])
+        == 0
+    )
     assert json.loads(out.read_text())["iou"] == result["iou"]
     # a 19-class model cannot be scored under the 16-class protocol
     assert cbst.cli.main(common + ["--checkpoint", str(ckpt), "--num-classes", "16"]) == 2

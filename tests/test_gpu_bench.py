@@ -30,14 +30,24 @@ def test_smoke_run_writes_one_line_per_measurement(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert [(r["measure"], r.get("mode")) for r in lines] == [
-        ("pseudo_labels", None), ("evaluate", None), ("train", "default"), ("train", "fp32_strict")]
+        ("pseudo_labels", None),
+        ("evaluate", None),
+        ("train", "default"),
+        ("train", "fp32_strict"),
+    ]
     assert all(r["img_per_s"] > 0 and "peak_mem_gib" in r and r["device"] for r in lines)
 
 
 def test_gpu_check_dry_run_lists_its_steps(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "gpu_bench.py --out" in done.stdout and "pytest" in done.stdout
     assert (tmp_path / "gpu_check.log").is_file()

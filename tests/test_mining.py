@@ -14,7 +14,7 @@ def scene() -> np.ndarray:
     label = np.zeros((60, 80), dtype=np.uint8)
     label[:20] = IGNORE_INDEX
     label[40:44, 70:75] = 7
-    label[5:8, 2:4] = 12       # inside the ignored band's rows but overriding it
+    label[5:8, 2:4] = 12  # inside the ignored band's rows but overriding it
     return label
 
 
@@ -25,7 +25,7 @@ def test_centre_is_a_rare_pixel_and_crop_contains_it():
         y, x = choose_mined_center(label, plan, rng)
         assert label[y, x] == 7
         y0, x0 = crop_window((y, x), (32, 32), label.shape)
-        assert (label[y0:y0 + 32, x0:x0 + 32] == 7).any()
+        assert (label[y0 : y0 + 32, x0 : x0 + 32] == 7).any()
 
 
 def test_priority_classes_take_precedence():
@@ -46,7 +46,7 @@ def test_no_mining_without_port_or_candidates():
 def test_margin_excludes_border_seeds():
     label, rng = scene(), np.random.default_rng(3)
     plan = MiningPlan(port=1.0, mine_id=[12, 7])
-    for _ in range(30):   # class 12 lies within 10 px of the border, so only class 7 qualifies
+    for _ in range(30):  # class 12 lies within 10 px of the border, so only class 7 qualifies
         y, x = choose_mined_center(label, plan, rng, margin=(10, 5))
         assert label[y, x] == 7 and 10 <= y < 50 and 5 <= x < 75
 

@@ -98,8 +98,11 @@ def test_deeplab_loads_torchvision_and_crst_files(tmp_path: Path) -> None:
     torch.save(crst, tmp_path / "gta_src.pth")  # PyTorch 0.4.0 layout: no num_batches_tracked
     again = build_model("deeplabv2_resnet101", 19, pretrained=tmp_path / "gta_src.pth")
     assert torch.all(again.layer5.conv2d_list[2].bias == 0.5)
-    with pytest.raises(ValueError, match=r"gta_src.pth: does not fit DeepLabV2; shape mismatch: "
-                                         r"layer5.conv2d_list.0.weight \(got \(19, 2048, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"gta_src.pth: does not fit DeepLabV2; shape mismatch: "
+        r"layer5.conv2d_list.0.weight \(got \(19, 2048, 3, 3\)",
+    ):
         build_model("deeplabv2_resnet101", 16, pretrained=tmp_path / "gta_src.pth")
 
 
@@ -125,8 +128,12 @@ def test_resnet38_layers_match_mxnet_list() -> None:
     assert len(convs) == 45 == sum(isinstance(m, nn.Conv2d) for m in modules.values())
     for name, kernel, stride, dilate, pad, filters, no_bias in convs:
         conv = modules["classifier" if name == "linear19" else name]
-        assert (conv.kernel_size, conv.stride, conv.dilation, conv.padding) == \
-               (pair(kernel), pair(stride), pair(dilate), pair(pad)), name
+        assert (conv.kernel_size, conv.stride, conv.dilation, conv.padding) == (
+            pair(kernel),
+            pair(stride),
+            pair(dilate),
+            pair(pad),
+        ), name
         assert conv.out_channels == int(filters) and (conv.bias is None) == (no_bias == "True"), name
     bns = layer_lines("BN")
     assert len(bns) == 37 == sum(isinstance(m, MXBatchNorm2d) for m in modules.values())
@@ -144,8 +151,10 @@ def test_resnet38_forward_bn_state_and_lr_groups() -> None:
     assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert model.res7a_branch2b2_do.training  # dropout stays active in training
     groups = model.lr_groups()
-    assert [(g["lr_mult"], g["wd_mult"], len(g["params"])) for g in groups] == \
-           [(1.0, 1.0, 45), (2.0, 0.0, 37 + 2)]  # gammas are fixed (fix_gamma): not trained
+    assert [(g["lr_mult"], g["wd_mult"], len(g["params"])) for g in groups] == [
+        (1.0, 1.0, 45),
+        (2.0, 0.0, 37 + 2),
+    ]  # gammas are fixed (fix_gamma): not trained
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 24, 24)).shape == (1, 16, 3, 3)
 
@@ -167,8 +176,11 @@ def test_small_model_shapes_params_and_trainable_bn() -> None:
     assert [(g["lr_mult"], g["wd_mult"]) for g in groups] == [(1.0, 1.0), (10.0, 1.0)]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     frozen = build_model("small", 19, freeze_bn=True).train()
-    assert all(not m.training and not m.weight.requires_grad
-               for m in frozen.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(
+        not m.training and not m.weight.requires_grad
+        for m in frozen.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    )
     assert meta_out(meta_model("small"), 100, 60) == (1, 19, 13, 8)
 
 

@@ -76,8 +76,12 @@ def test_load_unnamed_list_in_order() -> None:
 
 
 def test_save_params_round_trip_all_dtypes(tmp_path: Path) -> None:
-    arrays = {"arg:a": np.arange(6, dtype=np.float64).reshape(2, 3), "aux:b": np.ones(3, np.float16),
-              "arg:c": np.arange(4, dtype=np.int32), "arg:d": np.arange(5, dtype=np.uint8)}
+    arrays = {
+        "arg:a": np.arange(6, dtype=np.float64).reshape(2, 3),
+        "aux:b": np.ones(3, np.float16),
+        "arg:c": np.arange(4, dtype=np.int32),
+        "arg:d": np.arange(5, dtype=np.uint8),
+    }
     save_params(tmp_path / "x.params", arrays)
     back = load_params(tmp_path / "x.params")
     for name, arr in arrays.items():
@@ -121,8 +125,9 @@ def test_full_spec_state_converts_with_every_key(full_params: Path) -> None:
         template = ResNet38(19).state_dict()
     assert set(state) == set(template)
     assert all(state[k].shape == template[k].shape for k in template)
-    np.testing.assert_array_equal(state["bn4b3_branch2b1.running_var"].numpy(),
-                                  raw["aux:bn4b3_branch2b1_moving_var"])
+    np.testing.assert_array_equal(
+        state["bn4b3_branch2b1.running_var"].numpy(), raw["aux:bn4b3_branch2b1_moving_var"]
+    )
     np.testing.assert_array_equal(state["classifier.bias"].numpy(), raw["arg:linear19_bias"])
 
 
@@ -142,8 +147,11 @@ def test_renamed_and_misshaped_entries_are_listed() -> None:
     assert "missing: arg:res3a_branch2a_weight" in message
     assert "unexpected: arg:res3a_branch2a_weightx" in message
     assert "shape mismatch: aux:bn7_moving_mean (got (7,), expected (4096,))" in message
-    with pytest.raises(ParamsError, match="missing: arg:linear16_weight, arg:linear16_bias; "
-                                          "unexpected: arg:linear19_weight, arg:linear19_bias"):
+    with pytest.raises(
+        ParamsError,
+        match="missing: arg:linear16_weight, arg:linear16_bias; "
+        "unexpected: arg:linear19_weight, arg:linear19_bias",
+    ):
         resnet38_state_dict_from_params(_lazy(spec_arrays()), 16)
 
 
@@ -161,8 +169,12 @@ def test_imagenet_variant_initialises_head() -> None:
 
 def test_convert_cli_and_fix_gamma(full_params: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "model.pt"
-    assert cli_main(["convert", str(full_params), "--arch", "resnet38", "--num-classes", "19",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            ["convert", str(full_params), "--arch", "resnet38", "--num-classes", "19", "--out", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "loaded 195 tensors" in printed and "124,033,363 parameters" in printed
     model, meta = load_checkpoint(out, expect_protocol="cityscapes19")

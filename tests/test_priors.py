@@ -10,8 +10,7 @@ import torch
 from cbst.datasets import Sample, SegmentationDataset
 from cbst.io import DataError, write_png
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX
-from cbst.priors import (apply_prior, compute_spatial_prior, load_prior, save_prior,
-                         spatial_prior_from_dataset)
+from cbst.priors import apply_prior, compute_spatial_prior, load_prior, save_prior, spatial_prior_from_dataset
 
 
 def toy_labels(count: int = 6, shape: tuple[int, int] = (40, 60)) -> list[np.ndarray]:
@@ -31,7 +30,7 @@ def test_prior_shape_and_normalisation():
     assert prior.shape == (3, 20, 30) and prior.dtype == np.float32
     assert np.isfinite(prior).all() and (prior > 0).all()
     np.testing.assert_allclose(prior.reshape(3, -1).max(axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(prior[2], 1.0)          # never seen: uniform, no information
+    np.testing.assert_array_equal(prior[2], 1.0)  # never seen: uniform, no information
 
 
 def test_prior_follows_the_layout():
@@ -86,8 +85,9 @@ def test_apply_prior_resizes_and_multiplies():
     probs = torch.softmax(torch.randn(2, 3, 16, 24), dim=1)
     prior = torch.rand(3, 8, 12) + 0.5
     out = apply_prior(probs, prior)
-    expected = torch.nn.functional.interpolate(prior[None], size=(16, 24), mode="bilinear",
-                                               align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        prior[None], size=(16, 24), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(out, probs * expected)
     torch.testing.assert_close(apply_prior(probs[0], prior.numpy()), out[0])
     with pytest.raises(ValueError):
@@ -103,8 +103,16 @@ def test_prior_command_converts_mat(tmp_path, capsys):
     command.add_arguments(parser)
     original = compute_spatial_prior(toy_labels(), 19, (8, 16), sigma=1.0, progress=False)
     scipy.io.savemat(tmp_path / "prior_array.mat", {"prior_array": original})
-    args = parser.parse_args(["--from-mat", str(tmp_path / "prior_array.mat"), "--size", "8,16",
-                              "--out", str(tmp_path / "prior.npy")])
+    args = parser.parse_args(
+        [
+            "--from-mat",
+            str(tmp_path / "prior_array.mat"),
+            "--size",
+            "8,16",
+            "--out",
+            str(tmp_path / "prior.npy"),
+        ]
+    )
     assert command.run(args) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "prior.npy"), original)
     assert "road" in capsys.readouterr().out

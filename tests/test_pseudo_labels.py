@@ -26,8 +26,7 @@ from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
 def target(tmp_path_factory):
     """Five labelled target images of 60x36 (neither side a multiple of 8: padded passes)."""
     root = tmp_path_factory.mktemp("pl")
-    make_synthetic(root, seed=1, num_source=1, num_train=5, num_val=1, size=(60, 36),
-                   progress=False)
+    make_synthetic(root, seed=1, num_source=1, num_train=5, num_val=1, size=(60, 36), progress=False)
     return build_dataset("cityscapes", root / "cityscapes", split="train", with_labels=True)
 
 
@@ -37,9 +36,11 @@ def model():
     return build_model("small", 19).eval()
 
 
-def two_pass_reference(model, dataset, out: Path, *, portion, policy, prior, scales, flip,
-                       batch_size) -> tuple[torch.Tensor, float]:
+def two_pass_reference(
+    model, dataset, out: Path, *, portion, policy, prior, scales, flip, batch_size
+) -> tuple[torch.Tensor, float]:
     """Yesterday's algorithm: a full statistics pass, then a second full pass that assigns."""
+
     def probabilities(images):
         probs = predict_probs(model, images, scales=scales, flip=flip)
         return apply_prior(probs, prior) if prior is not None else probs
@@ -60,19 +61,42 @@ def two_pass_reference(model, dataset, out: Path, *, portion, policy, prior, sca
     return lam, correct / judged
 
 
-@pytest.mark.parametrize("policy, scales, with_prior, batch_size, backend", [
-    ("cb", (1.0,), False, 1, "auto"),
-    ("global", (0.75, 1.0), True, 2, "disk"),
-])
+@pytest.mark.parametrize(
+    "policy, scales, with_prior, batch_size, backend",
+    [
+        ("cb", (1.0,), False, 1, "auto"),
+        ("global", (0.75, 1.0), True, 2, "disk"),
+    ],
+)
 def test_exact_single_pass_writes_the_two_pass_pngs_byte_for_byte(
-        target, model, tmp_path, policy, scales, with_prior, batch_size, backend):
+    target, model, tmp_path, policy, scales, with_prior, batch_size, backend
+):
     prior = torch.rand(19, 36, 60, generator=torch.Generator().manual_seed(3)) if with_prior else None
-    lam, accuracy = two_pass_reference(model, target, tmp_path / "ref", portion=0.3, policy=policy,
-                                       prior=prior, scales=scales, flip=True,
-                                       batch_size=batch_size)
-    stats = pseudo_label_pass(model, target, tmp_path / "one", portion=0.3, policy=policy,
-                              prior=prior, scales=scales, flip=True, exact=True,
-                              batch_size=batch_size, cache_backend=backend, progress=False)
+    lam, accuracy = two_pass_reference(
+        model,
+        target,
+        tmp_path / "ref",
+        portion=0.3,
+        policy=policy,
+        prior=prior,
+        scales=scales,
+        flip=True,
+        batch_size=batch_size,
+    )
+    stats = pseudo_label_pass(
+        model,
+        target,
+        tmp_path / "one",
+        portion=0.3,
+        policy=policy,
+        prior=prior,
+        scales=scales,
+        flip=True,
+        exact=True,
+        batch_size=batch_size,
+        cache_backend=backend,
+        progress=False,
+    )
     reference = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*.png"))
     assert len(reference) == 2 * len(target)
     for rel in reference:
@@ -86,11 +110,14 @@ def test_each_image_is_decoded_once_and_the_cache_can_be_kept(target, model, tmp
     decoded = []
     real = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda path: decoded.append(path) or real(path))
-    stats = pseudo_label_pass(model, target, tmp_path, portion=0.5, keep_cache=True,
-                              long_side=64, progress=False)  # 38x64 passes: mirrors merged
+    stats = pseudo_label_pass(
+        model, target, tmp_path, portion=0.5, keep_cache=True, long_side=64, progress=False
+    )  # 38x64 passes: mirrors merged
     assert len(decoded) == len(target)
-    written = sum(int((np.asarray(datasets.read_label(p)) != 0).sum())
-                  for p in (tmp_path / "pseudo_labelIds").glob("*.png"))
+    written = sum(
+        int((np.asarray(datasets.read_label(p)) != 0).sum())
+        for p in (tmp_path / "pseudo_labelIds").glob("*.png")
+    )
     assert written == sum(stats["selected_pixels"].values()) > 0
     with ProbabilityCache.open(tmp_path / CACHE_FOLDER) as kept:
         assert len(kept) == len(target) and kept.dtype == torch.float16
@@ -108,8 +135,9 @@ def _image(dataset, i: int) -> torch.Tensor:
 def _random_outputs(plan: InferencePlan, size, seed: int) -> list[torch.Tensor]:
     """Softmax maps of the shapes a stride-8 network gives for each pass of ``plan``."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(1, 4, -(-h // 8), -(-w // 8), generator=g).softmax(1)
-            for h, w in plan.pass_sizes(*size)]
+    return [
+        torch.rand(1, 4, -(-h // 8), -(-w // 8), generator=g).softmax(1) for h, w in plan.pass_sizes(*size)
+    ]
 
 
 @pytest.mark.parametrize("backend", ["device", "host", "disk"])
@@ -117,8 +145,7 @@ def test_cache_backends_round_trip_exactly(tmp_path, backend):
     plan = InferencePlan(scales=(1.0, 0.5), flip=True)
     size = (20, 28)
     stored = {i: _random_outputs(plan, size, i) for i in range(3)}
-    with ProbabilityCache(tmp_path / "c", plan, device="cpu", dtype=torch.float32,
-                          backend=backend) as cache:
+    with ProbabilityCache(tmp_path / "c", plan, device="cpu", dtype=torch.float32, backend=backend) as cache:
         for i, outputs in stored.items():
             cache.put(i, [o[0] for o in outputs], size)
         assert {cache.tier_of(i) for i in stored} == {backend}
@@ -137,8 +164,9 @@ def test_cache_spills_to_its_file_when_memory_runs_short(tmp_path, monkeypatch):
     plan = InferencePlan()
     outputs = _random_outputs(plan, (16, 16), 0)
     entry_bytes = outputs[0].numel() * 2  # float16
-    monkeypatch.setattr(pseudo_labels, "available_host_memory",
-                        lambda: int(1.5 * entry_bytes / pseudo_labels.HOST_SHARE))
+    monkeypatch.setattr(
+        pseudo_labels, "available_host_memory", lambda: int(1.5 * entry_bytes / pseudo_labels.HOST_SHARE)
+    )
     with ProbabilityCache(tmp_path / "c", plan, device="cpu", keep=True) as cache:
         for i in range(3):
             cache.put(i, [outputs[0][0]], (16, 16))
@@ -193,8 +221,7 @@ def test_a_broken_image_in_a_loader_worker_stops_the_pass_naming_the_file(target
     bad = target.subset(range(len(target)))
     bad.samples[1] = dataclasses.replace(bad.samples[1], image=broken)
     with pytest.raises(DataError) as failure:
-        pseudo_label_pass(model, bad, tmp_path / "out", portion=0.5, num_workers=1,
-                          progress=False)
+        pseudo_label_pass(model, bad, tmp_path / "out", portion=0.5, num_workers=1, progress=False)
     assert str(failure.value).startswith(f"{broken}: ")
     assert "\n" not in str(failure.value)
 
@@ -204,8 +231,9 @@ def test_merged_mirror_passes_change_probabilities_by_rounding_only(tmp_path, wi
     plan = InferencePlan(scales=(1.0, 0.5), flip=True)
     size = (16, width)  # a 28-px width is padded: merging is not exact there and is not done
     outputs = [torch.cat([o, o.flip(-1)]) for o in _random_outputs(plan, size, 5)]
-    with ProbabilityCache(tmp_path, plan, device="cpu", dtype=torch.float32, backend="host",
-                          merge_flip=True) as cache:
+    with ProbabilityCache(
+        tmp_path, plan, device="cpu", dtype=torch.float32, backend="host", merge_flip=True
+    ) as cache:
         probs = cache.store([0, 1], outputs, size)
         assert len(cache.outputs(0)) == (2 if merged else 4)
         assert torch.equal(cache.get_batch([0, 1]), probs)

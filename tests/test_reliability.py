@@ -24,7 +24,7 @@ from cbst.evaluation import evaluate_predictions
 from cbst.io import DataError, read_label, write_json, write_npy, write_png, write_text
 from cbst.models import build_model
 from cbst.selftrain import SelfTrainConfig, self_train
-from cbst.training import SourceTrainConfig, train_source
+from cbst.sourcetrain import SourceTrainConfig, train_source
 
 
 def _one_line_error(capsys, *names: str) -> str:
@@ -37,6 +37,7 @@ def _one_line_error(capsys, *names: str) -> str:
 
 
 # ----------------------------------------------------------------------- output destinations
+
 
 def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys):
     folder, file = tmp_path / "folder", tmp_path / "file.pt"
@@ -51,17 +52,32 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys)
     _one_line_error(capsys, str(file / "m.json"), "is a file, not a folder")
     assert main(["convert", str(file), "--arch", "small", "--num-classes", "19", "--out", str(folder)]) == 2
     _one_line_error(capsys, str(folder), "is a folder")
-    assert main(["prior", "--dataset", "gta5", "--data-root", str(tmp_path / "nowhere"),
-                 "--out", str(folder)]) == 2
+    assert (
+        main(["prior", "--dataset", "gta5", "--data-root", str(tmp_path / "nowhere"), "--out", str(folder)])
+        == 2
+    )
     _one_line_error(capsys, str(folder), "is a folder")
 
 
 def test_self_train_output_that_is_a_file_is_one_line(bench, tmp_path, capsys):
     file = tmp_path / "run"
     file.write_text("")
-    assert main(["self-train", "--data-root", str(bench / "data" / "gta5"), "--data-root-tgt",
-                 str(bench / "data" / "cityscapes"), "--weights", str(bench / "source.pt"),
-                 "--output", str(file)]) == 2
+    assert (
+        main(
+            [
+                "self-train",
+                "--data-root",
+                str(bench / "data" / "gta5"),
+                "--data-root-tgt",
+                str(bench / "data" / "cityscapes"),
+                "--weights",
+                str(bench / "source.pt"),
+                "--output",
+                str(file),
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, str(file), "--output needs a folder")
 
 
@@ -92,9 +108,20 @@ def test_os_errors_during_a_write_name_the_destination(tmp_path, capsys, monkeyp
 def test_existing_outputs_are_kept_unless_overwrite(bench, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     out.write_text("keep me")
-    base = ["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint",
-            str(bench / "source.pt"), "--no-progress", "--device", "cpu", "--num-workers", "0",
-            "--out", str(out)]
+    base = [
+        "evaluate",
+        "--data-root",
+        str(bench / "data" / "cityscapes"),
+        "--checkpoint",
+        str(bench / "source.pt"),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     assert main(base) == 2
     _one_line_error(capsys, str(out), "--overwrite")
     assert out.read_text() == "keep me"
@@ -103,13 +130,19 @@ def test_existing_outputs_are_kept_unless_overwrite(bench, tmp_path, capsys):
     source = bench / "source.pt"
     before = source.read_bytes()
     for extra in ([], ["--overwrite"]):  # a command never writes over its own input
-        assert main(["convert", str(source), "--arch", "small", "--num-classes", "19",
-                     "--out", str(source)] + extra) == 2
+        assert (
+            main(
+                ["convert", str(source), "--arch", "small", "--num-classes", "19", "--out", str(source)]
+                + extra
+            )
+            == 2
+        )
         _one_line_error(capsys, str(source), "input")
     assert source.read_bytes() == before
 
 
 # -------------------------------------------------------------------------------- file modes
+
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_writes_end_with_the_umask_mode(tmp_path, umask):
@@ -119,8 +152,9 @@ def test_atomic_writes_end_with_the_umask_mode(tmp_path, umask):
         write_text(tmp_path / "b.yaml", "x: 1\n")
         write_npy(tmp_path / "c.npy", np.zeros(3))
         write_png(tmp_path / "d" / "e.png", np.zeros((4, 4), np.uint8))
-        save_checkpoint(tmp_path / "f.pt", build_model("small", 19), arch="small", num_classes=19,
-                        protocol="cityscapes19")
+        save_checkpoint(
+            tmp_path / "f.pt", build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19"
+        )
     finally:
         os.umask(old)
     for name in ("a.json", "b.yaml", "c.npy", "d/e.png", "f.pt"):
@@ -130,17 +164,32 @@ def test_atomic_writes_end_with_the_umask_mode(tmp_path, umask):
 
 # ------------------------------------------------------------------------------ bad content
 
+
 def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match=f"{junk}: not a text list file"):
         build_dataset("cityscapes", bench / "data" / "cityscapes", split="val", list_file=junk)
-    assert main(["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint",
-                 str(junk)]) == 2
+    assert (
+        main(["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint", str(junk)]) == 2
+    )
     err = _one_line_error(capsys, str(junk), "not a readable PyTorch checkpoint")
     assert "weights_only" not in err
-    assert main(["convert", str(junk.rename(tmp_path / "junk.pth")), "--arch", "small",
-                 "--num-classes", "19", "--out", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(junk.rename(tmp_path / "junk.pth")),
+                "--arch",
+                "small",
+                "--num-classes",
+                "19",
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
+        == 2
+    )
     err = _one_line_error(capsys, "junk.pth", "not a readable PyTorch weights file")
     assert "weights_only" not in err
 
@@ -148,8 +197,12 @@ def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
 def test_pickled_model_is_refused_without_torch_advice(tmp_path, capsys):
     path = tmp_path / "model.pth"
     torch.save(torch.nn.Linear(2, 2), path)
-    assert main(["convert", str(path), "--arch", "small", "--num-classes", "19",
-                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(
+            ["convert", str(path), "--arch", "small", "--num-classes", "19", "--out", str(tmp_path / "m.pt")]
+        )
+        == 2
+    )
     err = _one_line_error(capsys, str(path), "pickled Python objects")
     assert "weights_only" not in err
 
@@ -169,8 +222,12 @@ def test_prediction_values_outside_the_label_table_are_refused(bench, tmp_path):
 def test_convert_warns_about_stored_gammas(capsys):
     from cbst.commands.convert import _warn_stored_gammas
 
-    params = {"arg:bn2_gamma": np.ones(4, np.float32), "arg:bn3_gamma": np.full(4, 0.5, np.float32),
-              "arg:bn4_beta": np.zeros(4, np.float32), "aux:bn5_gamma": np.array([1, 2], np.float32)}
+    params = {
+        "arg:bn2_gamma": np.ones(4, np.float32),
+        "arg:bn3_gamma": np.full(4, 0.5, np.float32),
+        "arg:bn4_beta": np.zeros(4, np.float32),
+        "aux:bn5_gamma": np.array([1, 2], np.float32),
+    }
     _warn_stored_gammas(Path("w.params"), params)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning" in err and "w.params" in err
@@ -181,36 +238,69 @@ def test_convert_warns_about_stored_gammas(capsys):
 
 # ------------------------------------------------------------------- validation and resume
 
+
 def _config(bench, output, **kw) -> SelfTrainConfig:
-    base = dict(weights=str(bench / "source.pt"), output=str(output),
-                data_root=str(bench / "data" / "gta5"), data_root_tgt=str(bench / "data" / "cityscapes"),
-                num_round=2, epoch_per_round=1, batch_images=2, crop_size=32, device="cpu",
-                progress=False, base_lr=0.01, init_src_port=0.5)
+    base = dict(
+        weights=str(bench / "source.pt"),
+        output=str(output),
+        data_root=str(bench / "data" / "gta5"),
+        data_root_tgt=str(bench / "data" / "cityscapes"),
+        num_round=2,
+        epoch_per_round=1,
+        batch_images=2,
+        crop_size=32,
+        device="cpu",
+        progress=False,
+        base_lr=0.01,
+        init_src_port=0.5,
+    )
     base.update(kw)
     return SelfTrainConfig(**base)
 
 
-@pytest.mark.parametrize("options, flag", [
-    ({"base_lr": -1.0}, "--base-lr"), ({"base_lr": float("nan")}, "--base-lr"),
-    ({"mine_port": 2.0}, "--mine-port"), ({"init_src_port": -0.2}, "--init-src-port"),
-    ({"init_tgt_port": 1.5}, "--init-tgt-port"), ({"momentum": -0.1}, "--momentum"),
-    ({"max_tgt_port": 1.0, "step_tgt_port": 0.6, "num_round": 3}, "--step-tgt-port"),
-    ({"scale_rate_range": (1.3, 0.7)}, "--scale-rate-range"), ({"batch_images": 9}, "--batch-images"),
-])
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        ({"base_lr": -1.0}, "--base-lr"),
+        ({"base_lr": float("nan")}, "--base-lr"),
+        ({"mine_port": 2.0}, "--mine-port"),
+        ({"init_src_port": -0.2}, "--init-src-port"),
+        ({"init_tgt_port": 1.5}, "--init-tgt-port"),
+        ({"momentum": -0.1}, "--momentum"),
+        ({"max_tgt_port": 1.0, "step_tgt_port": 0.6, "num_round": 3}, "--step-tgt-port"),
+        ({"scale_rate_range": (1.3, 0.7)}, "--scale-rate-range"),
+        ({"batch_images": 9}, "--batch-images"),
+    ],
+)
 def test_self_train_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
     with pytest.raises(ConfigError, match=flag):
         self_train(_config(bench, tmp_path / "run", **options))
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("options, flag", [
-    ({"base_lr": -1.0}, "--base-lr"), ({"crop_size": 0}, "--crop-size"),
-    ({"scale_range": (0.0, 1.0)}, "--scale-rate-range"), ({"batch_images": 9}, "--batch-images"),
-    ({"eval_dataset": "cityscapes"}, "--eval-root"), ({"weight_decay": -1.0}, "--weight-decay"),
-])
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        ({"base_lr": -1.0}, "--base-lr"),
+        ({"crop_size": 0}, "--crop-size"),
+        ({"scale_range": (0.0, 1.0)}, "--scale-rate-range"),
+        ({"batch_images": 9}, "--batch-images"),
+        ({"eval_dataset": "cityscapes"}, "--eval-root"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+    ],
+)
 def test_source_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
-    base = dict(dataset="gta5", data_root=str(bench / "data" / "gta5"), output=str(tmp_path / "run"),
-                model="small", batch_images=2, crop_size=32, to_epoch=1, device="cpu", num_workers=0)
+    base = dict(
+        dataset="gta5",
+        data_root=str(bench / "data" / "gta5"),
+        output=str(tmp_path / "run"),
+        model="small",
+        batch_images=2,
+        crop_size=32,
+        to_epoch=1,
+        device="cpu",
+        num_workers=0,
+    )
     config = SourceTrainConfig(**{**base, **options})
     with pytest.raises(ConfigError, match=flag):
         train_source(config)
@@ -228,21 +318,32 @@ def _started_run(bench, out: Path, finished: list[str], **kw) -> SelfTrainConfig
 def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(bench, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rel = Path(os.path.relpath(bench, tmp_path))
-    cfg = dataclasses.replace(_started_run(bench, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
-                              weights=str(rel / "source.pt"), data_root=f"./{rel}/data/gta5/",
-                              data_root_tgt=str(rel / "data" / "cityscapes"), resume=True)
+    cfg = dataclasses.replace(
+        _started_run(bench, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
+        weights=str(rel / "source.pt"),
+        data_root=f"./{rel}/data/gta5/",
+        data_root_tgt=str(rel / "data" / "cityscapes"),
+        resume=True,
+    )
     for output in ("./runs/a", "runs/a/", str(tmp_path / "runs" / "a")):
         selftrain._prepare_output(dataclasses.replace(cfg, output=output))
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
-    selftrain._prepare_output(dataclasses.replace(cfg, output="../runs/a", weights=str(bench / "source.pt"),
-                                                  data_root=str(bench / "data" / "gta5"),
-                                                  data_root_tgt=str(bench / "data" / "cityscapes")))
+    selftrain._prepare_output(
+        dataclasses.replace(
+            cfg,
+            output="../runs/a",
+            weights=str(bench / "source.pt"),
+            data_root=str(bench / "data" / "gta5"),
+            data_root_tgt=str(bench / "data" / "cityscapes"),
+        )
+    )
     (tmp_path / "runs" / "a").rename(tmp_path / "moved")
     selftrain._prepare_output(_config(bench, tmp_path / "moved", resume=True))
     with pytest.raises(ConfigError, match="--weights"):
-        selftrain._prepare_output(_config(bench, tmp_path / "moved", resume=True,
-                                          weights=str(tmp_path / "other.pt")))
+        selftrain._prepare_output(
+            _config(bench, tmp_path / "moved", resume=True, weights=str(tmp_path / "other.pt"))
+        )
 
 
 def test_a_failed_stage_can_be_resumed_with_a_corrected_option(bench, tmp_path):
@@ -261,11 +362,30 @@ def test_a_failed_stage_can_be_resumed_with_a_corrected_option(bench, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(bench, tmp_path, capsys):
-    argv = ["self-train", "--data-root", str(bench / "data" / "gta5"), "--data-root-tgt",
-            str(bench / "data" / "cityscapes"), "--weights", str(bench / "source.pt"),
-            "--output", str(tmp_path / "run"), "--num-round", "1", "--epoch-per-round", "1",
-            "--batch-images", "1", "--crop-size", "32", "--device", "cpu", "--no-progress",
-            "--eval-split", "none"]
+    argv = [
+        "self-train",
+        "--data-root",
+        str(bench / "data" / "gta5"),
+        "--data-root-tgt",
+        str(bench / "data" / "cityscapes"),
+        "--weights",
+        str(bench / "source.pt"),
+        "--output",
+        str(tmp_path / "run"),
+        "--num-round",
+        "1",
+        "--epoch-per-round",
+        "1",
+        "--batch-images",
+        "1",
+        "--crop-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--eval-split",
+        "none",
+    ]
     assert main(argv + ["--base-lr", "1e30"]) == 2
     _one_line_error(capsys, "non-finite", "epoch 1")
     assert json.loads((tmp_path / "run" / "state.json").read_text())["finished"] == ["0/pseudo"]
@@ -277,9 +397,19 @@ def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(b
 @pytest.mark.slow
 def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(bench, tmp_path, monkeypatch):
     def config(**kw) -> SourceTrainConfig:
-        base = dict(dataset="gta5", data_root=str(bench / "data" / "gta5"), output=str(tmp_path / "run"),
-                    model="small", batch_images=2, crop_size=32, base_lr=0.01, to_epoch=1,
-                    device="cpu", num_workers=0, resume=True)
+        base = dict(
+            dataset="gta5",
+            data_root=str(bench / "data" / "gta5"),
+            output=str(tmp_path / "run"),
+            model="small",
+            batch_images=2,
+            crop_size=32,
+            base_lr=0.01,
+            to_epoch=1,
+            device="cpu",
+            num_workers=0,
+            resume=True,
+        )
         return SourceTrainConfig(**{**base, **kw})
 
     train_source(config())

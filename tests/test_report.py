@@ -51,11 +51,14 @@ def target(tmp_path_factory) -> Path:
             image = rng.integers(0, 255, (*SIZE, 3), dtype=np.uint8)
             train_ids = rng.integers(0, 19, SIZE).astype(np.uint8)
             cbst_io.write_png(root / "leftImg8bit" / split / "testcity" / f"{name}_leftImg8bit.png", image)
-            cbst_io.write_png(root / "gtFine" / split / "testcity" / f"{name}_gtFine_labelIds.png",
-                              CITYSCAPES_19.decode(train_ids))
+            cbst_io.write_png(
+                root / "gtFine" / split / "testcity" / f"{name}_gtFine_labelIds.png",
+                CITYSCAPES_19.decode(train_ids),
+            )
     torch.manual_seed(0)
-    save_checkpoint(root / "source.pt", build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
+    save_checkpoint(
+        root / "source.pt", build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19"
+    )
     return root
 
 
@@ -67,21 +70,44 @@ def _metrics(rng: np.random.Generator) -> dict:
 
 def _stats(rng: np.random.Generator, policy: str, index: int, selected: dict[str, int]) -> dict:
     lam = {c: (0.9 if policy == "global" else float(rng.uniform(0.2, 1.0))) for c in CLASSES}
-    return {"portion": 0.2 + 0.05 * index, "policy": policy, "with_prior": False, "thresholds": lam,
-            "predicted_pixels": {c: 2 * n + 1 for c, n in selected.items()},
-            "selected_pixels": selected, "mine_id": [5, 6, 7], "mine_id_priority": [5, 6, 7],
-            "selected_fraction": 0.25 + 0.01 * index, "pseudo_label_accuracy": 0.6 + 0.01 * index,
-            "seconds": 3.5 + index}
+    return {
+        "portion": 0.2 + 0.05 * index,
+        "policy": policy,
+        "with_prior": False,
+        "thresholds": lam,
+        "predicted_pixels": {c: 2 * n + 1 for c, n in selected.items()},
+        "selected_pixels": selected,
+        "mine_id": [5, 6, 7],
+        "mine_id_priority": [5, 6, 7],
+        "selected_fraction": 0.25 + 0.01 * index,
+        "pseudo_label_accuracy": 0.6 + 0.01 * index,
+        "seconds": 3.5 + index,
+    }
 
 
-def write_run(target: Path, out: Path, *, policy: str = "cb", rounds: int = 2, evaluated: int | None = None,
-              pseudo_only: int = 0, eval_root: Path | None = None, seed: int = 0) -> Path:
+def write_run(
+    target: Path,
+    out: Path,
+    *,
+    policy: str = "cb",
+    rounds: int = 2,
+    evaluated: int | None = None,
+    pseudo_only: int = 0,
+    eval_root: Path | None = None,
+    seed: int = 0,
+) -> Path:
     """A run folder as ``cbst self-train`` leaves it: ``rounds`` finished rounds (the first
     ``evaluated`` of them with metrics.json), then ``pseudo_only`` rounds with pseudo-labels only."""
     rng = np.random.default_rng(seed)
-    cfg = SelfTrainConfig(weights=str(target / "source.pt"), output=str(out), data_root="/nowhere/gta5",
-                          data_root_tgt=str(eval_root or target), kc_policy=policy, num_round=4,
-                          score_pseudo_labels=True)
+    cfg = SelfTrainConfig(
+        weights=str(target / "source.pt"),
+        output=str(out),
+        data_root="/nowhere/gta5",
+        data_root_tgt=str(eval_root or target),
+        kc_policy=policy,
+        num_round=4,
+        score_pseudo_labels=True,
+    )
     out.mkdir(parents=True)
     cbst_io.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     evaluated = rounds if evaluated is None else evaluated
@@ -95,9 +121,12 @@ def write_run(target: Path, out: Path, *, policy: str = "cb", rounds: int = 2, e
             if policy == "global":
                 pseudo[pseudo < 19] = np.where(rng.random(SIZE) < 0.8, 0, pseudo)[pseudo < 19]
             counts += np.bincount(pseudo[pseudo < 19].ravel(), minlength=19)
-            cbst_io.write_png(rdir / "pseudo_labelIds" / f"{name}.png", CITYSCAPES_19.decode(pseudo.astype(np.uint8)))
-        cbst_io.write_json(rdir / "stats.json", _stats(rng, policy, index,
-                                                        dict(zip(CLASSES, counts.tolist()))))
+            cbst_io.write_png(
+                rdir / "pseudo_labelIds" / f"{name}.png", CITYSCAPES_19.decode(pseudo.astype(np.uint8))
+            )
+        cbst_io.write_json(
+            rdir / "stats.json", _stats(rng, policy, index, dict(zip(CLASSES, counts.tolist())))
+        )
         finished.append(f"{index}/pseudo")
         if index < rounds:
             shutil.copyfile(target / "source.pt", rdir / "model.pt")
@@ -169,19 +198,41 @@ def test_report_is_valid_html_with_decodable_images(target, tmp_path):
 
 
 def test_every_table_number_equals_the_runs_json(target, tmp_path):
-    runs = [write_run(target, tmp_path / "a", policy="global", rounds=3),
-            write_run(target, tmp_path / "b", seed=2)]
+    runs = [
+        write_run(target, tmp_path / "a", policy="global", rounds=3),
+        write_run(target, tmp_path / "b", seed=2),
+    ]
     source = _metrics(np.random.default_rng(9))
     cbst_io.write_json(tmp_path / "source.json", source)
     page = _Page(build_report(runs, images=0, source_metrics=tmp_path / "source.json"))
 
     scores = _table(page, "run", "mIoU")
-    assert scores[0][3:] == ["Road", "Sidewalk", "Build", "Wall", "Fence", "Pole", "Traffic Light",
-                             "Traffic Sign", "Veg.", "Terrain", "Sky", "Person", "Rider", "Car",
-                             "Truck", "Bus", "Train", "Motor", "Bike"]
+    assert scores[0][3:] == [
+        "Road",
+        "Sidewalk",
+        "Build",
+        "Wall",
+        "Fence",
+        "Pole",
+        "Traffic Light",
+        "Traffic Sign",
+        "Veg.",
+        "Terrain",
+        "Sky",
+        "Person",
+        "Rider",
+        "Car",
+        "Truck",
+        "Bus",
+        "Train",
+        "Motor",
+        "Bike",
+    ]
     expected = []
     for run in runs:
-        expected.append([run.name, "source", _pct(source["miou"])] + [_pct(source["iou"][c]) for c in CLASSES])
+        expected.append(
+            [run.name, "source", _pct(source["miou"])] + [_pct(source["iou"][c]) for c in CLASSES]
+        )
         for rdir in sorted(run.glob("round_*")):
             m = json.loads((rdir / "metrics.json").read_text())
             expected.append([run.name, rdir.name, _pct(m["miou"])] + [_pct(m["iou"][c]) for c in CLASSES])
@@ -189,14 +240,20 @@ def test_every_table_number_equals_the_runs_json(target, tmp_path):
 
     quality = _table(page, "run", "accuracy (%)")
     times = _table(page, "run", "pseudo-labels (s)")
-    rows = [(run.name, rdir.name, json.loads((rdir / "stats.json").read_text()))
-            for run in runs for rdir in sorted(run.glob("round_*"))]
+    rows = [
+        (run.name, rdir.name, json.loads((rdir / "stats.json").read_text()))
+        for run in runs
+        for rdir in sorted(run.glob("round_*"))
+    ]
     assert [r[:5] for r in quality[1:]] == [
         [name, rnd, _pct(s["portion"]), _pct(s["selected_fraction"]), _pct(s["pseudo_label_accuracy"])]
-        for name, rnd, s in rows]
+        for name, rnd, s in rows
+    ]
     for row, (_, _, s) in zip(quality[1:], rows):
         top = max(s["selected_pixels"], key=s["selected_pixels"].get)
-        assert row[5].startswith(f"{top} {_pct(s['selected_pixels'][top] / sum(s['selected_pixels'].values()))}")
+        assert row[5].startswith(
+            f"{top} {_pct(s['selected_pixels'][top] / sum(s['selected_pixels'].values()))}"
+        )
     assert [r[2] for r in times[1:]] == [f"{s['seconds']:.0f}" for _, _, s in rows]
 
 
@@ -240,11 +297,20 @@ def test_without_the_target_images_the_report_says_so(target, tmp_path):
     assert len(_Page(text).images) == 4  # mIoU, class shares, IoU and λ; no accuracy, no gallery
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda run: shutil.rmtree(run / "round_1"), "round_1 is missing (found round_0, round_2)"),
-    (lambda run: (run / "round_1" / "metrics.json").unlink(), "metrics.json: missing, but round_2 was evaluated"),
-    (lambda run: shutil.rmtree(run / "round_2"), "state.json lists round 2 as started but round_2 is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda run: shutil.rmtree(run / "round_1"), "round_1 is missing (found round_0, round_2)"),
+        (
+            lambda run: (run / "round_1" / "metrics.json").unlink(),
+            "metrics.json: missing, but round_2 was evaluated",
+        ),
+        (
+            lambda run: shutil.rmtree(run / "round_2"),
+            "state.json lists round 2 as started but round_2 is missing",
+        ),
+    ],
+)
 def test_a_run_with_a_lost_round_is_refused_naming_it(target, tmp_path, damage, message):
     run = write_run(target, tmp_path / "run", rounds=3)
     damage(run)
@@ -288,7 +354,10 @@ def test_demo_folder_compares_source_st_cbst_cbst_sp(target, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"report: {demo / 'report.html'}"
     page = _Page((demo / "report.html").read_text())
     assert [row[:2] for row in _table(page, "run", "method")[1:]] == [
-        ["ST", "ST"], ["CBST", "CBST"], ["CBST-SP", "CBST-SP"]]
+        ["ST", "ST"],
+        ["CBST", "CBST"],
+        ["CBST-SP", "CBST-SP"],
+    ]
     scores = _table(page, "run", "mIoU")
     assert [row[1] for row in scores[1:4]] == ["source", "round_0", "round_1"]
     assert scores[1][2] == _pct(source["miou"])
@@ -313,18 +382,28 @@ def test_report_help_and_config(target, tmp_path, capsys):
 
 # ------------------------------------------------------------------ in a real browser (Chromium)
 
+
 def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
+    return next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
 
 
 class DevTools:
     """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe`` (fd 3 in,
     fd 4 out, NUL-terminated JSON): enough to load a page and read its console and DOM."""
 
-    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--remote-debugging-pipe")
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--remote-debugging-pipe",
+    )
 
     def __init__(self, binary: str, profile: Path) -> None:
         to_browser, self._write = os.pipe()
@@ -335,9 +414,13 @@ class DevTools:
             os.dup2(high[0], 3)
             os.dup2(high[1], 4)
 
-        self.proc = subprocess.Popen([binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                     preexec_fn=pipes_to_3_and_4, close_fds=False,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=pipes_to_3_and_4,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser)
         os.close(from_browser)
         self._buffer = b""
@@ -401,14 +484,21 @@ def open_in_browser(binary: str, page: Path, profile: Path) -> tuple[list[list],
             browser.call(domain, session)
         browser.call("Page.navigate", session, url=page.resolve().as_uri())
         browser.wait_for("Page.loadEventFired")
-        images = browser.call("Runtime.evaluate", session, returnByValue=True, expression=(
-            "Array.from(document.images).map(i => [i.complete, i.naturalWidth])"))["result"]["value"]
+        images = browser.call(
+            "Runtime.evaluate",
+            session,
+            returnByValue=True,
+            expression=("Array.from(document.images).map(i => [i.complete, i.naturalWidth])"),
+        )["result"]["value"]
     finally:
         browser.close()
-    errors = [json.dumps(e["params"]) for e in browser.events
-              if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") == "error")
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")]
+    errors = [
+        json.dumps(e["params"])
+        for e in browser.events
+        if e.get("method") == "Runtime.exceptionThrown"
+        or (e.get("method") == "Runtime.consoleAPICalled" and e["params"].get("type") == "error")
+        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")
+    ]
     return images, errors
 
 

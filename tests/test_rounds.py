@@ -6,14 +6,28 @@ import pytest
 from cbst.rounds import round_schedule, source_subset
 
 # (p, s, n_src, iterations per epoch) for GTA -> Cityscapes, 24,966 source and 505 target images.
-GTA_TABLE = [(0.15, 0.0300, 748, 626), (0.20, 0.0325, 811, 658), (0.25, 0.0350, 873, 689),
-             (0.30, 0.0375, 936, 720), (0.35, 0.0400, 998, 751), (0.40, 0.0425, 1061, 783)]
-SYN_TABLE = [(0.20, 0.0200, 188, 346), (0.25, 0.0225, 211, 358), (0.30, 0.0250, 235, 370),
-             (0.35, 0.0275, 258, 381), (0.40, 0.0300, 282, 393), (0.45, 0.0325, 305, 405)]
+GTA_TABLE = [
+    (0.15, 0.0300, 748, 626),
+    (0.20, 0.0325, 811, 658),
+    (0.25, 0.0350, 873, 689),
+    (0.30, 0.0375, 936, 720),
+    (0.35, 0.0400, 998, 751),
+    (0.40, 0.0425, 1061, 783),
+]
+SYN_TABLE = [
+    (0.20, 0.0200, 188, 346),
+    (0.25, 0.0225, 211, 358),
+    (0.30, 0.0250, 235, 370),
+    (0.35, 0.0275, 258, 381),
+    (0.40, 0.0300, 282, 393),
+    (0.45, 0.0325, 305, 405),
+]
 LRS = [1.000e-4, 7.071e-5, 5.000e-5, 3.536e-5, 2.500e-5, 1.768e-5]
 
-@pytest.mark.parametrize("table,init_tgt,init_src,num_source", [
-    (GTA_TABLE, 0.15, 0.03, 24966), (SYN_TABLE, 0.20, 0.02, 9400)])
+
+@pytest.mark.parametrize(
+    "table,init_tgt,init_src,num_source", [(GTA_TABLE, 0.15, 0.03, 24966), (SYN_TABLE, 0.20, 0.02, 9400)]
+)
 def test_schedule_matches_readme_tables(table, init_tgt, init_src, num_source):
     plans = round_schedule(6, init_tgt_port=init_tgt, init_src_port=init_src, base_lr=1e-4)
     for plan, (p, s, n_src, iters), lr in zip(plans, table, LRS):
@@ -24,11 +38,12 @@ def test_schedule_matches_readme_tables(table, init_tgt, init_src, num_source):
         assert plan.lr == pytest.approx(lr, rel=1e-3)
         assert (plan.start_epoch, plan.end_epoch) == (2 * plan.index, 2 * plan.index + 2)
 
+
 def test_portions_stop_growing_after_reaching_max_with_overshoot():
-    plans = round_schedule(8, init_tgt_port=0.42, step_tgt_port=0.05, max_tgt_port=0.5,
-                           init_src_port=0.3)
+    plans = round_schedule(8, init_tgt_port=0.42, step_tgt_port=0.05, max_tgt_port=0.5, init_src_port=0.3)
     assert [round(p.tgt_portion, 6) for p in plans] == [0.42, 0.47, 0.52, 0.52, 0.52, 0.52, 0.52, 0.52]
     assert all(p.src_portion == 0.3 for p in plans)  # code default: s starts above its max
+
 
 def test_lr_decay_and_seed_policies():
     plans = round_schedule(3, base_lr=1.0, seed=7, source_sample_policy="random")
@@ -38,6 +53,7 @@ def test_lr_decay_and_seed_policies():
     assert round_schedule(2, base_lr=1.0, lr_decay=1.0)[1].lr == 1.0
     with pytest.raises(ValueError, match="source_sample_policy"):
         round_schedule(2, source_sample_policy="fresh")
+
 
 def test_source_subset_matches_legacy_numpy_and_is_nested_when_cumulative():
     np.random.seed(0)

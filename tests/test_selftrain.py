@@ -21,25 +21,40 @@ from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
 
 
 def _config(bench, output, **kw) -> SelfTrainConfig:
-    base = dict(weights=str(bench / "source.pt"), output=str(output),
-                data_root=str(bench / "data" / "gta5"),
-                data_root_tgt=str(bench / "data" / "cityscapes"), num_round=2, epoch_per_round=1,
-                init_tgt_port=0.3, init_src_port=0.5, batch_images=2, crop_size=32,
-                mine_port=0.8, device="cpu", progress=False, base_lr=0.01)
+    base = dict(
+        weights=str(bench / "source.pt"),
+        output=str(output),
+        data_root=str(bench / "data" / "gta5"),
+        data_root_tgt=str(bench / "data" / "cityscapes"),
+        num_round=2,
+        epoch_per_round=1,
+        init_tgt_port=0.3,
+        init_src_port=0.5,
+        batch_images=2,
+        crop_size=32,
+        mine_port=0.8,
+        device="cpu",
+        progress=False,
+        base_lr=0.01,
+    )
     base.update(kw)
     return SelfTrainConfig(**base)
 
 
 def test_pseudo_label_pass_writes_the_labels_of_the_direct_rule(bench, tmp_path):
     model, _ = load_checkpoint(bench / "source.pt")
-    target = build_dataset("cityscapes", bench / "data" / "cityscapes", split="train",
-                           with_labels=False)
-    stats = pseudo_label_pass(model, target, tmp_path, portion=0.4, policy="cb", exact=True,
-                              flip=False, progress=False)
+    target = build_dataset("cityscapes", bench / "data" / "cityscapes", split="train", with_labels=False)
+    stats = pseudo_label_pass(
+        model, target, tmp_path, portion=0.4, policy="cb", exact=True, flip=False, progress=False
+    )
     from cbst.inference import predict_probs
 
-    probs = torch.cat([predict_probs(model, torch.as_tensor(target[i]["image"]).permute(2, 0, 1)[None])
-                       for i in range(len(target))])  # one by one, as the pass does
+    probs = torch.cat(
+        [
+            predict_probs(model, torch.as_tensor(target[i]["image"]).permute(2, 0, 1)[None])
+            for i in range(len(target))
+        ]
+    )  # one by one, as the pass does
     estimator = ThresholdEstimator(19, "cb", exact=True)
     estimator.update(probs)
     lam = estimator.thresholds(0.4)
@@ -103,8 +118,7 @@ def test_bad_options_fail_before_any_work(bench, tmp_path):
 def test_rounds_load_their_weights_into_one_model(bench, tmp_path):
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
-    save_checkpoint(other, build_model("small", 19), arch="small", num_classes=19,
-                    protocol="cityscapes19")
+    save_checkpoint(other, build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19")
     reused = selftrain._RoundModel(torch.device("cpu"), "cityscapes19", compile=False)
     first = reused.load(bench / "source.pt")
     assert reused.load(other) is first is reused.model  # the same module: compiled graphs stay

@@ -12,7 +12,11 @@ from PIL import Image
 
 from cbst.labels import CITYSCAPES_19
 from cbst.synthetic import (
-    SYNTHETIC_VERSION, SyntheticExistsError, class_frequencies, make_synthetic, render_image,
+    SYNTHETIC_VERSION,
+    SyntheticExistsError,
+    class_frequencies,
+    make_synthetic,
+    render_image,
 )
 
 RARE = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
@@ -21,8 +25,10 @@ SMALL = dict(num_source=3, num_train=2, num_val=2, size=(96, 48), progress=False
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.png"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.png"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def test_layout_and_encodings(bench):
     img, lab = Image.open(src[0]), Image.open(bench / "gta5" / "labels" / "00001.png")
     assert img.mode == "RGB" and img.size == (256, 128)
     assert lab.mode == "P" and lab.size == (256, 128)
-    assert lab.getpalette()[3 * 7: 3 * 8] == [128, 64, 128]  # labelId 7 = road colour
+    assert lab.getpalette()[3 * 7 : 3 * 8] == [128, 64, 128]  # labelId 7 = road colour
     for split, n, cities in (("train", 30, {"synthtown", "pixelburg"}), ("val", 10, {"renderdorf"})):
         images = sorted((bench / "cityscapes" / "leftImg8bit" / split).rglob("*_leftImg8bit.png"))
         assert len(images) == n and {p.parent.name for p in images} == cities
@@ -120,7 +126,7 @@ def test_spatial_structure(bench, domain):
     rows = labels.shape[1]
     sky, road = labels == 23, labels == 7
     assert sky[:, : rows // 2].sum() > 0.95 * sky.sum()
-    assert road[:, rows // 2:].sum() > 0.95 * road.sum()
+    assert road[:, rows // 2 :].sum() > 0.95 * road.sum()
     assert sky[:, :2].mean() > 0.02 and road[:, : rows // 4].sum() == 0
 
 
@@ -128,8 +134,10 @@ def _stats(root: Path, domain: str):
     if domain == "source":
         pairs = [(root / "gta5" / "images" / p.name, p) for p in _labels(root, "source")]
     else:
-        pairs = [(Path(str(p).replace("gtFine", "leftImg8bit", 1).replace("_gtFine_labelIds", "_leftImg8bit")), p)
-                 for p in _labels(root, "target")]
+        pairs = [
+            (Path(str(p).replace("gtFine", "leftImg8bit", 1).replace("_gtFine_labelIds", "_leftImg8bit")), p)
+            for p in _labels(root, "target")
+        ]
     road_pixels, hf = [], []
     for ip, lp in pairs:
         img = np.asarray(Image.open(ip), dtype=np.float32)

@@ -41,7 +41,7 @@ def brute_force(probs: torch.Tensor, portion: float, policy: str, subsample: int
 
 def fitted(probs: torch.Tensor, policy: str, **kw) -> ThresholdEstimator:
     est = ThresholdEstimator(probs.shape[1], policy, **kw)
-    for image in probs:            # one update per image, like a pseudo-label pass
+    for image in probs:  # one update per image, like a pseudo-label pass
         est.update(image[None])
     return est
 
@@ -63,12 +63,12 @@ def test_exact_matches_sort(shape, policy):
 def test_exact_with_subsampling():
     probs = random_probs((2, 4, 13, 11), seed=3)
     est = fitted(probs, "cb", exact=True, subsample=4)
-    expected_counts = np.bincount(
-        probs.argmax(1).reshape(2, -1)[:, ::4].reshape(-1).numpy(), minlength=4)
+    expected_counts = np.bincount(probs.argmax(1).reshape(2, -1)[:, ::4].reshape(-1).numpy(), minlength=4)
     np.testing.assert_array_equal(est.class_pixel_counts.numpy(), expected_counts)
     for portion in PORTIONS:
-        np.testing.assert_array_equal(est.thresholds(portion).numpy(),
-                                      brute_force(probs, portion, "cb", subsample=4))
+        np.testing.assert_array_equal(
+            est.thresholds(portion).numpy(), brute_force(probs, portion, "cb", subsample=4)
+        )
 
 
 def check_approx(approx: np.ndarray, exact: np.ndarray, bins: int, tol: float = 0.0) -> None:
@@ -101,14 +101,14 @@ def test_approx_selection_is_superset_with_close_extras(policy):
         sel_a = assign_pseudo_labels(probs, lam_a) != IGNORE_INDEX
         sel_e = assign_pseudo_labels(probs, lam_e) != IGNORE_INDEX
         assert not (sel_e & ~sel_a).any()
-        extra = (sel_a & ~sel_e).unsqueeze(1)                         # N×1×H×W
+        extra = (sel_a & ~sel_e).unsqueeze(1)  # N×1×H×W
         lam_e4, lam_a4 = lam_e.view(1, -1, 1, 1), lam_a.view(1, -1, 1, 1)
         close = (probs >= lam_a4 * (1 - 1e-6)) & (probs < lam_e4) & (lam_e4 - probs < 1.0 / bins)
         assert (close.any(dim=1, keepdim=True) | ~extra).all()
 
 
 def test_tiny_confidences_keep_positive_thresholds():
-    probs = random_probs((1, 4, 20, 20), seed=5) * 1e-6   # e.g. a strong prior
+    probs = random_probs((1, 4, 20, 20), seed=5) * 1e-6  # e.g. a strong prior
     lam = fitted(probs, "cb").thresholds(1.0)
     assert (lam > 0).all() and (lam <= fitted(probs, "cb", exact=True).thresholds(1.0)).all()
 
@@ -136,10 +136,14 @@ def test_assign_matches_pixel_loop(policy):
 
 def test_assign_ties_at_one():
     lam = torch.tensor([0.3, 0.3, 0.5])
-    probs = torch.tensor([[0.3, 0.3, 0.4],      # R = 1, 1, 0.8: tie -> first class, selected
-                          [0.2, 0.3, 0.5],      # R = 0.67, 1, 1: tie -> class 1
-                          [0.29, 0.21, 0.5],    # R = 0.97, 0.7, 1: exactly 1 -> class 2
-                          [0.29, 0.29, 0.42]])  # max R < 1 -> ignored
+    probs = torch.tensor(
+        [
+            [0.3, 0.3, 0.4],  # R = 1, 1, 0.8: tie -> first class, selected
+            [0.2, 0.3, 0.5],  # R = 0.67, 1, 1: tie -> class 1
+            [0.29, 0.21, 0.5],  # R = 0.97, 0.7, 1: exactly 1 -> class 2
+            [0.29, 0.29, 0.42],
+        ]
+    )  # max R < 1 -> ignored
     probs = probs.T.reshape(1, 3, 1, 4)
     got = assign_pseudo_labels(probs, lam)
     assert got.tolist() == [[[0, 1, 2, IGNORE_INDEX]]]
@@ -167,11 +171,14 @@ def test_rare_classes_ties_and_empty():
 def test_state_dict_round_trip_and_merge(exact):
     probs = random_probs((4, 5, 12, 10), seed=2)
     whole = fitted(probs, "cb", exact=exact, bins=512)
-    first, second = fitted(probs[:2], "cb", exact=exact, bins=512), fitted(probs[2:], "cb", exact=exact, bins=512)
+    first, second = (
+        fitted(probs[:2], "cb", exact=exact, bins=512),
+        fitted(probs[2:], "cb", exact=exact, bins=512),
+    )
     resumed = ThresholdEstimator(5, "cb", exact=exact, bins=512)
     resumed.load_state_dict(first.state_dict())
     for image in probs[2:]:
-        resumed.update(image)            # C×H×W input
+        resumed.update(image)  # C×H×W input
     first.merge_state_dict(second.state_dict())
     for est in (resumed, first):
         np.testing.assert_array_equal(est.class_pixel_counts, whole.class_pixel_counts)

@@ -14,9 +14,9 @@ from torch import nn
 
 from cbst.labels import get_protocol
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
-from cbst.training import (SourceTrainConfig, build_optimizer, lr_at, segmentation_loss, set_lr,
-                           train_epochs, train_loader, train_source)
-from cbst.transforms import TrainTransform
+from cbst.sourcetrain import SourceTrainConfig, train_source
+from cbst.training import build_optimizer, lr_at, segmentation_loss, set_lr, train_epochs, train_loader
+from cbst.transforms import TrainTransform, network_crop
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -37,8 +37,10 @@ class TinyNet(nn.Module):
     def lr_groups(self) -> list[dict]:
         weights = [self.features.weight, self.classifier.weight]
         biases = [self.features.bias, self.classifier.bias]
-        return [{"params": weights, "lr_mult": 1.0, "wd_mult": 1.0},
-                {"params": biases, "lr_mult": 2.0, "wd_mult": 0.0}]
+        return [
+            {"params": weights, "lr_mult": 1.0, "wd_mult": 1.0},
+            {"params": biases, "lr_mult": 2.0, "wd_mult": 0.0},
+        ]
 
 
 class MemoryDataset(torch.utils.data.Dataset):
@@ -62,7 +64,7 @@ class MemoryDataset(torch.utils.data.Dataset):
         sample = {"image": self.images[i], "label": self.labels[i], "name": f"m{i}", "index": i}
         return self.transform(sample) if self.transform else sample
 
-    def with_transform(self, transform) -> "MemoryDataset":
+    def with_transform(self, transform) -> MemoryDataset:
         copy = MemoryDataset.__new__(MemoryDataset)
         copy.__dict__.update(self.__dict__, transform=transform)
         return copy
@@ -76,13 +78,14 @@ def test_lr_policies_follow_the_formulas():
     base = 0.01
     assert lr_at("fixed", base, 70, 100) == base
     assert lr_at("poly", base, 0, 100) == pytest.approx(base)
-    assert lr_at("poly", base, 50, 100) == pytest.approx(base * 0.5 ** 0.9)
+    assert lr_at("poly", base, 50, 100) == pytest.approx(base * 0.5**0.9)
     assert lr_at("poly", base, 100, 100) == pytest.approx(1e-8)
     assert lr_at("linear", base, 25, 100) == pytest.approx(0.0075)
     assert lr_at("linear", base, 100, 100) == pytest.approx(1e-6)
     assert lr_at("linear", 1e-5, 100, 100) == pytest.approx(1e-7)
-    assert [lr_at("step", base, i, 100, steps=(10, 20)) for i in (9, 10, 25)] == \
-        pytest.approx([base, base * 0.1, base * 0.01])
+    assert [lr_at("step", base, i, 100, steps=(10, 20)) for i in (9, 10, 25)] == pytest.approx(
+        [base, base * 0.1, base * 0.01]
+    )
     with pytest.raises(ValueError, match="unknown lr policy"):
         lr_at("cosine", base, 0, 1)
 
@@ -100,8 +103,9 @@ def test_loss_matches_cross_entropy_on_upsampled_logits():
     logits = torch.randn(2, 5, 4, 5, requires_grad=True)
     labels = torch.randint(0, 5, (2, 31, 37))
     labels[0, :10] = 255
-    expected = F.cross_entropy(F.interpolate(logits, (31, 37), mode="bilinear",
-                                             align_corners=False), labels, ignore_index=255)
+    expected = F.cross_entropy(
+        F.interpolate(logits, (31, 37), mode="bilinear", align_corners=False), labels, ignore_index=255
+    )
     assert segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
     empty = segmentation_loss(logits, torch.full((2, 31, 37), 255))
     empty.backward()
@@ -111,15 +115,21 @@ def test_loss_matches_cross_entropy_on_upsampled_logits():
 def test_training_reduces_the_loss():
     torch.manual_seed(0)
     model, losses = TinyNet(), []
-    train_epochs(model, _dataset(), epochs=10, batch_size=4, base_lr=0.1, device="cpu",
-                 on_epoch_end=lambda e, s: losses.append(s["loss"]))
+    train_epochs(
+        model,
+        _dataset(),
+        epochs=10,
+        batch_size=4,
+        base_lr=0.1,
+        device="cpu",
+        on_epoch_end=lambda e, s: losses.append(s["loss"]),
+    )
     assert max(losses[-3:]) < 0.5 * losses[0]
 
 
 def test_loader_order_and_crops_do_not_depend_on_worker_count():
     data = _dataset()
-    runs = [list(train_loader(data, batch_size=4, epochs=range(1, 3), seed=1, num_workers=n))
-            for n in (0, 2)]
+    runs = [list(train_loader(data, batch_size=4, epochs=range(1, 3), seed=1, num_workers=n)) for n in (0, 2)]
     assert len(runs[0]) == len(runs[1]) == 4  # 2 epochs of 8 // 4 batches, one loader
     for a, b in zip(*runs):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
@@ -130,8 +140,9 @@ def test_an_epoch_is_the_shuffled_loader_of_its_seed():
     data = _dataset()
     got = list(train_loader(data, batch_size=4, epochs=range(2, 3), seed=1))
     data.transform.set_epoch(2)
-    want = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True,
-                                       generator=torch.Generator().manual_seed(1 + 2))
+    want = torch.utils.data.DataLoader(
+        data, batch_size=4, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(1 + 2)
+    )
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["label"], b["label"])
 
@@ -190,14 +201,22 @@ def test_train_source_resume_matches_a_straight_run(tmp_path):
     from cbst.checkpoints import read_meta
     from cbst.synthetic import make_synthetic
 
-    make_synthetic(tmp_path / "data", num_source=6, num_train=1, num_val=1, size=(64, 32),
-                   progress=False)
+    make_synthetic(tmp_path / "data", num_source=6, num_train=1, num_val=1, size=(64, 32), progress=False)
 
     def config(out: str, to_epoch: int, resume: bool = False) -> SourceTrainConfig:
-        return SourceTrainConfig(dataset="gta5", data_root=str(tmp_path / "data" / "gta5"),
-                                 output=str(tmp_path / out), model="small", batch_images=2,
-                                 crop_size=32, base_lr=0.05, to_epoch=to_epoch, num_workers=0,
-                                 device="cpu", resume=resume)
+        return SourceTrainConfig(
+            dataset="gta5",
+            data_root=str(tmp_path / "data" / "gta5"),
+            output=str(tmp_path / out),
+            model="small",
+            batch_images=2,
+            crop_size=32,
+            base_lr=0.05,
+            to_epoch=to_epoch,
+            num_workers=0,
+            device="cpu",
+            resume=resume,
+        )
 
     torch.manual_seed(0)
     last = train_source(config("a", 2))
@@ -211,10 +230,8 @@ def test_train_source_resume_matches_a_straight_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_meta(last)["protocol"] == "cityscapes19" and read_meta(last)["epoch"] == 2
     out = tmp_path / "b"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
-        ["epoch_0001.pt", "epoch_0002.pt"]
-    assert [line.count('"epoch": ') for line in (out / "log.jsonl").read_text().splitlines()] \
-        == [1, 1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert [line.count('"epoch": ') for line in (out / "log.jsonl").read_text().splitlines()] == [1, 1]
     assert yaml.safe_load((out / "config.yaml").read_text())["to_epoch"] == 2
 
 
@@ -230,16 +247,28 @@ def test_command_rounds_the_crop_and_parses_ranges(monkeypatch, tmp_path):
     from cbst.commands import train_source as command
 
     seen = {}
-    monkeypatch.setattr("cbst.training.train_source", lambda c: seen.setdefault("c", c))
-    args = _parser().parse_args(["--data-root", "d", "--output", str(tmp_path), "--crop-size",
-                                 "500", "--scale-rate-range", "0.5,1.5", "--lr-steps", "10,20"])
+    monkeypatch.setattr("cbst.sourcetrain.train_source", lambda c: seen.setdefault("c", c))
+    args = _parser().parse_args(
+        [
+            "--data-root",
+            "d",
+            "--output",
+            str(tmp_path),
+            "--crop-size",
+            "500",
+            "--scale-rate-range",
+            "0.5,1.5",
+            "--lr-steps",
+            "10,20",
+        ]
+    )
     assert command.run(args) == 0
     cfg = seen["c"]
-    assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (504, (0.5, 1.5), (10, 20))
+    assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (500, (0.5, 1.5), (10, 20))
+    assert [network_crop(size) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
 
 
-@pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38",
-                                  "gta5_source_deeplabv2"])
+@pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38", "gta5_source_deeplabv2"])
 def test_shipped_configs_name_only_known_options(name):
     known = {a.dest for a in _parser()._actions}
     config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())

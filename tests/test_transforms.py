@@ -33,6 +33,7 @@ class _Plan:
 
 def _install_mining_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """A minimal ``cbst.mining`` with the agreed interface, so the transform's use of it is tested."""
+
     def choose_mined_center(label, plan, rng):
         for group in (plan.priority, plan.mine_id):
             present = [k for k in group if (label == k).any()]
@@ -43,8 +44,7 @@ def _install_mining_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
         return None
 
     def crop_window(center, crop_hw, image_hw):
-        return tuple(min(max(c - k // 2, 0), max(n - k, 0))
-                     for c, k, n in zip(center, crop_hw, image_hw))
+        return tuple(min(max(c - k // 2, 0), max(n - k, 0)) for c, k, n in zip(center, crop_hw, image_hw))
 
     module = types.ModuleType("cbst.mining")
     module.MiningPlan = _Plan
@@ -110,8 +110,9 @@ def test_padding_when_the_image_is_smaller_than_the_crop():
     label = out["label"]
     assert int((label != 255).sum()) == 120
     pad = out["image"][:, label == 255].T
-    assert torch.equal(pad, torch.tensor([[round(255 * m) for m in IMAGENET_MEAN]] * len(pad),
-                                         dtype=torch.uint8))  # the mean colour: ~0 once normalised
+    assert torch.equal(
+        pad, torch.tensor([[round(255 * m) for m in IMAGENET_MEAN]] * len(pad), dtype=torch.uint8)
+    )  # the mean colour: ~0 once normalised
 
 
 def test_scale_is_measured_against_the_reference_long_side():
@@ -119,5 +120,6 @@ def test_scale_is_measured_against_the_reference_long_side():
     assert scale_factor(rng, (100, 200), (1.0, 1.0), 400) == pytest.approx(2.0)
     assert scale_factor(rng, (100, 200), (1.5, 1.5), None) == pytest.approx(1.5)
     out = TrainTransform((208, 408), scale_range=(1.0, 1.0), reference_long_side=400)(
-        _random_sample(100, 200, classes=(4,)))
+        _random_sample(100, 200, classes=(4,))
+    )
     assert int((out["label"] == 4).sum()) == 200 * 400

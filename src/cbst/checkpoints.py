@@ -25,18 +25,36 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, foreign or does not fit the data; the message names the file."""
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, *, arch: str, num_classes: int, protocol: str,
-                    round: int | None = None, epoch: int | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    arch: str,
+    num_classes: int,
+    protocol: str,
+    round: int | None = None,
+    epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write ``model``'s weights and metadata to ``path`` atomically."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if get_protocol(protocol).num_classes != num_classes:
-        raise ValueError(f"protocol {protocol} has {get_protocol(protocol).num_classes} classes, "
-                         f"not {num_classes}")
-    meta = {"arch": arch, "num_classes": num_classes, "protocol": protocol,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "round": round, "epoch": epoch,
-            "freeze_bn": getattr(model, "freeze_bn", None), "cbst_version": __version__, "extra": dict(extra or {})}
+        raise ValueError(
+            f"protocol {protocol} has {get_protocol(protocol).num_classes} classes, not {num_classes}"
+        )
+    meta = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "protocol": protocol,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "round": round,
+        "epoch": epoch,
+        "freeze_bn": getattr(model, "freeze_bn", None),
+        "cbst_version": __version__,
+        "extra": dict(extra or {}),
+    }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)
@@ -49,18 +67,23 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         obj = read_torch_file(path, "PyTorch checkpoint")
     except DataError as exc:
-        raise CheckpointError(f"{exc}; MXNet .params and other foreign weights must first go "
-                              "through 'cbst convert'") from None
+        raise CheckpointError(
+            f"{exc}; MXNet .params and other foreign weights must first go through 'cbst convert'"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a cbst checkpoint (a bare state_dict or foreign file?); "
-                              f"run 'cbst convert {path} --arch ARCH --num-classes N --out MODEL.pt' first")
+        raise CheckpointError(
+            f"{path}: not a cbst checkpoint (a bare state_dict or foreign file?); "
+            f"run 'cbst convert {path} --arch ARCH --num-classes N --out MODEL.pt' first"
+        )
     return obj
 
 
 def _check_protocol(path: Path, meta: dict[str, Any], expect_protocol: str | None) -> None:
     """Raise unless the checkpoint was trained for ``expect_protocol`` (when given)."""
     if expect_protocol is not None and meta["protocol"] != expect_protocol:
-        raise CheckpointError(f"{path} was trained for {meta['protocol']} but the dataset uses {expect_protocol}")
+        raise CheckpointError(
+            f"{path} was trained for {meta['protocol']} but the dataset uses {expect_protocol}"
+        )
 
 
 def read_meta(path: str | Path, expect_protocol: str | None = None) -> dict[str, Any]:
@@ -78,8 +101,9 @@ def _read_for(path: Path, expect_protocol: str | None) -> tuple[dict[str, Any], 
     return obj, meta
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    expect_protocol: str | None = None) -> tuple[SegmentationNet, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", expect_protocol: str | None = None
+) -> tuple[SegmentationNet, dict[str, Any]]:
     """Rebuild the model a checkpoint describes, load its weights, and return ``(model, meta)``."""
     path = Path(path)
     obj, meta = _read_for(path, expect_protocol)
@@ -92,8 +116,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device), meta
 
 
-def load_weights_into(model: nn.Module, path: str | Path,
-                      expect_protocol: str | None = None) -> dict[str, Any]:
+def load_weights_into(
+    model: nn.Module, path: str | Path, expect_protocol: str | None = None
+) -> dict[str, Any]:
     """Copy a checkpoint's weights into ``model`` (same architecture, any device); returns the meta.
 
     Unlike :func:`load_checkpoint` this keeps the module, so a ``torch.compile`` wrapper of it

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -81,8 +82,10 @@ def require_scale_range(config: Any, name: str) -> None:
 def require_batch_fits(batch: int, samples: int, what: str) -> None:
     """A batch of ``batch`` images must fit in ``samples`` (incomplete batches are dropped)."""
     if samples < batch:
-        raise ConfigError(f"--batch-images {batch} is more than the {samples} training images of "
-                          f"{what}, which would give no batch; lower --batch-images")
+        raise ConfigError(
+            f"--batch-images {batch} is more than the {samples} training images of "
+            f"{what}, which would give no batch; lower --batch-images"
+        )
 
 
 def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -102,8 +105,9 @@ def read_saved_config(path: Path) -> dict[str, Any]:
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: not a run configuration (a YAML mapping); start the run again "
-                        "in a new --output")
+        raise DataError(
+            f"{path}: not a run configuration (a YAML mapping); start the run again in a new --output"
+        )
     return data
 
 
@@ -112,17 +116,19 @@ def changed(saved: dict[str, Any], current: dict[str, Any], names: Iterable[str]
     return [n for n in names if n in current and saved.get(n) != current[n]]
 
 
-def resume_refusal(path: Path, saved: dict[str, Any], current: dict[str, Any],
-                   names: list[str], used_by: str) -> ConfigError:
+def resume_refusal(
+    path: Path, saved: dict[str, Any], current: dict[str, Any], names: list[str], used_by: str
+) -> ConfigError:
     """The error for resuming with options that ``used_by`` (finished work) depends on.
 
     It says how to recover: resume with the saved values (given as flags), or start anew.
     """
-    diffs = "; ".join(f"{_as_flag(n, saved.get(n))} before, {_as_flag(n, current[n])} now"
-                      for n in names)
+    diffs = "; ".join(f"{_as_flag(n, saved.get(n))} before, {_as_flag(n, current[n])} now" for n in names)
     again = " ".join(_as_flag(n, saved.get(n)) for n in names)
-    return ConfigError(f"{path}: cannot resume with options that {used_by} already used ({diffs}); "
-                       f"resume with {again}, or start a new run with another --output")
+    return ConfigError(
+        f"{path}: cannot resume with options that {used_by} already used ({diffs}); "
+        f"resume with {again}, or start a new run with another --output"
+    )
 
 
 def _as_flag(name: str, value: Any) -> str:

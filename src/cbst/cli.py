@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
 COMMANDS: tuple[str, ...] = (
-    "make_synthetic", "evaluate", "convert", "prior", "train_source", "self_train", "demo",
+    "make_synthetic",
+    "evaluate",
+    "convert",
+    "prior",
+    "train_source",
+    "self_train",
+    "demo",
     "report",
 )
 
@@ -52,7 +58,7 @@ def _read_config(file: Path, known: set[str], command: str, chain: tuple[Path, .
         included = f" (the {BASE_KEY} of {chain[-1]})" if chain else ""
         raise CLIError(f"{file}: config file not found{included}")
     if file.resolve() in chain:
-        loop = " -> ".join(str(f) for f in (*chain[chain.index(file.resolve()):], file.resolve()))
+        loop = " -> ".join(str(f) for f in (*chain[chain.index(file.resolve()) :], file.resolve()))
         raise CLIError(f"{file}: {BASE_KEY} includes form a cycle: {loop}")
     try:
         data = yaml.safe_load(read_text(file, "config file")) or {}
@@ -81,8 +87,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(
         prog="cbst",
         description="Class-Balanced Self-Training (CBST) for unsupervised domain adaptation of "
-                    "semantic segmentation: GTA5/SYNTHIA -> Cityscapes, or the embedded synthetic "
-                    "benchmark. Run 'cbst demo' to see the whole method on a laptop CPU.",
+        "semantic segmentation: GTA5/SYNTHIA -> Cityscapes, or the embedded synthetic "
+        "benchmark. Run 'cbst demo' to see the whole method on a laptop CPU.",
     )
     parser.add_argument("--version", action="version", version=f"cbst {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -90,10 +96,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for name in COMMANDS:
         module = importlib.import_module(f"cbst.commands.{name}")
         cmd = name.replace("_", "-")
-        p = sub.add_parser(cmd, help=module.HELP, description=module.__doc__,
-                           formatter_class=_HelpFormatter)
-        p.add_argument("--config", metavar="FILE",
-                       help="YAML file of option defaults (keys are option names); flags override it")
+        p = sub.add_parser(cmd, help=module.HELP, description=module.__doc__, formatter_class=_HelpFormatter)
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="YAML file of option defaults (keys are option names); flags override it",
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
         subparsers[cmd] = p
@@ -107,7 +115,7 @@ def _apply_config(argv: list[str], subparsers: dict[str, argparse.ArgumentParser
         return
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--config")
-    path = peek.parse_known_args(argv[argv.index(command) + 1:])[0].config
+    path = peek.parse_known_args(argv[argv.index(command) + 1 :])[0].config
     if not path:
         return
     sp = subparsers[command]

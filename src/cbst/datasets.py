@@ -13,17 +13,17 @@ the same keyword-only options in the same order: ``protocol``, ``list_file``, ``
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch.utils.data
 from tqdm import tqdm
 
 from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit, read_text
-from .labels import (CITYSCAPES_19, SYNTHIA_16, Protocol, folder_protocol, protocol_for,
-                     read_folder_config)
+from .labels import CITYSCAPES_19, SYNTHIA_16, Protocol, folder_protocol, protocol_for, read_folder_config
 
 VERIFY_MODES = ("auto", "full", "headers")
 FULL_VERIFY_MAX_SAMPLES = 600
@@ -47,8 +47,15 @@ class Sample:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Images as H x W x 3 uint8 RGB and labels as H x W uint8 trainIds (255 = ignore)."""
 
-    def __init__(self, samples: Sequence[Sample], protocol: Protocol, *, label_format: str = "plain",
-                 transform: Callable[[dict], dict] | None = None, check_values: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        protocol: Protocol,
+        *,
+        label_format: str = "plain",
+        transform: Callable[[dict], dict] | None = None,
+        check_values: bool = True,
+    ) -> None:
         if label_format not in LABEL_FORMATS:
             raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
         self.samples: list[Sample] = list(samples)
@@ -101,8 +108,13 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def verify(self, full: bool = True, progress: bool = True) -> None:
         """Check every file: existence, headers and sizes; with ``full``, decode pixels and label values."""
         files = sum(1 + (s.label is not None) for s in self.samples)
-        bar = tqdm(self.samples, desc="verifying" + (" (full decode)" if full else " (headers)"),
-                   unit="sample", disable=not progress or files <= PROGRESS_MIN_FILES, leave=False)
+        bar = tqdm(
+            self.samples,
+            desc="verifying" + (" (full decode)" if full else " (headers)"),
+            unit="sample",
+            disable=not progress or files <= PROGRESS_MIN_FILES,
+            leave=False,
+        )
         for sample in bar:
             _check_headers(sample)
             if full:
@@ -125,8 +137,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return image, None
         raw = _decode(self._read_raw_label, sample.label)
         if raw.shape != image.shape[:2]:
-            raise DataError(f"{sample.label}: label is {raw.shape[1]}x{raw.shape[0]} (WxH) but image "
-                            f"{sample.image} is {image.shape[1]}x{image.shape[0]}")
+            raise DataError(
+                f"{sample.label}: label is {raw.shape[1]}x{raw.shape[0]} (WxH) but image "
+                f"{sample.image} is {image.shape[1]}x{image.shape[0]}"
+            )
         if check_values:
             self._check_raw(raw, sample.label)
         return image, self.protocol.encode(raw)
@@ -173,8 +187,10 @@ def _check_headers(sample: Sample) -> None:
         raise DataError(f"{sample.label}: label file not found (for image {sample.image})")
     label_size = image_size(sample.label)
     if label_size != size:
-        raise DataError(f"{sample.label}: label is {label_size[0]}x{label_size[1]} (WxH) but image "
-                        f"{sample.image} is {size[0]}x{size[1]}")
+        raise DataError(
+            f"{sample.label}: label is {label_size[0]}x{label_size[1]} (WxH) but image "
+            f"{sample.image} is {size[0]}x{size[1]}"
+        )
 
 
 def _check_unique_names(samples: Sequence[Sample]) -> None:
@@ -186,13 +202,13 @@ def _check_unique_names(samples: Sequence[Sample]) -> None:
         seen[s.name] = s.image
 
 
-def _finish(samples: list[Sample], protocol: Protocol, verify: str,
-            label_format: str = "plain") -> SegmentationDataset:
+def _finish(
+    samples: list[Sample], protocol: Protocol, verify: str, label_format: str = "plain"
+) -> SegmentationDataset:
     """Sort, build and check a dataset as ``verify`` asks ("auto", "full" or "headers")."""
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    dataset = SegmentationDataset(sorted(samples, key=lambda s: s.name), protocol,
-                                  label_format=label_format)
+    dataset = SegmentationDataset(sorted(samples, key=lambda s: s.name), protocol, label_format=label_format)
     full = verify == "full" or (verify == "auto" and len(dataset) <= FULL_VERIFY_MAX_SAMPLES)
     dataset.verify(full=full)
     return dataset
@@ -225,8 +241,12 @@ def _scan(folder: Path, suffix: str, recursive: bool = False) -> dict[str, Path]
     return files
 
 
-def _pair(images: dict[str, Path], labels: dict[str, Path], expected_label: Callable[[str], Path],
-          expected_image: Callable[[str], Path]) -> list[Sample]:
+def _pair(
+    images: dict[str, Path],
+    labels: dict[str, Path],
+    expected_label: Callable[[str], Path],
+    expected_image: Callable[[str], Path],
+) -> list[Sample]:
     """Pair images and labels by name; an image without label, or label without image, is an error."""
     for name, image in images.items():
         if name not in labels:
@@ -239,6 +259,7 @@ def _pair(images: dict[str, Path], labels: dict[str, Path], expected_label: Call
 
 # ----------------------------------------------------------------------------------- list files
 
+
 def _list_entries(path: Path) -> list[tuple[int, str, str | None]]:
     """(line number, image field, label field or None) of each entry of a list file."""
     entries = []
@@ -249,8 +270,10 @@ def _list_entries(path: Path) -> list[tuple[int, str, str | None]]:
         fields = text.split("\t") if "\t" in text else text.split()
         fields = [f.strip() for f in fields if f.strip()]
         if len(fields) > 2:
-            raise DataError(f"{path}:{lineno}: expected '<image path>' or '<image path>\\t<label path>', "
-                            f"got {len(fields)} fields: {text!r}")
+            raise DataError(
+                f"{path}:{lineno}: expected '<image path>' or '<image path>\\t<label path>', "
+                f"got {len(fields)} fields: {text!r}"
+            )
         entries.append((lineno, fields[0], fields[1] if len(fields) == 2 else None))
     if not entries:
         raise DataError(f"{path}: list file has no entries")
@@ -268,13 +291,22 @@ def _listed_file(list_path: Path, lineno: int, root: Path, rel: str, what: str) 
 def read_list_file(path: str | Path, root: str | Path) -> list[tuple[Path, Path | None]]:
     """Entries of an original-format list file (``img[\\tlabel]`` relative to ``root``), all checked to exist."""
     path, root = Path(path), Path(root)
-    return [(_listed_file(path, n, root, img, "image"),
-             None if lab is None else _listed_file(path, n, root, lab, "label"))
-            for n, img, lab in _list_entries(path)]
+    return [
+        (
+            _listed_file(path, n, root, img, "image"),
+            None if lab is None else _listed_file(path, n, root, lab, "label"),
+        )
+        for n, img, lab in _list_entries(path)
+    ]
 
 
-def _from_list(list_file: str | Path, root: Path, name_of: Callable[[Path], str],
-               default_label: Callable[[Path], Path] | None, use_list_labels: bool = True) -> list[Sample]:
+def _from_list(
+    list_file: str | Path,
+    root: Path,
+    name_of: Callable[[Path], str],
+    default_label: Callable[[Path], Path] | None,
+    use_list_labels: bool = True,
+) -> list[Sample]:
     """Samples selected by a list file; a line's label is used if given, else ``default_label(image)``.
 
     ``default_label`` is ``None`` for unlabelled use, when the label column is ignored.
@@ -296,8 +328,16 @@ def _from_list(list_file: str | Path, root: Path, name_of: Callable[[Path], str]
 
 # ------------------------------------------------------------------------------------- readers
 
-def _flat_samples(root: Path, images_rel: str, labels_rel: str, what: str, with_labels: bool,
-                  list_file: str | Path | None, use_list_labels: bool = True) -> list[Sample]:
+
+def _flat_samples(
+    root: Path,
+    images_rel: str,
+    labels_rel: str,
+    what: str,
+    with_labels: bool,
+    list_file: str | Path | None,
+    use_list_labels: bool = True,
+) -> list[Sample]:
     """Samples of a flat ``images_rel/<name>.png`` + ``labels_rel/<name>.png`` layout (GTA5, SYNTHIA)."""
     root = _require_dir(root, f"{what} root")
     images_dir = _require_dir(root / images_rel, f"{what} image folder")
@@ -305,31 +345,53 @@ def _flat_samples(root: Path, images_rel: str, labels_rel: str, what: str, with_
     if with_labels:
         _require_dir(labels_dir, f"{what} label folder")
     if list_file is not None:
-        return _from_list(list_file, root, lambda p: p.stem,
-                          (lambda p: labels_dir / p.name) if with_labels else None, use_list_labels)
+        return _from_list(
+            list_file,
+            root,
+            lambda p: p.stem,
+            (lambda p: labels_dir / p.name) if with_labels else None,
+            use_list_labels,
+        )
     images = _scan(images_dir, ".png")
     if not with_labels:
         return [Sample(p, None, n) for n, p in images.items()]
-    return _pair(images, _scan(labels_dir, ".png"), lambda n: labels_dir / f"{n}.png",
-                 lambda n: images_dir / f"{n}.png")
+    return _pair(
+        images,
+        _scan(labels_dir, ".png"),
+        lambda n: labels_dir / f"{n}.png",
+        lambda n: images_dir / f"{n}.png",
+    )
 
 
-def gta5(root: str | Path, *, protocol: Protocol = CITYSCAPES_19, list_file: str | Path | None = None,
-         with_labels: bool = True, verify: str = "auto") -> SegmentationDataset:
+def gta5(
+    root: str | Path,
+    *,
+    protocol: Protocol = CITYSCAPES_19,
+    list_file: str | Path | None = None,
+    with_labels: bool = True,
+    verify: str = "auto",
+) -> SegmentationDataset:
     """GTA5 as shipped: ``images/NNNNN.png`` + palette ``labels/NNNNN.png`` holding Cityscapes labelIds."""
     samples = _flat_samples(Path(root), "images", "labels", "GTA5", with_labels, list_file)
     return _finish(samples, protocol, verify)
 
 
-def synthia(root: str | Path, *, protocol: Protocol = SYNTHIA_16, list_file: str | Path | None = None,
-            with_labels: bool = True, verify: str = "auto") -> SegmentationDataset:
+def synthia(
+    root: str | Path,
+    *,
+    protocol: Protocol = SYNTHIA_16,
+    list_file: str | Path | None = None,
+    with_labels: bool = True,
+    verify: str = "auto",
+) -> SegmentationDataset:
     """SYNTHIA-RAND-CITYSCAPES as shipped: ``RGB/NNNNNNN.png`` + 16-bit ``GT/LABELS`` (class id in R).
 
     A list file selects images; its label column (the original's 8-bit ``GT/labels`` conversions)
     is not used, because labels are always read from the 16-bit originals.
     """
-    samples = _flat_samples(Path(root), "RGB", "GT/LABELS", "SYNTHIA", with_labels, list_file,
-                            use_list_labels=False)
+    samples = _flat_samples(
+        Path(root), "RGB", "GT/LABELS", "SYNTHIA", with_labels, list_file, use_list_labels=False
+    )
     return _finish(samples, protocol, verify, label_format="synthia16bit")
 
 
@@ -343,13 +405,24 @@ def _cityscapes_name(image: Path) -> str:
 def _cityscapes_label_of(image: Path) -> Path:
     """``ROOT/gtFine/<split>/<city>/<name>_gtFine_labelIds.png`` for a ``leftImg8bit`` image path."""
     split_dir = image.parent.parent
-    return (split_dir.parent.parent / "gtFine" / split_dir.name / image.parent.name
-            / f"{_cityscapes_name(image)}{CS_LABEL_SUFFIX}")
+    return (
+        split_dir.parent.parent
+        / "gtFine"
+        / split_dir.name
+        / image.parent.name
+        / f"{_cityscapes_name(image)}{CS_LABEL_SUFFIX}"
+    )
 
 
-def cityscapes(root: str | Path, split: str, *, protocol: Protocol = CITYSCAPES_19,
-               list_file: str | Path | None = None, with_labels: bool = True,
-               verify: str = "auto") -> SegmentationDataset:
+def cityscapes(
+    root: str | Path,
+    split: str,
+    *,
+    protocol: Protocol = CITYSCAPES_19,
+    list_file: str | Path | None = None,
+    with_labels: bool = True,
+    verify: str = "auto",
+) -> SegmentationDataset:
     """Cityscapes ``leftImg8bit/<split>/<city>/*`` with ``gtFine/<split>/<city>/*_gtFine_labelIds.png``.
 
     With ``list_file``, the list's paths (which name their own split) select the images; a line
@@ -357,8 +430,7 @@ def cityscapes(root: str | Path, split: str, *, protocol: Protocol = CITYSCAPES_
     """
     root = _require_dir(Path(root), "Cityscapes root")
     if list_file is not None:
-        samples = _from_list(list_file, root, _cityscapes_name,
-                             _cityscapes_label_of if with_labels else None)
+        samples = _from_list(list_file, root, _cityscapes_name, _cityscapes_label_of if with_labels else None)
         return _finish(samples, protocol, verify)
     images_dir = _require_dir(root / "leftImg8bit" / split, f"Cityscapes image folder of split {split!r}")
     images = _scan(images_dir, CS_IMAGE_SUFFIX, recursive=True)
@@ -366,17 +438,27 @@ def cityscapes(root: str | Path, split: str, *, protocol: Protocol = CITYSCAPES_
         return _finish([Sample(p, None, n) for n, p in images.items()], protocol, verify)
     labels_dir = _require_dir(root / "gtFine" / split, f"Cityscapes label folder of split {split!r}")
     labels = _scan(labels_dir, CS_LABEL_SUFFIX, recursive=True)
-    samples = _pair(images, labels,
-                    lambda n: labels_dir / images[n].parent.name / f"{n}{CS_LABEL_SUFFIX}",
-                    lambda n: images_dir / labels[n].parent.name / f"{n}{CS_IMAGE_SUFFIX}")
+    samples = _pair(
+        images,
+        labels,
+        lambda n: labels_dir / images[n].parent.name / f"{n}{CS_LABEL_SUFFIX}",
+        lambda n: images_dir / labels[n].parent.name / f"{n}{CS_IMAGE_SUFFIX}",
+    )
     return _finish(samples, protocol, verify)
 
 
 # ------------------------------------------------------------------------------- folder dataset
 
-def folder(root: str | Path, config: str | Path = "dataset.yaml", verify: str = "auto", *,
-           list_file: str | Path | None = None, with_labels: bool = True,
-           num_classes: int | None = None) -> SegmentationDataset:
+
+def folder(
+    root: str | Path,
+    config: str | Path = "dataset.yaml",
+    verify: str = "auto",
+    *,
+    list_file: str | Path | None = None,
+    with_labels: bool = True,
+    num_classes: int | None = None,
+) -> SegmentationDataset:
     """A user's own data described by a YAML file (relative to ``root`` unless absolute).
 
     Keys: ``images`` and ``labels`` (folders relative to ``root``; labels optional),
@@ -390,8 +472,9 @@ def folder(root: str | Path, config: str | Path = "dataset.yaml", verify: str = 
     cfg = read_folder_config(config)
     protocol = folder_protocol(config, cfg)
     if num_classes is not None and protocol.num_classes != num_classes:
-        raise DataError(f"{config}: defines {protocol.num_classes} classes but num_classes="
-                            f"{num_classes} was requested")
+        raise DataError(
+            f"{config}: defines {protocol.num_classes} classes but num_classes={num_classes} was requested"
+        )
     image_suffix = str(cfg.get("image_suffix", ".png"))
     label_suffix = str(cfg.get("label_suffix", ".png"))
     images_dir = _require_dir(root / str(cfg["images"]), "image folder")
@@ -414,22 +497,38 @@ def folder(root: str | Path, config: str | Path = "dataset.yaml", verify: str = 
     images = _scan(images_dir, image_suffix, recursive=True)
     if labelled:
         labels = _scan(labels_dir, label_suffix, recursive=True)
-        samples = _pair(images, labels, lambda n: label_of(images[n]),
-                        lambda n: images_dir / labels[n].parent.relative_to(labels_dir) / f"{n}{image_suffix}")
+        samples = _pair(
+            images,
+            labels,
+            lambda n: label_of(images[n]),
+            lambda n: images_dir / labels[n].parent.relative_to(labels_dir) / f"{n}{image_suffix}",
+        )
     else:
         samples = [Sample(p, None, n) for n, p in images.items()]
     return _finish(samples, protocol, verify)
 
 
-def build_dataset(name: str, root: str | Path, *, split: str = "train", num_classes: int = 19,
-                  list_file: str | Path | None = None, with_labels: bool = True,
-                  verify: str = "auto") -> SegmentationDataset:
+DATASETS: tuple[str, ...] = ("gta5", "synthia", "cityscapes", "folder")
+"""The dataset layouts ``build_dataset`` reads, by the name the ``--dataset`` options take."""
+
+
+def build_dataset(
+    name: str,
+    root: str | Path,
+    *,
+    split: str = "train",
+    num_classes: int = 19,
+    list_file: str | Path | None = None,
+    with_labels: bool = True,
+    verify: str = "auto",
+) -> SegmentationDataset:
     """A dataset by name ("gta5", "synthia", "cityscapes" or "folder") with its label protocol."""
     if name == "folder":
-        return folder(root, verify=verify, list_file=list_file, with_labels=with_labels,
-                      num_classes=num_classes)
-    if name not in ("gta5", "synthia", "cityscapes"):
-        raise ValueError(f"unknown dataset {name!r}; choose gta5, synthia, cityscapes or folder")
+        return folder(
+            root, verify=verify, list_file=list_file, with_labels=with_labels, num_classes=num_classes
+        )
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     protocol = protocol_for(name, num_classes)
     options = dict(protocol=protocol, list_file=list_file, with_labels=with_labels, verify=verify)
     if name == "gta5":

@@ -68,13 +68,23 @@ def _loader_workers(device: str) -> int:
 
 def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str) -> Path:
     """Train (or reuse) the source-only small model; returns its checkpoint."""
-    from cbst.training import SourceTrainConfig, last_finished_epoch, train_source
+    from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
 
     config = SourceTrainConfig(
-        dataset="gta5", data_root=str(data / "gta5"), output=str(out / "source"), model="small",
-        batch_images=s.batch_images, crop_size=s.crop_size, scale_range=(0.75, 1.25),
-        lr_type="poly", base_lr=s.source_lr, to_epoch=s.source_epochs, seed=seed,
-        device=device, num_workers=_loader_workers(device))
+        dataset="gta5",
+        data_root=str(data / "gta5"),
+        output=str(out / "source"),
+        model="small",
+        batch_images=s.batch_images,
+        crop_size=s.crop_size,
+        scale_range=(0.75, 1.25),
+        lr_type="poly",
+        base_lr=s.source_lr,
+        to_epoch=s.source_epochs,
+        seed=seed,
+        device=device,
+        num_workers=_loader_workers(device),
+    )
     finished = last_finished_epoch(Path(config.output))
     if finished < s.source_epochs:
         config = dataclasses.replace(config, resume=finished > 0)
@@ -82,28 +92,46 @@ def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str
     return Path(config.output) / "last.pt"
 
 
-def _variant_config(name: str, out: Path, data: Path, weights: Path, prior: Path, seed: int,
-                    s: DemoSettings, device: str):
+def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
     """The self-training configuration of one row of the table."""
     from cbst.selftrain import SelfTrainConfig
 
     policy, with_prior = VARIANTS[name]
     run_dir = out / name.lower().replace("-", "_")
     return SelfTrainConfig(
-        weights=str(weights), output=str(run_dir), dataset="gta5", data_root=str(data / "gta5"),
-        dataset_tgt="cityscapes", data_root_tgt=str(data / "cityscapes"), split_tgt="train",
-        eval_split="val", num_classes=19, num_round=s.num_round, init_tgt_port=s.init_tgt_port,
-        init_src_port=s.init_src_port, step_src_port=s.step_src_port, max_src_port=s.max_src_port,
-        epoch_per_round=s.epoch_per_round, base_lr=s.round_lr, seed=seed, kc_policy=policy,
-        with_prior=str(prior) if with_prior else None, batch_images=s.batch_images,
-        crop_size=s.crop_size, scale_rate_range=(0.75, 1.25), mine_port=s.mine_port,
-        device=device, num_workers=_loader_workers(device),
+        weights=str(weights),
+        output=str(run_dir),
+        dataset="gta5",
+        data_root=str(data / "gta5"),
+        dataset_tgt="cityscapes",
+        data_root_tgt=str(data / "cityscapes"),
+        split_tgt="train",
+        eval_split="val",
+        num_classes=19,
+        num_round=s.num_round,
+        init_tgt_port=s.init_tgt_port,
+        init_src_port=s.init_src_port,
+        step_src_port=s.step_src_port,
+        max_src_port=s.max_src_port,
+        epoch_per_round=s.epoch_per_round,
+        base_lr=s.round_lr,
+        seed=seed,
+        kc_policy=policy,
+        with_prior="source" if with_prior else None,
+        batch_images=s.batch_images,
+        crop_size=s.crop_size,
+        scale_rate_range=(0.75, 1.25),
+        mine_port=s.mine_port,
+        device=device,
+        num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
-        score_pseudo_labels=True)
+        score_pseudo_labels=True,
+    )
 
 
-def _write_examples(out: Path, checkpoints: dict[str, Path], val, device: torch.device,
-                    count: int = 3) -> None:
+def _write_examples(
+    out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
+) -> None:
     """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
     from cbst.checkpoints import load_checkpoint
     from cbst.inference import predict_labels
@@ -119,14 +147,14 @@ def _write_examples(out: Path, checkpoints: dict[str, Path], val, device: torch.
         io.write_png(out / "examples" / f"{sample['name']}.png", np.concatenate(column, axis=0))
 
 
-def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
-             settings: DemoSettings = DemoSettings()) -> dict:
+def run_demo(
+    out: str | Path, seed: int = 0, *, device: str = "auto", settings: DemoSettings = DemoSettings()
+) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``."""
+    from cbst.checkpoints import load_checkpoint
     from cbst.datasets import build_dataset
     from cbst.device import select_device
     from cbst.evaluation import Metrics, evaluate_model, format_table
-    from cbst.checkpoints import load_checkpoint
-    from cbst.priors import save_prior, spatial_prior_from_dataset
     from cbst.selftrain import self_train
     from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
@@ -134,8 +162,13 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
     out = Path(out)
     data = out / "data"
     _stage(1, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
-    make_synthetic(data, seed=BENCHMARK_SEED, num_source=settings.num_source,
-                   num_train=settings.num_train, num_val=settings.num_val)
+    make_synthetic(
+        data,
+        seed=BENCHMARK_SEED,
+        num_source=settings.num_source,
+        num_train=settings.num_train,
+        num_val=settings.num_val,
+    )
     torch_device = select_device(device)
     _stage(2, f"source-only small model, {settings.source_epochs} epochs on the game domain")
     source_ckpt = _source_model(out, data, seed, settings, device)
@@ -144,14 +177,9 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
     rows = {"Source": evaluate_model(model, val, device=torch_device, progress=False)}
     checkpoints = {"Source": source_ckpt}
 
-    prior = out / "prior.npy"
-    if not prior.is_file():
-        source = build_dataset("gta5", data / "gta5", num_classes=19)
-        w, h = io.image_size(val.samples[0].image)
-        save_prior(prior, spatial_prior_from_dataset(source, (h, w), progress=False))
     for step, name in enumerate(VARIANTS, start=3):
         _stage(step, f"{name}: {settings.num_round} rounds from the source model")
-        cfg = _variant_config(name, out, data, source_ckpt, prior, seed, settings, device)
+        cfg = _variant_config(name, out, data, source_ckpt, seed, settings, device)
         results = self_train(cfg)
         last = max(results)
         rows[name] = Metrics.from_json(results[last])
@@ -163,8 +191,11 @@ def run_demo(out: str | Path, seed: int = 0, *, device: str = "auto",
         "rows": {name: m.to_json() for name, m in rows.items()},
         "rare_classes": list(RARE_CLASSES),
         "rare_miou": {name: m.miou_over(RARE_CLASSES) for name, m in rows.items()},
-        "seed": seed, "benchmark_seed": BENCHMARK_SEED, "settings": dataclasses.asdict(settings),
-        "device": str(torch_device), "seconds": seconds,
+        "seed": seed,
+        "benchmark_seed": BENCHMARK_SEED,
+        "settings": dataclasses.asdict(settings),
+        "device": str(torch_device),
+        "seconds": seconds,
     }
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ class ConfusionMatrix:
         self.device = torch.device(device)
         # One extra column holds valid-GT pixels predicted as no class (e.g. a raw id outside
         # the protocol): they are false negatives of their GT class and false positives of none.
-        self._counts = torch.zeros((num_classes, num_classes + 1), dtype=torch.int64,
-                                   device=self.device)
+        self._counts = torch.zeros((num_classes, num_classes + 1), dtype=torch.int64, device=self.device)
 
     @property
     def matrix(self) -> Tensor:
@@ -68,7 +68,7 @@ class ConfusionMatrix:
         """Zero all counts."""
         self._counts.zero_()
 
-    def merge(self, other: "ConfusionMatrix") -> None:
+    def merge(self, other: ConfusionMatrix) -> None:
         """Add the counts of another matrix of the same size (e.g. from another worker)."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class counts into {self.num_classes}")
@@ -79,10 +79,9 @@ class ConfusionMatrix:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self._counts)
 
-    def metrics(self, class_names: Sequence[str]) -> "Metrics":
+    def metrics(self, class_names: Sequence[str]) -> Metrics:
         """The scores of the accumulated counts."""
-        return Metrics.from_counts(self.matrix.cpu().numpy(), self.gt_pixels.cpu().numpy(),
-                                   class_names)
+        return Metrics.from_counts(self.matrix.cpu().numpy(), self.gt_pixels.cpu().numpy(), class_names)
 
 
 def _mean(values: Iterable[float | None]) -> float:
@@ -102,8 +101,7 @@ class Metrics:
     mean_acc: float
 
     @classmethod
-    def from_counts(cls, matrix: np.ndarray, gt_pixels: np.ndarray,
-                    class_names: Sequence[str]) -> "Metrics":
+    def from_counts(cls, matrix: np.ndarray, gt_pixels: np.ndarray, class_names: Sequence[str]) -> Metrics:
         """Scores of a C x C confusion matrix plus the per-class valid GT pixel totals."""
         if len(class_names) != matrix.shape[0]:
             raise ValueError(f"{len(class_names)} class names for a {matrix.shape[0]}-class matrix")
@@ -111,13 +109,18 @@ class Metrics:
         fp = matrix.sum(axis=0) - tp
         fn = gt_pixels - tp
         denom = tp + fp + fn
-        iou = {name: (float(tp[i] / denom[i]) if denom[i] > 0 else None)
-               for i, name in enumerate(class_names)}
+        iou = {
+            name: (float(tp[i] / denom[i]) if denom[i] > 0 else None) for i, name in enumerate(class_names)
+        }
         acc = [float(tp[i] / gt_pixels[i]) for i in range(len(class_names)) if gt_pixels[i] > 0]
         total = gt_pixels.sum()
-        return cls(class_names=tuple(class_names), iou=iou, miou=_mean(iou.values()),
-                   pixel_acc=float(tp.sum() / total) if total > 0 else math.nan,
-                   mean_acc=_mean(acc))
+        return cls(
+            class_names=tuple(class_names),
+            iou=iou,
+            miou=_mean(iou.values()),
+            pixel_acc=float(tp.sum() / total) if total > 0 else math.nan,
+            mean_acc=_mean(acc),
+        )
 
     def miou_over(self, names: Iterable[str]) -> float:
         """Mean IoU over a subset of the classes (e.g. ``labels.CLASSES_13`` for mIoU*)."""
@@ -137,19 +140,23 @@ class Metrics:
         out: dict[str, Any] = {"miou": _finite(self.miou)}
         if self.has_miou13:
             out["miou13"] = _finite(self.miou_over(CLASSES_13))
-        out.update(pixel_acc=_finite(self.pixel_acc), mean_acc=_finite(self.mean_acc),
-                   iou=dict(self.iou))
+        out.update(pixel_acc=_finite(self.pixel_acc), mean_acc=_finite(self.mean_acc), iou=dict(self.iou))
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Metrics":
+    def from_json(cls, data: dict[str, Any]) -> Metrics:
         """Rebuild the metrics that ``to_json`` wrote (e.g. a finished round's metrics.json)."""
+
         def number(value: float | None) -> float:
             return math.nan if value is None else float(value)
 
-        return cls(class_names=tuple(data["iou"]), iou=dict(data["iou"]),
-                   miou=number(data["miou"]), pixel_acc=number(data["pixel_acc"]),
-                   mean_acc=number(data["mean_acc"]))
+        return cls(
+            class_names=tuple(data["iou"]),
+            iou=dict(data["iou"]),
+            miou=number(data["miou"]),
+            pixel_acc=number(data["pixel_acc"]),
+            mean_acc=number(data["mean_acc"]),
+        )
 
 
 def _finite(value: float) -> float | None:
@@ -163,25 +170,38 @@ def _label_tensor(item: dict) -> Tensor:
     if label is None:
         raise DataError(f"{item['name']}: sample has no label to evaluate against")
     if label.shape != item["image"].shape[:2]:
-        raise DataError(f"{item['name']}: label size {label.shape} differs from image size "
-                        f"{item['image'].shape[:2]}")
+        raise DataError(
+            f"{item['name']}: label size {label.shape} differs from image size {item['image'].shape[:2]}"
+        )
     return torch.from_numpy(np.ascontiguousarray(label))
 
 
-def write_prediction(output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any, *,
-                     prefix: str = "") -> None:
+def write_prediction(
+    output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any, *, prefix: str = ""
+) -> None:
     """Save a trainId map as ``{prefix}labelIds/NAME.png`` (raw ids, 0 where ignored; the official
     evaluator's input) and ``{prefix}color/NAME.png``."""
     write_png(output_dir / f"{prefix}labelIds" / f"{name}.png", protocol.decode(train_ids))
     write_png(output_dir / f"{prefix}color" / f"{name}.png", protocol.colorize(train_ids))
 
 
-def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str,
-                   long_side: int | None = None, scales: Sequence[float] = (1.0,),
-                   flip: bool = False, window: int | None = None, batch_size: int = 1,
-                   output_dir: str | Path | None = None, num_workers: int = 0,
-                   progress: bool = True, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None, amp: bool = True) -> Metrics:
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: torch.device | str,
+    long_side: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    batch_size: int = 1,
+    output_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    amp: bool = True,
+) -> Metrics:
     """Run ``model`` over a labelled dataset and score it; optionally save the predictions.
 
     Images of equal size are batched together (up to ``batch_size``), decoded by
@@ -195,12 +215,21 @@ def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str
     model.to(device)
     protocol = dataset.protocol
     confusion = ConfusionMatrix(protocol.num_classes, device)
-    options = dict(long_side=long_side, scales=tuple(scales), flip=flip, window=window,
-                   mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, amp=amp)
+    options = dict(
+        long_side=long_side,
+        scales=tuple(scales),
+        flip=flip,
+        window=window,
+        mean=mean or IMAGENET_MEAN,
+        std=std or IMAGENET_STD,
+        amp=amp,
+    )
     pin = device.type == "cuda"
     batches = image_batches(dataset, batch_size, num_workers=num_workers, pin_memory=pin)
-    with BackgroundWriter() as writer, \
-            tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar:
+    with (
+        BackgroundWriter() as writer,
+        tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar,
+    ):
         for step, (images, batch) in enumerate(batches, 1):
             targets = torch.stack([_label_tensor(item) for item in batch])
             targets = (targets.pin_memory() if pin else targets).to(device, non_blocking=True)
@@ -208,9 +237,14 @@ def evaluate_model(model: nn.Module, dataset: Any, *, device: torch.device | str
             confusion.update(pred, targets)
             if output_dir is not None:
                 for item, train_ids in zip(batch, pred.to(torch.uint8).cpu().numpy()):
-                    writer.submit(Path(output_dir) / "labelIds" / f"{item['name']}.png",
-                                  write_prediction, Path(output_dir), item["name"], train_ids,
-                                  protocol)
+                    writer.submit(
+                        Path(output_dir) / "labelIds" / f"{item['name']}.png",
+                        write_prediction,
+                        Path(output_dir),
+                        item["name"],
+                        train_ids,
+                        protocol,
+                    )
             bar.update(len(batch))
             if progress and step % 10 == 0:  # the running mIoU costs a device sync
                 bar.set_postfix(mIoU=f"{confusion.metrics(protocol.class_names).miou:.3f}", refresh=False)
@@ -245,8 +279,9 @@ def find_predictions(pred_dir: str | Path, sample_names: Sequence[str]) -> list[
         key = prediction_key(name)
         matches = [p for p in files if key in p.name and _contains_key(p.name, key)]
         if not matches:
-            raise DataError(f"{root}: no prediction for sample {name!r} (expected a PNG whose "
-                            f"name contains {key!r})")
+            raise DataError(
+                f"{root}: no prediction for sample {name!r} (expected a PNG whose name contains {key!r})"
+            )
         if len(matches) > 1:
             shown = ", ".join(str(p) for p in matches[:5])
             raise DataError(f"{root}: {len(matches)} predictions match sample {name!r}: {shown}")
@@ -269,8 +304,10 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
         except ValueError as exc:
             raise DataError(f"{exc}; a prediction must hold raw ids of that table") from None
         if raw.shape != label.shape:
-            raise DataError(f"{path}: prediction size {raw.shape[::-1]} (WxH) differs from the "
-                            f"ground truth of {name} {label.shape[::-1]}")
+            raise DataError(
+                f"{path}: prediction size {raw.shape[::-1]} (WxH) differs from the "
+                f"ground truth of {name} {label.shape[::-1]}"
+            )
         confusion.update(torch.from_numpy(protocol.encode(raw)), torch.from_numpy(label))
     return confusion.metrics(protocol.class_names)
 
@@ -292,4 +329,3 @@ def format_table(rows: dict[str, Metrics], class_names: Sequence[str]) -> str:
         values = [m.miou] + ([m.miou_over(CLASSES_13)] if with13 else []) + [m.iou[c] for c in class_names]
         lines.append("|".join([case] + [_percent(v) for v in values]))
     return "\n".join(lines)
-

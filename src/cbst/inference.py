@@ -21,11 +21,11 @@ averaging), so a cache of the former reproduces it bit for bit (``cbst.pseudo_la
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,16 +72,18 @@ def loaded_items(dataset: Any, num_workers: int = 0) -> Iterator[Any]:
     A ``DataError`` raised in a worker is raised here as it was, a one-line message naming the
     file, not wrapped in the loader's multi-line report.
     """
-    loader = torch.utils.data.DataLoader(_Guarded(dataset), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity)
+    loader = torch.utils.data.DataLoader(
+        _Guarded(dataset), batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity
+    )
     for item in loader:
         if isinstance(item, _Failure):
             raise item.error
         yield item
 
 
-def image_batches(dataset: Any, batch_size: int = 1, *, num_workers: int = 0,
-                  pin_memory: bool = False) -> Iterator[tuple[Tensor, list[dict]]]:
+def image_batches(
+    dataset: Any, batch_size: int = 1, *, num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[Tensor, list[dict]]]:
     """(uint8 N×3×H×W tensor, items) of consecutive equal-size images, in dataset order.
 
     Items are decoded by ``num_workers`` loader processes (in the main process when 0), which
@@ -104,8 +106,9 @@ def _stack_images(items: list[dict], pin_memory: bool) -> Tensor:
     return (stacked.pin_memory() if pin_memory else stacked).permute(0, 3, 1, 2)
 
 
-def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> Tensor:
+def normalize(
+    images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
     """uint8 RGB images (N,3,H,W or N,H,W,3) -> float32 (N,3,H,W) ``(x/255 - mean)/std``.
 
     A tensor whose dimension 1 has size 3 is taken as channels-first. Computed as products with
@@ -170,15 +173,14 @@ def _forward_padded(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
 
 def _padded_size(height: int, width: int) -> tuple[int, int]:
     """(h, w) rounded up to a multiple of :data:`PAD_MULTIPLE`."""
-    return (math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE,
-            math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE)
+    return (math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE, math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
 def _upsample_cropped(probs: Tensor, size: tuple[int, int]) -> Tensor:
     """Output-stride probabilities of a padded pass, up-sampled to the padded size and cropped
     back to the ``size`` (h, w) of the unpadded input."""
     probs = F.interpolate(probs, size=_padded_size(*size), mode="bilinear", align_corners=False)
-    return probs[:, :, :size[0], :size[1]]
+    return probs[:, :, : size[0], : size[1]]
 
 
 def _tile_starts(length: int, tile: int) -> list[int]:
@@ -201,12 +203,12 @@ def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool
     count = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
     for top in _tile_starts(h, th):
         for left in _tile_starts(w, tw):
-            tile = x[:, :, top:top + th, left:left + tw]
+            tile = x[:, :, top : top + th, left : left + tw]
             probs = _upsample_cropped(_forward_padded(model, tile, amp), (th, tw))
             if total is None:
                 total = x.new_zeros((x.shape[0], probs.shape[1], h, w), dtype=torch.float32)
-            total[:, :, top:top + th, left:left + tw] += probs
-            count[:, :, top:top + th, left:left + tw] += 1
+            total[:, :, top : top + th, left : left + tw] += probs
+            count[:, :, top : top + th, left : left + tw] += 1
     return total / count
 
 
@@ -223,8 +225,7 @@ class InferencePlan:
         if not self.scales:
             raise ValueError("scales must hold at least one factor")
         if any(s <= 0 for s in self.scales) or (self.long_side is not None and self.long_side <= 0):
-            raise ValueError(f"scales and long_side must be positive "
-                             f"(got {self.scales}, {self.long_side})")
+            raise ValueError(f"scales and long_side must be positive (got {self.scales}, {self.long_side})")
 
     def base_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) after the long-side resize (unchanged without one)."""
@@ -240,7 +241,7 @@ class InferencePlan:
 def _pass_inputs(x: Tensor, plan: InferencePlan) -> Iterator[Tensor]:
     """The normalised inputs of every forward pass of ``plan``, in pass order."""
     x = _resize(x, plan.base_size(*x.shape[-2:]))
-    for size in plan.pass_sizes(*x.shape[-2:])[::1 + plan.flip]:
+    for size in plan.pass_sizes(*x.shape[-2:])[:: 1 + plan.flip]:
         scaled = _resize(x, size)
         yield scaled
         if plan.flip:
@@ -261,9 +262,15 @@ def _merge_passes(passes: Iterator[Tensor], plan: InferencePlan, size: tuple[int
 
 
 @torch.no_grad()
-def network_outputs(model: nn.Module, images: Tensor, plan: InferencePlan, *,
-                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                    amp: bool = True) -> list[Tensor]:
+def network_outputs(
+    model: nn.Module,
+    images: Tensor,
+    plan: InferencePlan,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    amp: bool = True,
+) -> list[Tensor]:
     """The network half of :func:`predict_probs`: one float32 N×C×h×w softmax map at the
     network's output resolution per forward pass of ``plan`` (a mirrored pass stays mirrored).
 
@@ -280,8 +287,7 @@ def network_outputs(model: nn.Module, images: Tensor, plan: InferencePlan, *,
     return [_forward_padded(model, inputs, amp) for inputs in _pass_inputs(x, plan)]
 
 
-def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan,
-                    size: tuple[int, int]) -> Tensor:
+def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan, size: tuple[int, int]) -> Tensor:
     """The deterministic half of :func:`predict_probs`: up-sample, flip-average and
     scale-average the :func:`network_outputs` of images of ``size`` (h, w) -> N×C×h×w."""
     sizes = plan.pass_sizes(*size)
@@ -292,10 +298,18 @@ def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan,
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: Tensor, *, long_side: int | None = None,
-                  scales: Sequence[float] = (1.0,), flip: bool = False, window: int | None = None,
-                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                  amp: bool = True) -> Tensor:
+def predict_probs(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    long_side: int | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    amp: bool = True,
+) -> Tensor:
     """Softmax probabilities (N,C,H,W float32, on the model's device) at the input resolution.
 
     ``images`` is a uint8 RGB batch of equal-size images. ``long_side`` resizes the longer side
@@ -305,8 +319,7 @@ def predict_probs(model: nn.Module, images: Tensor, *, long_side: int | None = N
     plan = InferencePlan(long_side, tuple(scales), flip)
     size = image_size(images)
     if window is None:
-        return combine_outputs(network_outputs(model, images, plan, mean=mean, std=std, amp=amp),
-                               plan, size)
+        return combine_outputs(network_outputs(model, images, plan, mean=mean, std=std, amp=amp), plan, size)
     model.eval()
     x = normalize(images.to(_model_device(model, images.device)), mean, std)
     passes = (_forward_windowed(model, inputs, window, amp) for inputs in _pass_inputs(x, plan))

@@ -17,9 +17,10 @@ import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -68,8 +69,9 @@ def read_label(path: str | Path) -> np.ndarray:
     path = Path(path)
     img = _open(path)
     if img.mode not in ("L", "P", "I;16", "I"):
-        raise DataError(f"{path}: expected a single-channel label PNG (mode L, P or I;16), "
-                        f"got mode {img.mode}")
+        raise DataError(
+            f"{path}: expected a single-channel label PNG (mode L, P or I;16), got mode {img.mode}"
+        )
     return np.array(img)
 
 
@@ -121,9 +123,11 @@ def read_torch_file(path: str | Path, what: str = "PyTorch weights file") -> Any
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
-            raise DataError(f"{path}: holds pickled Python objects, not only tensors (a whole "
-                            "pickled model?); cbst reads tensors only, so that no file can run "
-                            "code: save the model's state_dict instead") from None
+            raise DataError(
+                f"{path}: holds pickled Python objects, not only tensors (a whole "
+                "pickled model?); cbst reads tensors only, so that no file can run "
+                "code: save the model's state_dict instead"
+            ) from None
         raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
     except Exception:  # torch raises many types (EOFError, IndexError, RuntimeError) for garbage
         raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
@@ -143,17 +147,20 @@ def _check_folder_writable(folder: Path, target: Path) -> None:
     """
     base = _existing_ancestor(folder.absolute())
     if not base.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"cannot be created: {base} is a file, not a folder",
-                                 str(target))
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"cannot be created: {base} is a file, not a folder", str(target)
+        )
     try:
         tempfile.TemporaryFile(dir=base).close()
     except OSError as exc:
-        raise PermissionError(errno.EACCES, f"cannot be written: no file can be created in {base} "
-                              f"({exc.strerror})", str(target)) from None
+        raise PermissionError(
+            errno.EACCES, f"cannot be written: no file can be created in {base} ({exc.strerror})", str(target)
+        ) from None
 
 
-def check_output_file(path: str | Path, *, overwrite: bool, option: str = "--out",
-                      inputs: tuple[str | Path | None, ...] = ()) -> None:
+def check_output_file(
+    path: str | Path, *, overwrite: bool, option: str = "--out", inputs: tuple[str | Path | None, ...] = ()
+) -> None:
     """Check, before any work, that ``path`` can be written as a new file (or replace one).
 
     Args:
@@ -167,11 +174,15 @@ def check_output_file(path: str | Path, *, overwrite: bool, option: str = "--out
         raise IsADirectoryError(errno.EISDIR, f"is a folder; {option} needs a file name", str(path))
     for source in inputs:
         if source is not None and path.exists() and Path(source).exists() and path.samefile(source):
-            raise FileExistsError(errno.EEXIST, f"is also an input of this command; give {option} "
-                                  "another file name", str(path))
+            raise FileExistsError(
+                errno.EEXIST, f"is also an input of this command; give {option} another file name", str(path)
+            )
     if path.exists() and not overwrite:
-        raise FileExistsError(errno.EEXIST, "already exists; pass --overwrite to replace it or "
-                              f"give {option} another file name", str(path))
+        raise FileExistsError(
+            errno.EEXIST,
+            f"already exists; pass --overwrite to replace it or give {option} another file name",
+            str(path),
+        )
     _check_folder_writable(path.parent, path)
 
 
@@ -191,8 +202,9 @@ def make_dirs(folder: Path) -> None:
         blocker = _existing_ancestor(folder)
         if blocker.is_dir():
             raise
-        raise NotADirectoryError(errno.ENOTDIR, "is a file where a folder is expected",
-                                 str(blocker)) from None
+        raise NotADirectoryError(
+            errno.ENOTDIR, "is a file where a folder is expected", str(blocker)
+        ) from None
 
 
 def _create_temporary(path: Path) -> Path:
@@ -298,7 +310,7 @@ class BackgroundWriter:
         self._pool.shutdown(wait=True)
         self._raise_error()
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

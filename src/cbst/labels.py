@@ -26,17 +26,45 @@ PSEUDO_IGNORE_RAW_ID = 0
 
 # Column headers of the original README's result tables, keyed by Cityscapes class name.
 TABLE_HEADERS: dict[str, str] = {
-    "road": "Road", "sidewalk": "Sidewalk", "building": "Build", "wall": "Wall",
-    "fence": "Fence", "pole": "Pole", "traffic light": "Traffic Light",
-    "traffic sign": "Traffic Sign", "vegetation": "Veg.", "terrain": "Terrain", "sky": "Sky",
-    "person": "Person", "rider": "Rider", "car": "Car", "truck": "Truck", "bus": "Bus",
-    "train": "Train", "motorcycle": "Motor", "bicycle": "Bike",
+    "road": "Road",
+    "sidewalk": "Sidewalk",
+    "building": "Build",
+    "wall": "Wall",
+    "fence": "Fence",
+    "pole": "Pole",
+    "traffic light": "Traffic Light",
+    "traffic sign": "Traffic Sign",
+    "vegetation": "Veg.",
+    "terrain": "Terrain",
+    "sky": "Sky",
+    "person": "Person",
+    "rider": "Rider",
+    "car": "Car",
+    "truck": "Truck",
+    "bus": "Bus",
+    "train": "Train",
+    "motorcycle": "Motor",
+    "bicycle": "Bike",
 }
 
 # The 16 classes shared by SYNTHIA and Cityscapes, in trainId order (docs/method.md §9.2).
 CLASSES_16: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "sky", "person", "rider", "car", "bus", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "bus",
+    "motorcycle",
+    "bicycle",
 )
 # The common 13-class subset (mIoU*): the 16 classes without wall, fence and pole (docs/method.md §8.3).
 CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "fence", "pole"))
@@ -45,10 +73,29 @@ CLASSES_13: tuple[str, ...] = tuple(c for c in CLASSES_16 if c not in ("wall", "
 # Ids without a 16-class counterpart (void, parking-slot, road-work, terrain, truck, train,
 # lanemarking) are known but ignored; lanemarking follows CBST-MX (ignored), not CRST (road).
 SYNTHIA_RAW_NAMES: dict[int, str] = {
-    0: "void", 1: "sky", 2: "building", 3: "road", 4: "sidewalk", 5: "fence", 6: "vegetation",
-    7: "pole", 8: "car", 9: "traffic sign", 10: "person", 11: "bicycle", 12: "motorcycle",
-    13: "parking-slot", 14: "road-work", 15: "traffic light", 16: "terrain", 17: "rider",
-    18: "truck", 19: "bus", 20: "train", 21: "wall", 22: "lanemarking",
+    0: "void",
+    1: "sky",
+    2: "building",
+    3: "road",
+    4: "sidewalk",
+    5: "fence",
+    6: "vegetation",
+    7: "pole",
+    8: "car",
+    9: "traffic sign",
+    10: "person",
+    11: "bicycle",
+    12: "motorcycle",
+    13: "parking-slot",
+    14: "road-work",
+    15: "traffic light",
+    16: "terrain",
+    17: "rider",
+    18: "truck",
+    19: "bus",
+    20: "train",
+    21: "wall",
+    22: "lanemarking",
 }
 
 
@@ -100,8 +147,9 @@ class Protocol:
         return table[np.asarray(train_ids, dtype=np.int64)]
 
 
-def _build(name: str, raw_to_class: dict[int, str], classes: tuple[str, ...],
-           colors: dict[str, tuple[int, int, int]]) -> Protocol:
+def _build(
+    name: str, raw_to_class: dict[int, str], classes: tuple[str, ...], colors: dict[str, tuple[int, int, int]]
+) -> Protocol:
     """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     raw_ids = [-1] * len(classes)
@@ -115,9 +163,14 @@ def _build(name: str, raw_to_class: dict[int, str], classes: tuple[str, ...],
     missing = [c for c, r in zip(classes, raw_ids) if r < 0]
     if missing:
         raise AssertionError(f"{name}: no raw id for classes {missing}")
-    return Protocol(name=name, class_names=classes, raw_ids=tuple(raw_ids),
-                    known_raw_ids=frozenset(raw_to_class), lut=lut,
-                    colors=tuple(colors[c] for c in classes))
+    return Protocol(
+        name=name,
+        class_names=classes,
+        raw_ids=tuple(raw_ids),
+        known_raw_ids=frozenset(raw_to_class),
+        lut=lut,
+        colors=tuple(colors[c] for c in classes),
+    )
 
 
 _CS_RAW_TO_NAME = {lab.id: lab.name for lab in _CS_LABELS if lab.id >= 0}
@@ -170,6 +223,7 @@ def cityscapes_palette() -> list[int]:
 
 
 # ------------------------------------------------- user label tables (the folder dataset's YAML)
+
 
 def _palette(n: int) -> list[tuple[int, int, int]]:
     """``n`` distinct colours, spreading the bits of the class index over R, G and B."""
@@ -232,9 +286,14 @@ def folder_protocol(config: Path, cfg: dict) -> Protocol:
         ignored.add(PSEUDO_IGNORE_RAW_ID)
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[values] = np.arange(len(values), dtype=np.uint8)
-    return Protocol(name=str(cfg.get("name", config.parent.name)), class_names=tuple(names),
-                    raw_ids=tuple(values), known_raw_ids=frozenset(values) | frozenset(ignored),
-                    colors=tuple(colors), lut=lut)
+    return Protocol(
+        name=str(cfg.get("name", config.parent.name)),
+        class_names=tuple(names),
+        raw_ids=tuple(values),
+        known_raw_ids=frozenset(values) | frozenset(ignored),
+        colors=tuple(colors),
+        lut=lut,
+    )
 
 
 def read_folder_config(config: Path) -> dict:
@@ -245,8 +304,15 @@ def read_folder_config(config: Path) -> dict:
         raise DataError(f"{config}: invalid YAML ({exc})") from None
     if not isinstance(cfg, dict):
         raise _config_error(config, "expected a mapping with 'images', 'labels' and 'classes'")
-    unknown = set(cfg) - {"name", "images", "labels", "image_suffix", "label_suffix", "classes",
-                          "ignore_values"}
+    unknown = set(cfg) - {
+        "name",
+        "images",
+        "labels",
+        "image_suffix",
+        "label_suffix",
+        "classes",
+        "ignore_values",
+    }
     if unknown:
         raise _config_error(config, f"unknown keys {sorted(unknown)}")
     if "images" not in cfg:

@@ -28,8 +28,10 @@ class MiningPlan:
 
 def _seed_region(shape: tuple[int, int], margin: tuple[int, int]) -> tuple[slice, slice]:
     """Rows/cols whose pixels may be seeds: ``margin`` away from the border (all if too small)."""
+
     def axis(n: int, m: int) -> slice:
         return slice(m, n - m) if n - m > m else slice(0, n)
+
     return axis(shape[0], margin[0]), axis(shape[1], margin[1])
 
 
@@ -44,8 +46,9 @@ def _candidates(region: np.ndarray, plan: MiningPlan) -> list[int]:
     return []
 
 
-def choose_mined_center(label: np.ndarray, plan: MiningPlan, rng: np.random.Generator, *,
-                        margin: tuple[int, int] = (0, 0)) -> tuple[int, int] | None:
+def choose_mined_center(
+    label: np.ndarray, plan: MiningPlan, rng: np.random.Generator, *, margin: tuple[int, int] = (0, 0)
+) -> tuple[int, int] | None:
     """(y, x) of a random rare-class pixel to centre the crop on, or None for an ordinary crop.
 
     ``label`` is the trainId map at the crop's scale; ``margin`` (rows, cols) keeps seeds that far
@@ -65,12 +68,15 @@ def choose_mined_center(label: np.ndarray, plan: MiningPlan, rng: np.random.Gene
     return int(ys[i]) + rows.start, int(xs[i]) + cols.start
 
 
-def crop_window(center: tuple[int, int], crop_hw: tuple[int, int],
-                image_hw: tuple[int, int]) -> tuple[int, int]:
+def crop_window(
+    center: tuple[int, int], crop_hw: tuple[int, int], image_hw: tuple[int, int]
+) -> tuple[int, int]:
     """Top-left (y0, x0) of a crop centred on ``center``, shifted to lie inside the image.
 
     When the crop is larger than the image along an axis, that offset is 0 (the caller pads).
     """
+
     def axis(c: int, size: int, n: int) -> int:
         return int(min(max(c - size // 2, 0), max(n - size, 0)))
+
     return axis(center[0], crop_hw[0], image_hw[0]), axis(center[1], crop_hw[1], image_hw[1])

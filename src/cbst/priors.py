@@ -24,8 +24,9 @@ probabilities of any resolution. Choices:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -57,8 +58,9 @@ def _accumulate(counts: np.ndarray, label: np.ndarray, num_classes: int) -> None
     position = np.flatnonzero(flat != IGNORE_INDEX)
     classes = flat[position]
     if classes.size and classes.max() >= num_classes:
-        raise ValueError(f"label value {int(classes.max())} is neither a trainId below "
-                         f"{num_classes} nor {IGNORE_INDEX}")
+        raise ValueError(
+            f"label value {int(classes.max())} is neither a trainId below {num_classes} nor {IGNORE_INDEX}"
+        )
     # Each position carries one class, so the indices are unique and a fancy += is a bincount.
     counts[classes * flat.size + position] += 1
 
@@ -68,16 +70,23 @@ def _normalise(counts: np.ndarray, sigma: float, eps: float) -> np.ndarray:
     prior = counts.astype(np.float32)
     for c in range(prior.shape[0]):
         if sigma > 0:
-            prior[c] = cv2.GaussianBlur(prior[c], (0, 0), sigmaX=sigma, sigmaY=sigma,
-                                        borderType=cv2.BORDER_REFLECT)
+            prior[c] = cv2.GaussianBlur(
+                prior[c], (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT
+            )
         prior[c] += eps
         prior[c] /= prior[c].max()
     return prior
 
 
-def compute_spatial_prior(label_maps: Iterable[np.ndarray], num_classes: int, size: tuple[int, int],
-                          *, sigma: float | None = None, eps: float = 1.0,
-                          progress: bool = True) -> np.ndarray:
+def compute_spatial_prior(
+    label_maps: Iterable[np.ndarray],
+    num_classes: int,
+    size: tuple[int, int],
+    *,
+    sigma: float | None = None,
+    eps: float = 1.0,
+    progress: bool = True,
+) -> np.ndarray:
     """The spatial prior (float32 C×H×W, each class max 1, min > 0) of trainId label maps."""
     if eps <= 0:
         raise ValueError(f"eps must be > 0 so that no location rules a class out, got {eps}")
@@ -86,6 +95,7 @@ def compute_spatial_prior(label_maps: Iterable[np.ndarray], num_classes: int, si
     counts = np.zeros(num_classes * height * width, dtype=np.int32)
     if progress:
         from tqdm import tqdm
+
         label_maps = tqdm(label_maps, desc="prior", unit="label")
     for label in label_maps:
         label = np.asarray(label)
@@ -115,11 +125,13 @@ def _read_array(path: Path) -> np.ndarray:
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".mat":
         import scipy.io
+
         try:
             data = scipy.io.loadmat(str(path))
         except NotImplementedError:
-            raise DataError(f"{path}: MATLAB v7.3 (HDF5) files are not supported; "
-                            "re-save it with save(..., '-v7')") from None
+            raise DataError(
+                f"{path}: MATLAB v7.3 (HDF5) files are not supported; re-save it with save(..., '-v7')"
+            ) from None
         except (scipy.io.matlab.MatReadError, OSError, ValueError, TypeError) as exc:
             raise DataError(f"{path}: cannot read MATLAB file ({exc})") from None
         if MAT_VARIABLE not in data:
@@ -134,8 +146,7 @@ def _read_array(path: Path) -> np.ndarray:
 
 def _resize_prior(prior: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a C×h×w prior to (H, W) (half-pixel convention, like apply_prior)."""
-    out = F.interpolate(torch.from_numpy(prior)[None], size=size, mode="bilinear",
-                        align_corners=False)
+    out = F.interpolate(torch.from_numpy(prior)[None], size=size, mode="bilinear", align_corners=False)
     return out[0].numpy()
 
 
@@ -151,8 +162,10 @@ def load_prior(path: str | Path, num_classes: int, size: tuple[int, int] | None 
         raise DataError(f"{path}: expected a 3-D prior ({num_classes}×H×W), got shape {array.shape}")
     if array.shape[0] != num_classes:
         if array.shape[2] != num_classes:
-            raise DataError(f"{path}: prior has shape {array.shape}, expected {num_classes} "
-                            f"classes first ({num_classes}×H×W) or last (H×W×{num_classes})")
+            raise DataError(
+                f"{path}: prior has shape {array.shape}, expected {num_classes} "
+                f"classes first ({num_classes}×H×W) or last (H×W×{num_classes})"
+            )
         array = array.transpose(2, 0, 1)
     prior = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(prior).all() or (prior < 0).any():
@@ -176,6 +189,7 @@ def apply_prior(probs: Tensor, prior: Tensor | np.ndarray) -> Tensor:
     if prior.dim() != 3 or prior.shape[0] != probs.shape[-3]:
         raise ValueError(f"prior {tuple(prior.shape)} does not match probabilities {tuple(probs.shape)}")
     if prior.shape[1:] != probs.shape[-2:]:
-        prior = F.interpolate(prior[None], size=tuple(probs.shape[-2:]), mode="bilinear",
-                              align_corners=False)[0]
+        prior = F.interpolate(
+            prior[None], size=tuple(probs.shape[-2:]), mode="bilinear", align_corners=False
+        )[0]
     return probs * prior

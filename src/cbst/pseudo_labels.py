@@ -23,9 +23,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +35,15 @@ from tqdm import tqdm
 
 from cbst import io
 from cbst.evaluation import write_prediction
-from cbst.inference import (PAD_MULTIPLE, InferencePlan, combine_outputs, image_batches, image_size,
-                            loaded_items, network_outputs)
+from cbst.inference import (
+    PAD_MULTIPLE,
+    InferencePlan,
+    combine_outputs,
+    image_batches,
+    image_size,
+    loaded_items,
+    network_outputs,
+)
 from cbst.priors import apply_prior
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
@@ -110,9 +118,17 @@ class ProbabilityCache:
     done where no pass pads the width (padding makes the mirror's crop asymmetric).
     """
 
-    def __init__(self, folder: str | Path, plan: InferencePlan, *, device: torch.device | str,
-                 dtype: torch.dtype = torch.float16, backend: str = "auto",
-                 keep: bool = False, merge_flip: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        plan: InferencePlan,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float16,
+        backend: str = "auto",
+        keep: bool = False,
+        merge_flip: bool = False,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"cache backend must be one of {BACKENDS}, got {backend!r}")
         if dtype not in _NUMPY_DTYPES:
@@ -155,8 +171,7 @@ class ProbabilityCache:
         return self._entries[index].tier
 
     # ----------------------------------------------------------------- storing
-    def store(self, indices: Sequence[int], outputs: Sequence[Tensor],
-              size: tuple[int, int]) -> Tensor:
+    def store(self, indices: Sequence[int], outputs: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         """Store the per-pass maps (N×C×h×w each, in pass order) of N images of ``size`` (H, W)
         under ``indices``; returns their probabilities (N×C×H×W), computed from the stored
         values as :meth:`get_batch` will compute them."""
@@ -178,8 +193,10 @@ class ProbabilityCache:
         outputs = [out.to(self.dtype).contiguous() for out in outputs]
         if not (self.plan.flip and self.merge_flip and all(w % PAD_MULTIPLE == 0 for _, w in sizes)):
             return outputs, self.plan.flip
-        merged = [(plain.float() + mirror.float().flip(-1)) / 2
-                  for plain, mirror in zip(outputs[::2], outputs[1::2])]
+        merged = [
+            (plain.float() + mirror.float().flip(-1)) / 2
+            for plain, mirror in zip(outputs[::2], outputs[1::2])
+        ]
         return [out.to(self.dtype) for out in merged], False
 
     def _put(self, index: int, outputs: Sequence[Tensor], size: tuple[int, int], flip: bool) -> None:
@@ -188,8 +205,7 @@ class ProbabilityCache:
         flat = torch.cat([out.reshape(-1) for out in outputs])
         nbytes = flat.numel() * flat.element_size()
         tier = next(t for t, budget in self._budgets.items() if self._used[t] + nbytes <= budget)
-        entry = _Entry(size=tuple(size), shapes=[tuple(out.shape) for out in outputs], tier=tier,
-                       flip=flip)
+        entry = _Entry(size=tuple(size), shapes=[tuple(out.shape) for out in outputs], tier=tier, flip=flip)
         if tier == "disk":
             entry.offset = self._append(flat)
         elif tier == "host":
@@ -231,7 +247,7 @@ class ProbabilityCache:
             if self._file is not None:
                 self._file.flush()
             self._map = np.memmap(self.path, dtype=_NUMPY_DTYPES[self.dtype], mode="r")
-        return torch.from_numpy(np.array(self._map[entry.offset:entry.offset + entry.numel]))
+        return torch.from_numpy(np.array(self._map[entry.offset : entry.offset + entry.numel]))
 
     def get(self, index: int) -> Tensor:
         """Probabilities of image ``index`` (C×H×W float32, on the device)."""
@@ -241,8 +257,9 @@ class ProbabilityCache:
         """Probabilities of equal-size images (N×C×H×W float32, on the device)."""
         kinds = {(self._entries[i].size, self._entries[i].flip) for i in indices}
         if len(kinds) != 1:
-            raise ValueError(f"probability cache: images of different sizes {sorted(kinds)} "
-                             "cannot form one batch")
+            raise ValueError(
+                f"probability cache: images of different sizes {sorted(kinds)} cannot form one batch"
+            )
         size, flip = kinds.pop()
         per_image = [self.outputs(i) for i in indices]
         stacked = [torch.stack(maps) for maps in zip(*per_image)]
@@ -268,9 +285,14 @@ class ProbabilityCache:
                 entry.offset, entry.tier, entry.data = self._append(entry.data), "disk", None
         if self._file is not None:
             self._file.flush()
-        index = {"dtype": str(self.dtype).removeprefix("torch."), "plan": asdict(self.plan),
-                 "entries": {str(i): {"size": e.size, "shapes": e.shapes, "offset": e.offset,
-                                      "flip": e.flip} for i, e in self._entries.items()}}
+        index = {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "plan": asdict(self.plan),
+            "entries": {
+                str(i): {"size": e.size, "shapes": e.shapes, "offset": e.offset, "flip": e.flip}
+                for i, e in self._entries.items()
+            },
+        }
         io.write_json(self.folder / "index.json", index)
 
     @classmethod
@@ -282,11 +304,22 @@ class ProbabilityCache:
         except (OSError, ValueError) as exc:
             raise io.DataError(f"{folder / 'index.json'}: cannot read the cache index ({exc})") from None
         plan = index["plan"]
-        cache = cls(folder, InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"]),
-                    device=device, dtype=getattr(torch, index["dtype"]), backend="disk", keep=True)
+        cache = cls(
+            folder,
+            InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"]),
+            device=device,
+            dtype=getattr(torch, index["dtype"]),
+            backend="disk",
+            keep=True,
+        )
         for key, e in index["entries"].items():
-            cache._entries[int(key)] = _Entry(size=tuple(e["size"]), tier="disk", offset=e["offset"],
-                                              shapes=[tuple(s) for s in e["shapes"]], flip=e["flip"])
+            cache._entries[int(key)] = _Entry(
+                size=tuple(e["size"]),
+                tier="disk",
+                offset=e["offset"],
+                shapes=[tuple(s) for s in e["shapes"]],
+                flip=e["flip"],
+            )
         return cache
 
     def __enter__(self) -> ProbabilityCache:
@@ -324,9 +357,18 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not progress, leave=False)
 
 
-def _fill_cache(model: torch.nn.Module, dataset: Any, cache: ProbabilityCache,
-                estimator: ThresholdEstimator, prior: Tensor | None, *, batch_size: int,
-                num_workers: int, amp: bool, progress: bool) -> list[list[int]]:
+def _fill_cache(
+    model: torch.nn.Module,
+    dataset: Any,
+    cache: ProbabilityCache,
+    estimator: ThresholdEstimator,
+    prior: Tensor | None,
+    *,
+    batch_size: int,
+    num_workers: int,
+    amp: bool,
+    progress: bool,
+) -> list[list[int]]:
     """The round's only network pass: cache every image's maps and feed the estimator.
 
     Returns the image indices of each batch, so that labels are assigned batch by batch as the
@@ -334,9 +376,12 @@ def _fill_cache(model: torch.nn.Module, dataset: Any, cache: ProbabilityCache,
     """
     batches: list[list[int]] = []
     with _bar(len(dataset), "pseudo-label pass", progress) as bar:
-        for images, items in image_batches(dataset.without_labels(), batch_size,
-                                           num_workers=num_workers,
-                                           pin_memory=cache.device.type == "cuda"):
+        for images, items in image_batches(
+            dataset.without_labels(),
+            batch_size,
+            num_workers=num_workers,
+            pin_memory=cache.device.type == "cuda",
+        ):
             indices = [item["index"] for item in items]
             outputs = network_outputs(model, images, cache.plan, amp=amp)
             estimator.update(_with_prior(cache.store(indices, outputs, image_size(images)), prior))
@@ -345,9 +390,17 @@ def _fill_cache(model: torch.nn.Module, dataset: Any, cache: ProbabilityCache,
     return batches
 
 
-def _write_labels(cache: ProbabilityCache, batches: list[list[int]], dataset: Any,
-                  thresholds: Tensor, prior: Tensor | None, out_dir: Path, *, num_workers: int,
-                  progress: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _write_labels(
+    cache: ProbabilityCache,
+    batches: list[list[int]],
+    dataset: Any,
+    thresholds: Tensor,
+    prior: Tensor | None,
+    out_dir: Path,
+    *,
+    num_workers: int,
+    progress: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Assign and write the pseudo-labels from the cache; (selected pixels per class,
     correct pixels, judged pixels), the last two against the ground truth where there is one."""
     protocol = dataset.protocol
@@ -363,8 +416,15 @@ def _write_labels(cache: ProbabilityCache, batches: list[list[int]], dataset: An
             selected += torch.bincount(labels[valid], minlength=c)
             for n, (index, label) in enumerate(zip(indices, labels.to(torch.uint8).cpu().numpy())):
                 name = dataset.samples[index].name
-                writer.submit(out_dir / "pseudo_labelIds" / f"{name}.png", write_prediction,
-                              out_dir, name, label, protocol, prefix="pseudo_")
+                writer.submit(
+                    out_dir / "pseudo_labelIds" / f"{name}.png",
+                    write_prediction,
+                    out_dir,
+                    name,
+                    label,
+                    protocol,
+                    prefix="pseudo_",
+                )
                 gt = next(truth)
                 if gt is not None:
                     gt = torch.from_numpy(gt).to(cache.device, torch.int64)
@@ -375,13 +435,28 @@ def _write_labels(cache: ProbabilityCache, batches: list[list[int]], dataset: An
     return selected, correct, judged
 
 
-def pseudo_label_pass(model: torch.nn.Module, dataset: Any, out_dir: str | Path, *,
-                      portion: float, policy: str = "cb", prior: Tensor | None = None,
-                      long_side: int | None = None, scales: tuple[float, ...] = (1.0,),
-                      flip: bool = True, exact: bool = False, bins: int = 65536,
-                      batch_size: int = 1, mine_id_number: int = 3, mine_thresh: float = 1e-3,
-                      num_workers: int = 0, amp: bool = True, progress: bool = True,
-                      keep_cache: bool = False, cache_backend: str = "auto") -> dict:
+def pseudo_label_pass(
+    model: torch.nn.Module,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    portion: float,
+    policy: str = "cb",
+    prior: Tensor | None = None,
+    long_side: int | None = None,
+    scales: tuple[float, ...] = (1.0,),
+    flip: bool = True,
+    exact: bool = False,
+    bins: int = 65536,
+    batch_size: int = 1,
+    mine_id_number: int = 3,
+    mine_thresh: float = 1e-3,
+    num_workers: int = 0,
+    amp: bool = True,
+    progress: bool = True,
+    keep_cache: bool = False,
+    cache_backend: str = "auto",
+) -> dict:
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
     Writes ``out_dir/pseudo_labelIds/NAME.png``, ``out_dir/pseudo_color/NAME.png`` and
@@ -416,23 +491,41 @@ def pseudo_label_pass(model: torch.nn.Module, dataset: Any, out_dir: str | Path,
     started = time.time()
     plan = InferencePlan(long_side, tuple(scales), flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
-    with ProbabilityCache(out_dir / CACHE_FOLDER, plan, device=device, backend=cache_backend,
-                          dtype=torch.float32 if exact else torch.float16, keep=keep_cache,
-                          merge_flip=not exact) as cache:
-        batches = _fill_cache(model, dataset, cache, estimator, prior, batch_size=batch_size,
-                              num_workers=num_workers, amp=amp, progress=progress)
+    with ProbabilityCache(
+        out_dir / CACHE_FOLDER,
+        plan,
+        device=device,
+        backend=cache_backend,
+        dtype=torch.float32 if exact else torch.float16,
+        keep=keep_cache,
+        merge_flip=not exact,
+    ) as cache:
+        batches = _fill_cache(
+            model,
+            dataset,
+            cache,
+            estimator,
+            prior,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            amp=amp,
+            progress=progress,
+        )
         thresholds = estimator.thresholds(portion)
-        selected, correct, judged = _write_labels(cache, batches, dataset, thresholds, prior,
-                                                  out_dir, num_workers=num_workers,
-                                                  progress=progress)
+        selected, correct, judged = _write_labels(
+            cache, batches, dataset, thresholds, prior, out_dir, num_workers=num_workers, progress=progress
+        )
     predicted = estimator.class_pixel_counts
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
     stats = {
-        "portion": portion, "policy": policy, "with_prior": prior is not None,
+        "portion": portion,
+        "policy": policy,
+        "with_prior": prior is not None,
         "thresholds": dict(zip(protocol.class_names, thresholds.tolist())),
         "predicted_pixels": dict(zip(protocol.class_names, predicted.tolist())),
         "selected_pixels": dict(zip(protocol.class_names, selected.tolist())),
-        "mine_id": [int(i) for i in mine_id], "mine_id_priority": [int(i) for i in priority],
+        "mine_id": [int(i) for i in mine_id],
+        "mine_id_priority": [int(i) for i in priority],
         "selected_fraction": float(selected.sum()) / max(1, int(predicted.sum())),
         "pseudo_label_accuracy": float(correct) / int(judged) if int(judged) else None,
         "seconds": round(time.time() - started, 2),

@@ -34,26 +34,42 @@ def _grow(value: float, step: float, maximum: float) -> float:
     return float(f"{value + step:.12g}") if value < maximum else value
 
 
-def round_schedule(num_round: int, *, init_tgt_port: float = 0.3, step_tgt_port: float = 0.05,
-                   max_tgt_port: float = 0.5, init_src_port: float = 0.3,
-                   step_src_port: float = 0.0025, max_src_port: float = 0.06,
-                   base_lr: float = 1e-4, lr_decay: float = math.sqrt(2.0),
-                   epoch_per_round: int = 2, source_sample_policy: str = "cumulative",
-                   seed: int = 0) -> list[RoundPlan]:
+def round_schedule(
+    num_round: int,
+    *,
+    init_tgt_port: float = 0.3,
+    step_tgt_port: float = 0.05,
+    max_tgt_port: float = 0.5,
+    init_src_port: float = 0.3,
+    step_src_port: float = 0.0025,
+    max_src_port: float = 0.06,
+    base_lr: float = 1e-4,
+    lr_decay: float = math.sqrt(2.0),
+    epoch_per_round: int = 2,
+    source_sample_policy: str = "cumulative",
+    seed: int = 0,
+) -> list[RoundPlan]:
     """The plan of every round; defaults are the original ``solve_AO.py`` defaults."""
     if source_sample_policy not in SOURCE_SAMPLE_POLICIES:
-        raise ValueError(f"source_sample_policy must be one of {SOURCE_SAMPLE_POLICIES}, "
-                         f"got {source_sample_policy!r}")
+        raise ValueError(
+            f"source_sample_policy must be one of {SOURCE_SAMPLE_POLICIES}, got {source_sample_policy!r}"
+        )
     if num_round < 1 or epoch_per_round < 1:
         raise ValueError("num_round and epoch_per_round must be at least 1")
     plans = []
     p, s = init_tgt_port, init_src_port
     for r in range(num_round):
-        plans.append(RoundPlan(
-            index=r, tgt_portion=p, src_portion=s, lr=base_lr / lr_decay ** r,
-            start_epoch=r * epoch_per_round, end_epoch=(r + 1) * epoch_per_round,
-            source_seed=seed if source_sample_policy == "cumulative" else r,
-        ))
+        plans.append(
+            RoundPlan(
+                index=r,
+                tgt_portion=p,
+                src_portion=s,
+                lr=base_lr / lr_decay**r,
+                start_epoch=r * epoch_per_round,
+                end_epoch=(r + 1) * epoch_per_round,
+                source_seed=seed if source_sample_policy == "cumulative" else r,
+            )
+        )
         p = _grow(p, step_tgt_port, max_tgt_port)
         s = _grow(s, step_src_port, max_src_port)
     return plans

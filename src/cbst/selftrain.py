@@ -32,31 +32,69 @@ from cbst.checks import ConfigError
 from cbst.device import configure_backends, select_device
 from cbst.pseudo_labels import pseudo_label_pass
 from cbst.rounds import RoundPlan, round_schedule, source_subset
+from cbst.thresholds import POLICIES
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
 _INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior")
-_DATA = ("weights", "dataset", "data_root", "split", "list_file", "dataset_tgt", "data_root_tgt",
-         "split_tgt", "list_tgt", "num_classes")
+_DATA = (
+    "weights",
+    "dataset",
+    "data_root",
+    "split",
+    "list_file",
+    "dataset_tgt",
+    "data_root_tgt",
+    "split_tgt",
+    "list_tgt",
+    "num_classes",
+)
 # The options each stage reads besides its round's plan: a run resumes only if every finished
 # stage would read the same values. Other options (the round count, --device, ...) may change.
 _STAGE_OPTIONS = {
-    "pseudo": _DATA + ("kc_policy", "with_prior", "test_scales", "test_flipping", "pseudo_scales",
-                       "exact_thresholds", "threshold_bins", "pseudo_batch", "mine_id_number",
-                       "mine_thresh", "amp", "score_pseudo_labels"),
-    "train": _DATA + ("seed", "batch_images", "crop_size", "scale_rate_range", "origin_size",
-                      "origin_size_tgt", "mine_port", "momentum", "weight_decay", "amp"),
-    "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side",
-             "eval_flipping"),
+    "pseudo": _DATA
+    + (
+        "kc_policy",
+        "with_prior",
+        "test_scales",
+        "test_flipping",
+        "pseudo_scales",
+        "exact_thresholds",
+        "threshold_bins",
+        "pseudo_batch",
+        "mine_id_number",
+        "mine_thresh",
+        "amp",
+        "score_pseudo_labels",
+    ),
+    "train": _DATA
+    + (
+        "seed",
+        "batch_images",
+        "crop_size",
+        "scale_rate_range",
+        "origin_size",
+        "origin_size_tgt",
+        "mine_port",
+        "momentum",
+        "weight_decay",
+        "amp",
+    ),
+    "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
 }
 # The plan fields each stage reads, and the options each field is computed from.
-_STAGE_PLAN = {"pseudo": ("tgt_portion",),
-               "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"), "eval": ()}
+_STAGE_PLAN = {
+    "pseudo": ("tgt_portion",),
+    "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"),
+    "eval": (),
+}
 _PLAN_OPTIONS = {
     "tgt_portion": ("init_tgt_port", "step_tgt_port", "max_tgt_port"),
     "src_portion": ("init_src_port", "step_src_port", "max_src_port"),
-    "lr": ("base_lr", "lr_decay"), "start_epoch": ("epoch_per_round",),
-    "end_epoch": ("epoch_per_round",), "source_seed": ("source_sample_policy", "seed"),
+    "lr": ("base_lr", "lr_decay"),
+    "start_epoch": ("epoch_per_round",),
+    "end_epoch": ("epoch_per_round",),
+    "source_seed": ("source_sample_policy", "seed"),
 }
 
 
@@ -125,11 +163,19 @@ class SelfTrainConfig:
     def schedule(self) -> list[RoundPlan]:
         """The per-round portions, learning rates and epochs of this run."""
         return round_schedule(
-            self.num_round, init_tgt_port=self.init_tgt_port, step_tgt_port=self.step_tgt_port,
-            max_tgt_port=self.max_tgt_port, init_src_port=self.init_src_port,
-            step_src_port=self.step_src_port, max_src_port=self.max_src_port,
-            base_lr=self.base_lr, lr_decay=self.lr_decay, epoch_per_round=self.epoch_per_round,
-            source_sample_policy=self.source_sample_policy, seed=self.seed)
+            self.num_round,
+            init_tgt_port=self.init_tgt_port,
+            step_tgt_port=self.step_tgt_port,
+            max_tgt_port=self.max_tgt_port,
+            init_src_port=self.init_src_port,
+            step_src_port=self.step_src_port,
+            max_src_port=self.max_src_port,
+            base_lr=self.base_lr,
+            lr_decay=self.lr_decay,
+            epoch_per_round=self.epoch_per_round,
+            source_sample_policy=self.source_sample_policy,
+            seed=self.seed,
+        )
 
     def validate(self) -> None:
         """Reject invalid or inconsistent options before anything is read or written.
@@ -137,16 +183,34 @@ class SelfTrainConfig:
         Errors name the option as its flag. Portions must stay in [0, 1] in every round, not
         only in the first: a portion grows by its step while below its maximum.
         """
-        if self.kc_policy not in ("cb", "global"):
+        if self.kc_policy not in POLICIES:
             raise ConfigError(f"--kc-policy must be 'cb' or 'global', got {self.kc_policy!r}")
-        checks.require_positive(self, "num_round", "epoch_per_round", "base_lr", "lr_decay",
-                                "batch_images", "crop_size", "pseudo_batch", "threshold_bins")
-        checks.require_positive(self, "test_scales", "origin_size", "origin_size_tgt",
-                                "eval_long_side", optional=True)
-        checks.require_non_negative(self, "step_tgt_port", "step_src_port", "momentum",
-                                    "weight_decay", "mine_id_number", "num_workers")
-        checks.require_fraction(self, "init_tgt_port", "max_tgt_port", "init_src_port",
-                                "max_src_port", "mine_port", "mine_thresh")
+        checks.require_positive(
+            self,
+            "num_round",
+            "epoch_per_round",
+            "base_lr",
+            "lr_decay",
+            "batch_images",
+            "crop_size",
+            "pseudo_batch",
+            "threshold_bins",
+        )
+        checks.require_positive(
+            self, "test_scales", "origin_size", "origin_size_tgt", "eval_long_side", optional=True
+        )
+        checks.require_non_negative(
+            self,
+            "step_tgt_port",
+            "step_src_port",
+            "momentum",
+            "weight_decay",
+            "mine_id_number",
+            "num_workers",
+        )
+        checks.require_fraction(
+            self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
+        )
         checks.require_scale_range(self, "scale_rate_range")
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
@@ -159,9 +223,11 @@ class SelfTrainConfig:
                 if portion > 1:
                     names = [f"{p}_{kind}_port" for p in ("init", "step", "max")]
                     given = ", ".join(f"{checks.flag(n)} {getattr(self, n)}" for n in names)
-                    raise ConfigError(f"{given} give round {plan.index} a portion of {portion:g}, "
-                                      "above 1 (the portion grows by the step while below the "
-                                      "maximum)")
+                    raise ConfigError(
+                        f"{given} give round {plan.index} a portion of {portion:g}, "
+                        "above 1 (the portion grows by the step while below the "
+                        "maximum)"
+                    )
 
     def check_sizes(self, num_source: int, num_target: int) -> None:
         """Every round must train on at least one full batch (incomplete batches are dropped)."""
@@ -191,8 +257,9 @@ class RunState:
             try:
                 self.finished = list(json.loads(io.read_text(self.path, "run state"))["finished"])
             except (ValueError, KeyError, TypeError):
-                raise io.DataError(f"{self.path}: unreadable run state; start the run again in "
-                                   "a new --output") from None
+                raise io.DataError(
+                    f"{self.path}: unreadable run state; start the run again in a new --output"
+                ) from None
 
     def done(self, round_index: int, stage: str) -> bool:
         return f"{round_index}/{stage}" in self.finished
@@ -211,8 +278,10 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     io.check_output_dir(out)
     state = RunState(out)
     if state.finished and not cfg.resume:
-        raise ValueError(f"{out}: holds a started run ({len(state.finished)} stages finished); "
-                         "pass --resume to continue it or choose another --output")
+        raise ValueError(
+            f"{out}: holds a started run ({len(state.finished)} stages finished); "
+            "pass --resume to continue it or choose another --output"
+        )
     saved = out / "config.yaml"
     if cfg.resume and state.finished and saved.is_file():
         _check_resume(saved, cfg, state.finished)
@@ -260,8 +329,7 @@ def _check_weights(cfg: SelfTrainConfig, protocol: str) -> None:
     read_meta(cfg.weights, expect_protocol=protocol)
 
 
-def _load_prior(cfg: SelfTrainConfig, out: Path, source, target,
-                device: torch.device) -> torch.Tensor | None:
+def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.device) -> torch.Tensor | None:
     """The CBST-SP prior at the target images' resolution, on the device (resized once, here).
 
     ``with_prior="source"`` counts it on the source labels the first time and keeps it as
@@ -283,31 +351,57 @@ def _round_seed(cfg: SelfTrainConfig, plan: RoundPlan) -> int:
     return cfg.seed * 1000 + plan.index
 
 
-def _train_round(cfg: SelfTrainConfig, plan: RoundPlan, model: torch.nn.Module, source, target,
-                 stats: dict, device: torch.device) -> None:
+def _train_round(
+    cfg: SelfTrainConfig,
+    plan: RoundPlan,
+    model: torch.nn.Module,
+    source,
+    target,
+    stats: dict,
+    device: torch.device,
+) -> None:
     """Train the model for one round on the source subset plus the pseudo-labelled target."""
     from cbst.mining import MiningPlan
     from cbst.training import build_optimizer, train_epochs
-    from cbst.transforms import TrainTransform
+    from cbst.transforms import TrainTransform, network_crop
 
-    mining = (MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"])
-              if cfg.mine_port > 0 else None)
-    crop = int(math.ceil(cfg.crop_size / 8) * 8)
+    mining = (
+        MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
+    )
+    crop = network_crop(cfg.crop_size)
     seed = _round_seed(cfg, plan)
 
     def transform(reference: int | None, offset: int) -> TrainTransform:
-        return TrainTransform(crop, scale_range=tuple(cfg.scale_rate_range),
-                              reference_long_side=reference, mining=mining, seed=seed * 2 + offset)
+        return TrainTransform(
+            crop,
+            scale_range=tuple(cfg.scale_rate_range),
+            reference_long_side=reference,
+            mining=mining,
+            seed=seed * 2 + offset,
+        )
 
     subset = source.subset(source_subset(len(source), plan.src_portion, plan.source_seed))
-    parts = [subset.with_transform(transform(cfg.origin_size, 0)),
-             target.with_transform(transform(cfg.origin_size_tgt, 1))]
+    parts = [
+        subset.with_transform(transform(cfg.origin_size, 0)),
+        target.with_transform(transform(cfg.origin_size_tgt, 1)),
+    ]
     data = torch.utils.data.ConcatDataset([p for p in parts if len(p) > 0])
     optimizer = build_optimizer(model, plan.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    train_epochs(model, data, epochs=plan.end_epoch, start_epoch=plan.start_epoch,
-                 batch_size=cfg.batch_images, base_lr=plan.lr, lr_policy="fixed", device=device,
-                 optimizer=optimizer, num_workers=cfg.num_workers, seed=seed, amp=cfg.amp,
-                 progress=cfg.progress)
+    train_epochs(
+        model,
+        data,
+        epochs=plan.end_epoch,
+        start_epoch=plan.start_epoch,
+        batch_size=cfg.batch_images,
+        base_lr=plan.lr,
+        lr_policy="fixed",
+        device=device,
+        optimizer=optimizer,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        amp=cfg.amp,
+        progress=cfg.progress,
+    )
 
 
 class _RoundModel:
@@ -329,8 +423,7 @@ class _RoundModel:
         from cbst.device import maybe_compile
 
         if self.model is None:
-            self.model, self.meta = load_checkpoint(path, device=self.device,
-                                                    expect_protocol=self.protocol)
+            self.model, self.meta = load_checkpoint(path, device=self.device, expect_protocol=self.protocol)
             self.net = maybe_compile(self.model, self.compile)
         else:
             load_weights_into(self.model, path, expect_protocol=self.protocol)
@@ -341,13 +434,22 @@ def _datasets(cfg: SelfTrainConfig):
     """(source, target train, target val or None), verified before any work starts."""
     from cbst.datasets import build_dataset
 
-    source = build_dataset(cfg.dataset, cfg.data_root, split=cfg.split,
-                           num_classes=cfg.num_classes, list_file=cfg.list_file)
-    target = build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.split_tgt,
-                           num_classes=cfg.num_classes, list_file=cfg.list_tgt,
-                           with_labels=cfg.score_pseudo_labels)
-    val = (build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.eval_split,
-                         num_classes=cfg.num_classes) if cfg.eval_split else None)
+    source = build_dataset(
+        cfg.dataset, cfg.data_root, split=cfg.split, num_classes=cfg.num_classes, list_file=cfg.list_file
+    )
+    target = build_dataset(
+        cfg.dataset_tgt,
+        cfg.data_root_tgt,
+        split=cfg.split_tgt,
+        num_classes=cfg.num_classes,
+        list_file=cfg.list_tgt,
+        with_labels=cfg.score_pseudo_labels,
+    )
+    val = (
+        build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.eval_split, num_classes=cfg.num_classes)
+        if cfg.eval_split
+        else None
+    )
     return source, target, val
 
 
@@ -378,27 +480,51 @@ def self_train(cfg: SelfTrainConfig) -> dict:
             model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
             pseudo_label_pass(
-                model, target, rdir, portion=plan.tgt_portion, policy=cfg.kc_policy, prior=prior,
-                long_side=cfg.test_scales, scales=tuple(cfg.pseudo_scales), flip=cfg.test_flipping,
+                model,
+                target,
+                rdir,
+                portion=plan.tgt_portion,
+                policy=cfg.kc_policy,
+                prior=prior,
+                long_side=cfg.test_scales,
+                scales=tuple(cfg.pseudo_scales),
+                flip=cfg.test_flipping,
                 exact=cfg.exact_thresholds,
-                bins=cfg.threshold_bins, batch_size=cfg.pseudo_batch,
-                mine_id_number=cfg.mine_id_number, mine_thresh=cfg.mine_thresh,
-                num_workers=cfg.num_workers, amp=cfg.amp, progress=cfg.progress)
+                bins=cfg.threshold_bins,
+                batch_size=cfg.pseudo_batch,
+                mine_id_number=cfg.mine_id_number,
+                mine_thresh=cfg.mine_thresh,
+                num_workers=cfg.num_workers,
+                amp=cfg.amp,
+                progress=cfg.progress,
+            )
             state.mark(plan.index, "pseudo")
         if not state.done(plan.index, "train"):
             stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             _train_round(cfg, plan, model, source, pseudo, stats, device)
-            save_checkpoint(ckpt, reused.model, arch=reused.meta["arch"],
-                            num_classes=cfg.num_classes,
-                            protocol=protocol_name, round=plan.index, epoch=plan.end_epoch)
+            save_checkpoint(
+                ckpt,
+                reused.model,
+                arch=reused.meta["arch"],
+                num_classes=cfg.num_classes,
+                protocol=protocol_name,
+                round=plan.index,
+                epoch=plan.end_epoch,
+            )
             state.mark(plan.index, "train")
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:
                 model = reused.load(ckpt)
-            metrics = evaluate_model(model, val, device=device, long_side=cfg.eval_long_side,
-                                     flip=cfg.eval_flipping, progress=cfg.progress)
+            metrics = evaluate_model(
+                model,
+                val,
+                device=device,
+                long_side=cfg.eval_long_side,
+                flip=cfg.eval_flipping,
+                progress=cfg.progress,
+            )
             io.write_json(rdir / "metrics.json", metrics.to_json())
             state.mark(plan.index, "eval")
         if (rdir / "metrics.json").is_file():

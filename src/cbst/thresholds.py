@@ -64,8 +64,16 @@ class ThresholdEstimator:
     4th pixel per image *and per class*; counting per image is simpler and equivalent in spirit).
     """
 
-    def __init__(self, num_classes: int, policy: str = "cb", *, exact: bool = False,
-                 bins: int = 65536, subsample: int = 1, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        policy: str = "cb",
+        *,
+        exact: bool = False,
+        bins: int = 65536,
+        subsample: int = 1,
+        device: torch.device | str | None = None,
+    ):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if policy not in POLICIES:
@@ -80,10 +88,10 @@ class ThresholdEstimator:
         self.bins = bins
         self.subsample = subsample
         self.device = torch.device(device) if device is not None else None
-        self._counts: Tensor | None = None      # C int64: predicted pixels per class
-        self._min: Tensor | None = None         # C float32: smallest confidence per class
-        self._hist: Tensor | None = None        # C × (bins+1) int64 (approximate mode)
-        self._values: list[list[Tensor]] = []   # per class, chunks of confidences (exact mode)
+        self._counts: Tensor | None = None  # C int64: predicted pixels per class
+        self._min: Tensor | None = None  # C float32: smallest confidence per class
+        self._hist: Tensor | None = None  # C × (bins+1) int64 (approximate mode)
+        self._values: list[list[Tensor]] = []  # per class, chunks of confidences (exact mode)
 
     # ----------------------------------------------------------------- accumulation
     def _ensure_state(self, device: torch.device) -> torch.device:
@@ -104,8 +112,10 @@ class ThresholdEstimator:
         if probs.dim() == 3:
             probs = probs.unsqueeze(0)
         if probs.dim() != 4 or probs.shape[1] != self.num_classes:
-            raise ValueError(f"expected probabilities N×{self.num_classes}×H×W or "
-                             f"{self.num_classes}×H×W, got shape {tuple(probs.shape)}")
+            raise ValueError(
+                f"expected probabilities N×{self.num_classes}×H×W or "
+                f"{self.num_classes}×H×W, got shape {tuple(probs.shape)}"
+            )
         conf, pred = probs.max(dim=1)
         self._accumulate(conf, pred)  # argmax classes are in range: no check, no device sync
 
@@ -172,8 +182,10 @@ class ThresholdEstimator:
             raise ValueError(f"portion must be in [0, 1], got {portion}")
         self._ensure_state(self.device or torch.device("cpu"))
         if not bool(self._min.isfinite()[self._counts > 0].all()):  # amin keeps any NaN seen
-            raise FloatingPointError("the model's probabilities are not finite (NaN or inf): its "
-                                     "weights have diverged or are corrupt")
+            raise FloatingPointError(
+                "the model's probabilities are not finite (NaN or inf): its "
+                "weights have diverged or are corrupt"
+            )
         if self.exact:
             lam = self._exact_thresholds(portion)
         else:
@@ -192,16 +204,17 @@ class ThresholdEstimator:
         if self.policy == "global":
             hist, low = hist.sum(0, keepdim=True), low.min().reshape(1)
         k = self._ranks(hist.sum(1), portion)
-        from_top = hist.flip(1).cumsum(1).flip(1)           # values in bins ≥ b
-        b = (from_top >= k.unsqueeze(1)).sum(1) - 1          # last bin with ≥ k values above it
+        from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
+        b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
         edge = (b.double() / self.bins).float()
         lam = torch.maximum(edge, low)
         return torch.where(k > 0, lam, torch.ones_like(lam))
 
     def _exact_thresholds(self, portion: float) -> Tensor:
         """The k-th largest kept value per row, by selection on the device."""
-        pools = [torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
-                 for chunks in self._values]
+        pools = [
+            torch.cat(chunks) if chunks else torch.empty(0, device=self.device) for chunks in self._values
+        ]
         if self.policy == "global":
             pools = [torch.cat(pools)]
         lam = torch.ones(len(pools), dtype=torch.float32, device=self.device)
@@ -217,13 +230,18 @@ class ThresholdEstimator:
         """Settings and statistics (tensors on the estimator's device)."""
         self._ensure_state(self.device or torch.device("cpu"))
         state: dict[str, Any] = {
-            "num_classes": self.num_classes, "policy": self.policy, "exact": self.exact,
-            "bins": self.bins, "subsample": self.subsample,
-            "counts": self._counts.clone(), "min": self._min.clone(),
+            "num_classes": self.num_classes,
+            "policy": self.policy,
+            "exact": self.exact,
+            "bins": self.bins,
+            "subsample": self.subsample,
+            "counts": self._counts.clone(),
+            "min": self._min.clone(),
         }
         if self.exact:
-            state["values"] = [torch.cat(v) if v else torch.empty(0, device=self.device)
-                               for v in self._values]
+            state["values"] = [
+                torch.cat(v) if v else torch.empty(0, device=self.device) for v in self._values
+            ]
         else:
             state["hist"] = self._hist.clone()
         return state
@@ -243,8 +261,9 @@ class ThresholdEstimator:
 
     def merge_state_dict(self, state: dict[str, Any]) -> None:
         """Add another estimator's statistics (e.g. another rank's) to this one."""
-        other = ThresholdEstimator(self.num_classes, self.policy, exact=self.exact,
-                                   bins=self.bins, subsample=self.subsample)
+        other = ThresholdEstimator(
+            self.num_classes, self.policy, exact=self.exact, bins=self.bins, subsample=self.subsample
+        )
         other.load_state_dict(state)
         device = self._ensure_state(other.device)
         self._counts += other._counts.to(device)
@@ -275,10 +294,12 @@ class ThresholdEstimator:
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     """A state dict with every tensor (also inside lists) moved to the CPU, for pickling."""
+
     def move(v: Any) -> Any:
         if torch.is_tensor(v):
             return v.cpu()
         return [move(x) for x in v] if isinstance(v, list) else v
+
     return {k: move(v) for k, v in state.items()}
 
 
@@ -293,8 +314,10 @@ def assign_pseudo_labels(probs: Tensor, thresholds: Tensor, ignore_index: int = 
     if squeeze:
         probs = probs.unsqueeze(0)
     if probs.dim() != 4 or thresholds.shape != (probs.shape[1],):
-        raise ValueError(f"probs {tuple(probs.shape)} and thresholds {tuple(thresholds.shape)} "
-                         "do not match (expected N×C×H×W or C×H×W and [C])")
+        raise ValueError(
+            f"probs {tuple(probs.shape)} and thresholds {tuple(thresholds.shape)} "
+            "do not match (expected N×C×H×W or C×H×W and [C])"
+        )
     lam = thresholds.to(device=probs.device, dtype=torch.float32)
     lam = lam.clamp_min(torch.finfo(torch.float32).tiny).view(1, -1, 1, 1)
     ratio_max, labels = (probs.float() / lam).max(dim=1)
@@ -302,8 +325,9 @@ def assign_pseudo_labels(probs: Tensor, thresholds: Tensor, ignore_index: int = 
     return labels[0] if squeeze else labels
 
 
-def rare_classes(class_pixel_counts: Tensor, *, number: int = 3,
-                 thresh: float = 1e-3) -> tuple[list[int], list[int]]:
+def rare_classes(
+    class_pixel_counts: Tensor, *, number: int = 3, thresh: float = 1e-3
+) -> tuple[list[int], list[int]]:
     """(mine_id, mine_id_priority) of docs/method.md §6.1 from the predicted (argmax) pixel counts.
 
     priority: every class whose share of the predicted pixels is < ``thresh`` (never-predicted

@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 cv2.setNumThreads(0)  # OpenCV's pool competes with PyTorch's and the loader workers'
 
 
+def network_crop(size: int) -> int:
+    """A crop side rounded up to a multiple of the networks' output stride, 8 (500 -> 504).
+
+    The original's --crop-size is given in pixels; its networks need crops whose stride-8
+    output grid covers them exactly.
+    """
+    return -(-int(size) // 8) * 8
+
+
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) from an int or a pair, checked positive."""
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -39,8 +48,12 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def scale_factor(rng: np.random.Generator, image_hw: tuple[int, int],
-                 scale_range: tuple[float, float], reference_long_side: int | None) -> float:
+def scale_factor(
+    rng: np.random.Generator,
+    image_hw: tuple[int, int],
+    scale_range: tuple[float, float],
+    reference_long_side: int | None,
+) -> float:
     """Resize factor ρ·L / long side (against a reference long side L) or ρ (against the image)."""
     rho = float(rng.uniform(scale_range[0], scale_range[1]))
     if reference_long_side is None:
@@ -48,20 +61,20 @@ def scale_factor(rng: np.random.Generator, image_hw: tuple[int, int],
     return rho * reference_long_side / max(image_hw)
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray,
-                factor: float) -> tuple[np.ndarray, np.ndarray]:
+def resize_pair(image: np.ndarray, label: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
     """Scale an image (area when shrinking, bilinear when enlarging) and its label (nearest)."""
     h, w = label.shape
     size = (max(1, round(w * factor)), max(1, round(h * factor)))  # cv2 wants (width, height)
     if size == (w, h):
         return image, label
     interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    return (cv2.resize(image, size, interpolation=interp),
-            cv2.resize(label, size, interpolation=cv2.INTER_NEAREST))
+    return (
+        cv2.resize(image, size, interpolation=interp),
+        cv2.resize(label, size, interpolation=cv2.INTER_NEAREST),
+    )
 
 
-def extract_window(array: np.ndarray, y0: int, x0: int, crop_hw: tuple[int, int],
-                   fill: Any) -> np.ndarray:
+def extract_window(array: np.ndarray, y0: int, x0: int, crop_hw: tuple[int, int], fill: Any) -> np.ndarray:
     """The crop_hw window at (y0, x0); the parts outside ``array`` are filled with ``fill``."""
     ch, cw = crop_hw
     h, w = array.shape[:2]
@@ -70,15 +83,18 @@ def extract_window(array: np.ndarray, y0: int, x0: int, crop_hw: tuple[int, int]
     sy0, sx0 = max(y0, 0), max(x0, 0)
     sy1, sx1 = min(y0 + ch, h), min(x0 + cw, w)
     if sy1 > sy0 and sx1 > sx0:
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = array[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[sy0:sy1, sx0:sx1]
     return out
 
 
-def random_window(rng: np.random.Generator, image_hw: tuple[int, int],
-                  crop_hw: tuple[int, int]) -> tuple[int, int]:
+def random_window(
+    rng: np.random.Generator, image_hw: tuple[int, int], crop_hw: tuple[int, int]
+) -> tuple[int, int]:
     """A uniform window origin; where the image is smaller than the crop it floats inside it."""
-    return tuple(int(rng.integers(min(0, n - c), max(0, n - c) + 1))  # type: ignore[return-value]
-                 for n, c in zip(image_hw, crop_hw))
+    return tuple(
+        int(rng.integers(min(0, n - c), max(0, n - c) + 1))  # type: ignore[return-value]
+        for n, c in zip(image_hw, crop_hw)
+    )
 
 
 class TrainTransform:
@@ -88,11 +104,17 @@ class TrainTransform:
     labelled 255 (ignored).
     """
 
-    def __init__(self, crop_size: int | tuple[int, int], *,
-                 scale_range: tuple[float, float] = (0.7, 1.3),
-                 reference_long_side: int | None = None, flip: bool = True,
-                 mining: MiningPlan | None = None, seed: int = 0,
-                 mean: tuple[float, float, float] = IMAGENET_MEAN) -> None:
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int],
+        *,
+        scale_range: tuple[float, float] = (0.7, 1.3),
+        reference_long_side: int | None = None,
+        flip: bool = True,
+        mining: MiningPlan | None = None,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+    ) -> None:
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
             raise ValueError(f"scale range must satisfy 0 < lo <= hi, got {scale_range!r}")
@@ -134,8 +156,9 @@ class TrainTransform:
         """Augment one dataset sample into a uint8 3 x H x W image and a uint8 H x W label."""
         image, label = sample["image"], sample["label"]
         if image.shape[:2] != label.shape:
-            raise ValueError(f"{sample.get('name')}: image {image.shape[:2]} and label "
-                             f"{label.shape} sizes differ")
+            raise ValueError(
+                f"{sample.get('name')}: image {image.shape[:2]} and label {label.shape} sizes differ"
+            )
         rng = self.rng(sample["index"])
         factor = scale_factor(rng, label.shape, self.scale_range, self.reference_long_side)
         image, label = resize_pair(image, label, factor)
@@ -144,6 +167,9 @@ class TrainTransform:
         label = extract_window(label, y0, x0, self.crop_hw, IGNORE_INDEX)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "label": torch.from_numpy(np.ascontiguousarray(label)),
-                "name": sample["name"], "index": sample["index"]}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.from_numpy(np.ascontiguousarray(label)),
+            "name": sample["name"],
+            "index": sample["index"],
+        }

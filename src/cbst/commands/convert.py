@@ -32,12 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT", help=".params (MXNet) or .pth/.pt (state_dict) file")
     parser.add_argument("--arch", required=True, choices=ARCHS, help="network the weights belong to")
     parser.add_argument("--num-classes", type=int, required=True, help="number of output classes")
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
-                        help="label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default=None,
+        help="label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)",
+    )
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--imagenet", action="store_true",
-                        help="INPUT is an ImageNet classifier: drop its FC and initialise the head")
+    parser.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="INPUT is an ImageNet classifier: drop its FC and initialise the head",
+    )
 
 
 def _protocol(args: argparse.Namespace) -> str:
@@ -64,15 +71,18 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
         if not args.imagenet and any(k.endswith("linear1000_weight") for k in params):
             raise CLIError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
         _warn_stored_gammas(path, params)
-        state = resnet38_state_dict_from_params(params, args.num_classes, imagenet=args.imagenet,
-                                                source=str(path))
+        state = resnet38_state_dict_from_params(
+            params, args.num_classes, imagenet=args.imagenet, source=str(path)
+        )
         with torch.device("meta"):  # every tensor comes from the file: skip the random init
             model = build_model(args.arch, args.num_classes)
         model.load_state_dict(state, assign=True)
         return model, len(params)
     state = read_state_dict(path)
     if args.imagenet and args.arch != "deeplabv2_resnet101":
-        raise CLIError("--imagenet with a PyTorch file is only for deeplabv2_resnet101 (torchvision ResNet-101)")
+        raise CLIError(
+            "--imagenet with a PyTorch file is only for deeplabv2_resnet101 (torchvision ResNet-101)"
+        )
     model = build_model(args.arch, args.num_classes)
     if args.imagenet:
         model.load_pretrained(path)
@@ -88,12 +98,18 @@ def _warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
     1 (cuDNN also writes 1 back, so released files hold 1), but its oneDNN CPU kernel applies the
     stored value, so such a file may have been meant either way.
     """
-    layers = [name.split(":", 1)[-1][: -len("_gamma")] for name, value in params.items()
-              if name.endswith("_gamma") and not np.all(value == 1)]
+    layers = [
+        name.split(":", 1)[-1][: -len("_gamma")]
+        for name, value in params.items()
+        if name.endswith("_gamma") and not np.all(value == 1)
+    ]
     if layers:
-        print(f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
-              f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
-              "and cuDNN kernels do), so these values are ignored", file=sys.stderr)
+        print(
+            f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
+            f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
+            "and cuDNN kernels do), so these values are ignored",
+            file=sys.stderr,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,10 +121,19 @@ def run(args: argparse.Namespace) -> int:
     protocol = _protocol(args)
     model, tensors = _load(args, path)
     n_params = sum(p.numel() for p in model.parameters())
-    save_checkpoint(args.out, model, arch=args.arch, num_classes=args.num_classes, protocol=protocol,
-                    extra={"converted_from": str(path), "imagenet_init": args.imagenet})
-    head = "; head (conv6a, classifier) initialised He-normal" if args.imagenet and args.arch == "resnet38" else ""
+    save_checkpoint(
+        args.out,
+        model,
+        arch=args.arch,
+        num_classes=args.num_classes,
+        protocol=protocol,
+        extra={"converted_from": str(path), "imagenet_init": args.imagenet},
+    )
+    head = (
+        "; head (conv6a, classifier) initialised He-normal"
+        if args.imagenet and args.arch == "resnet38"
+        else ""
+    )
     print(f"loaded {tensors} tensors from {path}{head}")
-    print(f"wrote {args.out}: {args.arch}, {args.num_classes} classes ({protocol}), "
-          f"{n_params:,} parameters")
+    print(f"wrote {args.out}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters")
     return 0

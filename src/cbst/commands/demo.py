@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     print((Path(args.out) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
-    print(f"{result['seconds']:.0f} s on {result['device']}; results in {args.out}/results.md, "
-          f"{args.out}/results.json, example predictions in {args.out}/examples/")
+    print(
+        f"{result['seconds']:.0f} s on {result['device']}; results in {args.out}/results.md, "
+        f"{args.out}/results.json, example predictions in {args.out}/examples/"
+    )
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

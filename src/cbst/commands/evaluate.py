@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cbst.cli import CLIError
-from cbst.commands.options import add_compile_argument, default_num_workers, float_list
+from cbst.commands.options import add_runtime_arguments, float_list
+from cbst.datasets import DATASETS
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
@@ -27,47 +28,78 @@ HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``cbst evaluate``."""
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=("cityscapes", "gta5", "synthia", "folder"),
-                      default="cityscapes", help="dataset whose labels are the ground truth "
-                      "(the original's --dataset cityscapes / cityscapes16 / gta / synthia)")
+    data.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="cityscapes",
+        help="dataset whose labels are the ground truth "
+        "(the original's --dataset cityscapes / cityscapes16 / gta / synthia)",
+    )
     data.add_argument("--data-root", required=True, metavar="DIR", help="dataset root folder")
     data.add_argument("--split", default="val", help="split to evaluate (the original's --split)")
-    data.add_argument("--list", dest="list_file", metavar="FILE",
-                      help="list file selecting the images (the original's data_list/*.lst)")
-    data.add_argument("--num-classes", type=int, choices=(19, 16), default=None,
-                      help="19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's "
-                      "cityscapes16); default: the checkpoint's, else 16 for synthia, 19 otherwise")
+    data.add_argument(
+        "--list",
+        dest="list_file",
+        metavar="FILE",
+        help="list file selecting the images (the original's data_list/*.lst)",
+    )
+    data.add_argument(
+        "--num-classes",
+        type=int,
+        choices=(19, 16),
+        default=None,
+        help="19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's "
+        "cityscapes16); default: the checkpoint's, else 16 for synthia, 19 otherwise",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="FILE",
-                        help="model to run (the original's --weights)")
-    source.add_argument("--predictions", metavar="DIR",
-                        help="folder of prediction PNGs holding raw ids (Cityscapes labelIds)")
+    source.add_argument("--checkpoint", metavar="FILE", help="model to run (the original's --weights)")
+    source.add_argument(
+        "--predictions", metavar="DIR", help="folder of prediction PNGs holding raw ids (Cityscapes labelIds)"
+    )
     model = parser.add_argument_group("inference (with --checkpoint)")
-    model.add_argument("--test-scales", type=int, default=None, metavar="L",
-                       help="resize so the longer side is L px, like the original's --test-scales "
-                       "(2048 for Cityscapes = keep size); default: keep the size")
-    model.add_argument("--scales", type=float_list, default=(1.0,), metavar="F[,F...]",
-                       help="multi-scale factors applied after --test-scales, e.g. 0.75,1.0,1.25 "
-                       "(probabilities averaged; the original allows one scale only)")
-    model.add_argument("--test-flipping", action="store_true",
-                       help="average with the horizontally flipped image (the original's flag)")
-    model.add_argument("--window", type=int, default=None, metavar="N",
-                       help="sliding-window inference with N-px tiles (1/3 overlap) when the "
-                       "longer side exceeds N; default: whole image at once")
+    model.add_argument(
+        "--test-scales",
+        type=int,
+        default=None,
+        metavar="L",
+        help="resize so the longer side is L px, like the original's --test-scales "
+        "(2048 for Cityscapes = keep size); default: keep the size",
+    )
+    model.add_argument(
+        "--scales",
+        type=float_list,
+        default=(1.0,),
+        metavar="F[,F...]",
+        help="multi-scale factors applied after --test-scales, e.g. 0.75,1.0,1.25 "
+        "(probabilities averaged; the original allows one scale only)",
+    )
+    model.add_argument(
+        "--test-flipping",
+        action="store_true",
+        help="average with the horizontally flipped image (the original's flag)",
+    )
+    model.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sliding-window inference with N-px tiles (1/3 overlap) when the "
+        "longer side exceeds N; default: whole image at once",
+    )
     model.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
-    model.add_argument("--num-workers", type=int, default=default_num_workers(),
-                       help="image-loading processes (default: the CPU cores, at most 8)")
-    add_compile_argument(model)
     out = parser.add_argument_group("output")
-    out.add_argument("--output", metavar="DIR",
-                     help="write labelIds/NAME.png (input for the official evaluator) and "
-                     "color/NAME.png (the original's --output)")
+    out.add_argument(
+        "--output",
+        metavar="DIR",
+        help="write labelIds/NAME.png (input for the official evaluator) and "
+        "color/NAME.png (the original's --output)",
+    )
     out.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    out.add_argument("--case", metavar="NAME",
-                     help="row name in the table (default: checkpoint or prediction folder stem)")
-    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    out.add_argument(
+        "--case", metavar="NAME", help="row name in the table (default: checkpoint or prediction folder stem)"
+    )
+    add_runtime_arguments(parser, ("device", "num_workers", "amp", "progress", "compile"))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -80,8 +112,11 @@ def _check_args(args: argparse.Namespace) -> None:
         check_output_file(args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
     if args.output:
         check_output_dir(args.output)
-    for flag, value in (("--test-scales", args.test_scales), ("--window", args.window),
-                        ("--batch-size", args.batch_size)):
+    for flag, value in (
+        ("--test-scales", args.test_scales),
+        ("--window", args.window),
+        ("--batch-size", args.batch_size),
+    ):
         if value is not None and value <= 0:
             raise CLIError(f"{flag} must be positive, got {value}")
     if args.num_workers < 0:
@@ -92,8 +127,14 @@ def _build_dataset(args: argparse.Namespace, num_classes: int) -> Any:
     """The labelled dataset to score against."""
     from cbst.datasets import build_dataset
 
-    dataset = build_dataset(args.dataset, args.data_root, split=args.split,
-                            num_classes=num_classes, list_file=args.list_file, with_labels=True)
+    dataset = build_dataset(
+        args.dataset,
+        args.data_root,
+        split=args.split,
+        num_classes=num_classes,
+        list_file=args.list_file,
+        with_labels=True,
+    )
     if len(dataset) == 0:
         raise CLIError(f"{args.data_root}: no images in split {args.split!r}")
     return dataset
@@ -116,18 +157,29 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
         model, meta = load_checkpoint(args.checkpoint, device=device)
         dataset = _build_dataset(args, int(meta["num_classes"]))
         if meta.get("protocol") != dataset.protocol.name:
-            raise CLIError(f"{args.checkpoint}: model was trained for label protocol "
-                           f"{meta.get('protocol')!r}, the dataset uses {dataset.protocol.name!r}")
+            raise CLIError(
+                f"{args.checkpoint}: model was trained for label protocol "
+                f"{meta.get('protocol')!r}, the dataset uses {dataset.protocol.name!r}"
+            )
     else:
         dataset = _build_dataset(args, args.num_classes)
-        model, meta = load_checkpoint(args.checkpoint, device=device,
-                                      expect_protocol=dataset.protocol.name)
+        model, meta = load_checkpoint(args.checkpoint, device=device, expect_protocol=dataset.protocol.name)
     metrics = evaluate_model(
-        maybe_compile(model, args.compile), dataset, device=device, long_side=args.test_scales,
+        maybe_compile(model, args.compile),
+        dataset,
+        device=device,
+        long_side=args.test_scales,
         scales=scales,
-        flip=args.test_flipping, window=args.window, batch_size=args.batch_size,
-        output_dir=args.output, num_workers=args.num_workers, progress=not args.no_progress,
-        mean=meta.get("mean"), std=meta.get("std"))
+        flip=args.test_flipping,
+        window=args.window,
+        batch_size=args.batch_size,
+        output_dir=args.output,
+        num_workers=args.num_workers,
+        progress=args.progress,
+        amp=args.amp,
+        mean=meta.get("mean"),
+        std=meta.get("std"),
+    )
     return metrics, dataset
 
 
@@ -142,11 +194,19 @@ def run(args: argparse.Namespace) -> int:
         case = args.case or Path(args.checkpoint).stem
     else:
         dataset = _build_dataset(args, args.num_classes or _default_num_classes(args.dataset))
-        metrics = evaluate_predictions(args.predictions, dataset, progress=not args.no_progress)
+        metrics = evaluate_predictions(args.predictions, dataset, progress=args.progress)
         case = args.case or Path(args.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))
     if args.out:
-        write_json(args.out, {"case": case, "dataset": args.dataset, "split": args.split,
-                              "protocol": dataset.protocol.name, "images": len(dataset),
-                              **metrics.to_json()})
+        write_json(
+            args.out,
+            {
+                "case": case,
+                "dataset": args.dataset,
+                "split": args.split,
+                "protocol": dataset.protocol.name,
+                "images": len(dataset),
+                **metrics.to_json(),
+            },
+        )
     return 0

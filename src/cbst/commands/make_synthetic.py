@@ -40,17 +40,30 @@ def _count(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="output folder (created; must be empty or hold "
-                        "this same benchmark)")
+    parser.add_argument(
+        "out", metavar="OUT", help="output folder (created; must be empty or hold this same benchmark)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the whole set")
-    parser.add_argument("--num-source", type=_count, default=400, metavar="N",
-                        help="number of source (game, GTA5-layout) images")
-    parser.add_argument("--num-train", type=_count, default=200, metavar="N",
-                        help="number of target (camera, Cityscapes-layout) train images")
-    parser.add_argument("--num-val", type=_count, default=100, metavar="N",
-                        help="number of target val images")
-    parser.add_argument("--size", type=_size, default=(256, 128), metavar="WxH",
-                        help="image size, width x height")
+    parser.add_argument(
+        "--num-source",
+        type=_count,
+        default=400,
+        metavar="N",
+        help="number of source (game, GTA5-layout) images",
+    )
+    parser.add_argument(
+        "--num-train",
+        type=_count,
+        default=200,
+        metavar="N",
+        help="number of target (camera, Cityscapes-layout) train images",
+    )
+    parser.add_argument(
+        "--num-val", type=_count, default=100, metavar="N", help="number of target val images"
+    )
+    parser.add_argument(
+        "--size", type=_size, default=(256, 128), metavar="WxH", help="image size, width x height"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -67,17 +80,25 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--size: {exc}") from None
     start = time.perf_counter()
     try:
-        summary = make_synthetic(Path(args.out), args.seed, num_source=args.num_source,
-                                 num_train=args.num_train, num_val=args.num_val, size=size,
-                                 progress=not args.quiet)
+        summary = make_synthetic(
+            Path(args.out),
+            args.seed,
+            num_source=args.num_source,
+            num_train=args.num_train,
+            num_val=args.num_val,
+            size=size,
+            progress=not args.quiet,
+        )
     except SyntheticExistsError as exc:
         raise CLIError(str(exc)) from None
     took = time.perf_counter() - start
     c = summary["counts"]
     w, h = summary["size"]
     print(f"synthetic benchmark v{SYNTHETIC_VERSION} (seed {summary['seed']}) in {args.out}")
-    print(f"  size {w}x{h}; source {c['source']} images (gta5/), target train {c['train']} and "
-          f"val {c['val']} images (cityscapes/)")
+    print(
+        f"  size {w}x{h}; source {c['source']} images (gta5/), target train {c['train']} and "
+        f"val {c['val']} images (cityscapes/)"
+    )
     print(f"  took {took:.1f} s (rendering {summary.get('render_seconds', 0.0):.1f} s)")
     print("per-class pixel frequency:")
     print(frequency_table(summary))

@@ -37,18 +37,40 @@ def default_num_workers(limit: int = 8) -> int:
 
 def add_compile_argument(group: argparse._ActionsContainer) -> None:
     """--compile (``args.compile``)."""
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (off by default: compilation repeats for "
-                            "every input size and train/eval mode and is not yet shown to pay "
-                            "for itself on an ordinary run)")
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (off by default: compilation repeats for "
+        "every input size and train/eval mode and is not yet shown to pay "
+        "for itself on an ordinary run)",
+    )
 
 
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """--device, --num-workers, --no-amp, --no-progress and --compile."""
+RUNTIME_OPTIONS: tuple[str, ...] = ("device", "num_workers", "amp", "progress", "compile")
+"""The runtime options, by destination name: where and how a command runs, never what it computes."""
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, names: tuple[str, ...] = RUNTIME_OPTIONS) -> None:
+    """The runtime options ``names`` (all by default): --device, --num-workers, --no-amp,
+    --no-progress and --compile, read back as ``args.device``, ``args.num_workers``,
+    ``args.amp``, ``args.progress`` and ``args.compile``."""
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    g.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="data-loader worker processes (default: the CPU cores, at most 8)")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on CUDA")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    add_compile_argument(g)
+    if "device" in names:
+        g.add_argument(
+            "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"
+        )
+    if "num_workers" in names:
+        g.add_argument(
+            "--num-workers",
+            type=int,
+            default=default_num_workers(),
+            help="data-loader worker processes (default: the CPU cores, at most 8)",
+        )
+    if "amp" in names:
+        g.add_argument(
+            "--no-amp", dest="amp", action="store_false", help="float32 instead of bf16 autocast on CUDA"
+        )
+    if "progress" in names:
+        g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    if "compile" in names:
+        add_compile_argument(g)

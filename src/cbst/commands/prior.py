@@ -12,6 +12,8 @@ import argparse
 import numpy as np
 
 from cbst.cli import CLIError
+from cbst.commands.options import add_runtime_arguments
+from cbst.datasets import DATASETS
 
 HELP = "compute (or convert) the class-wise spatial prior used by CBST-SP"
 
@@ -29,22 +31,26 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cbst prior``."""
-    parser.add_argument("--dataset", choices=("gta5", "synthia", "cityscapes", "folder"),
-                        help="source dataset whose labels are counted")
+    parser.add_argument("--dataset", choices=DATASETS, help="source dataset whose labels are counted")
     parser.add_argument("--data-root", help="root folder of the dataset")
     parser.add_argument("--split", default="train", help="dataset split")
     parser.add_argument("--list", dest="list_file", help="list file selecting the images")
     parser.add_argument("--num-classes", type=int, default=19, choices=(19, 16))
-    parser.add_argument("--size", type=_size, default=(1024, 2048),
-                        help="target resolution H,W of the prior")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="Gaussian standard deviation in pixels (default: shorter side / 30)")
-    parser.add_argument("--eps", type=float, default=1.0,
-                        help="additive floor on the smoothed counts, in images")
-    parser.add_argument("--from-mat", metavar="MAT",
-                        help="convert the original's prior_array.mat instead of counting labels")
+    parser.add_argument("--size", type=_size, default=(1024, 2048), help="target resolution H,W of the prior")
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="Gaussian standard deviation in pixels (default: shorter side / 30)",
+    )
+    parser.add_argument(
+        "--eps", type=float, default=1.0, help="additive floor on the smoothed counts, in images"
+    )
+    parser.add_argument(
+        "--from-mat", metavar="MAT", help="convert the original's prior_array.mat instead of counting labels"
+    )
     parser.add_argument("--out", default="prior.npy", help="output .npy file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser, ("progress",))
 
 
 def _compute(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -54,12 +60,14 @@ def _compute(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
 
     if not args.dataset or not args.data_root:
         raise CLIError("--dataset and --data-root are required unless --from-mat is given")
-    dataset = build_dataset(args.dataset, args.data_root, split=args.split,
-                            num_classes=args.num_classes, list_file=args.list_file)
+    dataset = build_dataset(
+        args.dataset, args.data_root, split=args.split, num_classes=args.num_classes, list_file=args.list_file
+    )
     if len(dataset) == 0:
         raise CLIError(f"{args.data_root}: no labelled images in split {args.split!r}")
-    prior = spatial_prior_from_dataset(dataset, args.size, sigma=args.sigma, eps=args.eps,
-                                       progress=not args.no_progress)
+    prior = spatial_prior_from_dataset(
+        dataset, args.size, sigma=args.sigma, eps=args.eps, progress=args.progress
+    )
     return prior, dataset.protocol.class_names
 
 
@@ -68,8 +76,10 @@ def _convert(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
     from cbst.labels import protocol_for
     from cbst.priors import load_prior
 
-    return (load_prior(args.from_mat, args.num_classes, args.size),
-            protocol_for("cityscapes", args.num_classes).class_names)
+    return (
+        load_prior(args.from_mat, args.num_classes, args.size),
+        protocol_for("cityscapes", args.num_classes).class_names,
+    )
 
 
 def _summary(prior: np.ndarray, names: tuple[str, ...]) -> str:
@@ -78,8 +88,9 @@ def _summary(prior: np.ndarray, names: tuple[str, ...]) -> str:
     lines = [f"{'class':<15} {'mean':>7} {'min':>9} {'centre row':>10}"]
     for name, q in zip(names, prior):
         profile = q.sum(axis=1)
-        lines.append(f"{name:<15} {q.mean():7.4f} {q.min():9.2e} "
-                     f"{float(rows @ profile / profile.sum()):10.3f}")
+        lines.append(
+            f"{name:<15} {q.mean():7.4f} {q.min():9.2e} {float(rows @ profile / profile.sum()):10.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -24,17 +24,32 @@ HELP = "an HTML report of self-training runs (mIoU per round, class shares, pseu
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="'cbst self-train' output folders and/or 'cbst demo' folders")
-    p.add_argument("--out", metavar="FILE.html", default=None,
-                   help="where to write the page (default: RUN_DIR/report.html for one folder, "
-                        "./report.html for several)")
-    p.add_argument("--images", type=int, default=6, metavar="N",
-                   help="target images in the gallery (0 for none)")
-    p.add_argument("--source-metrics", metavar="FILE.json", default=None,
-                   help="the source model's val metrics ('cbst evaluate --out'), the baseline of "
-                        "the colours and the first point of the mIoU plot")
-    p.add_argument("--device", default="auto", help="where the gallery's predictions run: auto, cpu, cuda, mps")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="'cbst self-train' output folders and/or 'cbst demo' folders",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE.html",
+        default=None,
+        help="where to write the page (default: RUN_DIR/report.html for one folder, "
+        "./report.html for several)",
+    )
+    p.add_argument(
+        "--images", type=int, default=6, metavar="N", help="target images in the gallery (0 for none)"
+    )
+    p.add_argument(
+        "--source-metrics",
+        metavar="FILE.json",
+        default=None,
+        help="the source model's val metrics ('cbst evaluate --out'), the baseline of "
+        "the colours and the first point of the mIoU plot",
+    )
+    p.add_argument(
+        "--device", default="auto", help="where the gallery's predictions run: auto, cpu, cuda, mps"
+    )
 
 
 def default_out(runs: list[str]) -> Path:
@@ -49,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if args.images < 0:
         raise CLIError(f"--images must be 0 or more, got {args.images}")
     out = Path(args.out) if args.out else default_out(args.runs)
-    write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics,
-                 device=args.device)
+    write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device)
     print(f"report: {out}")
     return 0

@@ -12,16 +12,16 @@ uninterrupted run with the same --seed. The original's settings are in configs/*
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 
 from cbst.cli import CLIError
-from cbst.commands.options import add_compile_argument, float_range
+from cbst.commands.options import add_runtime_arguments, float_range
+from cbst.datasets import DATASETS
+from cbst.models import ARCHS
+from cbst.sourcetrain import SourceTrainConfig
+from cbst.training import LR_POLICIES
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
-
-DATASETS = ("gta5", "synthia", "cityscapes", "folder")
-MODELS = ("resnet38", "deeplabv2_resnet101", "small")
-LR_TYPES = ("fixed", "poly", "linear", "step")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -33,61 +33,99 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``cbst train-source``."""
+    """The options of ``cbst train-source``; defaults come from ``SourceTrainConfig``."""
+    d = {f.name: f.default for f in dataclasses.fields(SourceTrainConfig)}
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="gta5", help="source dataset layout")
+    data.add_argument("--dataset", choices=DATASETS, default=d["dataset"], help="source dataset layout")
     data.add_argument("--data-root", help="dataset root directory (required)")
-    data.add_argument("--split", default="train", help="split whose images are trained on")
-    data.add_argument("--list", dest="list_file", metavar="FILE",
-                      help="image list overriding the split's default list")
-    data.add_argument("--num-classes", type=int, choices=(19, 16), default=19,
-                      help="label protocol: 19 (GTA5/Cityscapes) or 16 (SYNTHIA)")
+    data.add_argument("--split", default=d["split"], help="split whose images are trained on")
+    data.add_argument(
+        "--list", dest="list_file", metavar="FILE", help="image list overriding the split's default list"
+    )
+    data.add_argument(
+        "--num-classes",
+        type=int,
+        choices=(19, 16),
+        default=d["num_classes"],
+        help="label protocol: 19 (GTA5/Cityscapes) or 16 (SYNTHIA)",
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=MODELS, default="resnet38", help="network architecture")
-    model.add_argument("--weights", metavar="PATH",
-                       help="initialisation: ImageNet weights (.params/.pth, or 'imagenet' to "
-                            "use the architecture's default) or a cbst checkpoint (*.pt)")
+    model.add_argument("--model", choices=ARCHS, default=d["model"], help="network architecture")
+    model.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="initialisation: ImageNet weights (.params/.pth, or 'imagenet' to "
+        "use the architecture's default) or a cbst checkpoint (*.pt)",
+    )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--batch-images", type=int, default=16,
-                       help="images per batch (the original: 16 over 4 GPUs)")
-    optim.add_argument("--crop-size", type=int, default=500,
-                       help="square crop side; rounded up to a multiple of 8 (500 -> 504)")
-    optim.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3),
-                       metavar="LO,HI", help="range of the random scale factor rho")
-    optim.add_argument("--origin-size", type=int, metavar="L",
-                       help="reference long side: images are scaled to rho*L on their long "
-                            "side (GTA5 1914, SYNTHIA 1280); unset: scale by rho itself")
-    optim.add_argument("--lr-type", choices=LR_TYPES, default="fixed",
-                       help="learning-rate policy over all --to-epoch epochs")
-    optim.add_argument("--base-lr", type=float, default=0.0016, help="base learning rate")
-    optim.add_argument("--lr-steps", type=_int_list, default=(), metavar="IT,IT,...",
-                       help="iterations where --lr-type step multiplies the lr by 0.1")
-    optim.add_argument("--to-epoch", type=int, default=30, help="number of epochs to train")
-    optim.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--seed", type=int, default=0,
-                       help="seed of the shuffle, crops, flips and dropout")
+    optim.add_argument(
+        "--batch-images",
+        type=int,
+        default=d["batch_images"],
+        help="images per batch (the original: 16 over 4 GPUs)",
+    )
+    optim.add_argument(
+        "--crop-size",
+        type=int,
+        default=d["crop_size"],
+        help="square crop side; rounded up to a multiple of 8 (500 -> 504)",
+    )
+    optim.add_argument(
+        "--scale-rate-range",
+        type=float_range,
+        default=d["scale_range"],
+        metavar="LO,HI",
+        help="range of the random scale factor rho",
+    )
+    optim.add_argument(
+        "--origin-size",
+        type=int,
+        metavar="L",
+        help="reference long side: images are scaled to rho*L on their long "
+        "side (GTA5 1914, SYNTHIA 1280); unset: scale by rho itself",
+    )
+    optim.add_argument(
+        "--lr-type",
+        choices=LR_POLICIES,
+        default=d["lr_type"],
+        help="learning-rate policy over all --to-epoch epochs",
+    )
+    optim.add_argument("--base-lr", type=float, default=d["base_lr"], help="base learning rate")
+    optim.add_argument(
+        "--lr-steps",
+        type=_int_list,
+        default=(),
+        metavar="IT,IT,...",
+        help="iterations where --lr-type step multiplies the lr by 0.1",
+    )
+    optim.add_argument("--to-epoch", type=int, default=d["to_epoch"], help="number of epochs to train")
+    optim.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="SGD weight decay")
+    optim.add_argument("--momentum", type=float, default=d["momentum"], help="SGD momentum")
+    optim.add_argument(
+        "--seed", type=int, default=d["seed"], help="seed of the shuffle, crops, flips and dropout"
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--output", metavar="DIR", help="output directory (required)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    run.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes")
-    run.add_argument("--no-amp", action="store_true",
-                     help="train in float32 instead of bf16 autocast on CUDA")
-    add_compile_argument(run)
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the last epoch checkpoint in --output")
-    run.add_argument("--tensorboard", action="store_true",
-                     help="write TensorBoard logs to OUT/tensorboard")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last epoch checkpoint in --output"
+    )
+    run.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to OUT/tensorboard")
+
+    add_runtime_arguments(parser)
 
     ev = parser.add_argument_group("evaluation after each epoch (optional)")
     ev.add_argument("--eval-dataset", choices=DATASETS, help="target dataset to report mIoU on")
     ev.add_argument("--eval-root", metavar="DIR", help="root of the evaluation dataset")
-    ev.add_argument("--eval-split", default="val", help="evaluation split")
-    ev.add_argument("--eval-long-side", type=int, metavar="PX",
-                    help="resize evaluation images to this long side (default: native size)")
+    ev.add_argument("--eval-split", default=d["eval_split"], help="evaluation split")
+    ev.add_argument(
+        "--eval-long-side",
+        type=int,
+        metavar="PX",
+        help="resize evaluation images to this long side (default: native size)",
+    )
 
 
 def _as_list(value: object) -> list:
@@ -104,7 +142,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the configuration from the flags and train."""
-    from cbst.training import SourceTrainConfig, train_source
+    from cbst.sourcetrain import train_source
 
     _check(args)
     try:
@@ -113,18 +151,37 @@ def run(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         raise CLIError(str(exc)) from None
     config = SourceTrainConfig(
-        dataset=args.dataset, data_root=args.data_root, output=args.output, split=args.split,
-        list_file=args.list_file, num_classes=args.num_classes, model=args.model,
-        weights=args.weights, batch_images=args.batch_images,
-        crop_size=math.ceil(args.crop_size / 8) * 8 if args.crop_size > 0 else args.crop_size,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        output=args.output,
+        split=args.split,
+        list_file=args.list_file,
+        num_classes=args.num_classes,
+        model=args.model,
+        weights=args.weights,
+        batch_images=args.batch_images,
+        crop_size=args.crop_size,
         scale_range=scale_range,
-        origin_size=args.origin_size, lr_type=args.lr_type, base_lr=args.base_lr,
+        origin_size=args.origin_size,
+        lr_type=args.lr_type,
+        base_lr=args.base_lr,
         lr_steps=lr_steps,
-        to_epoch=args.to_epoch, weight_decay=args.weight_decay, momentum=args.momentum,
-        seed=args.seed, device=args.device, num_workers=args.num_workers, amp=not args.no_amp,
-        resume=args.resume, eval_dataset=args.eval_dataset, eval_root=args.eval_root,
-        eval_split=args.eval_split, eval_long_side=args.eval_long_side,
-        tensorboard=args.tensorboard, compile=args.compile)
+        to_epoch=args.to_epoch,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        seed=args.seed,
+        device=args.device,
+        num_workers=args.num_workers,
+        amp=args.amp,
+        progress=args.progress,
+        resume=args.resume,
+        eval_dataset=args.eval_dataset,
+        eval_root=args.eval_root,
+        eval_split=args.eval_split,
+        eval_long_side=args.eval_long_side,
+        tensorboard=args.tensorboard,
+        compile=args.compile,
+    )
     last = train_source(config)
     print(f"trained {config.model} on {config.dataset}: {last}")
     return 0

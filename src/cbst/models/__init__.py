@@ -18,8 +18,9 @@ from cbst.models.small import SmallSegNet
 ARCHS: tuple[str, ...] = ("deeplabv2_resnet101", "resnet38", "small")
 
 
-def build_model(name: str, num_classes: int, *, pretrained: str | Path | None = None,
-                freeze_bn: bool | None = None) -> SegmentationNet:
+def build_model(
+    name: str, num_classes: int, *, pretrained: str | Path | None = None, freeze_bn: bool | None = None
+) -> SegmentationNet:
     """Build ``name`` with ``num_classes`` outputs, optionally initialised from ``pretrained``.
 
     ``pretrained``: ``"imagenet"`` (DeepLab-v2: torchvision weights) or a file: a torchvision or
@@ -37,5 +38,15 @@ def build_model(name: str, num_classes: int, *, pretrained: str | Path | None = 
     return model
 
 
-__all__ = ["ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "DeepLabV2", "ResNet38", "SegmentationNet",
-           "SmallSegNet", "build_model", "load_strict", "read_state_dict"]
+__all__ = [
+    "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DeepLabV2",
+    "ResNet38",
+    "SegmentationNet",
+    "SmallSegNet",
+    "build_model",
+    "load_strict",
+    "read_state_dict",
+]

@@ -36,7 +36,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], label: str, *, assign: bool = False) -> None:
+def load_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], label: str, *, assign: bool = False
+) -> None:
     """``load_state_dict(strict=True)``, with an error listing missing/unexpected/mis-shaped keys.
 
     ``num_batches_tracked`` may be absent (PyTorch < 0.4.1 files such as CRST's): BN fills it in.
@@ -45,11 +47,21 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], label: str, *,
     own = model.state_dict()
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k} (got {tuple(v.shape)}, expected {tuple(own[k].shape)})"
-                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k} (got {tuple(v.shape)}, expected {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
-        parts = [f"{kind}: {', '.join(items)}" for kind, items in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        parts = [
+            f"{kind}: {', '.join(items)}"
+            for kind, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if items
+        ]
         raise ValueError(f"{label}: does not fit {type(model).__name__}; " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=assign)
 

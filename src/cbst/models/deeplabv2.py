@@ -19,7 +19,10 @@ from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_
 
 ASPP_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
 STAGES: tuple[tuple[int, int, int, int], ...] = (  # (blocks, width, stride, dilation)
-    (3, 64, 1, 1), (4, 128, 2, 1), (23, 256, 1, 2), (3, 512, 1, 4),
+    (3, 64, 1, 1),
+    (4, 128, 2, 1),
+    (23, 256, 1, 2),
+    (3, 512, 1, 4),
 )
 
 
@@ -38,8 +41,11 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False),
-                                         nn.BatchNorm2d(out)) if project else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+            if project
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual bottleneck with post-activation (ResNet v1)."""
@@ -55,7 +61,8 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
         self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in ASPP_DILATIONS)
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in ASPP_DILATIONS
+        )
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
@@ -122,4 +129,3 @@ class DeepLabV2(SegmentationNet):
             return
         head = {k: v for k, v in self.state_dict().items() if k.startswith("layer5.")}
         load_strict(self, {**head, **{k: v for k, v in state.items() if not k.startswith("fc.")}}, label)
-

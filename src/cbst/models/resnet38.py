@@ -55,19 +55,26 @@ class Block:
 
 def _blocks() -> tuple[Block, ...]:
     """The 17 residual blocks of A1 at output stride 8, in network order."""
+
     def plain(name: str, c: int) -> Block:
         return Block(name, c, (Conv(c), Conv(c)))
 
-    blocks = [Block("2a", 64, (Conv(128, stride=2), Conv(128)), project=2),
-              plain("2b1", 128), plain("2b2", 128),
-              Block("3a", 128, (Conv(256, stride=2), Conv(256)), project=2),
-              plain("3b1", 256), plain("3b2", 256),
-              Block("4a", 256, (Conv(512, stride=2), Conv(512)), project=2)]
+    blocks = [
+        Block("2a", 64, (Conv(128, stride=2), Conv(128)), project=2),
+        plain("2b1", 128),
+        plain("2b2", 128),
+        Block("3a", 128, (Conv(256, stride=2), Conv(256)), project=2),
+        plain("3b1", 256),
+        plain("3b2", 256),
+        Block("4a", 256, (Conv(512, stride=2), Conv(512)), project=2),
+    ]
     blocks += [plain(f"4b{i}", 512) for i in range(1, 6)]
     blocks += [Block("5a", 512, (Conv(512), Conv(1024, dilation=2)), project=1)]
     blocks += [Block(f"5b{i}", 1024, (Conv(512, dilation=2), Conv(1024, dilation=2))) for i in (1, 2)]
-    blocks += [Block("6a", 1024, (Conv(512, 1), Conv(1024, dilation=4), Conv(2048, 1)), project=1, dropout=0.3),
-               Block("7a", 2048, (Conv(1024, 1), Conv(2048, dilation=4), Conv(4096, 1)), project=1, dropout=0.5)]
+    blocks += [
+        Block("6a", 1024, (Conv(512, 1), Conv(1024, dilation=4), Conv(2048, 1)), project=1, dropout=0.3),
+        Block("7a", 2048, (Conv(1024, 1), Conv(2048, dilation=4), Conv(4096, 1)), project=1, dropout=0.5),
+    ]
     return tuple(blocks)
 
 
@@ -84,8 +91,9 @@ class MXBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batch norm with unit scale, batch statistics only in training mode when not frozen."""
-        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias,
-                            self.training, self.momentum, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, None, self.bias, self.training, self.momentum, self.eps
+        )
 
 
 class ResNet38(SegmentationNet):
@@ -100,13 +108,24 @@ class ResNet38(SegmentationNet):
             channels = block.inp
             for branch, conv in zip(BRANCHES, block.convs):
                 self.add_module(f"bn{block.name}_{branch}", MXBatchNorm2d(channels))
-                self.add_module(f"res{block.name}_{branch}", nn.Conv2d(
-                    channels, conv.out, conv.kernel, stride=conv.stride, bias=False,
-                    padding=conv.dilation * (conv.kernel - 1) // 2, dilation=conv.dilation))
+                self.add_module(
+                    f"res{block.name}_{branch}",
+                    nn.Conv2d(
+                        channels,
+                        conv.out,
+                        conv.kernel,
+                        stride=conv.stride,
+                        bias=False,
+                        padding=conv.dilation * (conv.kernel - 1) // 2,
+                        dilation=conv.dilation,
+                    ),
+                )
                 channels = conv.out
             if block.project is not None:
-                self.add_module(f"res{block.name}_branch1",
-                                nn.Conv2d(block.inp, channels, 1, stride=block.project, bias=False))
+                self.add_module(
+                    f"res{block.name}_branch1",
+                    nn.Conv2d(block.inp, channels, 1, stride=block.project, bias=False),
+                )
             if block.dropout:
                 self.add_module(f"res{block.name}_branch2b2_do", nn.Dropout(block.dropout))
         self.bn7 = MXBatchNorm2d(4096)
@@ -126,7 +145,7 @@ class ResNet38(SegmentationNet):
         """One pre-activation block; dropout sits before the last 1x1 conv of 6a and 7a."""
         h = x
         shortcut = x
-        for index, branch in enumerate(BRANCHES[:len(block.convs)]):
+        for index, branch in enumerate(BRANCHES[: len(block.convs)]):
             h = F.relu(getattr(self, f"bn{block.name}_{branch}")(h))
             if index == 0 and block.project is not None:
                 shortcut = getattr(self, f"res{block.name}_branch1")(h)
@@ -160,8 +179,10 @@ class ResNet38(SegmentationNet):
         """An MXNet ``.params`` (ImageNet classifier or full CBST model) or a bare state_dict."""
         path = Path(source)
         if str(source) == "imagenet":
-            raise ValueError("ResNet-38 ImageNet weights are not downloadable: give the path of "
-                             "ilsvrc-cls_rna-a1_cls1000_ep-0001.params")
+            raise ValueError(
+                "ResNet-38 ImageNet weights are not downloadable: give the path of "
+                "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
+            )
         if path.suffix != ".params":
             load_strict(self, read_state_dict(path), str(path))
             return
@@ -170,14 +191,21 @@ class ResNet38(SegmentationNet):
             raise ValueError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
         imagenet = any(name.endswith("linear1000_weight") for name in params)
         num_classes = self.classifier.out_channels
-        self.load_state_dict(resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet,
-                                                             source=str(path)))
+        self.load_state_dict(
+            resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet, source=str(path))
+        )
 
 
 # --------------------------------------------------------------------------- MXNet names
 
-_SUFFIXES = {"weight": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
-             "moving_mean": "running_mean", "moving_var": "running_var"}
+_SUFFIXES = {
+    "weight": "weight",
+    "bias": "bias",
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_var": "running_var",
+}
 _NAME = re.compile(r"^(?P<module>.+?)_(?P<suffix>moving_mean|moving_var|weight|bias|gamma|beta)$")
 _IMAGENET_CLASSIFIER = "linear1000"
 
@@ -197,7 +225,7 @@ def torch_to_mxnet_name(key: str, num_classes: int) -> str:
     module, attr = key.rsplit(".", 1)
     module = f"linear{num_classes}" if module == "classifier" else module
     if attr.startswith("running_"):
-        return f"aux:{module}_moving_{attr[len('running_'):]}"
+        return f"aux:{module}_moving_{attr[len('running_') :]}"
     if module.startswith("bn"):
         attr = {"weight": "gamma", "bias": "beta"}[attr]
     return f"arg:{module}_{attr}"
@@ -209,8 +237,9 @@ def _he_normal(shape: torch.Size) -> torch.Tensor:
     return torch.randn(shape) * (2.0 / fan_in) ** 0.5
 
 
-def resnet38_state_dict_from_params(params: dict[str, np.ndarray], num_classes: int, *,
-                                    imagenet: bool = False, source: str = "params") -> dict[str, torch.Tensor]:
+def resnet38_state_dict_from_params(
+    params: dict[str, np.ndarray], num_classes: int, *, imagenet: bool = False, source: str = "params"
+) -> dict[str, torch.Tensor]:
     """Map a ResNet-38 A1 ``.params`` dict onto ``ResNet38`` state_dict keys, strictly.
 
     With ``imagenet=True`` the input is the stride-32 ImageNet classifier: ``linear1000_*`` is
@@ -236,8 +265,15 @@ def resnet38_state_dict_from_params(params: dict[str, np.ndarray], num_classes: 
             state[key] = torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
     missing = [torch_to_mxnet_name(k, num_classes) for k in template if k not in state and k not in fresh]
     if missing or unexpected or mismatched:
-        parts = [f"{label}: {', '.join(items)}" for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
+        parts = [
+            f"{label}: {', '.join(items)}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if items
+        ]
         kind = "ImageNet ResNet-38 A1" if imagenet else f"ResNet-38 A1 with {num_classes} classes"
         raise ParamsError(f"{source}: does not fit {kind}; " + "; ".join(parts))
     for key in sorted(fresh):

@@ -22,9 +22,18 @@ ASPP_WIDTH = 64
 def conv_bn_relu(inp: int, out: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     """Conv (no bias) + BN + ReLU with 'same' padding."""
     return nn.Sequential(
-        nn.Conv2d(inp, out, kernel, stride=stride, padding=dilation * (kernel - 1) // 2,
-                  dilation=dilation, bias=False),
-        nn.BatchNorm2d(out), nn.ReLU(inplace=True))
+        nn.Conv2d(
+            inp,
+            out,
+            kernel,
+            stride=stride,
+            padding=dilation * (kernel - 1) // 2,
+            dilation=dilation,
+            bias=False,
+        ),
+        nn.BatchNorm2d(out),
+        nn.ReLU(inplace=True),
+    )
 
 
 class BasicBlock(nn.Module):
@@ -37,8 +46,11 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out, out, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(out)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = (nn.Sequential(nn.Conv2d(inp, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
-                         if stride != 1 or inp != out else nn.Identity())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(inp, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
+            if stride != 1 or inp != out
+            else nn.Identity()
+        )
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity: fast, stable from scratch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +65,8 @@ class LightASPP(nn.Module):
     def __init__(self, inp: int, width: int, num_classes: int) -> None:
         super().__init__()
         self.branches = nn.ModuleList(
-            conv_bn_relu(inp, width, 1 if d == 1 else 3, dilation=d) for d in ASPP_DILATIONS)
+            conv_bn_relu(inp, width, 1 if d == 1 else 3, dilation=d) for d in ASPP_DILATIONS
+        )
         self.fuse = conv_bn_relu(width * len(ASPP_DILATIONS), width, 1)
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
@@ -95,5 +108,7 @@ class SmallSegNet(SegmentationNet):
         """Backbone x1, head x10 (the DeepLab convention), weight decay everywhere."""
         head = list(self.head.parameters())
         head_ids = {id(p) for p in head}
-        return [lr_group([p for p in self.parameters() if id(p) not in head_ids], 1.0, 1.0),
-                lr_group(head, 10.0, 1.0)]
+        return [
+            lr_group([p for p in self.parameters() if id(p) not in head_ids], 1.0, 1.0),
+            lr_group(head, 10.0, 1.0),
+        ]

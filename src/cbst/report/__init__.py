@@ -9,8 +9,8 @@ does the model still get wrong. ``runs`` reads the folders, ``plots`` draws with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cbst import io
 from cbst.io import DataError
@@ -29,8 +29,10 @@ def _classes(runs: Sequence[Run]) -> tuple[str, ...]:
     names = [tuple(r.rounds[0].stats.get("thresholds", {})) for r in runs]
     for run, other in zip(runs[1:], names[1:]):
         if other != names[0]:
-            raise DataError(f"{run.path} has {len(other)} classes but {runs[0].path} has "
-                            f"{len(names[0])}: runs of different label sets cannot be compared")
+            raise DataError(
+                f"{run.path} has {len(other)} classes but {runs[0].path} has "
+                f"{len(names[0])}: runs of different label sets cannot be compared"
+            )
     if not names[0]:
         raise DataError(f"{runs[0].rounds[0].path / 'stats.json'}: no per-class thresholds")
     return names[0]
@@ -64,8 +66,9 @@ def _model_names(runs: Sequence[Run]) -> dict[str, str]:
     return names
 
 
-def _target_sections(runs: Sequence[Run], classes: Sequence[str], images: int,
-                     device: str) -> tuple[str, str, list]:
+def _target_sections(
+    runs: Sequence[Run], classes: Sequence[str], images: int, device: str
+) -> tuple[str, str, list]:
     """The pseudo-label accuracy heat map and the gallery (with notes when they are left out)."""
     same = [r for r in runs if all(r.config.get(k) == runs[0].config.get(k) for k in _TARGET_KEYS)]
     dataset, problem = target_dataset(runs[0])
@@ -74,13 +77,17 @@ def _target_sections(runs: Sequence[Run], classes: Sequence[str], images: int,
     scan = scan_targets(dataset, same)
     if scan.accuracy:
         scored = [r for r in same if (r.path, 0) in scan.accuracy]
-        panels = plots.round_panels(scored, classes, lambda run, rnd: scan.accuracy[(run.path, rnd.index)],
-                                    scale=100)
-        accuracy = html.image(plots.heatmap(panels, classes, unit="accuracy (%)", vmax=100),
-                              "pseudo-label accuracy per class")
+        panels = plots.round_panels(
+            scored, classes, lambda run, rnd: scan.accuracy[(run.path, rnd.index)], scale=100
+        )
+        accuracy = html.image(
+            plots.heatmap(panels, classes, unit="accuracy (%)", vmax=100), "pseudo-label accuracy per class"
+        )
     else:
-        accuracy = html.note("Not scored: the runs were made without --score-pseudo-labels, or "
-                             "the target training images have no ground truth.")
+        accuracy = html.note(
+            "Not scored: the runs were made without --score-pseudo-labels, or "
+            "the target training images have no ground truth."
+        )
     rows = gallery(dataset, same, pick_images(scan.presence, images), device) if images > 0 else []
     left_out = [r.label for r in runs if r not in same]
     note = html.note(f"Left out (another target training split): {', '.join(left_out)}.") if left_out else ""
@@ -91,25 +98,49 @@ def _score_sections(runs: Sequence[Run], classes: Sequence[str]) -> list[str]:
     """The val scores: the paper's table, the mIoU plot and the per-class IoU heat map."""
     scored = [r for r in runs if r.evaluated or r.source is not None]
     if not scored:
-        return [html.section("Val scores", "", html.note(
-            "No val scores: the runs were made with --eval-split none, or no round has been "
-            "evaluated yet."))]
+        return [
+            html.section(
+                "Val scores",
+                "",
+                html.note(
+                    "No val scores: the runs were made with --eval-split none, or no round has been "
+                    "evaluated yet."
+                ),
+            )
+        ]
     return [
-        html.section("Val scores per round (%)", "The paper's table: mIoU and per-class IoU of "
-                     "each round's model; green above the source model, red below (hover for "
-                     "the change).", html.score_table(runs, classes)),
-        html.section("mIoU per round", "One line per run, starting from the source model when "
-                     "its score is known: a rising line is self-training helping.",
-                     html.image(plots.miou_plot(scored), "mIoU per round")),
-        html.section("Per-class IoU per round (%)", "Rows are classes, columns rounds: a row "
-                     "that brightens is a class gained, one that darkens a class lost.",
-                     html.image(plots.heatmap(plots.iou_panels(scored, classes), classes,
-                                              unit="IoU (%)", vmax=100), "per-class IoU")),
+        html.section(
+            "Val scores per round (%)",
+            "The paper's table: mIoU and per-class IoU of "
+            "each round's model; green above the source model, red below (hover for "
+            "the change).",
+            html.score_table(runs, classes),
+        ),
+        html.section(
+            "mIoU per round",
+            "One line per run, starting from the source model when "
+            "its score is known: a rising line is self-training helping.",
+            html.image(plots.miou_plot(scored), "mIoU per round"),
+        ),
+        html.section(
+            "Per-class IoU per round (%)",
+            "Rows are classes, columns rounds: a row "
+            "that brightens is a class gained, one that darkens a class lost.",
+            html.image(
+                plots.heatmap(plots.iou_panels(scored, classes), classes, unit="IoU (%)", vmax=100),
+                "per-class IoU",
+            ),
+        ),
     ]
 
 
-def build_report(paths: Sequence[str | Path], *, images: int = 6,
-                 source_metrics: str | Path | None = None, device: str = "cpu") -> str:
+def build_report(
+    paths: Sequence[str | Path],
+    *,
+    images: int = 6,
+    source_metrics: str | Path | None = None,
+    device: str = "cpu",
+) -> str:
     """The report's HTML for run folders and/or ``cbst demo`` folders.
 
     Args:
@@ -125,30 +156,49 @@ def build_report(paths: Sequence[str | Path], *, images: int = 6,
     lam = plots.round_panels(runs, classes, lambda run, rnd: rnd.stats.get("thresholds", {}))
     scores = _score_sections(runs, classes)  # the class shares go after the table and mIoU plot
     parts = [
-        html.section("Runs", "What each run did: method, model, data and round schedule; "
-                     "rounds counts those with pseudo-labels, of the rounds planned.",
-                     html.config_table(runs, _model_names(runs))),
-        html.section("Time per stage", "Pseudo-labelling as the run recorded it; training and "
-                     "evaluation from the times their files were written (a pause before a "
-                     "resume counts in the stage it interrupted).", html.time_table(runs)),
+        html.section(
+            "Runs",
+            "What each run did: method, model, data and round schedule; "
+            "rounds counts those with pseudo-labels, of the rounds planned.",
+            html.config_table(runs, _model_names(runs)),
+        ),
+        html.section(
+            "Time per stage",
+            "Pseudo-labelling as the run recorded it; training and "
+            "evaluation from the times their files were written (a pause before a "
+            "resume counts in the stage it interrupted).",
+            html.time_table(runs),
+        ),
         *scores[:2],
-        html.section("Share of pseudo-labelled pixels per class", "One stacked bar per run and "
-                     "round: a single global threshold (ST) lets frequent classes such as road "
-                     "fill the bar; class-balanced thresholds (CBST) spread it over the classes.",
-                     html.image(plots.class_share_plot(runs, classes, colors), "class shares")),
+        html.section(
+            "Share of pseudo-labelled pixels per class",
+            "One stacked bar per run and "
+            "round: a single global threshold (ST) lets frequent classes such as road "
+            "fill the bar; class-balanced thresholds (CBST) spread it over the classes.",
+            html.image(plots.class_share_plot(runs, classes, colors), "class shares"),
+        ),
         *scores[2:],
-        html.section("Confidence threshold λ per class", "The probability a pixel needed to be "
-                     "pseudo-labelled as each class: one value for all under ST, lower for "
-                     "harder classes under CBST.",
-                     html.image(plots.heatmap(lam, classes, unit="λ", vmax=1.0, fmt="{:.2f}"),
-                                "thresholds")),
-        html.section("Pseudo-label quality", "Per round, the portion of target pixels asked for, "
-                     "the share selected and their accuracy against the ground truth (when "
-                     "scored); the heat map gives the accuracy per class.",
-                     html.pseudo_table(runs) + accuracy),
-        html.section("Gallery: target training images", "Rare classes first. Per run, the last "
-                     "round's pseudo-label (black: not selected) and the prediction of its latest "
-                     "model, then the ground truth.", html.legend(classes, colors) + gallery_html),
+        html.section(
+            "Confidence threshold λ per class",
+            "The probability a pixel needed to be "
+            "pseudo-labelled as each class: one value for all under ST, lower for "
+            "harder classes under CBST.",
+            html.image(plots.heatmap(lam, classes, unit="λ", vmax=1.0, fmt="{:.2f}"), "thresholds"),
+        ),
+        html.section(
+            "Pseudo-label quality",
+            "Per round, the portion of target pixels asked for, "
+            "the share selected and their accuracy against the ground truth (when "
+            "scored); the heat map gives the accuracy per class.",
+            html.pseudo_table(runs) + accuracy,
+        ),
+        html.section(
+            "Gallery: target training images",
+            "Rare classes first. Per run, the last "
+            "round's pseudo-label (black: not selected) and the prediction of its latest "
+            "model, then the ground truth.",
+            html.legend(classes, colors) + gallery_html,
+        ),
     ]
     names = ", ".join(r.label for r in runs)
     return html.page(f"cbst report: {names}", "\n".join(parts))

@@ -8,8 +8,8 @@ decimal); colours and hover titles only add the change against the source model.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cbst.labels import CLASSES_13, TABLE_HEADERS
 from cbst.report.runs import Run
@@ -32,7 +32,8 @@ img {{ max-width: 100%; }} table.gallery {{ width: 100%; table-layout: fixed; }}
 .gallery td {{ text-align: center; vertical-align: top; }} .gallery img {{ width: 100%; }}
 .gallery img.labels {{ image-rendering: pixelated; }}
 .legend span {{ display: inline-block; margin: 2px 10px 2px 0; font-size: 0.85em; }}
-.legend i {{ display: inline-block; width: 1em; height: 1em; vertical-align: middle; margin-right: 4px; border: 1px solid #999; }}
+.legend i {{ display: inline-block; width: 1em; height: 1em; vertical-align: middle;
+            margin-right: 4px; border: 1px solid #999; }}
 </style>
 </head>
 <body>
@@ -53,7 +54,8 @@ class Cell:
 
     def render(self, tag: str = "td") -> str:
         attrs = (f' class="{self.css}"' if self.css else "") + (
-            f' title="{html.escape(self.title)}"' if self.title else "")
+            f' title="{html.escape(self.title)}"' if self.title else ""
+        )
         return f"<{tag}{attrs}>{html.escape(self.text)}</{tag}>"
 
 
@@ -93,23 +95,37 @@ def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
     rows = []
     for run in runs:
         c = run.config
-        data = (f"{c.get('dataset')} -> {c.get('dataset_tgt')} {c.get('split_tgt')} "
-                f"(val: {c.get('eval_split') or 'none'})")
-        schedule = (f"target portion {c.get('init_tgt_port')} +{c.get('step_tgt_port')} "
-                    f"(max {c.get('max_tgt_port')}), source portion {c.get('init_src_port')} "
-                    f"+{c.get('step_src_port')} (max {c.get('max_src_port')}), "
-                    f"{c.get('epoch_per_round')} epochs/round, lr {c.get('base_lr')}")
-        rows.append([Cell(run.label, "name", str(run.path)), Cell(run.method, "name"),
-                     Cell(models.get(run.label, "?"), "name"), Cell(data, "name"),
-                     Cell(schedule, "name"), Cell(f"{len(run.rounds)} of {c.get('num_round')}")])
+        data = (
+            f"{c.get('dataset')} -> {c.get('dataset_tgt')} {c.get('split_tgt')} "
+            f"(val: {c.get('eval_split') or 'none'})"
+        )
+        schedule = (
+            f"target portion {c.get('init_tgt_port')} +{c.get('step_tgt_port')} "
+            f"(max {c.get('max_tgt_port')}), source portion {c.get('init_src_port')} "
+            f"+{c.get('step_src_port')} (max {c.get('max_src_port')}), "
+            f"{c.get('epoch_per_round')} epochs/round, lr {c.get('base_lr')}"
+        )
+        rows.append(
+            [
+                Cell(run.label, "name", str(run.path)),
+                Cell(run.method, "name"),
+                Cell(models.get(run.label, "?"), "name"),
+                Cell(data, "name"),
+                Cell(schedule, "name"),
+                Cell(f"{len(run.rounds)} of {c.get('num_round')}"),
+            ]
+        )
     return table(["run", "method", "model", "data", "schedule", "rounds"], rows)
 
 
 def time_table(runs: Sequence[Run]) -> str:
     """Seconds per stage and round."""
-    rows = [[Cell(run.label, "name"), Cell(f"round_{r.index}", "name")]
-            + [Cell(_seconds(r.seconds.get(s))) for s in ("pseudo", "train", "eval")]
-            for run in runs for r in run.rounds]
+    rows = [
+        [Cell(run.label, "name"), Cell(f"round_{r.index}", "name")]
+        + [Cell(_seconds(r.seconds.get(s))) for s in ("pseudo", "train", "eval")]
+        for run in runs
+        for r in run.rounds
+    ]
     return table(["run", "round", "pseudo-labels (s)", "training (s)", "evaluation (s)"], rows)
 
 
@@ -126,8 +142,9 @@ def _change_cell(value: float | None, source: float | None) -> Cell:
 def score_table(runs: Sequence[Run], classes: Sequence[str]) -> str:
     """The paper's table: mIoU (and mIoU* for 16 classes) and per-class IoU, per round."""
     with13 = len(classes) == 16
-    headers = ["run", "model", "mIoU"] + (["mIoU*"] if with13 else []) + [
-        TABLE_HEADERS.get(c, c) for c in classes]
+    headers = (
+        ["run", "model", "mIoU"] + (["mIoU*"] if with13 else []) + [TABLE_HEADERS.get(c, c) for c in classes]
+    )
 
     def scores(m) -> list[float | None]:
         return [m.miou] + ([m.miou_over(CLASSES_13)] if with13 else []) + [m.iou.get(c) for c in classes]
@@ -139,8 +156,10 @@ def score_table(runs: Sequence[Run], classes: Sequence[str]) -> str:
             rows.append([Cell(run.label, "name"), Cell("source", "name")] + [Cell(percent(v)) for v in base])
         for rnd in run.evaluated:
             values = scores(rnd.metrics)
-            rows.append([Cell(run.label, "name"), Cell(f"round_{rnd.index}", "name")] + [
-                _change_cell(v, base[k] if base else None) for k, v in enumerate(values)])
+            rows.append(
+                [Cell(run.label, "name"), Cell(f"round_{rnd.index}", "name")]
+                + [_change_cell(v, base[k] if base else None) for k, v in enumerate(values)]
+            )
     return table(headers, rows, "scores")
 
 
@@ -154,35 +173,57 @@ def largest_shares(selected: dict[str, int], count: int = 3) -> str:
 def pseudo_table(runs: Sequence[Run]) -> str:
     """Per round: the target portion asked for, the share of pixels selected, overall accuracy
     and the classes that took most of the pseudo-labels."""
-    rows = [[Cell(run.label, "name"), Cell(f"round_{r.index}", "name"),
-             Cell(percent(r.stats.get("portion"))), Cell(percent(r.stats.get("selected_fraction"))),
-             Cell(percent(r.stats.get("pseudo_label_accuracy"))),
-             Cell(largest_shares(r.stats.get("selected_pixels", {})), "name")]
-            for run in runs for r in run.rounds]
-    return table(["run", "round", "portion (%)", "pixels selected (%)", "accuracy (%)",
-                  "largest classes (% of pseudo-labels)"], rows)
+    rows = [
+        [
+            Cell(run.label, "name"),
+            Cell(f"round_{r.index}", "name"),
+            Cell(percent(r.stats.get("portion"))),
+            Cell(percent(r.stats.get("selected_fraction"))),
+            Cell(percent(r.stats.get("pseudo_label_accuracy"))),
+            Cell(largest_shares(r.stats.get("selected_pixels", {})), "name"),
+        ]
+        for run in runs
+        for r in run.rounds
+    ]
+    return table(
+        [
+            "run",
+            "round",
+            "portion (%)",
+            "pixels selected (%)",
+            "accuracy (%)",
+            "largest classes (% of pseudo-labels)",
+        ],
+        rows,
+    )
 
 
 def legend(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
     """The label palette: a colour swatch per class, black for no label."""
-    items = [f'<span><i style="background: rgb{tuple(col)}"></i>{html.escape(name)}</span>'
-             for name, col in zip(classes, colors)]
+    items = [
+        f'<span><i style="background: rgb{tuple(col)}"></i>{html.escape(name)}</span>'
+        for name, col in zip(classes, colors)
+    ]
     items.append('<span><i style="background: rgb(0, 0, 0)"></i>no label / not selected</span>')
     return f'<div class="legend">{"".join(items)}</div>'
 
 
 def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow]) -> str:
     """Image | per run: last pseudo-label, prediction | ground truth."""
-    head = ["image"] + [f"{run.label}: {what}" for run in runs
-                        for what in (f"pseudo-label round_{run.rounds[-1].index}",
-                                     f"prediction ({prediction_model(run)[1]})")]
+    head = ["image"] + [
+        f"{run.label}: {what}"
+        for run in runs
+        for what in (f"pseudo-label round_{run.rounds[-1].index}", f"prediction ({prediction_model(run)[1]})")
+    ]
     head.append("ground truth")
-    out = ["<table class=\"gallery\"><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out = ['<table class="gallery"><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
         cells = [image(row.image, row.name) + f"<br>{html.escape(row.name)}"]
         for run, (pseudo, pred) in zip(runs, row.runs):
-            cells += [image(pseudo, f"{run.label} pseudo-label", "labels"),
-                      image(pred, f"{run.label} prediction", "labels") if pred else "no readable model"]
+            cells += [
+                image(pseudo, f"{run.label} pseudo-label", "labels"),
+                image(pred, f"{run.label} prediction", "labels") if pred else "no readable model",
+            ]
         cells.append(image(row.truth, "ground truth", "labels") if row.truth else "no ground truth")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -71,14 +71,16 @@ def iou_panels(runs: Sequence[Run], classes: Sequence[str]) -> list[Panel]:
     return panels
 
 
-def round_panels(runs: Sequence[Run], classes: Sequence[str],
-                 lookup: Callable[[Run, Round], dict[str, float | None]],
-                 scale: float = 1.0) -> list[Panel]:
+def round_panels(
+    runs: Sequence[Run],
+    classes: Sequence[str],
+    lookup: Callable[[Run, Round], dict[str, float | None]],
+    scale: float = 1.0,
+) -> list[Panel]:
     """Per run: a per-class value of every round (``lookup(run, round)[class]`` times ``scale``)."""
     panels = []
     for run in runs:
-        values = np.array([[_value(lookup(run, r).get(c), scale) for r in run.rounds]
-                           for c in classes])
+        values = np.array([[_value(lookup(run, r).get(c), scale) for r in run.rounds] for c in classes])
         panels.append((run.label, round_columns(run, evaluated_only=False), values))
     return panels
 
@@ -87,8 +89,15 @@ def _value(value: float | None, scale: float) -> float:
     return math.nan if value is None else scale * float(value)
 
 
-def heatmap(panels: Sequence[Panel], classes: Sequence[str], *, unit: str, vmax: float,
-            fmt: str = "{:.0f}", cmap: str = "viridis") -> str:
+def heatmap(
+    panels: Sequence[Panel],
+    classes: Sequence[str],
+    *,
+    unit: str,
+    vmax: float,
+    fmt: str = "{:.0f}",
+    cmap: str = "viridis",
+) -> str:
     """Side-by-side classes x columns heat maps with the value written in each cell."""
     widths = [max(2, len(columns)) for _, columns, _ in panels]
     fig = Figure(figsize=(2.2 + 0.75 * sum(widths), 0.3 * len(classes) + 1.4))
@@ -102,14 +111,22 @@ def heatmap(panels: Sequence[Panel], classes: Sequence[str], *, unit: str, vmax:
         for (row, col), value in np.ndenumerate(values):
             if not math.isnan(value):
                 light = value < 0.6 * vmax
-                ax.text(col, row, fmt.format(value), ha="center", va="center", fontsize=7,
-                        color="white" if light else "black")
+                ax.text(
+                    col,
+                    row,
+                    fmt.format(value),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if light else "black",
+                )
     fig.colorbar(image, ax=axes[0].tolist(), label=unit, fraction=0.03)
     return figure_uri(fig)
 
 
-def class_share_plot(runs: Sequence[Run], classes: Sequence[str],
-                     colors: Sequence[tuple[int, int, int]]) -> str:
+def class_share_plot(
+    runs: Sequence[Run], classes: Sequence[str], colors: Sequence[tuple[int, int, int]]
+) -> str:
     """Share (%) of the pseudo-labelled pixels per class: one stacked bar per run and round."""
     bars: list[tuple[str, np.ndarray]] = []
     for run in runs:
@@ -122,8 +139,15 @@ def class_share_plot(runs: Sequence[Run], classes: Sequence[str],
     bottom = np.zeros(len(bars))
     for i, name in enumerate(classes):
         shares = np.array([share[i] for _, share in bars])
-        ax.bar(range(len(bars)), shares, bottom=bottom, color=np.array(colors[i]) / 255.0,
-               label=name, edgecolor="white", linewidth=0.3)
+        ax.bar(
+            range(len(bars)),
+            shares,
+            bottom=bottom,
+            color=np.array(colors[i]) / 255.0,
+            label=name,
+            edgecolor="white",
+            linewidth=0.3,
+        )
         bottom += shares
     ax.set_xticks(range(len(bars)), [name for name, _ in bars], fontsize=8)
     ax.set_ylabel("share of pseudo-labelled pixels (%)")

@@ -86,7 +86,11 @@ def read_metrics(path: Path) -> Metrics:
     """Val metrics as written by ``self-train`` (``metrics.json``) or ``cbst evaluate --out``."""
     data = read_json(path)
     keys = ("miou", "pixel_acc", "mean_acc")
-    if not isinstance(data, dict) or not isinstance(data.get("iou"), dict) or not all(k in data for k in keys):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("iou"), dict)
+        or not all(k in data for k in keys)
+    ):
         raise DataError(f"{path}: not a metrics file (expected {', '.join(keys)} and a per-class 'iou')")
     return Metrics.from_json(data)
 
@@ -104,13 +108,15 @@ def _between(start: float | None, end: float | None) -> float | None:
 
 def _round_dirs(run: Path) -> list[int]:
     """The round indices present, checked to run 0, 1, ... without a hole."""
-    found = sorted(int(m.group(1)) for p in run.iterdir()
-                   if p.is_dir() and (m := _ROUND_DIR.fullmatch(p.name)))
+    found = sorted(
+        int(m.group(1)) for p in run.iterdir() if p.is_dir() and (m := _ROUND_DIR.fullmatch(p.name))
+    )
     missing = sorted(set(range(found[-1] + 1)) - set(found)) if found else []
     if missing:
         have = ", ".join(f"round_{i}" for i in found)
-        raise DataError(f"{run}: round_{missing[0]} is missing (found {have}); "
-                        "a run's rounds must be consecutive")
+        raise DataError(
+            f"{run}: round_{missing[0]} is missing (found {have}); a run's rounds must be consecutive"
+        )
     return found
 
 
@@ -132,9 +138,11 @@ def _read_round(run: Path, index: int) -> Round | None:
         return None
     stats = read_json(stats_file)
     metrics = read_metrics(metrics_file) if metrics_file.is_file() else None
-    seconds = {"pseudo": stats.get("seconds"),
-               "train": _between(_mtime(stats_file), _mtime(model)),
-               "eval": _between(_mtime(model), _mtime(metrics_file))}
+    seconds = {
+        "pseudo": stats.get("seconds"),
+        "train": _between(_mtime(stats_file), _mtime(model)),
+        "eval": _between(_mtime(model), _mtime(metrics_file)),
+    }
     return Round(index, rdir, stats, metrics, seconds)
 
 
@@ -148,8 +156,7 @@ def _check_complete(run: Path, rounds: list[Round | None]) -> tuple[Round, ...]:
     evaluated = [r.index for r in rounds if r.metrics is not None]
     for rnd in rounds:
         if rnd.metrics is None and evaluated and rnd.index < evaluated[-1]:
-            raise DataError(f"{rnd.path / 'metrics.json'}: missing, but round_{evaluated[-1]} "
-                            "was evaluated")
+            raise DataError(f"{rnd.path / 'metrics.json'}: missing, but round_{evaluated[-1]} was evaluated")
     return tuple(r for r in rounds if r is not None)
 
 
@@ -165,8 +172,10 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     if not run.is_dir():
         raise DataError(f"{run}: folder not found")
     if not (run / "config.yaml").is_file() or not (run / "state.json").is_file():
-        raise DataError(f"{run}: not a self-training run (no config.yaml and state.json; expected "
-                        "the --output folder of 'cbst self-train' or a 'cbst demo' folder)")
+        raise DataError(
+            f"{run}: not a self-training run (no config.yaml and state.json; expected "
+            "the --output folder of 'cbst self-train' or a 'cbst demo' folder)"
+        )
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -176,8 +185,9 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     indices = _round_dirs(run)
     listed = _finished_rounds(run)
     if listed > len(indices):
-        raise DataError(f"{run}: state.json lists round {listed - 1} as started but "
-                        f"round_{listed - 1} is missing")
+        raise DataError(
+            f"{run}: state.json lists round {listed - 1} as started but round_{listed - 1} is missing"
+        )
     rounds = _check_complete(run, [_read_round(run, i) for i in indices])
     if not rounds:
         raise DataError(f"{run}: no finished round yet (round_0/stats.json not written)")
@@ -205,8 +215,11 @@ def load_demo(path: Path) -> list[Run]:
     if results.is_file():
         rows = read_json(results).get("rows", {})
         source = Metrics.from_json(rows["Source"]) if "Source" in rows else None
-    return [load_run(path / demo_run_dir(name), name, source) for name in VARIANTS
-            if (path / demo_run_dir(name) / "state.json").is_file()]
+    return [
+        load_run(path / demo_run_dir(name), name, source)
+        for name in VARIANTS
+        if (path / demo_run_dir(name) / "state.json").is_file()
+    ]
 
 
 def _unique_labels(runs: list[Run]) -> list[Run]:
@@ -221,9 +234,11 @@ def check_same_val_split(runs: list[Run]) -> None:
     for other in runs[1:]:
         a, b = first.val_split(), other.val_split()
         if a is not None and b is not None and a != b:
-            raise DataError(f"{first.path} evaluates on {a[0]} {a[1]} split {a[2]!r} but "
-                            f"{other.path} on {b[0]} {b[1]} split {b[2]!r}: their mIoUs are not "
-                            "comparable; report them separately")
+            raise DataError(
+                f"{first.path} evaluates on {a[0]} {a[1]} split {a[2]!r} but "
+                f"{other.path} on {b[0]} {b[1]} split {b[2]!r}: their mIoUs are not "
+                "comparable; report them separately"
+            )
 
 
 def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None) -> list[Run]:

@@ -7,9 +7,9 @@ is not readable from here, the report says so and leaves these parts out instead
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,13 +40,18 @@ def target_dataset(run: Run):
     from cbst.datasets import build_dataset
 
     cfg = run.config
-    options = dict(split=cfg.get("split_tgt", "train"), num_classes=int(cfg.get("num_classes", 19)),
-                   list_file=cfg.get("list_tgt"), verify="headers")
+    options = dict(
+        split=cfg.get("split_tgt", "train"),
+        num_classes=int(cfg.get("num_classes", 19)),
+        list_file=cfg.get("list_tgt"),
+        verify="headers",
+    )
     problem: Exception | None = None
     for with_labels in (True, False):
         try:
-            return build_dataset(cfg.get("dataset_tgt", "cityscapes"), cfg["data_root_tgt"],
-                                 with_labels=with_labels, **options), None
+            return build_dataset(
+                cfg.get("dataset_tgt", "cityscapes"), cfg["data_root_tgt"], with_labels=with_labels, **options
+            ), None
         except (DataError, ValueError, KeyError) as exc:
             problem = exc
     return None, f"target images not readable from here ({problem})"
@@ -78,9 +83,17 @@ def scan_targets(dataset, runs: Sequence[Run]) -> TargetScan:
                 selected[(run.path, rnd.index)] += np.bincount(pseudo[mask], minlength=c)
                 correct[(run.path, rnd.index)] += np.bincount(pseudo[mask & (pseudo == gt)], minlength=c)
     labelled = bool(dataset.samples) and dataset.samples[0].label is not None
-    accuracy = {key: {name: (float(correct[key][k] / n) if n else None)
-                      for k, (name, n) in enumerate(zip(protocol.class_names, counts))}
-                for key, counts in selected.items()} if labelled else {}
+    accuracy = (
+        {
+            key: {
+                name: (float(correct[key][k] / n) if n else None)
+                for k, (name, n) in enumerate(zip(protocol.class_names, counts))
+            }
+            for key, counts in selected.items()
+        }
+        if labelled
+        else {}
+    )
     return TargetScan(accuracy, presence)
 
 
@@ -97,8 +110,10 @@ def pick_images(presence: Sequence[set[int]], count: int) -> list[int]:
     picked: list[int] = []
     shown: set[int] = set()
     while len(picked) < min(count, len(presence)):
-        best = max((i for i in range(len(presence)) if i not in picked),
-                   key=lambda i: (len((presence[i] & rare) - shown), len(presence[i] & rare), -i))
+        best = max(
+            (i for i in range(len(presence)) if i not in picked),
+            key=lambda i: (len((presence[i] & rare) - shown), len(presence[i] & rare), -i),
+        )
         picked.append(best)
         shown |= presence[best] & rare
     return picked
@@ -146,8 +161,10 @@ def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -
 
     protocol = dataset.protocol
     torch_device = select_device(device)
-    models = {r.path: load_checkpoint(m, device=torch_device)[0] if (m := prediction_model(r)[0]) else None
-              for r in runs}
+    models = {
+        r.path: load_checkpoint(m, device=torch_device)[0] if (m := prediction_model(r)[0]) else None
+        for r in runs
+    }
     rows = []
     for i in indices:
         sample = dataset.samples[i]
@@ -159,11 +176,21 @@ def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -
             model = models[run.path]
             prediction = None
             if model is not None:
-                pred = predict_labels(model, tensor, long_side=run.config.get("eval_long_side"),
-                                      flip=bool(run.config.get("eval_flipping")))
+                pred = predict_labels(
+                    model,
+                    tensor,
+                    long_side=run.config.get("eval_long_side"),
+                    flip=bool(run.config.get("eval_flipping")),
+                )
                 prediction = thumbnail(protocol.colorize(pred[0].cpu().numpy()), labels=True)
             cells.append((thumbnail(pseudo, labels=True), prediction))
         gt = dataset.label(i)
-        rows.append(GalleryRow(sample.name, thumbnail(image), cells,
-                               thumbnail(protocol.colorize(gt), labels=True) if gt is not None else None))
+        rows.append(
+            GalleryRow(
+                sample.name,
+                thumbnail(image),
+                cells,
+                thumbnail(protocol.colorize(gt), labels=True) if gt is not None else None,
+            )
+        )
     return rows

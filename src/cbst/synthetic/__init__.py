@@ -27,5 +27,11 @@ Modules, one concept each: ``classes`` (labelIds), ``style`` (the two domains), 
 from cbst.synthetic.render import SYNTHETIC_VERSION, render_image
 from cbst.synthetic.writer import SyntheticExistsError, class_frequencies, frequency_table, make_synthetic
 
-__all__ = ["SYNTHETIC_VERSION", "SyntheticExistsError", "class_frequencies", "frequency_table",
-           "make_synthetic", "render_image"]
+__all__ = [
+    "SYNTHETIC_VERSION",
+    "SyntheticExistsError",
+    "class_frequencies",
+    "frequency_table",
+    "make_synthetic",
+    "render_image",
+]

@@ -32,8 +32,9 @@ class Canvas:
     # camera ----------------------------------------------------------------------------------
     def proj(self, x, y, z) -> np.ndarray:
         """World (lateral X, height Y above the ground, depth Z) -> image (x, y) points."""
-        x, y, z = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float),
-                                      np.maximum(np.asarray(z, float), 0.5))
+        x, y, z = np.broadcast_arrays(
+            np.asarray(x, float), np.asarray(y, float), np.maximum(np.asarray(z, float), 0.5)
+        )
         return np.stack([self.cx + self.f * x / z, self.yh + self.f * (self.cam_h - y) / z], -1)
 
     def ppm(self, z: float) -> float:

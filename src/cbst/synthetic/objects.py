@@ -48,23 +48,44 @@ def _vehicle(cv: Canvas, x: float, z: float, lab: int, size: tuple[float, float,
         for zw in (z + 0.7, z + length - 0.7):  # wheels
             cv.disc(cv.proj(xs, 0.32, zw), 0.32 * cv.ppm(zw), lab, dark)
         cv.box(x - w / 2, x + w / 2, body_low, hgt * 0.6, z, lab, col)
-        cv.poly(cv.proj([x - w / 2, x + w / 2, x + w * 0.38, x - w * 0.38],
-                        [hgt * 0.6, hgt * 0.6, hgt, hgt], z), lab, col)
-        cv.paint(cv.proj([x - w * 0.4, x + w * 0.4, x + w * 0.32, x - w * 0.32],
-                         [hgt * 0.63, hgt * 0.63, hgt * 0.93, hgt * 0.93], z), glass)
+        cv.poly(
+            cv.proj([x - w / 2, x + w / 2, x + w * 0.38, x - w * 0.38], [hgt * 0.6, hgt * 0.6, hgt, hgt], z),
+            lab,
+            col,
+        )
+        cv.paint(
+            cv.proj(
+                [x - w * 0.4, x + w * 0.4, x + w * 0.32, x - w * 0.32],
+                [hgt * 0.63, hgt * 0.63, hgt * 0.93, hgt * 0.93],
+                z,
+            ),
+            glass,
+        )
         for sx in (-1, 1):
             cv.box(x + sx * w * 0.45, x + sx * w * 0.3, 0, body_low + 0.05, z, lab, dark)
             lamp = (200, 30, 30) if cv.style is SOURCE_STYLE else (150, 50, 45)
-            cv.paint(cv.proj([x + sx * w * 0.45, x + sx * w * 0.3, x + sx * w * 0.3, x + sx * w * 0.45],
-                             [hgt * 0.45, hgt * 0.45, hgt * 0.55, hgt * 0.55], z), lamp)
+            cv.paint(
+                cv.proj(
+                    [x + sx * w * 0.45, x + sx * w * 0.3, x + sx * w * 0.3, x + sx * w * 0.45],
+                    [hgt * 0.45, hgt * 0.45, hgt * 0.55, hgt * 0.55],
+                    z,
+                ),
+                lamp,
+            )
         return
     # trucks, buses, trains: tall boxes
     cv.side(xs, body_low, hgt, z, z + length, lab, sidecol)
     for zw in (z + 1.0, z + length - 1.2):
         cv.disc(cv.proj(xs, 0.45, zw), 0.45 * cv.ppm(zw), lab, dark)
     if lab in (BUS, TRAIN):  # window band along the side and on the back
-        cv.paint(cv.proj(xs, [hgt * 0.5, hgt * 0.5, hgt * 0.85, hgt * 0.85],
-                         [z + 0.5, z + length - 0.5, z + length - 0.5, z + 0.5]), glass)
+        cv.paint(
+            cv.proj(
+                xs,
+                [hgt * 0.5, hgt * 0.5, hgt * 0.85, hgt * 0.85],
+                [z + 0.5, z + length - 0.5, z + length - 0.5, z + 0.5],
+            ),
+            glass,
+        )
     if lab == TRUCK:  # a cab in front of a cargo box, with a visible cab side
         cab = tuple(int(c) for c in cv.color(TRUCK))
         cv.side(xs, body_low, hgt * 0.75, z + length - 2.2, z + length, lab, tuple(int(c * 0.8) for c in cab))
@@ -72,14 +93,21 @@ def _vehicle(cv: Canvas, x: float, z: float, lab: int, size: tuple[float, float,
     cv.box(x - w / 2, x - w / 2 + 0.5, 0, body_low, z, lab, dark)
     cv.box(x + w / 2 - 0.5, x + w / 2, 0, body_low, z, lab, dark)
     if lab in (BUS, TRAIN):
-        cv.paint(cv.proj([x - w * 0.42, x + w * 0.42, x + w * 0.42, x - w * 0.42],
-                         [hgt * 0.5, hgt * 0.5, hgt * 0.88, hgt * 0.88], z), glass)
+        cv.paint(
+            cv.proj(
+                [x - w * 0.42, x + w * 0.42, x + w * 0.42, x - w * 0.42],
+                [hgt * 0.5, hgt * 0.5, hgt * 0.88, hgt * 0.88],
+                z,
+            ),
+            glass,
+        )
     if lab == TRAIN:  # pantograph
         cv.line(cv.proj(x, hgt, z + 3), cv.proj(x, hgt + 0.8, z + 4), 1, TRAIN, dark)
 
 
-def _person(cv: Canvas, x: float, z: float, lab: int = PERSON, seated: float = 0.0,
-            height: float | None = None) -> None:
+def _person(
+    cv: Canvas, x: float, z: float, lab: int = PERSON, seated: float = 0.0, height: float | None = None
+) -> None:
     """A standing (or, with ``seated`` = saddle height, riding) person; all pixels ``lab``."""
     rng = cv.rng
     hp = height if height is not None else rng.uniform(*cv.style.person_height)
@@ -91,18 +119,37 @@ def _person(cv: Canvas, x: float, z: float, lab: int = PERSON, seated: float = 0
         hip = 0.48 * hp
         stride = rng.uniform(0.0, 0.25)
         for sx in (-1, 1):  # legs
-            cv.poly(cv.proj([x + sx * 0.02, x + sx * (hw * 0.9), x + sx * (hw * 0.3 + stride), x + sx * (stride)],
-                            [hip, hip, 0, 0], z), lab, trousers)
+            cv.poly(
+                cv.proj(
+                    [x + sx * 0.02, x + sx * (hw * 0.9), x + sx * (hw * 0.3 + stride), x + sx * (stride)],
+                    [hip, hip, 0, 0],
+                    z,
+                ),
+                lab,
+                trousers,
+            )
         base = hip
     else:
         base = seated
-        cv.poly(cv.proj([x - hw, x + hw * 0.6, x + hw * 0.9, x + hw * 0.4],
-                        [base + 0.05, base + 0.05, base - 0.5, base - 0.5], z), lab, trousers)
+        cv.poly(
+            cv.proj(
+                [x - hw, x + hw * 0.6, x + hw * 0.9, x + hw * 0.4],
+                [base + 0.05, base + 0.05, base - 0.5, base - 0.5],
+                z,
+            ),
+            lab,
+            trousers,
+        )
     top = base + 0.36 * hp
     cv.poly(cv.proj([x - hw, x + hw, x + hw * 1.05, x - hw * 1.05], [base, base, top, top], z), lab, shirt)
     for sx in (-1, 1):  # arms
-        cv.line(cv.proj(x + sx * hw, top - 0.03, z), cv.proj(x + sx * (hw + 0.08), base + 0.05, z),
-                cv.ppm(z) * 0.08, lab, shirt)
+        cv.line(
+            cv.proj(x + sx * hw, top - 0.03, z),
+            cv.proj(x + sx * (hw + 0.08), base + 0.05, z),
+            cv.ppm(z) * 0.08,
+            lab,
+            shirt,
+        )
     head_r = 0.11 * hp / 1.75
     cv.disc(cv.proj(x, top + head_r * 1.1, z), head_r * cv.ppm(z), lab, skin)
     if lab == RIDER and rng.random() < 0.6:  # helmet
@@ -129,8 +176,15 @@ def _two_wheeler(cv: Canvas, x: float, z: float, lab: int, direction: int) -> fl
         for a, b in ((pb, ps), (pb, pc), (pc, ps), (ps, ph), (pc, ph), (ph, pf)):
             cv.line(a, b, ppm * 0.05, lab, col)
     else:
-        cv.poly(cv.proj([xb + direction * 0.2, xf - direction * 0.1, xf - direction * 0.25, x, xb],
-                        [r + 0.1, r + 0.2, saddle + 0.25, saddle + 0.05, saddle], z), lab, col)
+        cv.poly(
+            cv.proj(
+                [xb + direction * 0.2, xf - direction * 0.1, xf - direction * 0.25, x, xb],
+                [r + 0.1, r + 0.2, saddle + 0.25, saddle + 0.05, saddle],
+                z,
+            ),
+            lab,
+            col,
+        )
         cv.disc(cv.proj(x, r + 0.1, z), 0.2 * ppm, lab, (60, 60, 60))
     return saddle
 
@@ -169,8 +223,15 @@ def _pole(cv: Canvas, x: float, z: float, s: int) -> None:
         elif shape == 1:
             cv.box(sx - size / 2, sx + size / 2, ys - size / 2, ys + size / 2, z - 0.05, SIGN, col)
         else:
-            cv.poly(cv.proj([sx - size / 2, sx + size / 2, sx], [ys + size / 2, ys + size / 2, ys - size / 2],
-                            z - 0.05), SIGN, col)
+            cv.poly(
+                cv.proj(
+                    [sx - size / 2, sx + size / 2, sx],
+                    [ys + size / 2, ys + size / 2, ys - size / 2],
+                    z - 0.05,
+                ),
+                SIGN,
+                col,
+            )
         inner = (240, 240, 240) if cv.style is SOURCE_STYLE else (200, 200, 196)
         cv.disc(cv.proj(sx, ys, z - 0.06), size * 0.22 * cv.ppm(z), SIGN, inner)
     elif rng.random() < 0.5:  # street lamp
@@ -188,8 +249,12 @@ def _tree(cv: Canvas, x: float, z: float) -> None:
     col = cv.color(VEG)
     for _ in range(4):
         dx, dy = rng.normal(0, r * 0.35, 2)
-        cv.disc(cv.proj(x + dx, th + r * 0.8 + dy, z), r * rng.uniform(0.6, 0.9) * cv.ppm(z),
-                VEG, tuple(int(c * rng.uniform(0.85, 1.1)) for c in col))
+        cv.disc(
+            cv.proj(x + dx, th + r * 0.8 + dy, z),
+            r * rng.uniform(0.6, 0.9) * cv.ppm(z),
+            VEG,
+            tuple(int(c * rng.uniform(0.85, 1.1)) for c in col),
+        )
 
 
 def _static(cv: Canvas, x: float, z: float) -> None:
@@ -260,6 +325,7 @@ def place_objects(cv: Canvas, scene: dict) -> list[tuple[float, Callable[[], Non
             def ride(cv, x=x, z=z, lab=lab, direction=direction):
                 saddle = _two_wheeler(cv, x, z, lab, direction)
                 _person(cv, x - direction * 0.1, z - 0.05, RIDER, seated=saddle)
+
             objs.append((z, lambda f=ride: f(cv)))
     for lab, lam in ((BICYCLE, st.n_parked_bikes), (MOTO, st.n_parked_motos)):
         for _ in range(_poisson(rng, lam)):

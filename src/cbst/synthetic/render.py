@@ -48,8 +48,9 @@ def _finish(cv: Canvas) -> np.ndarray:
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
-def render_image(seed: int, domain: int, index: int, size: tuple[int, int] = (256, 128)
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def render_image(
+    seed: int, domain: int, index: int, size: tuple[int, int] = (256, 128)
+) -> tuple[np.ndarray, np.ndarray]:
     """Render one scene: (RGB H x W x 3 uint8, labelIds H x W uint8). ``domain`` 0 = source."""
     rng = np.random.default_rng([seed, domain, index])
     style = SOURCE_STYLE if domain == DOMAIN_SOURCE else TARGET_STYLE
@@ -57,7 +58,9 @@ def render_image(seed: int, domain: int, index: int, size: tuple[int, int] = (25
     cv = Canvas(width, height, style, rng)
     rw, sw = rng.uniform(*style.road_half), rng.uniform(*style.sidewalk)
     scene = {
-        "road_half": rw, "sidewalk": sw, "zend": rng.uniform(45.0, 160.0),
+        "road_half": rw,
+        "sidewalk": sw,
+        "zend": rng.uniform(45.0, 160.0),
         "sidewalk_color": cv.color(SIDEWALK),
         "facade": {s: rw + sw + rng.uniform(*style.setback) for s in (-1, 1)},
     }

@@ -115,8 +115,9 @@ def _veg_mass(cv: Canvas, xf: float, z0: float, z1: float, height: float, shade:
     """A hedge / row of tree crowns in the plane X = xf with a bumpy top."""
     n = max(3, int((z1 - z0) / 1.5))
     zs = np.linspace(z0, z1, n)
-    tops = height * (1 + 0.25 * np.sin(np.arange(n) * 1.7 + cv.rng.uniform(0, 6))) \
-        + cv.rng.uniform(-0.5, 0.5, n)
+    tops = height * (1 + 0.25 * np.sin(np.arange(n) * 1.7 + cv.rng.uniform(0, 6))) + cv.rng.uniform(
+        -0.5, 0.5, n
+    )
     pts = np.concatenate([cv.proj(xf, 0, zs[::-1]), cv.proj(xf, tops, zs)])
     cv.poly(pts, VEG, cv.color(VEG, shade))
 
@@ -132,4 +133,6 @@ def draw_ego(cv: Canvas) -> None:
     cv.poly(pts, EGO, col)
     # a reflection of the sky on the bonnet
     refl = tuple(int(c * 0.5 + 60) for c in col)
-    cv.paint(np.stack([xs[6:18], ys[6:18] + 2], 1).tolist() + [[xs[17], ys[17] + 4], [xs[6], ys[6] + 4]], refl)
+    cv.paint(
+        np.stack([xs[6:18], ys[6:18] + 2], 1).tolist() + [[xs[17], ys[17] + 4], [xs[6], ys[6] + 4]], refl
+    )

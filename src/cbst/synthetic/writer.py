@@ -35,8 +35,10 @@ def _target_rel(split: str, index: int) -> tuple[str, str]:
     cities = TRAIN_CITIES if split == "train" else VAL_CITIES
     city = cities[index % len(cities)]
     stem = f"{city}_{index // len(cities):06d}_{CITY_FRAME:06d}"
-    return (f"cityscapes/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-            f"cityscapes/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png")
+    return (
+        f"cityscapes/leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+        f"cityscapes/gtFine/{split}/{city}/{stem}_gtFine_labelIds.png",
+    )
 
 
 def _source_rel(index: int) -> tuple[str, str]:
@@ -67,9 +69,13 @@ def class_frequencies(label_paths: Iterable[Path], protocol: Protocol = CITYSCAP
 
 
 def _params(seed: int, num_source: int, num_train: int, num_val: int, size: tuple[int, int]) -> dict:
-    return {"generator": "cbst.synthetic", "version": SYNTHETIC_VERSION, "seed": int(seed),
-            "size": [int(size[0]), int(size[1])],
-            "counts": {"source": int(num_source), "train": int(num_train), "val": int(num_val)}}
+    return {
+        "generator": "cbst.synthetic",
+        "version": SYNTHETIC_VERSION,
+        "seed": int(seed),
+        "size": [int(size[0]), int(size[1])],
+        "counts": {"source": int(num_source), "train": int(num_train), "val": int(num_val)},
+    }
 
 
 def _all_paths(params: dict) -> list[str]:
@@ -80,8 +86,16 @@ def _all_paths(params: dict) -> list[str]:
     return paths
 
 
-def make_synthetic(out: str | Path, seed: int = 0, *, num_source: int = 400, num_train: int = 200,
-                   num_val: int = 100, size: tuple[int, int] = (256, 128), progress: bool = True) -> dict:
+def make_synthetic(
+    out: str | Path,
+    seed: int = 0,
+    *,
+    num_source: int = 400,
+    num_train: int = 200,
+    num_val: int = 100,
+    size: tuple[int, int] = (256, 128),
+    progress: bool = True,
+) -> dict:
     """Render the synthetic benchmark into ``out``; returns the summary written to synthetic.json.
 
     Refuses (``SyntheticExistsError``) to write into a non-empty folder that is not a synthetic
@@ -103,22 +117,30 @@ def make_synthetic(out: str | Path, seed: int = 0, *, num_source: int = 400, num
         if not summary_path.is_file():
             raise SyntheticExistsError(
                 f"{out}: folder is not empty and holds no {SUMMARY_NAME}; refusing to write a "
-                f"synthetic benchmark into it (choose an empty or new folder)")
+                f"synthetic benchmark into it (choose an empty or new folder)"
+            )
         try:
             old = json.loads(summary_path.read_text())
         except (OSError, ValueError) as exc:
             raise SyntheticExistsError(f"{summary_path}: unreadable ({exc}); refusing to overwrite") from None
         old_params = {k: old.get(k) for k in params}
         if old_params != params:
-            diff = ", ".join(f"{k}: {old_params[k]!r} there, {params[k]!r} requested"
-                             for k in params if old_params[k] != params[k])
+            diff = ", ".join(
+                f"{k}: {old_params[k]!r} there, {params[k]!r} requested"
+                for k in params
+                if old_params[k] != params[k]
+            )
             raise SyntheticExistsError(
                 f"{out}: holds a different synthetic benchmark ({diff}); use another folder or "
-                f"delete this one")
+                f"delete this one"
+            )
         if old.get("complete") and all((out / p).is_file() for p in _all_paths(params)):
             if progress:
-                print(f"{out}: synthetic benchmark v{SYNTHETIC_VERSION} (seed {seed}) already complete; "
-                      "nothing to do", file=sys.stderr)
+                print(
+                    f"{out}: synthetic benchmark v{SYNTHETIC_VERSION} (seed {seed}) already complete; "
+                    "nothing to do",
+                    file=sys.stderr,
+                )
             return old
     out.mkdir(parents=True, exist_ok=True)
     write_json(summary_path, {**params, "complete": False})
@@ -136,16 +158,24 @@ def make_synthetic(out: str | Path, seed: int = 0, *, num_source: int = 400, num
         write_png(out / lab_rel, label, palette=palette if domain == DOMAIN_SOURCE else None)
         counts[key] += np.bincount(label.ravel(), minlength=256)
         if progress and (n % 50 == 0 or n == len(jobs)):
-            print(f"  rendered {n}/{len(jobs)} images ({time.perf_counter() - start:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  rendered {n}/{len(jobs)} images ({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     seconds = time.perf_counter() - start
     summary = {
-        **params, "complete": True,
+        **params,
+        "complete": True,
         "domains": {
             "source": {"name": "game", "layout": "gta5", "root": "gta5", "images": num_source},
-            "target": {"name": "camera", "layout": "cityscapes", "root": "cityscapes",
-                       "splits": {"train": num_train, "val": num_val},
-                       "cities": {"train": list(TRAIN_CITIES), "val": list(VAL_CITIES)}},
+            "target": {
+                "name": "camera",
+                "layout": "cityscapes",
+                "root": "cityscapes",
+                "splits": {"train": num_train, "val": num_val},
+                "cities": {"train": list(TRAIN_CITIES), "val": list(VAL_CITIES)},
+            },
         },
         "render_seconds": round(seconds, 2),
         "class_frequencies": {k: _freqs_from_counts(v, CITYSCAPES_19) for k, v in counts.items()},
