@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite runs loader workers beside the tests
+# on few cores, where spinning threads stall each other. It must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import cbst  # noqa: F401  (before torch: idle OpenMP threads sleep, see cbst/__init__.py)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "tests" / "data"

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from cbst import datasets, pseudo_labels
+from cbst import datasets, probability_cache
 from cbst.datasets import build_dataset
 from cbst.evaluation import write_prediction
 from cbst.inference import InferencePlan, combine_outputs, image_batches, predict_probs
 from cbst.io import BackgroundWriter, DataError
 from cbst.models import build_model
 from cbst.priors import apply_prior
-from cbst.pseudo_labels import CACHE_FOLDER, ProbabilityCache, pseudo_label_pass
+from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
+from cbst.pseudo_labels import pseudo_label_pass
 from cbst.synthetic import make_synthetic
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
 
@@ -165,7 +166,9 @@ def test_cache_spills_to_its_file_when_memory_runs_short(tmp_path, monkeypatch):
     outputs = _random_outputs(plan, (16, 16), 0)
     entry_bytes = outputs[0].numel() * 2  # float16
     monkeypatch.setattr(
-        pseudo_labels, "available_host_memory", lambda: int(1.5 * entry_bytes / pseudo_labels.HOST_SHARE)
+        probability_cache,
+        "available_host_memory",
+        lambda: int(1.5 * entry_bytes / probability_cache.HOST_SHARE),
     )
     with ProbabilityCache(tmp_path / "c", plan, device="cpu", keep=True) as cache:
         for i in range(3):
