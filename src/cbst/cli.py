@@ -29,7 +29,15 @@ COMMANDS: tuple[str, ...] = (
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, and keep the line breaks of a command's description (its examples)."""
+    """Show defaults, and keep the line breaks of a command's description (its examples).
+
+    On/off flags get no "(default: ...)": for ``--no-amp`` it would print the value of ``amp``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class CLIError(Exception):

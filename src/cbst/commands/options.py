@@ -64,7 +64,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser, names: tuple[str, ...] = R
             "--num-workers",
             type=int,
             default=default_num_workers(),
-            help="data-loader worker processes (default: the CPU cores, at most 8)",
+            help="data-loader worker processes; by default the usable CPU cores, at most 8",
         )
     if "amp" in names:
         g.add_argument(
