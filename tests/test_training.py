@@ -14,9 +14,10 @@ from torch import nn
 
 from cbst.labels import get_protocol
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
+from cbst.models.base import round_to_stride
 from cbst.sourcetrain import SourceTrainConfig, train_source
 from cbst.training import build_optimizer, lr_at, segmentation_loss, set_lr, train_epochs, train_loader
-from cbst.transforms import TrainTransform, network_crop
+from cbst.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -265,7 +266,7 @@ def test_command_rounds_the_crop_and_parses_ranges(monkeypatch, tmp_path):
     assert command.run(args) == 0
     cfg = seen["c"]
     assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (500, (0.5, 1.5), (10, 20))
-    assert [network_crop(size) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
+    assert [round_to_stride(size) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
 
 
 @pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38", "gta5_source_deeplabv2"])

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from cbst.device import autocast
 from cbst.io import DataError
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
+from cbst.models.base import OUTPUT_STRIDE, round_to_stride
 
-PAD_MULTIPLE = 8
+PAD_MULTIPLE = OUTPUT_STRIDE
 """The network's output stride: inputs are zero-padded to a multiple of it (docs/method.md §4.1, step 3)."""
 
 
@@ -173,7 +174,7 @@ def _forward_padded(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
 
 def _padded_size(height: int, width: int) -> tuple[int, int]:
     """(h, w) rounded up to a multiple of :data:`PAD_MULTIPLE`."""
-    return (math.ceil(height / PAD_MULTIPLE) * PAD_MULTIPLE, math.ceil(width / PAD_MULTIPLE) * PAD_MULTIPLE)
+    return round_to_stride(height), round_to_stride(width)
 
 
 def _upsample_cropped(probs: Tensor, size: tuple[int, int]) -> Tensor:

@@ -362,13 +362,14 @@ def _train_round(
 ) -> None:
     """Train the model for one round on the source subset plus the pseudo-labelled target."""
     from cbst.mining import MiningPlan
+    from cbst.models.base import round_to_stride
     from cbst.training import build_optimizer, train_epochs
-    from cbst.transforms import TrainTransform, network_crop
+    from cbst.transforms import TrainTransform
 
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
-    crop = network_crop(cfg.crop_size)
+    crop = round_to_stride(cfg.crop_size)
     seed = _round_seed(cfg, plan)
 
     def transform(reference: int | None, offset: int) -> TrainTransform:
@@ -523,6 +524,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 device=device,
                 long_side=cfg.eval_long_side,
                 flip=cfg.eval_flipping,
+                num_workers=cfg.num_workers,
+                amp=cfg.amp,
                 progress=cfg.progress,
             )
             io.write_json(rdir / "metrics.json", metrics.to_json())

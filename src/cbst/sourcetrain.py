@@ -171,7 +171,15 @@ def _evaluator(
         )
 
     def evaluate(model: nn.Module) -> dict:
-        metrics = evaluate_model(model, val, device=device, long_side=config.eval_long_side, progress=False)
+        metrics = evaluate_model(
+            model,
+            val,
+            device=device,
+            long_side=config.eval_long_side,
+            num_workers=config.num_workers,
+            amp=config.amp,
+            progress=False,
+        )
         return {"val_miou": float(metrics.miou)}
 
     return evaluate
@@ -181,7 +189,8 @@ def train_source(config: SourceTrainConfig) -> Path:
     """Train on labelled source images, checkpointing every epoch; returns ``OUT/last.pt``."""
     from cbst.checkpoints import load_checkpoint, save_checkpoint
     from cbst.datasets import build_dataset
-    from cbst.transforms import TrainTransform, network_crop
+    from cbst.models.base import round_to_stride
+    from cbst.transforms import TrainTransform
 
     config.validate()
     output = Path(config.output)
@@ -197,7 +206,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     )
     checks.require_batch_fits(config.batch_images, len(data), config.data_root)
     transform = TrainTransform(
-        network_crop(config.crop_size),
+        round_to_stride(config.crop_size),
         scale_range=config.scale_range,
         reference_long_side=config.origin_size,
         seed=config.seed,

@@ -31,15 +31,6 @@ if TYPE_CHECKING:
 cv2.setNumThreads(0)  # OpenCV's pool competes with PyTorch's and the loader workers'
 
 
-def network_crop(size: int) -> int:
-    """A crop side rounded up to a multiple of the networks' output stride, 8 (500 -> 504).
-
-    The original's --crop-size is given in pixels; its networks need crops whose stride-8
-    output grid covers them exactly.
-    """
-    return -(-int(size) // 8) * 8
-
-
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """(height, width) from an int or a pair, checked positive."""
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -66,10 +66,23 @@ def load_strict(
     model.load_state_dict(state, strict=True, assign=assign)
 
 
+OUTPUT_STRIDE = 8
+"""Every network's output stride: logits come out at 1/8 of the input's height and width."""
+
+
+def round_to_stride(size: int) -> int:
+    """``size`` rounded up to a multiple of :data:`OUTPUT_STRIDE` (500 -> 504).
+
+    Training crops are rounded so (the original's --crop-size is in pixels), and inference pads
+    its inputs so, that the stride-8 output grid covers them exactly.
+    """
+    return -(-int(size) // OUTPUT_STRIDE) * OUTPUT_STRIDE
+
+
 class SegmentationNet(nn.Module):
     """Base class: output stride 8 and batch-norm layers that stay in eval mode when frozen."""
 
-    output_stride: int = 8
+    output_stride: int = OUTPUT_STRIDE
 
     def __init__(self, freeze_bn: bool) -> None:
         super().__init__()
