@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cbst train-source``; defaults come from ``SourceTrainConfig``."""
     d = {f.name: f.default for f in dataclasses.fields(SourceTrainConfig)}
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default=d["dataset"], help="source dataset layout")
+    data.add_argument("--dataset", choices=DATASETS, default="gta5", help="source dataset layout")
     data.add_argument("--data-root", help="dataset root directory (required)")
     data.add_argument("--split", default=d["split"], help="split whose images are trained on")
     data.add_argument(
