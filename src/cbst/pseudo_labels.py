@@ -193,7 +193,7 @@ def pseudo_label_pass(
         batch_size: images per forward pass (consecutive images of equal size).
         mine_id_number, mine_thresh: the rare-class statistics for patch mining.
         num_workers: image-decoding loader processes (0: in this process).
-        amp: bf16 autocast on CUDA.
+        amp: mixed precision where it pays (`cbst.device.mixed_precision`).
         progress: show progress bars.
         keep_cache: keep the probability cache in ``out_dir/probability_cache`` after the
             round (see :meth:`ProbabilityCache.open`); it is deleted otherwise.
