@@ -66,14 +66,20 @@ def _loader_workers(device: str) -> int:
     return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
 
 
-def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str) -> Path:
-    """Train (or reuse) the source-only small model; returns its checkpoint."""
-    from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
+def source_config(
+    output: Path, source_root: Path, seed: int, s: DemoSettings, device: str, list_file: Path | None = None
+):
+    """The demo's source-only training run: the small model on the game domain.
 
-    config = SourceTrainConfig(
+    ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
+    """
+    from cbst.sourcetrain import SourceTrainConfig
+
+    return SourceTrainConfig(
         dataset="gta5",
-        data_root=str(data / "gta5"),
-        output=str(out / "source"),
+        data_root=str(source_root),
+        list_file=None if list_file is None else str(list_file),
+        output=str(output),
         model="small",
         batch_images=s.batch_images,
         crop_size=s.crop_size,
@@ -85,10 +91,15 @@ def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str
         device=device,
         num_workers=_loader_workers(device),
     )
+
+
+def train_or_reuse(config) -> Path:
+    """Run (or finish) the source training ``config``; returns its last checkpoint."""
+    from cbst.sourcetrain import last_finished_epoch, train_source
+
     finished = last_finished_epoch(Path(config.output))
-    if finished < s.source_epochs:
-        config = dataclasses.replace(config, resume=finished > 0)
-        train_source(config)
+    if finished < config.to_epoch:
+        train_source(dataclasses.replace(config, resume=finished > 0))
     return Path(config.output) / "last.pt"
 
 
@@ -171,7 +182,7 @@ def run_demo(
     )
     torch_device = select_device(device)
     _stage(2, f"source-only small model, {settings.source_epochs} epochs on the game domain")
-    source_ckpt = _source_model(out, data, seed, settings, device)
+    source_ckpt = train_or_reuse(source_config(out / "source", data / "gta5", seed, settings, device))
     val = build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19)
     model, _ = load_checkpoint(source_ckpt, device=torch_device)
     rows = {"Source": evaluate_model(model, val, device=torch_device, progress=False)}
