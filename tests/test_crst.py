@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,21 @@ def _config(bench, output, **kw) -> SelfTrainConfig:
     return selftrain_config(bench, output, **{"lr_weight_ent": 0.25, **kw})
 
 
+def test_crst_configs_are_the_shared_base_plus_one_weight():
+    from cbst.cli import _load_config, build_parser
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    self_train_parser = build_parser()[1]["self-train"]
+    mrkld, lrent = (
+        _load_config(str(configs / f"gta2city_crst_{name}.yaml"), self_train_parser)
+        for name in ("mrkld", "lrent")
+    )
+    shared = {k: v for k, v in mrkld.items() if k not in ("mr_weight_kld", "mr_weight_src")}
+    assert shared == {k: v for k, v in lrent.items() if k != "lr_weight_ent"}
+    assert (mrkld["mr_weight_kld"], lrent["lr_weight_ent"], lrent["kc_policy"]) == (0.1, 0.25, "cb")
+    assert (lrent["base_lr"], lrent["num_round"], lrent["init_tgt_port"]) == (5e-5, 3, 0.2)
+
+
 def test_bad_crst_options_fail_before_any_work(bench, tmp_path):
     for name in ("mr_weight_kld", "mr_weight_src", "lr_weight_ent"):
         flag = "--" + name.replace("_", "-")
@@ -233,3 +249,13 @@ def test_a_resumed_lrent_run_equals_an_uninterrupted_one(bench, tmp_path, monkey
     self_train(_config(bench, tmp_path / "cbst", num_round=1, lr_weight_ent=0.0))
     plain = torch.load(tmp_path / "cbst" / "round_0" / "model.pt", weights_only=False)["state_dict"]
     assert not all(torch.equal(cbst[k], plain[k]) for k in cbst)  # the regularisers changed training
+
+
+def test_demo_methods_add_crst_rows_only_on_request():
+    from cbst.demo import DEFAULT_METHODS, parse_methods
+
+    assert DEFAULT_METHODS == ("ST", "CBST", "CBST-SP")
+    assert parse_methods("all") == ("ST", "CBST", "CBST-SP", "MRKLD", "LRENT")
+    assert parse_methods("CBST, LRENT") == ("CBST", "LRENT")
+    with pytest.raises(ValueError, match="--methods: unknown method.*'CRST'"):
+        parse_methods("CBST,CRST")
