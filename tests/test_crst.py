@@ -140,6 +140,9 @@ def test_crop_probabilities_follow_the_crop_geometry():
     doubled = F.interpolate(probs, size=(24, 32), mode="bilinear", align_corners=False)
     sampled, inside = loss.crop_probabilities(0, torch.tensor([24, 32, 4, 10, 0]), (8, 8))
     assert inside.all() and torch.allclose(sampled, doubled[0, :, 4:12, 10:18], atol=1e-6)
+    loss.prior = torch.full((C, 12, 16), 0.5)  # CBST-SP: the prior multiplies before sampling
+    halved, _ = loss.crop_probabilities(0, torch.tensor([24, 32, 4, 10, 0]), (8, 8))
+    assert torch.allclose(halved, sampled / 2, atol=1e-6)
 
 
 class _Net(nn.Module):
@@ -187,6 +190,24 @@ def test_the_mrkld_loss_weights_each_domain_once():
     target_only = 0.1 * per[1][valid[1]].mean()
     got = CrstLoss(mr_weight_kld=0.1)(logits, labels, batch)
     assert got.item() == pytest.approx((ce + target_only).item(), rel=1e-6)
+
+
+def test_the_lrent_loss_averages_soft_target_and_hard_source_pixels():
+    torch.manual_seed(2)
+    logits, labels = torch.randn(2, C, 6, 8), torch.randint(0, C, (2, 6, 8))
+    labels[:, 0] = 255
+    probs, lam = torch.rand(1, C, 6, 8).softmax(1), torch.tensor([0.3, 0.5, 1.0, 0.4, 0.2])
+    geometry = torch.tensor([[0] * 5, [6, 8, 0, 0, 0]])  # the target crop is its whole image
+    batch = {"domain": torch.tensor([0, 1]), "index": torch.tensor([3, 0]), "geometry": geometry}
+    loss = CrstLoss(alpha=0.25, cache=_Cache(probs), thresholds=lam)(logits, labels, batch)
+    q, keep = soft_pseudo_labels(probs, lam, 0.25)
+    log_p = F.log_softmax(logits, 1)
+    source = F.cross_entropy(logits[:1], labels[:1], ignore_index=255, reduction="sum")
+    target = -(q[0] * log_p[1]).sum(0)[keep[0]].sum()  # the target's own labels play no part
+    assert 0 < keep.sum() < keep.numel()
+    assert loss.item() == pytest.approx(
+        ((source + target) / ((labels[0] != 255).sum() + keep.sum())).item(), rel=1e-5
+    )
 
 
 def _config(bench, output, **kw) -> SelfTrainConfig:

@@ -152,15 +152,16 @@ class CrstLoss:
         )
         return sampled[0], inside
 
-    def _soft_targets(self, batch: dict, target: Tensor, crop_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def _soft_targets(self, batch: dict, crop_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(soft labels N×C×h×w, keep N×h×w) of the batch's target crops (zeros elsewhere)."""
+        domain = batch["domain"]  # on the host: no device sync to find the target crops
         soft = keep = None
-        for n in torch.nonzero(target.cpu()).flatten().tolist():
+        for n in torch.nonzero(domain).flatten().tolist():
             probs, inside = self.crop_probabilities(int(batch["index"][n]), batch["geometry"][n], crop_hw)
             q, kept = soft_pseudo_labels(probs[None], self.thresholds, self.alpha)
             if soft is None:
-                soft = q.new_zeros((target.numel(),) + q.shape[1:])
-                keep = inside.new_zeros((target.numel(),) + inside.shape)
+                soft = q.new_zeros((len(domain),) + q.shape[1:])
+                keep = inside.new_zeros((len(domain),) + inside.shape)
             soft[n], keep[n] = q[0], kept[0] & inside
         return soft, keep
 
@@ -172,8 +173,8 @@ class CrstLoss:
         target = batch["domain"].to(labels.device).bool()
         used = labels != IGNORE_INDEX
         per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-        if self.alpha is not None and bool(target.any()):
-            soft, keep = self._soft_targets(batch, target, tuple(labels.shape[-2:]))
+        if self.alpha is not None and bool(batch["domain"].any()):
+            soft, keep = self._soft_targets(batch, tuple(labels.shape[-2:]))
             soft_ce = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
             is_target = target.view(-1, 1, 1)
             per_pixel = torch.where(is_target, soft_ce, per_pixel)

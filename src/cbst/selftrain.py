@@ -1,4 +1,4 @@
-"""Self-training rounds: ST, CBST and CBST-SP as one resumable pipeline.
+"""Self-training rounds: ST, CBST and CBST-SP (and CRST's MRKLD and LRENT) as one resumable pipeline.
 
 Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
 
@@ -9,7 +9,9 @@ Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
    written as labelId PNGs (0 = not selected) plus colour PNGs and ``stats.json`` (the original
    wrote ~150 MiB of full-resolution probabilities per image).
 2. ``train``: the round's source subset plus the pseudo-labelled target images, with rare-class
-   patch mining, trained from the previous round's weights with a fresh optimiser.
+   patch mining, trained from the previous round's weights with a fresh optimiser. CRST's
+   options change the loss (:class:`cbst.crst.CrstLoss`); under LRENT the pseudo-label stage
+   keeps its probability cache in the round folder for this stage, which deletes it when done.
 3. ``eval``: the round's model on the target validation split.
 
 ``resume=True`` skips finished stages; every random draw is seeded from (seed, round, epoch,
