@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cbst import io
+from cbst.crst import soft_pseudo_labels
 from cbst.evaluation import write_prediction
 from cbst.inference import (
     InferencePlan,
@@ -37,6 +38,7 @@ from cbst.inference import (
     loaded_items,
     network_outputs,
 )
+from cbst.labels import IGNORE_INDEX
 from cbst.priors import apply_prior
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
@@ -115,18 +117,30 @@ def _write_labels(
     *,
     num_workers: int,
     progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    alpha: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Assign and write the pseudo-labels from the cache; (selected pixels per class,
-    correct pixels, judged pixels), the last two against the ground truth where there is one."""
+    correct pixels, judged pixels, candidate pixels per class), correct and judged against the
+    ground truth where there is one. With ``alpha`` (LRENT) a pixel is selected by CRST's keep
+    rule (:func:`cbst.crst.soft_pseudo_labels`), and candidates counts every pixel by its class
+    argmax p/λ; otherwise candidates stays 0."""
     protocol = dataset.protocol
     c = protocol.num_classes
     selected = torch.zeros(c, dtype=torch.int64, device=cache.device)
+    candidates = torch.zeros(c, dtype=torch.int64, device=cache.device)
     correct = torch.zeros((), dtype=torch.int64, device=cache.device)
     judged = torch.zeros((), dtype=torch.int64, device=cache.device)
     truth = _ground_truth(dataset, num_workers)
     with io.BackgroundWriter() as writer, _bar(len(dataset), "pseudo-labels", progress) as bar:
         for indices in batches:
-            labels = assign_pseudo_labels(_with_prior(cache.get_batch(indices), prior), thresholds)
+            probs = _with_prior(cache.get_batch(indices), prior)
+            if alpha is None:
+                labels = assign_pseudo_labels(probs, thresholds)
+            else:
+                soft, keep = soft_pseudo_labels(probs, thresholds, alpha)
+                labels = soft.argmax(dim=1)
+                candidates += torch.bincount(labels.flatten(), minlength=c)
+                labels[~keep] = IGNORE_INDEX
             valid = labels < c
             selected += torch.bincount(labels[valid], minlength=c)
             for n, (index, label) in enumerate(zip(indices, labels.to(torch.uint8).cpu().numpy())):
@@ -147,7 +161,7 @@ def _write_labels(
                     correct += (labels[n][mask] == gt[mask]).sum()
                     judged += mask.sum()
             bar.update(len(indices))
-    return selected, correct, judged
+    return selected, correct, judged, candidates
 
 
 def pseudo_label_pass(
@@ -171,6 +185,7 @@ def pseudo_label_pass(
     progress: bool = True,
     keep_cache: bool = False,
     cache_backend: str = "auto",
+    lrent_alpha: float | None = None,
 ) -> dict:
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
@@ -199,6 +214,8 @@ def pseudo_label_pass(
             round (see :meth:`ProbabilityCache.open`); it is deleted otherwise.
         cache_backend: ``auto`` (device, then host memory, then a file, by available size),
             or ``device``, ``host`` or ``disk`` for everything.
+        lrent_alpha: CRST-LRENT's α: select pixels by its entropy rule instead of
+            max p/λ ≥ 1; the stats then hold each class's ``kept_fraction``.
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
@@ -227,8 +244,16 @@ def pseudo_label_pass(
             progress=progress,
         )
         thresholds = estimator.thresholds(portion)
-        selected, correct, judged = _write_labels(
-            cache, batches, dataset, thresholds, prior, out_dir, num_workers=num_workers, progress=progress
+        selected, correct, judged, candidates = _write_labels(
+            cache,
+            batches,
+            dataset,
+            thresholds,
+            prior,
+            out_dir,
+            num_workers=num_workers,
+            progress=progress,
+            alpha=lrent_alpha,
         )
     predicted = estimator.class_pixel_counts
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
@@ -245,5 +270,11 @@ def pseudo_label_pass(
         "pseudo_label_accuracy": float(correct) / int(judged) if int(judged) else None,
         "seconds": round(time.time() - started, 2),
     }
+    if lrent_alpha is not None:
+        stats["lrent_alpha"] = lrent_alpha
+        stats["kept_fraction"] = {
+            name: int(kept) / int(total) if int(total) else None
+            for name, kept, total in zip(protocol.class_names, selected.tolist(), candidates.tolist())
+        }
     io.write_json(out_dir / "stats.json", stats)
     return stats

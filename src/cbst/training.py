@@ -28,6 +28,8 @@ from cbst.inference import normalize
 from cbst.labels import IGNORE_INDEX
 
 LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+"""A training loss ``(logits, labels on the device, the loader's batch) -> scalar``."""
 
 
 def build_optimizer(
@@ -225,11 +227,14 @@ def train_epochs(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     writer: Any = None,
     progress: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> dict:
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
     ``on_epoch_end(epoch, stats)`` receives the 0-based index of the finished epoch; callers
-    checkpoint there. Returns the last epoch's mean loss and the global iteration count.
+    checkpoint there. ``loss_fn(logits, labels, batch)`` replaces :func:`segmentation_loss`
+    (CRST's regularised loss, :class:`cbst.crst.CrstLoss`). Returns the last epoch's mean loss
+    and the global iteration count.
     """
     device = torch.device(device)
     iters = len(dataset) // batch_size
@@ -275,6 +280,7 @@ def train_epochs(
             log_every=log_every,
             writer=writer,
             progress=progress,
+            loss_fn=loss_fn,
         )
         _check_finite_weights(model, epoch)
         if on_epoch_end is not None:
@@ -301,6 +307,7 @@ def _run_epoch(
     log_every: int,
     writer: Any,
     progress: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> dict:
     """``steps`` batches of ``loader``; the running loss stays on the device between log points.
 
@@ -326,7 +333,7 @@ def _run_epoch(
         labels = batch["label"].to(device, non_blocking=True).long()
         with autocast(device, enabled=amp):
             logits = model(images)
-        loss = segmentation_loss(logits, labels)
+        loss = segmentation_loss(logits, labels) if loss_fn is None else loss_fn(logits, labels, batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
