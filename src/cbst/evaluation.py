@@ -207,10 +207,15 @@ def evaluate_model(
     Images of equal size are batched together (up to ``batch_size``), decoded by
     ``num_workers`` loader processes ahead of the forward passes, and predictions are written
     by background threads; the confusion matrix stays on ``device``. ``mean``/``std`` default
-    to the ImageNet values.
+    to the ImageNet values. Under torchrun each process scores its share of the images
+    (:func:`cbst.distributed.shard`) and writes their predictions; the confusion matrices are
+    summed, so every process returns the metrics of the whole dataset.
     """
+    from cbst import distributed
     from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 
+    dataset = distributed.shard_dataset(dataset)
+    progress = progress and distributed.is_main()
     device = torch.device(device)
     model.to(device)
     protocol = dataset.protocol

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cbst import io
+from cbst import distributed, io
 from cbst.evaluation import write_prediction
 from cbst.inference import (
     InferencePlan,
@@ -175,7 +175,10 @@ def pseudo_label_pass(
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
     Writes ``out_dir/pseudo_labelIds/NAME.png``, ``out_dir/pseudo_color/NAME.png`` and
-    ``out_dir/stats.json``; returns the stats.
+    ``out_dir/stats.json``; returns the stats. Under torchrun each process labels its share of
+    the images (:func:`cbst.distributed.shard`) and writes their PNGs; the threshold statistics
+    are combined before any label is assigned, so the thresholds, the labels and ``stats.json``
+    (written once, when every process has finished) are those of a one-process pass.
 
     Args:
         model: the round's model, on the device the pass runs on.
@@ -196,7 +199,9 @@ def pseudo_label_pass(
         amp: bf16 autocast on CUDA.
         progress: show progress bars.
         keep_cache: keep the probability cache in ``out_dir/probability_cache`` after the
-            round (see :meth:`ProbabilityCache.open`); it is deleted otherwise.
+            round (see :meth:`ProbabilityCache.open`); it is deleted otherwise. Under torchrun
+            each process keeps its own, ``probability_cache_rankR``, indexed by position in
+            its share of the images.
         cache_backend: ``auto`` (device, then host memory, then a file, by available size),
             or ``device``, ``host`` or ``disk`` for everything.
     """
@@ -204,10 +209,12 @@ def pseudo_label_pass(
     device = next(model.parameters()).device
     protocol = dataset.protocol
     started = time.time()
+    shard = distributed.shard_dataset(dataset)
+    progress = progress and distributed.is_main()
     plan = InferencePlan(long_side, tuple(scales), flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(
-        out_dir / CACHE_FOLDER,
+        out_dir / _cache_folder(),
         plan,
         device=device,
         backend=cache_backend,
@@ -217,7 +224,7 @@ def pseudo_label_pass(
     ) as cache:
         batches = _fill_cache(
             model,
-            dataset,
+            shard,
             cache,
             estimator,
             prior,
@@ -226,10 +233,12 @@ def pseudo_label_pass(
             amp=amp,
             progress=progress,
         )
+        estimator.all_reduce()  # every process assigns labels with the same thresholds
         thresholds = estimator.thresholds(portion)
-        selected, correct, judged = _write_labels(
-            cache, batches, dataset, thresholds, prior, out_dir, num_workers=num_workers, progress=progress
+        counts = _write_labels(
+            cache, batches, shard, thresholds, prior, out_dir, num_workers=num_workers, progress=progress
         )
+    selected, correct, judged = (distributed.all_reduce_sum(count) for count in counts)
     predicted = estimator.class_pixel_counts
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
     stats = {
@@ -245,5 +254,10 @@ def pseudo_label_pass(
         "pseudo_label_accuracy": float(correct) / int(judged) if int(judged) else None,
         "seconds": round(time.time() - started, 2),
     }
-    io.write_json(out_dir / "stats.json", stats)
+    distributed.write_once(io.write_json, out_dir / "stats.json", stats)
     return stats
+
+
+def _cache_folder() -> str:
+    """The cache's folder in the round folder; one per process under torchrun (``_rankR``)."""
+    return CACHE_FOLDER if distributed.world_size() == 1 else f"{CACHE_FOLDER}_rank{distributed.rank()}"

@@ -14,6 +14,11 @@ Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
 
 ``resume=True`` skips finished stages; every random draw is seeded from (seed, round, epoch,
 image index), so a resumed run ends with the same weights as an uninterrupted one.
+
+Under torchrun every stage is split over the processes (:mod:`cbst.distributed`): each labels
+and scores its share of the images and trains on its slice of every batch; the main process
+alone writes the configuration, ``state.json``, checkpoints and metrics, and the others wait
+for it where they read them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from cbst import checks, io
+from cbst import checks, distributed, io
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, select_device
 from cbst.pseudo_labels import pseudo_label_pass
@@ -79,6 +84,7 @@ _STAGE_OPTIONS = {
         "momentum",
         "weight_decay",
         "amp",
+        "sync_bn",
     ),
     "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
 }
@@ -147,6 +153,7 @@ class SelfTrainConfig:
     mine_thresh: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    sync_bn: bool = False
     # evaluation
     eval_long_side: int | None = None
     eval_flipping: bool = False
@@ -212,6 +219,7 @@ class SelfTrainConfig:
             self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
         )
         checks.require_scale_range(self, "scale_rate_range")
+        checks.require_split_batch(self, "batch_images")
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -265,8 +273,10 @@ class RunState:
         return f"{round_index}/{stage}" in self.finished
 
     def mark(self, round_index: int, stage: str) -> None:
+        """Record a finished stage (the file is written by the main process only)."""
         self.finished.append(f"{round_index}/{stage}")
-        io.write_json(self.path, {"finished": self.finished})
+        if distributed.is_main():
+            io.write_json(self.path, {"finished": self.finished})
 
 
 def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
@@ -333,7 +343,8 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
     """The CBST-SP prior at the target images' resolution, on the device (resized once, here).
 
     ``with_prior="source"`` counts it on the source labels the first time and keeps it as
-    ``OUTPUT/prior.npy``; otherwise it is read from a .npy or the original's .mat file.
+    ``OUTPUT/prior.npy`` (the main process does, the others wait for the file); otherwise it is
+    read from a .npy or the original's .mat file.
     """
     from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 
@@ -341,8 +352,13 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
         return None
     w, h = io.image_size(target.samples[0].image)
     path = out / "prior.npy" if cfg.with_prior == "source" else Path(cfg.with_prior)
-    if cfg.with_prior == "source" and not path.is_file():
-        save_prior(path, spatial_prior_from_dataset(source, (h, w), progress=cfg.progress))
+
+    def count_if_missing() -> None:
+        if not path.is_file():
+            save_prior(path, spatial_prior_from_dataset(source, (h, w), progress=cfg.progress))
+
+    if cfg.with_prior == "source":
+        distributed.write_once(count_if_missing)
     return torch.from_numpy(load_prior(path, cfg.num_classes, size=(h, w))).to(device)
 
 
@@ -402,6 +418,7 @@ def _train_round(
         seed=seed,
         amp=cfg.amp,
         progress=cfg.progress,
+        sync_bn=cfg.sync_bn,
     )
 
 
@@ -467,7 +484,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     if not state.done(0, "train"):
         _check_weights(cfg, protocol_name)
     device = select_device(cfg.device)
-    _write_config(out, cfg)
+    distributed.check_sync_bn(cfg.sync_bn, device)
+    distributed.write_once(_write_config, out, cfg)
     configure_backends(device)
     prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
@@ -504,7 +522,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
             stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             _train_round(cfg, plan, model, source, pseudo, stats, device)
-            save_checkpoint(
+            distributed.write_once(
+                save_checkpoint,
                 ckpt,
                 reused.model,
                 arch=reused.meta["arch"],
@@ -528,9 +547,10 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 amp=cfg.amp,
                 progress=cfg.progress,
             )
-            io.write_json(rdir / "metrics.json", metrics.to_json())
+            distributed.write_once(io.write_json, rdir / "metrics.json", metrics.to_json())
             state.mark(plan.index, "eval")
         if (rdir / "metrics.json").is_file():
             results[plan.index] = json.loads((rdir / "metrics.json").read_text())
-    io.write_json(out / "results.json", {"rounds": results})
+    if distributed.is_main():
+        io.write_json(out / "results.json", {"rounds": results})
     return results
