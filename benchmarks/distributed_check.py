@@ -1,8 +1,10 @@
 """Two processes under torchrun against one, on the demo's data (issue 8's check, outside the suite).
 
 Renders the demo's benchmark into ``--work`` (or reuses it), then runs each command once as a
-plain process and once as ``torchrun --standalone --nproc-per-node 2 -m cbst ...`` on the CPU
-(the one process with every core's threads, each of the two with one thread, as torchrun sets):
+plain process and once as ``torchrun --standalone --nproc-per-node 2 -m cbst ...`` on the CPU.
+Each process has one thread, as torchrun sets (``--threads`` for the single process): the speed-up
+is then that of one more worker of the same size, as one more GPU would be, and the results can be
+compared bit for bit (on the CPU a convolution's last bits may depend on its thread count):
 
 1. ``cbst train-source`` for ``--epochs`` epochs of the small model (its checkpoint from one
    process is the source model of the next steps);
@@ -33,10 +35,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-RUNTIME = ("--device", "cpu", "--num-workers", "0", "--no-progress")
+RUNTIME = ["--device", "cpu", "--num-workers", "0", "--no-progress"]
 
 
-def _run(processes: int, command: str, args: list[str]) -> float:
+def _run(processes: int, command: str, args: list[str], threads: int = 1) -> float:
     """Run ``cbst COMMAND ARGS`` in one process or two under torchrun; its wall seconds."""
     launcher = TORCHRUN if processes == 2 else ()
     output = args[args.index("--output") + 1] if "--output" in args else None
@@ -46,7 +48,7 @@ def _run(processes: int, command: str, args: list[str]) -> float:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
     }
-    env["OMP_NUM_THREADS"] = "1" if processes == 2 else str(len(os.sched_getaffinity(0)))
+    env["OMP_NUM_THREADS"] = "1" if processes == 2 else str(threads)
     started = time.perf_counter()
     job = subprocess.run(
         [sys.executable, *launcher, "-m", "cbst", command, *args], env=env, capture_output=True, text=True
@@ -71,16 +73,56 @@ def _report(stage: str, one: float, two: float, **compared: object) -> None:
     )
 
 
-def _epoch_seconds(run: Path) -> float:
-    """Training seconds summed over the epochs of a ``train-source`` run (its log.jsonl)."""
-    return sum(json.loads(line)["seconds"] for line in (run / "log.jsonl").read_text().splitlines())
-
-
 def _same_files(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.iterdir())
     return names == sorted(p.name for p in b.iterdir()) and all(
         (a / n).read_bytes() == (b / n).read_bytes() for n in names
     )
+
+
+def _train_source(work: Path, data: Path, epochs: int, threads: int) -> None:
+    """Source training of the small model; its checkpoint from one process is used below."""
+    args = ["--dataset", "gta5", "--data-root", str(data / "gta5"), "--to-epoch", str(epochs)]
+    args += "--model small --batch-images 8 --crop-size 128 --base-lr 0.05".split() + RUNTIME
+    for n in (1, 2):
+        _run(n, "train-source", [*args, "--output", str(work / f"source_{n}")], threads)
+    logs = [(work / f"source_{n}" / "log.jsonl").read_text().splitlines() for n in (1, 2)]
+    seconds = [sum(json.loads(line)["seconds"] for line in log) for log in logs]
+    losses = {f"loss_{n}": json.loads(log[-1])["loss"] for n, log in zip((1, 2), logs)}
+    _report("train-source epochs", *seconds, **losses)
+
+
+def _self_train(work: Path, data: Path, threads: int) -> bool:
+    """Round 0 with exact thresholds; whether the pseudo-labels and λ are identical."""
+    from cbst.report.runs import load_run
+
+    args = ["--data-root", str(data / "gta5"), "--data-root-tgt", str(data / "cityscapes")]
+    args += ["--weights", str(work / "source_1" / "last.pt"), *RUNTIME]
+    args += "--num-round 1 --epoch-per-round 1 --init-tgt-port 0.2 --init-src-port 0.5".split()
+    args += "--batch-images 8 --crop-size 128 --base-lr 0.005 --exact-thresholds".split()
+    for n in (1, 2):
+        _run(n, "self-train", [*args, "--output", str(work / f"selftrain_{n}")], threads)
+    one, two = (load_run(work / f"selftrain_{n}").rounds[0] for n in (1, 2))
+    same = {
+        "identical_pngs": _same_files(one.path / "pseudo_labelIds", two.path / "pseudo_labelIds"),
+        "identical_lambda": one.stats["thresholds"] == two.stats["thresholds"],
+    }
+    _report("self-train pseudo", one.seconds["pseudo"], two.seconds["pseudo"], **same)
+    _report("self-train train", one.seconds["train"], two.seconds["train"])
+    miou = {"miou_1": one.metrics.miou, "miou_2": two.metrics.miou}
+    _report("self-train eval", one.seconds["eval"], two.seconds["eval"], **miou)
+    return all(same.values())
+
+
+def _evaluate(work: Path, data: Path, threads: int) -> bool:
+    """Evaluation of the round-0 model with flipping; whether the metrics are identical."""
+    args = ["--dataset", "cityscapes", "--data-root", str(data / "cityscapes"), "--test-flipping"]
+    args += ["--checkpoint", str(work / "selftrain_1" / "round_0" / "model.pt"), "--overwrite", *RUNTIME]
+    outs = [work / f"evaluate_{n}.json" for n in (1, 2)]
+    seconds = [_run(n, "evaluate", [*args, "--out", str(out)], threads) for n, out in zip((1, 2), outs)]
+    one, two = (json.loads(out.read_text()) for out in outs)
+    _report("evaluate (command wall time)", *seconds, identical_metrics=one == two, miou=one["miou"])
+    return one == two
 
 
 def main() -> int:
@@ -92,99 +134,18 @@ def main() -> int:
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=1, help="source-training epochs")
+    parser.add_argument("--threads", type=int, default=1, help="threads of the single process")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    from cbst.report.runs import load_run
     from cbst.synthetic import make_synthetic
 
     work = args.work.resolve()
     data = work / "data"
     make_synthetic(data, seed=0, num_source=args.num_source, num_train=args.num_train, num_val=args.num_val)
-    ok = True
-
-    source = [
-        "--dataset",
-        "gta5",
-        "--data-root",
-        str(data / "gta5"),
-        "--model",
-        "small",
-        "--batch-images",
-        "8",
-    ]
-    source += ["--crop-size", "128", "--base-lr", "0.05", "--to-epoch", str(args.epochs), *RUNTIME]
-    for n in (1, 2):
-        _run(n, "train-source", [*source, "--output", str(work / f"source_{n}")])
-    losses = [
-        json.loads((work / f"source_{n}" / "log.jsonl").read_text().splitlines()[-1])["loss"] for n in (1, 2)
-    ]
-    _report(
-        "train-source epochs",
-        *(_epoch_seconds(work / f"source_{n}") for n in (1, 2)),
-        loss_1=losses[0],
-        loss_2=losses[1],
-    )
-
-    model = work / "source_1" / "last.pt"
-    rounds = [
-        "--data-root",
-        str(data / "gta5"),
-        "--data-root-tgt",
-        str(data / "cityscapes"),
-        "--weights",
-        str(model),
-    ]
-    rounds += [
-        "--num-round",
-        "1",
-        "--epoch-per-round",
-        "1",
-        "--init-tgt-port",
-        "0.2",
-        "--init-src-port",
-        "0.5",
-    ]
-    rounds += [
-        "--batch-images",
-        "8",
-        "--crop-size",
-        "128",
-        "--base-lr",
-        "0.005",
-        "--exact-thresholds",
-        *RUNTIME,
-    ]
-    for n in (1, 2):
-        _run(n, "self-train", [*rounds, "--output", str(work / f"selftrain_{n}")])
-    runs = [load_run(work / f"selftrain_{n}").rounds[0] for n in (1, 2)]
-    same_png = _same_files(*(r.path / "pseudo_labelIds" for r in runs))
-    same_lambda = runs[0].stats["thresholds"] == runs[1].stats["thresholds"]
-    ok &= same_png and same_lambda
-    for stage in ("pseudo", "train", "eval"):
-        extra = {"identical_pngs": same_png, "identical_lambda": same_lambda} if stage == "pseudo" else {}
-        if stage == "eval":
-            extra = {"miou_1": runs[0].metrics.miou, "miou_2": runs[1].metrics.miou}
-        _report(f"self-train {stage}", runs[0].seconds[stage], runs[1].seconds[stage], **extra)
-
-    evaluate = [
-        "--dataset",
-        "cityscapes",
-        "--data-root",
-        str(data / "cityscapes"),
-        "--test-flipping",
-        *RUNTIME,
-    ]
-    evaluate += ["--checkpoint", str(work / "selftrain_1" / "round_0" / "model.pt"), "--overwrite"]
-    seconds = [_run(n, "evaluate", [*evaluate, "--out", str(work / f"evaluate_{n}.json")]) for n in (1, 2)]
-    metrics = [json.loads((work / f"evaluate_{n}.json").read_text()) for n in (1, 2)]
-    ok &= metrics[0] == metrics[1]
-    _report(
-        "evaluate (command wall time)",
-        *seconds,
-        identical_metrics=metrics[0] == metrics[1],
-        miou=metrics[0]["miou"],
-    )
-    return 0 if ok else 1
+    _train_source(work, data, args.epochs, args.threads)
+    exact = _self_train(work, data, args.threads)
+    exact &= _evaluate(work, data, args.threads)
+    return 0 if exact else 1
 
 
 if __name__ == "__main__":

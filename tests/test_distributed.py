@@ -7,6 +7,7 @@ Each ``_torchrun`` call starts a real job the way README's "Multiple GPUs" secti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cbst import checks, distributed
 from cbst.checkpoints import read_meta
@@ -42,6 +44,17 @@ def _env() -> dict[str, str]:
 
 def _torchrun(command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(_job(command, *args), env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_process(*args: str) -> int:
+    """``cbst ARGS`` in this process with one thread, as each process of a torchrun job has:
+    on the CPU a convolution's last bits can depend on its thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(list(args))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _self_train_args(bench: Path) -> list[str]:
@@ -87,7 +100,7 @@ def test_the_global_batch_must_split_over_the_processes(monkeypatch):
 
 def test_two_processes_pseudo_label_as_one(bench, tmp_path):
     args = _self_train_args(bench)
-    assert main(["self-train", *args, "--output", str(tmp_path / "one")]) == 0
+    assert _one_process("self-train", *args, "--output", str(tmp_path / "one")) == 0
     job = _torchrun("self-train", *args, "--output", str(tmp_path / "two"))
     assert job.returncode == 0, job.stderr
     assert job.stdout.count("round 0: mIoU") == 1  # the main process alone prints
@@ -151,7 +164,7 @@ def test_two_processes_evaluate_as_one(bench, source_run, tmp_path):
         *("--dataset", "cityscapes", "--data-root", str(bench / "data" / "cityscapes")),
         *("--checkpoint", str(source_run / "last.pt"), "--test-flipping", *QUIET),
     ]
-    assert main(["evaluate", *args, "--out", str(tmp_path / "one.json")]) == 0
+    assert _one_process("evaluate", *args, "--out", str(tmp_path / "one.json")) == 0
     job = _torchrun("evaluate", *args, "--out", str(tmp_path / "two.json"))
     assert job.returncode == 0, job.stderr
     one = json.loads((tmp_path / "one.json").read_text())
@@ -177,3 +190,27 @@ def test_an_error_in_one_process_ends_the_job_with_its_message(bench, tmp_path):
     )
     assert "(rank 0/2): error" not in job.stderr
     assert time.monotonic() - started < 45
+
+
+def test_a_source_run_saved_before_sync_bn_existed_resumes(tmp_path):
+    from cbst import sourcetrain
+
+    config = sourcetrain.SourceTrainConfig(dataset="gta5", data_root=str(tmp_path), output=str(tmp_path))
+    sourcetrain._write_config(tmp_path, config)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["sync_bn"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    sourcetrain._check_resume(tmp_path, config, 1)
+    with pytest.raises(checks.ConfigError, match="--sync-bn"):
+        sourcetrain._check_resume(tmp_path, dataclasses.replace(config, sync_bn=True), 1)
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, tmp_path, capsys):
+    for name, value in zip(distributed.ENVIRONMENT, ("1", "2", "1", "127.0.0.1", "29500")):
+        monkeypatch.setenv(name, value)
+    assert main(["make-synthetic", str(tmp_path / "data")]) == 2
+    assert (
+        "cbst make-synthetic: error: runs in one process; start it without torchrun"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "data").exists() and not distributed.initialized()

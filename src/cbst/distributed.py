@@ -66,12 +66,14 @@ def init() -> None:
     """Join the process group torchrun's variables describe; nothing without them.
 
     On a machine with CUDA this process is bound to GPU ``LOCAL_RANK`` first, so that the
-    device ``cuda`` (what ``--device auto`` picks) means that GPU in every process.
+    device ``cuda`` (what ``--device auto`` picks) means that GPU in every process. With more
+    processes on a machine than it has GPUs, the group is gloo's alone (one GPU per process is
+    NCCL's rule).
     """
     if not launched() or initialized():
         return
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available() and local < torch.cuda.device_count():
         torch.cuda.set_device(local)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local))
     else:

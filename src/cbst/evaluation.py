@@ -295,12 +295,18 @@ def find_predictions(pred_dir: str | Path, sample_names: Sequence[str]) -> list[
 
 
 def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool = True) -> Metrics:
-    """Score a folder of raw-id prediction PNGs (Cityscapes labelIds) against a dataset's labels."""
+    """Score a folder of raw-id prediction PNGs (Cityscapes labelIds) against a dataset's labels.
+
+    Under torchrun each process reads its share of the files and the counts are summed.
+    """
+    from cbst import distributed
+
     protocol = dataset.protocol
     files = find_predictions(pred_dir, [s.name for s in dataset.samples])
     confusion = ConfusionMatrix(protocol.num_classes)
-    for index, path in enumerate(tqdm(files, disable=not progress, unit="img", desc="evaluate")):
-        name, label = dataset.samples[index].name, dataset.label(index)
+    shard = distributed.shard(len(files))
+    for index in tqdm(shard, disable=not (progress and distributed.is_main()), unit="img", desc="evaluate"):
+        path, name, label = files[index], dataset.samples[index].name, dataset.label(index)
         if label is None:
             raise DataError(f"{name}: sample has no label to evaluate against")
         raw = read_label(path)
@@ -314,6 +320,7 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
                 f"ground truth of {name} {label.shape[::-1]}"
             )
         confusion.update(torch.from_numpy(protocol.encode(raw)), torch.from_numpy(label))
+    confusion.all_reduce()
     return confusion.metrics(protocol.class_names)
 
 
