@@ -196,11 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Every user error ends here, as one line on stderr and exit status 2 (see ``_error_message``).
     Under torchrun every process runs this; a process that fails prints its message, prefixed
-    with its rank, and exits, and torchrun then stops the others. A process that finds another
-    one gone (a failed collective operation) says so in one line and exits with status 1.
+    with its rank, and exits, and torchrun then stops the others. A process whose collective
+    operation fails (another one is gone) says so in one line and exits with status 1.
     """
-    from torch.distributed import DistError
-
     from cbst import distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -219,9 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
-    except DistError as exc:
+    except distributed.COMMUNICATION_ERRORS as exc:
+        detail = _one_line(str(exc))
         print(
-            f"{prefix}: stopped: another process of the job failed ({_one_line(str(exc))})", file=sys.stderr
+            f"{prefix}: stopped: the job's communication failed, mostly because another process stopped ({detail})",
+            file=sys.stderr,
         )
         return 1
     except Exception as exc:

@@ -30,6 +30,8 @@ from cbst.checks import ConfigError
 
 ENVIRONMENT = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """The variables torchrun sets in every process it starts."""
+COMMUNICATION_ERRORS: tuple[type[Exception], ...] = (dist.DistError,) if dist.is_available() else ()
+"""What a collective operation or the rendezvous raises when it fails (e.g. a peer is gone)."""
 
 
 def launched() -> bool:
