@@ -1,7 +1,8 @@
 """Two processes under torchrun against one, on the demo's data (issue 8's check, outside the suite).
 
 Renders the demo's benchmark into ``--work`` (or reuses it), then runs each command once as a
-plain process and once as ``torchrun --standalone --nproc-per-node 2 -m cbst ...`` on the CPU.
+plain process and once as ``torchrun --standalone --nproc-per-node 2 -m cbst ...`` on the CPU
+(``--device cuda``: on two GPUs).
 Each process has one thread, as torchrun sets (``--threads`` for the single process): the speed-up
 is then that of one more worker of the same size, as one more GPU would be, and the results can be
 compared bit for bit (on the CPU a convolution's last bits may depend on its thread count):
@@ -35,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-RUNTIME = ["--device", "cpu", "--num-workers", "0", "--no-progress"]
+QUIET = ["--num-workers", "0", "--no-progress"]
 
 
 def _run(processes: int, command: str, args: list[str], threads: int = 1) -> float:
@@ -80,10 +81,10 @@ def _same_files(a: Path, b: Path) -> bool:
     )
 
 
-def _train_source(work: Path, data: Path, epochs: int, threads: int) -> None:
+def _train_source(work: Path, data: Path, runtime: list[str], threads: int, epochs: int) -> None:
     """Source training of the small model; its checkpoint from one process is used below."""
     args = ["--dataset", "gta5", "--data-root", str(data / "gta5"), "--to-epoch", str(epochs)]
-    args += "--model small --batch-images 8 --crop-size 128 --base-lr 0.05".split() + RUNTIME
+    args += "--model small --batch-images 8 --crop-size 128 --base-lr 0.05".split() + runtime
     for n in (1, 2):
         _run(n, "train-source", [*args, "--output", str(work / f"source_{n}")], threads)
     logs = [(work / f"source_{n}" / "log.jsonl").read_text().splitlines() for n in (1, 2)]
@@ -92,12 +93,12 @@ def _train_source(work: Path, data: Path, epochs: int, threads: int) -> None:
     _report("train-source epochs", *seconds, **losses)
 
 
-def _self_train(work: Path, data: Path, threads: int) -> bool:
+def _self_train(work: Path, data: Path, runtime: list[str], threads: int) -> bool:
     """Round 0 with exact thresholds; whether the pseudo-labels and λ are identical."""
     from cbst.report.runs import load_run
 
     args = ["--data-root", str(data / "gta5"), "--data-root-tgt", str(data / "cityscapes")]
-    args += ["--weights", str(work / "source_1" / "last.pt"), *RUNTIME]
+    args += ["--weights", str(work / "source_1" / "last.pt"), *runtime]
     args += "--num-round 1 --epoch-per-round 1 --init-tgt-port 0.2 --init-src-port 0.5".split()
     args += "--batch-images 8 --crop-size 128 --base-lr 0.005 --exact-thresholds".split()
     for n in (1, 2):
@@ -114,10 +115,10 @@ def _self_train(work: Path, data: Path, threads: int) -> bool:
     return all(same.values())
 
 
-def _evaluate(work: Path, data: Path, threads: int) -> bool:
+def _evaluate(work: Path, data: Path, runtime: list[str], threads: int) -> bool:
     """Evaluation of the round-0 model with flipping; whether the metrics are identical."""
     args = ["--dataset", "cityscapes", "--data-root", str(data / "cityscapes"), "--test-flipping"]
-    args += ["--checkpoint", str(work / "selftrain_1" / "round_0" / "model.pt"), "--overwrite", *RUNTIME]
+    args += ["--checkpoint", str(work / "selftrain_1" / "round_0" / "model.pt"), "--overwrite", *runtime]
     outs = [work / f"evaluate_{n}.json" for n in (1, 2)]
     seconds = [_run(n, "evaluate", [*args, "--out", str(out)], threads) for n, out in zip((1, 2), outs)]
     one, two = (json.loads(out.read_text()) for out in outs)
@@ -135,6 +136,7 @@ def main() -> int:
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=1, help="source-training epochs")
     parser.add_argument("--threads", type=int, default=1, help="threads of the single process")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU per process (needs 2)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     from cbst.synthetic import make_synthetic
@@ -142,9 +144,10 @@ def main() -> int:
     work = args.work.resolve()
     data = work / "data"
     make_synthetic(data, seed=0, num_source=args.num_source, num_train=args.num_train, num_val=args.num_val)
-    _train_source(work, data, args.epochs, args.threads)
-    exact = _self_train(work, data, args.threads)
-    exact &= _evaluate(work, data, args.threads)
+    runtime = ["--device", args.device, *QUIET]
+    _train_source(work, data, runtime, args.threads, args.epochs)
+    exact = _self_train(work, data, runtime, args.threads)
+    exact &= _evaluate(work, data, runtime, args.threads)
     return 0 if exact else 1
 
 

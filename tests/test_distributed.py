@@ -98,6 +98,7 @@ def test_the_global_batch_must_split_over_the_processes(monkeypatch):
         checks.require_split_batch(Config(), "batch_images")
 
 
+@pytest.mark.slow
 def test_two_processes_pseudo_label_as_one(bench, tmp_path):
     args = _self_train_args(bench)
     assert _one_process("self-train", *args, "--output", str(tmp_path / "one")) == 0
@@ -149,6 +150,7 @@ def source_run(bench, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_training_checkpoints_once_and_resumes_after_a_kill(source_run):
     checkpoints = sorted(p.name for p in (source_run / "checkpoints").iterdir())
     last = len(checkpoints)
@@ -159,6 +161,7 @@ def test_two_process_training_checkpoints_once_and_resumes_after_a_kill(source_r
     assert meta["epoch"] == last and "optimizer" in meta["extra"]
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_as_one(bench, source_run, tmp_path):
     args = [
         *("--dataset", "cityscapes", "--data-root", str(bench / "data" / "cityscapes")),
@@ -172,6 +175,7 @@ def test_two_processes_evaluate_as_one(bench, source_run, tmp_path):
     assert one["images"] == 2 and one["pixel_acc"] > 0
 
 
+@pytest.mark.slow
 def test_an_error_in_one_process_ends_the_job_with_its_message(bench, tmp_path):
     """Only process 1 writes the second val image's prediction, and its path is blocked."""
     root = bench / "data" / "cityscapes"
