@@ -218,3 +218,12 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, tmp_path,
         in capsys.readouterr().err
     )
     assert not (tmp_path / "data").exists() and not distributed.initialized()
+
+
+def test_under_torchrun_a_gpu_number_is_refused(monkeypatch):
+    from cbst.device import select_device
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun every process uses the GPU of its"):
+        select_device("cuda:1")
+    assert select_device("cpu") == torch.device("cpu")

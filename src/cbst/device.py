@@ -10,7 +10,18 @@ import torch
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch.
+
+    Under torchrun ``cuda`` is the GPU of the process's ``LOCAL_RANK``
+    (:func:`cbst.distributed.init`), and a GPU number is refused.
+    """
+    from cbst import distributed
+
+    if name.startswith("cuda:") and distributed.world_size() > 1:
+        raise ValueError(
+            f"--device {name}: under torchrun every process uses the GPU of its LOCAL_RANK; "
+            "pass --device cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
