@@ -1,9 +1,11 @@
 """Run ``cbst demo`` for several training seeds; print mean ± std of each row's mIoU.
 
-Usage: python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo_seeds]
+Usage: python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo_seeds] [--methods all]
 
-Each seed gets its own folder (finished seeds are reused). The benchmark itself is fixed, so
-the spread is the method's seed-to-seed variance. Also prints the mean IoU over the rare classes
+Each seed gets its own folder (finished seeds, and finished rows of a seed, are reused).
+``--methods`` picks the self-training rows as ``cbst demo --methods`` does; ``all`` adds CRST's
+MRKLD and LRENT to ST, CBST and CBST-SP. The benchmark itself is fixed, so the spread is the
+method's seed-to-seed variance. Also prints the mean IoU over the rare classes
 (pole, traffic light, traffic sign, rider, motorcycle, bicycle) and the per-seed numbers.
 """
 
@@ -14,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from cbst.demo import run_demo
+from cbst.demo import DEFAULT_METHODS, parse_methods, run_demo
 
 
 def _summary(values: list[float]) -> str:
@@ -28,15 +30,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo_seeds")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="a comma list, or all")
     args = parser.parse_args()
+    methods = parse_methods(args.methods)
     results = []
     for seed in args.seeds:
         folder = Path(args.out) / f"seed_{seed}"
         done = folder / "results.json"
-        results.append(
-            json.loads(done.read_text()) if done.is_file() else run_demo(folder, seed, device=args.device)
-        )
-    rows = list(results[0]["rows"])
+        result = json.loads(done.read_text()) if done.is_file() else None
+        if result is None or not set(methods) <= set(result["rows"]):
+            result = run_demo(folder, seed, device=args.device, methods=methods)
+        results.append(result)
+    rows = ["Source", *methods]
     print(f"{len(args.seeds)} seeds: {args.seeds}")
     print(f"{'row':8s} | {'mIoU':13s} | {'rare-class IoU':13s} | per-seed mIoU")
     for row in rows:

@@ -227,3 +227,19 @@ def test_under_torchrun_a_gpu_number_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="--device cuda:1: under torchrun every process uses the GPU of its"):
         select_device("cuda:1")
     assert select_device("cpu") == torch.device("cpu")
+
+
+def test_lrent_is_refused_under_torchrun(bench, monkeypatch, tmp_path):
+    from cbst.selftrain import SelfTrainConfig
+
+    config = SelfTrainConfig(
+        weights=str(bench / "source.pt"),
+        output=str(tmp_path),
+        data_root=str(tmp_path),
+        data_root_tgt=str(tmp_path),
+        lr_weight_ent=0.25,
+    )
+    config.validate()
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(checks.ConfigError, match="--lr-weight-ent .LRENT. runs in one process"):
+        config.validate()

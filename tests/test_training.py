@@ -281,7 +281,7 @@ def test_shipped_configs_name_only_known_options(name):
 def test_compiled_training_matches_eager_training():
     from cbst.device import maybe_compile
 
-    kwargs = dict(epochs=1, batch_size=4, base_lr=0.05, device="cpu", seed=2, progress=False)
+    kwargs = dict(epochs=1, batch_size=4, base_lr=0.05, device="cpu", seed=2, progress=False, amp=False)
     torch.manual_seed(0)
     eager, compiled = TinyNet(), TinyNet()
     compiled.load_state_dict(eager.state_dict())
@@ -289,3 +289,17 @@ def test_compiled_training_matches_eager_training():
     train_epochs(maybe_compile(compiled, True), _dataset(), **kwargs)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_mixed_precision_only_where_bf16_is_native(monkeypatch, native):
+    import cbst.device as dev
+
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert dev.mixed_precision(cpu) == (torch.bfloat16 if native else None)
+    assert dev.mixed_precision(cpu, enabled=False) is None
+    assert dev.prefers_channels_last(cpu) is native
+    with dev.autocast(cpu):
+        out = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+    assert out.dtype == (torch.bfloat16 if native else torch.float32)

@@ -27,7 +27,16 @@ from cbst.labels import CITYSCAPES_19
 
 BENCHMARK_SEED = 0
 RARE_CLASSES = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
-VARIANTS = {"ST": ("global", False), "CBST": ("cb", False), "CBST-SP": ("cb", True)}
+VARIANTS = {
+    "ST": {"kc_policy": "global"},
+    "CBST": {"kc_policy": "cb"},
+    "CBST-SP": {"kc_policy": "cb", "with_prior": "source"},
+    "MRKLD": {"kc_policy": "cb", "mr_weight_kld": 0.1},
+    "LRENT": {"kc_policy": "cb", "lr_weight_ent": 0.25},
+}
+"""Each self-training row's options; MRKLD and LRENT are CRST's, with the authors' weights."""
+DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
+"""The rows ``cbst demo`` runs unless ``--methods`` asks for others (CRST's stay off: time)."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +60,21 @@ class DemoSettings:
     mine_port: float = 0.8
 
 
-def _stage(step: int, text: str) -> None:
-    """Announce one of the demo's five stages."""
-    print(f"[{step}/5] {text}", flush=True)
+def parse_methods(text: str) -> tuple[str, ...]:
+    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` or ``all``."""
+    methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown or not methods:
+        raise ValueError(
+            f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
+            f"{', '.join(VARIANTS)}, or all"
+        )
+    return methods
+
+
+def _stage(step: int, total: int, text: str) -> None:
+    """Announce one of the demo's stages."""
+    print(f"[{step}/{total}] {text}", flush=True)
 
 
 def _loader_workers(device: str) -> int:
@@ -66,14 +87,20 @@ def _loader_workers(device: str) -> int:
     return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
 
 
-def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str) -> Path:
-    """Train (or reuse) the source-only small model; returns its checkpoint."""
-    from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
+def source_config(
+    output: Path, source_root: Path, seed: int, s: DemoSettings, device: str, list_file: Path | None = None
+):
+    """The demo's source-only training run: the small model on the game domain.
 
-    config = SourceTrainConfig(
+    ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
+    """
+    from cbst.sourcetrain import SourceTrainConfig
+
+    return SourceTrainConfig(
         dataset="gta5",
-        data_root=str(data / "gta5"),
-        output=str(out / "source"),
+        data_root=str(source_root),
+        list_file=None if list_file is None else str(list_file),
+        output=str(output),
         model="small",
         batch_images=s.batch_images,
         crop_size=s.crop_size,
@@ -85,10 +112,15 @@ def _source_model(out: Path, data: Path, seed: int, s: DemoSettings, device: str
         device=device,
         num_workers=_loader_workers(device),
     )
+
+
+def train_or_reuse(config) -> Path:
+    """Run (or finish) the source training ``config``; returns its last checkpoint."""
+    from cbst.sourcetrain import last_finished_epoch, train_source
+
     finished = last_finished_epoch(Path(config.output))
-    if finished < s.source_epochs:
-        config = dataclasses.replace(config, resume=finished > 0)
-        train_source(config)
+    if finished < config.to_epoch:
+        train_source(dataclasses.replace(config, resume=finished > 0))
     return Path(config.output) / "last.pt"
 
 
@@ -96,7 +128,6 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
     """The self-training configuration of one row of the table."""
     from cbst.selftrain import SelfTrainConfig
 
-    policy, with_prior = VARIANTS[name]
     run_dir = out / name.lower().replace("-", "_")
     return SelfTrainConfig(
         weights=str(weights),
@@ -116,8 +147,6 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         epoch_per_round=s.epoch_per_round,
         base_lr=s.round_lr,
         seed=seed,
-        kc_policy=policy,
-        with_prior="source" if with_prior else None,
         batch_images=s.batch_images,
         crop_size=s.crop_size,
         scale_rate_range=(0.75, 1.25),
@@ -126,6 +155,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
+        **VARIANTS[name],
     )
 
 
@@ -148,9 +178,18 @@ def _write_examples(
 
 
 def run_demo(
-    out: str | Path, seed: int = 0, *, device: str = "auto", settings: DemoSettings = DemoSettings()
+    out: str | Path,
+    seed: int = 0,
+    *,
+    device: str = "auto",
+    settings: DemoSettings = DemoSettings(),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
 ) -> dict:
-    """Run the demo into ``out``; returns the results written to ``out/results.json``."""
+    """Run the demo into ``out``; returns the results written to ``out/results.json``.
+
+    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
+    """
+    total = 2 + len(parse_methods(",".join(methods)))
     from cbst.checkpoints import load_checkpoint
     from cbst.datasets import build_dataset
     from cbst.device import select_device
@@ -161,7 +200,7 @@ def run_demo(
     started = time.time()
     out = Path(out)
     data = out / "data"
-    _stage(1, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
+    _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(
         data,
         seed=BENCHMARK_SEED,
@@ -170,15 +209,15 @@ def run_demo(
         num_val=settings.num_val,
     )
     torch_device = select_device(device)
-    _stage(2, f"source-only small model, {settings.source_epochs} epochs on the game domain")
-    source_ckpt = _source_model(out, data, seed, settings, device)
+    _stage(2, total, f"source-only small model, {settings.source_epochs} epochs on the game domain")
+    source_ckpt = train_or_reuse(source_config(out / "source", data / "gta5", seed, settings, device))
     val = build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19)
     model, _ = load_checkpoint(source_ckpt, device=torch_device)
     rows = {"Source": evaluate_model(model, val, device=torch_device, progress=False)}
     checkpoints = {"Source": source_ckpt}
 
-    for step, name in enumerate(VARIANTS, start=3):
-        _stage(step, f"{name}: {settings.num_round} rounds from the source model")
+    for step, name in enumerate(methods, start=3):
+        _stage(step, total, f"{name}: {settings.num_round} rounds from the source model")
         cfg = _variant_config(name, out, data, source_ckpt, seed, settings, device)
         results = self_train(cfg)
         last = max(results)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cbst.device import autocast
+from cbst.device import autocast, prefers_channels_last
 from cbst.io import DataError
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 from cbst.models.base import OUTPUT_STRIDE, round_to_stride
@@ -275,14 +275,14 @@ def network_outputs(
     """The network half of :func:`predict_probs`: one float32 N×C×h×w softmax map at the
     network's output resolution per forward pass of ``plan`` (a mirrored pass stays mirrored).
 
-    :func:`combine_outputs` turns them into what ``predict_probs`` returns, bit for bit. On
-    CUDA the model and its inputs are switched to channels-last, the faster layout there
-    (``images`` may be page-locked: its copy to the device does not block).
+    :func:`combine_outputs` turns them into what ``predict_probs`` returns, bit for bit. Where
+    :func:`~cbst.device.prefers_channels_last` says so, the model and its inputs are switched
+    to channels-last (``images`` may be page-locked: its copy to the device does not block).
     """
     model.eval()
     device = _model_device(model, images.device)
     x = normalize(images.to(device, non_blocking=True), mean, std)
-    if device.type == "cuda":
+    if prefers_channels_last(device, amp):
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     return [_forward_padded(model, inputs, amp) for inputs in _pass_inputs(x, plan)]

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cbst import distributed, io
+from cbst.crst import soft_pseudo_labels
 from cbst.evaluation import write_prediction
 from cbst.inference import (
     InferencePlan,
@@ -37,11 +38,12 @@ from cbst.inference import (
     loaded_items,
     network_outputs,
 )
+from cbst.labels import IGNORE_INDEX
 from cbst.priors import apply_prior
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
-__all__ = ["CACHE_FOLDER", "ProbabilityCache", "pseudo_label_pass"]
+__all__ = ["CACHE_FOLDER", "ProbabilityCache", "cache_folder", "pseudo_label_pass"]
 
 
 class _GroundTruth(torch.utils.data.Dataset):
@@ -115,18 +117,30 @@ def _write_labels(
     *,
     num_workers: int,
     progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    alpha: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Assign and write the pseudo-labels from the cache; (selected pixels per class,
-    correct pixels, judged pixels), the last two against the ground truth where there is one."""
+    correct pixels, judged pixels, candidate pixels per class), correct and judged against the
+    ground truth where there is one. With ``alpha`` (LRENT) a pixel is selected by CRST's keep
+    rule (:func:`cbst.crst.soft_pseudo_labels`), and candidates counts every pixel by its class
+    argmax p/λ; otherwise candidates stays 0."""
     protocol = dataset.protocol
     c = protocol.num_classes
     selected = torch.zeros(c, dtype=torch.int64, device=cache.device)
+    candidates = torch.zeros(c, dtype=torch.int64, device=cache.device)
     correct = torch.zeros((), dtype=torch.int64, device=cache.device)
     judged = torch.zeros((), dtype=torch.int64, device=cache.device)
     truth = _ground_truth(dataset, num_workers)
     with io.BackgroundWriter() as writer, _bar(len(dataset), "pseudo-labels", progress) as bar:
         for indices in batches:
-            labels = assign_pseudo_labels(_with_prior(cache.get_batch(indices), prior), thresholds)
+            probs = _with_prior(cache.get_batch(indices), prior)
+            if alpha is None:
+                labels = assign_pseudo_labels(probs, thresholds)
+            else:
+                soft, keep = soft_pseudo_labels(probs, thresholds, alpha)
+                labels = soft.argmax(dim=1)
+                candidates += torch.bincount(labels.flatten(), minlength=c)
+                labels[~keep] = IGNORE_INDEX
             valid = labels < c
             selected += torch.bincount(labels[valid], minlength=c)
             for n, (index, label) in enumerate(zip(indices, labels.to(torch.uint8).cpu().numpy())):
@@ -147,7 +161,7 @@ def _write_labels(
                     correct += (labels[n][mask] == gt[mask]).sum()
                     judged += mask.sum()
             bar.update(len(indices))
-    return selected, correct, judged
+    return selected, correct, judged, candidates
 
 
 def pseudo_label_pass(
@@ -171,6 +185,7 @@ def pseudo_label_pass(
     progress: bool = True,
     keep_cache: bool = False,
     cache_backend: str = "auto",
+    lrent_alpha: float | None = None,
 ) -> dict:
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
@@ -196,7 +211,7 @@ def pseudo_label_pass(
         batch_size: images per forward pass (consecutive images of equal size).
         mine_id_number, mine_thresh: the rare-class statistics for patch mining.
         num_workers: image-decoding loader processes (0: in this process).
-        amp: bf16 autocast on CUDA.
+        amp: mixed precision where it pays (`cbst.device.mixed_precision`).
         progress: show progress bars.
         keep_cache: keep the probability cache in ``out_dir/probability_cache`` after the
             round (see :meth:`ProbabilityCache.open`); it is deleted otherwise. Under torchrun
@@ -204,6 +219,8 @@ def pseudo_label_pass(
             its share of the images.
         cache_backend: ``auto`` (device, then host memory, then a file, by available size),
             or ``device``, ``host`` or ``disk`` for everything.
+        lrent_alpha: CRST-LRENT's α: select pixels by its entropy rule instead of
+            max p/λ ≥ 1; the stats then hold each class's ``kept_fraction``.
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
@@ -214,7 +231,7 @@ def pseudo_label_pass(
     plan = InferencePlan(long_side, tuple(scales), flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(
-        out_dir / _cache_folder(),
+        out_dir / cache_folder(),
         plan,
         device=device,
         backend=cache_backend,
@@ -236,9 +253,17 @@ def pseudo_label_pass(
         estimator.all_reduce()  # every process assigns labels with the same thresholds
         thresholds = estimator.thresholds(portion)
         counts = _write_labels(
-            cache, batches, shard, thresholds, prior, out_dir, num_workers=num_workers, progress=progress
+            cache,
+            batches,
+            shard,
+            thresholds,
+            prior,
+            out_dir,
+            num_workers=num_workers,
+            progress=progress,
+            alpha=lrent_alpha,
         )
-    selected, correct, judged = (distributed.all_reduce_sum(count) for count in counts)
+    selected, correct, judged, candidates = (distributed.all_reduce_sum(count) for count in counts)
     predicted = estimator.class_pixel_counts
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
     stats = {
@@ -254,10 +279,17 @@ def pseudo_label_pass(
         "pseudo_label_accuracy": float(correct) / int(judged) if int(judged) else None,
         "seconds": round(time.time() - started, 2),
     }
+    if lrent_alpha is not None:
+        stats["lrent_alpha"] = lrent_alpha
+        stats["kept_fraction"] = {
+            name: int(kept) / int(total) if int(total) else None
+            for name, kept, total in zip(protocol.class_names, selected.tolist(), candidates.tolist())
+        }
     distributed.write_once(io.write_json, out_dir / "stats.json", stats)
     return stats
 
 
-def _cache_folder() -> str:
-    """The cache's folder in the round folder; one per process under torchrun (``_rankR``)."""
+def cache_folder() -> str:
+    """This process's cache folder in the round folder: :data:`CACHE_FOLDER`, suffixed
+    ``_rankR`` under torchrun, where every process caches its own share of the images."""
     return CACHE_FOLDER if distributed.world_size() == 1 else f"{CACHE_FOLDER}_rank{distributed.rank()}"

@@ -1,4 +1,4 @@
-"""Self-training rounds: ST, CBST and CBST-SP as one resumable pipeline.
+"""Self-training rounds: ST, CBST and CBST-SP (and CRST's MRKLD and LRENT) as one resumable pipeline.
 
 Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
 
@@ -9,7 +9,9 @@ Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
    written as labelId PNGs (0 = not selected) plus colour PNGs and ``stats.json`` (the original
    wrote ~150 MiB of full-resolution probabilities per image).
 2. ``train``: the round's source subset plus the pseudo-labelled target images, with rare-class
-   patch mining, trained from the previous round's weights with a fresh optimiser.
+   patch mining, trained from the previous round's weights with a fresh optimiser. CRST's
+   options change the loss (:class:`cbst.crst.CrstLoss`); under LRENT the pseudo-label stage
+   keeps its probability cache in the round folder for this stage, which deletes it when done.
 3. ``eval``: the round's model on the target validation split.
 
 ``resume=True`` skips finished stages; every random draw is seeded from (seed, round, epoch,
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +37,10 @@ import yaml
 
 from cbst import checks, distributed, io
 from cbst.checks import ConfigError
+from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
-from cbst.pseudo_labels import pseudo_label_pass
+from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
+from cbst.pseudo_labels import cache_folder, pseudo_label_pass
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import POLICIES
 
@@ -71,6 +76,7 @@ _STAGE_OPTIONS = {
         "mine_thresh",
         "amp",
         "score_pseudo_labels",
+        "lr_weight_ent",
     ),
     "train": _DATA
     + (
@@ -84,6 +90,10 @@ _STAGE_OPTIONS = {
         "momentum",
         "weight_decay",
         "amp",
+        "mr_weight_kld",
+        "mr_weight_src",
+        "lr_weight_ent",
+        "with_prior",
         "sync_bn",
     ),
     "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
@@ -154,6 +164,10 @@ class SelfTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     sync_bn: bool = False
+    # CRST's regularisers (cbst.crst; 0 = off)
+    mr_weight_kld: float = 0.0
+    mr_weight_src: float = 0.0
+    lr_weight_ent: float = 0.0
     # evaluation
     eval_long_side: int | None = None
     eval_flipping: bool = False
@@ -214,12 +228,20 @@ class SelfTrainConfig:
             "weight_decay",
             "mine_id_number",
             "num_workers",
+            "mr_weight_kld",
+            "mr_weight_src",
+            "lr_weight_ent",
         )
         checks.require_fraction(
             self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
         )
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
+        if self.lr_weight_ent > 0 and distributed.world_size() > 1:
+            raise ConfigError(
+                "--lr-weight-ent (LRENT) runs in one process for now: its training reads the "
+                "round's probability cache, which under torchrun is split over the processes"
+            )
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -236,6 +258,11 @@ class SelfTrainConfig:
                         "above 1 (the portion grows by the step while below the "
                         "maximum)"
                     )
+
+    @property
+    def lrent_alpha(self) -> float | None:
+        """LRENT's α when ``--lr-weight-ent`` is on, else None (hard pseudo-labels)."""
+        return self.lr_weight_ent if self.lr_weight_ent > 0 else None
 
     def check_sizes(self, num_source: int, num_target: int) -> None:
         """Every round must train on at least one full batch (incomplete batches are dropped)."""
@@ -375,8 +402,10 @@ def _train_round(
     target,
     stats: dict,
     device: torch.device,
+    loss_fn: CrstLoss | None = None,
 ) -> None:
-    """Train the model for one round on the source subset plus the pseudo-labelled target."""
+    """Train the model for one round on the source subset plus the pseudo-labelled target
+    (with CRST's loss ``loss_fn`` when given)."""
     from cbst.mining import MiningPlan
     from cbst.models.base import round_to_stride
     from cbst.training import build_optimizer, train_epochs
@@ -395,6 +424,7 @@ def _train_round(
             reference_long_side=reference,
             mining=mining,
             seed=seed * 2 + offset,
+            domain=offset,
         )
 
     subset = source.subset(source_subset(len(source), plan.src_portion, plan.source_seed))
@@ -418,7 +448,32 @@ def _train_round(
         seed=seed,
         amp=cfg.amp,
         progress=cfg.progress,
+        loss_fn=loss_fn,
         sync_bn=cfg.sync_bn,
+    )
+
+
+def _crst_loss(
+    cfg: SelfTrainConfig, rdir: Path, stats: dict, prior: torch.Tensor | None, device: torch.device
+) -> CrstLoss | None:
+    """The round's CRST loss, or None for plain cross-entropy (ST, CBST, CBST-SP).
+
+    Under LRENT it reads the round's probability cache, kept under the round folder by the
+    pseudo-label stage, and the round's thresholds λ from ``stats``.
+    """
+    if cfg.mr_weight_kld == 0 and cfg.mr_weight_src == 0 and cfg.lrent_alpha is None:
+        return None
+    cache = thresholds = None
+    if cfg.lrent_alpha is not None:
+        cache = ProbabilityCache.open(rdir / CACHE_FOLDER, device=device)
+        thresholds = torch.tensor(list(stats["thresholds"].values()), dtype=torch.float32, device=device)
+    return CrstLoss(
+        mr_weight_kld=cfg.mr_weight_kld,
+        mr_weight_src=cfg.mr_weight_src,
+        alpha=cfg.lrent_alpha,
+        cache=cache,
+        thresholds=thresholds,
+        prior=prior,
     )
 
 
@@ -498,6 +553,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
         if not state.done(plan.index, "train"):
             model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
+            shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # an interrupted pass's
             pseudo_label_pass(
                 model,
                 target,
@@ -516,12 +572,15 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 num_workers=cfg.num_workers,
                 amp=cfg.amp,
                 progress=cfg.progress,
+                keep_cache=cfg.lrent_alpha is not None,  # LRENT's training reads it
+                lrent_alpha=cfg.lrent_alpha,
             )
             state.mark(plan.index, "pseudo")
         if not state.done(plan.index, "train"):
             stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
-            _train_round(cfg, plan, model, source, pseudo, stats, device)
+            loss_fn = _crst_loss(cfg, rdir, stats, prior, device)
+            _train_round(cfg, plan, model, source, pseudo, stats, device, loss_fn)
             distributed.write_once(
                 save_checkpoint,
                 ckpt,
@@ -533,6 +592,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 epoch=plan.end_epoch,
             )
             state.mark(plan.index, "train")
+        shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # LRENT's, once trained
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:

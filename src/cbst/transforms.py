@@ -92,7 +92,9 @@ class TrainTransform:
     """Random scale, crop (mined with probability ``mining.port``) and flip, as uint8 tensors.
 
     Pixels outside the image are filled with the ``mean`` colour (0 after normalisation) and
-    labelled 255 (ignored).
+    labelled 255 (ignored). Each crop also carries its ``domain`` (a tag: 0 source, 1 target)
+    and ``geometry`` (scaled height, scaled width, top, left, flipped), from which CRST's LRENT
+    resamples the image's cached probabilities to the crop (:mod:`cbst.crst`).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class TrainTransform:
         mining: MiningPlan | None = None,
         seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
+        domain: int = 0,
     ) -> None:
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0 < lo <= hi:
@@ -118,6 +121,7 @@ class TrainTransform:
         self.mining = mining
         self.seed = int(seed)
         self.fill = tuple(round(255 * float(m)) for m in mean)
+        self.domain = int(domain)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,13 +158,17 @@ class TrainTransform:
         factor = scale_factor(rng, label.shape, self.scale_range, self.reference_long_side)
         image, label = resize_pair(image, label, factor)
         y0, x0 = self._window(rng, label)
+        scaled_hw = label.shape
         image = extract_window(image, y0, x0, self.crop_hw, self.fill)
         label = extract_window(label, y0, x0, self.crop_hw, IGNORE_INDEX)
-        if self.flip and rng.random() < 0.5:
+        flipped = self.flip and rng.random() < 0.5
+        if flipped:
             image, label = image[:, ::-1], label[:, ::-1]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
             "name": sample["name"],
             "index": sample["index"],
+            "domain": self.domain,
+            "geometry": torch.tensor([*scaled_hw, y0, x0, int(flipped)]),
         }

@@ -81,7 +81,10 @@ def add_runtime_arguments(p: argparse.ArgumentParser, names: tuple[str, ...] = R
         )
     if "amp" in names:
         g.add_argument(
-            "--no-amp", dest="amp", action="store_false", help="float32 instead of bf16 autocast on CUDA"
+            "--no-amp",
+            dest="amp",
+            action="store_false",
+            help="float32 instead of bf16 autocast (used on CUDA and on CPUs with native bf16)",
         )
     if "progress" in names:
         g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

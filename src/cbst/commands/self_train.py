@@ -1,10 +1,12 @@
-"""Self-train a source model on unlabelled target images: ST, CBST or CBST-SP (solve_AO.py).
+"""Self-train a source model on unlabelled target images: ST, CBST, CBST-SP or CRST (solve_AO.py).
 
 Each round pseudo-labels the target training images with class-wise (--kc-policy cb) or one
 global (--kc-policy global, i.e. ST) confidence threshold that keeps the top --init-tgt-port
 portion, optionally after multiplying by a spatial prior (--with-prior, i.e. CBST-SP), then
-trains on those pseudo-labels plus a growing random subset of the source images. A killed run
-continues from its last finished stage with --resume.
+trains on those pseudo-labels plus a growing random subset of the source images. CRST's
+regularisers (crst_seg.py) add a confidence penalty to the loss (--mr-weight-kld, MRKLD) or make
+the pseudo-labels soft (--lr-weight-ent, LRENT). A killed run continues from its last finished
+stage with --resume.
 
 Examples (the original README's GTA5 -> Cityscapes CBST-SP, and SYNTHIA -> Cityscapes CBST):
   cbst self-train --config configs/gta2city_cbst_sp.yaml --data-root GTA5 --data-root-tgt CITYSCAPES \\
@@ -23,7 +25,10 @@ from cbst.datasets import DATASETS
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import POLICIES
 
-HELP = "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior)"
+HELP = (
+    "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior), "
+    "CRST (+ --mr-weight-kld or --lr-weight-ent)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -128,6 +133,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
+    g = p.add_argument_group("CRST regularisers (Zou et al., ICCV 2019; both may be combined)")
+    g.add_argument(
+        "--mr-weight-kld",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="MRKLD: add W times KL(uniform || prediction) on the pseudo-labelled target pixels "
+        "(the authors' scripts: 0.1; their code applied W squared); 0 = off",
+    )
+    g.add_argument(
+        "--mr-weight-src",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="MRKLD's weight on the labelled source pixels (default 0)",
+    )
+    g.add_argument(
+        "--lr-weight-ent",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="LRENT: soft pseudo-labels q ∝ (p/λ)^(1/ALPHA) with an entropy-based selection, "
+        "derived from the round's cached probabilities (the authors' scripts: 0.25); 0 = off",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-long-side", type=int, default=None, help="resize val images to this longer side")
     g.add_argument("--eval-flipping", action="store_true", help="flip-averaged evaluation")

@@ -1,0 +1,84 @@
+"""Calibrate the embedded benchmark on the source domain alone: train the demo's source-only
+small model and print its per-class IoU on held-out game images (and on the camera val split).
+
+Usage: python benchmarks/source_calibration.py [--out runs/calibration] [--held-out 50]
+       [--weights CKPT] [--seed 0]
+
+The benchmark is rendered with the demo's benchmark seed and ``--held-out`` extra source images:
+image ``i`` depends only on (seed, domain, i), so the first ``num_source`` images are exactly the
+demo's training set and the extra ones are unseen game scenes. No adaptation method runs here:
+this is how the benchmark's rendering parameters are chosen (docs/synthetic_benchmark.md).
+``--weights`` scores an existing checkpoint instead of training one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cbst import io
+from cbst.datasets import build_dataset
+from cbst.demo import BENCHMARK_SEED, RARE_CLASSES, DemoSettings, source_config, train_or_reuse
+from cbst.device import select_device
+from cbst.evaluation import Metrics, evaluate_model, format_table
+from cbst.labels import CITYSCAPES_19
+from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
+
+
+def _write_list(path: Path, names: list[str]) -> Path:
+    """An original-format GTA5 list file (``images/N.png<TAB>labels/N.png``) of ``names``."""
+    io.write_text(path, "".join(f"images/{n}\tlabels/{n}\n" for n in names))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/calibration")
+    parser.add_argument("--held-out", type=int, default=50, help="unseen game images to score on")
+    parser.add_argument("--weights", help="score this checkpoint instead of training the source model")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    settings = DemoSettings()
+    out, data = Path(args.out), Path(args.out) / "data"
+    make_synthetic(
+        data,
+        seed=BENCHMARK_SEED,
+        num_source=settings.num_source + args.held_out,
+        num_train=0,
+        num_val=settings.num_val,
+    )
+    names = sorted(p.name for p in (data / "gta5" / "images").glob("*.png"))
+    train_list = _write_list(out / "train.txt", names[: settings.num_source])
+    held_list = _write_list(out / "held_out.txt", names[settings.num_source :])
+    if args.weights:
+        weights = Path(args.weights)
+    else:
+        config = source_config(out / "source", data / "gta5", args.seed, settings, args.device, train_list)
+        weights = train_or_reuse(config)
+    from cbst.checkpoints import load_checkpoint
+
+    device = select_device(args.device)
+    model, _ = load_checkpoint(weights, device=device)
+    splits = {
+        "game held-out": build_dataset("gta5", data / "gta5", list_file=held_list, num_classes=19),
+        "camera val": build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19),
+    }
+    rows: dict[str, Metrics] = {
+        name: evaluate_model(model, dataset, device=device, progress=False)
+        for name, dataset in splits.items()
+    }
+    print(f"benchmark {SYNTHETIC_VERSION}, {settings.source_epochs} epochs, weights {weights}")
+    print(format_table(rows, CITYSCAPES_19.class_names))
+    summary = {
+        name: {"miou": m.miou, "rare": m.miou_over(RARE_CLASSES), "iou": m.to_json()}
+        for name, m in rows.items()
+    }
+    for name, row in summary.items():
+        print(f"{name}: mIoU {100 * row['miou']:.1f}, rare-class mean {100 * row['rare']:.1f}")
+    io.write_text(out / "calibration.json", json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
