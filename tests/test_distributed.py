@@ -63,7 +63,7 @@ def _self_train_args(bench: Path) -> list[str]:
         *("--data-root", str(data / "gta5"), "--data-root-tgt", str(data / "cityscapes")),
         *("--weights", str(bench / "source.pt"), "--num-round", "1", "--epoch-per-round", "1"),
         *("--init-tgt-port", "0.3", "--init-src-port", "0.5", "--batch-images", "2"),
-        *("--crop-size", "32", "--base-lr", "0.01", "--exact-thresholds", *QUIET),
+        *("--crop-size", "32", "--base-lr", "0.01", "--exact-thresholds", "--with-prior", "source", *QUIET),
     ]
 
 
@@ -100,6 +100,7 @@ def test_the_global_batch_must_split_over_the_processes(monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_pseudo_label_as_one(bench, tmp_path):
+    """A CBST-SP round 0 (its prior counted by the main process) with exact thresholds."""
     args = _self_train_args(bench)
     assert _one_process("self-train", *args, "--output", str(tmp_path / "one")) == 0
     job = _torchrun("self-train", *args, "--output", str(tmp_path / "two"))
@@ -117,6 +118,7 @@ def test_two_processes_pseudo_label_as_one(bench, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert state["finished"] == ["0/pseudo", "0/train", "0/eval"]
+    assert (tmp_path / "two" / "prior.npy").read_bytes() == (tmp_path / "one" / "prior.npy").read_bytes()
 
 
 @pytest.fixture(scope="module")
