@@ -105,8 +105,8 @@ def test_classes_and_imbalance(bench, domain):
     assert sum(freqs.values()) == pytest.approx(1.0)
     missing = [c for c in CITYSCAPES_19.class_names if freqs[c] <= 0]
     assert not missing, f"{domain}: classes absent over the set: {missing}"
-    for c in RARE:
-        assert freqs[c] < 0.01, (domain, c, freqs[c])
+    for c in RARE:  # drawn larger than life since version 1.2, still a few % of pixels at most
+        assert freqs[c] < 0.03, (domain, c, freqs[c])
     for c in LARGE:
         assert freqs[c] > 0.02, (domain, c, freqs[c])
     assert freqs["road"] > 0.2 and freqs["building"] > 0.1

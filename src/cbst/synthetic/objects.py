@@ -29,6 +29,24 @@ from cbst.synthetic.classes import (
 from cbst.synthetic.style import SOURCE_STYLE
 
 
+# Version 1.2: thin classes are drawn larger than life so that a stride-8 network at 256x128 can
+# learn them (docs/synthetic_benchmark.md, "Version 1.2"): every thin part is at least
+# THIN_MIN_PX pixels thick, poles and bicycle frames are thicker, and signal heads and signs
+# are bigger than real ones. The same sizes hold in both domains.
+THIN_MIN_PX = 3.0
+POLE_MIN_PX = 4.0  # poles: the class with the most pixels on thin parts
+POLE_WIDTH = (0.25, 0.4)  # metres (real: 0.08-0.15)
+LIGHT_HEAD = (0.6, 1.4)  # signal head width, height in metres (real: about 0.35 x 1.0)
+SIGN_SIZE = (0.9, 1.4)  # metres (real: 0.5-0.9)
+FRAME_WIDTH = 0.09  # bicycle frame tubes, metres
+TYRE_WIDTH = {BICYCLE: 0.1, MOTO: 0.14}  # tyre ring thickness, metres
+
+
+def _thick(cv: Canvas, metres: float, z: float) -> float:
+    """The pixel thickness of a thin part ``metres`` wide at depth ``z``, at least THIN_MIN_PX."""
+    return max(metres * cv.ppm(z), THIN_MIN_PX)
+
+
 def _poisson(rng: np.random.Generator, lam: float) -> int:
     return int(rng.poisson(lam))
 
@@ -166,7 +184,7 @@ def _two_wheeler(cv: Canvas, x: float, z: float, lab: int, direction: int) -> fl
     else:
         r, base, saddle = 0.32, 1.4, 0.85
     xb, xf = x - direction * base / 2, x + direction * base / 2
-    thick = max(1, int(round(ppm * (0.05 if lab == BICYCLE else 0.12))))
+    thick = int(round(_thick(cv, TYRE_WIDTH[lab], z)))
     for xx in (xb, xf):
         cv.disc(cv.proj(xx, r, z), r * ppm, lab, tyre, thickness=thick)
     if lab == BICYCLE:
@@ -174,7 +192,7 @@ def _two_wheeler(cv: Canvas, x: float, z: float, lab: int, direction: int) -> fl
         ph = cv.proj(xf - direction * 0.12, saddle + 0.1, z)
         pc = cv.proj(x, r, z)
         for a, b in ((pb, ps), (pb, pc), (pc, ps), (ps, ph), (pc, ph), (ph, pf)):
-            cv.line(a, b, ppm * 0.05, lab, col)
+            cv.line(a, b, _thick(cv, FRAME_WIDTH, z), lab, col)
     else:
         cv.poly(
             cv.proj(
@@ -192,7 +210,7 @@ def _two_wheeler(cv: Canvas, x: float, z: float, lab: int, direction: int) -> fl
 def _pole(cv: Canvas, x: float, z: float, s: int) -> None:
     rng, st = cv.rng, cv.style
     hp = rng.uniform(4.0, 8.5)
-    wp = rng.uniform(0.08, 0.15)
+    wp = max(rng.uniform(*POLE_WIDTH), POLE_MIN_PX / cv.ppm(z))
     col = cv.color(POLE)
     cv.box(x - wp / 2, x + wp / 2, 0, hp, z, POLE, col)
     u = rng.random()
@@ -201,20 +219,20 @@ def _pole(cv: Canvas, x: float, z: float, s: int) -> None:
         if rng.random() < 0.5:
             arm = rng.uniform(2.0, 4.5)
             xa = x - s * arm
-            cv.line(cv.proj(x, hp - 0.3, z), cv.proj(xa, hp - 0.3, z), cv.ppm(z) * 0.12, POLE, col)
+            cv.line(cv.proj(x, hp - 0.3, z), cv.proj(xa, hp - 0.3, z), _thick(cv, 0.12, z), POLE, col)
             hx, hy = xa, hp - 0.3
         else:
             hx, hy = x - s * 0.3, hp - 0.2
-        hw, hh = 0.35, 1.0
+        hw, hh = LIGHT_HEAD
         box = cv.color(LIGHT)
         cv.box(hx - hw / 2, hx + hw / 2, hy - hh, hy, z - 0.05, LIGHT, box)
         lit = int(rng.integers(3))
         for i, c in enumerate(((230, 30, 20), (240, 170, 0), (30, 220, 80))):
             c = c if i == lit else tuple(int(v * 0.25) for v in c)
-            cv.disc(cv.proj(hx, hy - hh * (0.2 + 0.3 * i), z - 0.1), 0.1 * cv.ppm(z), LIGHT, c)
+            cv.disc(cv.proj(hx, hy - hh * (0.2 + 0.3 * i), z - 0.1), 0.1 * hh * cv.ppm(z), LIGHT, c)
     elif u < st.p_light + st.p_sign:
         ys = rng.uniform(2.2, min(hp, 3.6))
-        size = rng.uniform(0.5, 0.9)
+        size = rng.uniform(*SIGN_SIZE)
         col = cv.color(SIGN)
         sx = x - s * size * 0.5
         shape = int(rng.integers(3))
@@ -236,7 +254,7 @@ def _pole(cv: Canvas, x: float, z: float, s: int) -> None:
         cv.disc(cv.proj(sx, ys, z - 0.06), size * 0.22 * cv.ppm(z), SIGN, inner)
     elif rng.random() < 0.5:  # street lamp
         arm = rng.uniform(1.0, 2.0)
-        cv.line(cv.proj(x, hp, z), cv.proj(x - s * arm, hp + 0.2, z), cv.ppm(z) * 0.1, POLE, col)
+        cv.line(cv.proj(x, hp, z), cv.proj(x - s * arm, hp + 0.2, z), _thick(cv, 0.1, z), POLE, col)
 
 
 def _tree(cv: Canvas, x: float, z: float) -> None:

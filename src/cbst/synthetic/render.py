@@ -11,7 +11,7 @@ from cbst.synthetic.objects import place_objects
 from cbst.synthetic.street import draw_background, draw_ego, draw_facades
 from cbst.synthetic.style import SOURCE_STYLE, TARGET_STYLE, TEX_FINE_LUT, TEX_LOW_LUT
 
-SYNTHETIC_VERSION = "1.1"
+SYNTHETIC_VERSION = "1.2"
 """Version of the renderer. Same version + seed + parameters => byte-identical files."""
 
 DOMAIN_SOURCE, DOMAIN_TARGET_TRAIN, DOMAIN_TARGET_VAL = 0, 1, 2
