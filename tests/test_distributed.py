@@ -222,12 +222,13 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, tmp_path,
     assert not (tmp_path / "data").exists() and not distributed.initialized()
 
 
-def test_under_torchrun_a_gpu_number_is_refused(monkeypatch):
+def test_under_torchrun_a_gpu_number_and_mps_are_refused(monkeypatch):
     from cbst.device import select_device
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(ValueError, match="--device cuda:1: under torchrun every process uses the GPU of its"):
-        select_device("cuda:1")
+    for name in ("cuda:1", "mps"):
+        with pytest.raises(ValueError, match=f"--device {name}: under torchrun every process uses the GPU"):
+            select_device(name)
     assert select_device("cpu") == torch.device("cpu")
 
 
