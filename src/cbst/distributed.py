@@ -69,13 +69,14 @@ def init() -> None:
 
     On a machine with CUDA this process is bound to GPU ``LOCAL_RANK`` first, so that the
     device ``cuda`` (what ``--device auto`` picks) means that GPU in every process. With more
-    processes on a machine than it has GPUs, the group is gloo's alone (one GPU per process is
-    NCCL's rule).
+    processes on a machine than it has GPUs, the group is gloo's alone in every process (one
+    GPU per process is NCCL's rule).
     """
     if not launched() or initialized():
         return
     local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available() and local < torch.cuda.device_count():
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if torch.cuda.is_available() and processes <= torch.cuda.device_count():
         torch.cuda.set_device(local)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local))
     else:
