@@ -19,8 +19,8 @@ from pathlib import Path
 
 from cbst import io
 from cbst.datasets import build_dataset
-from cbst.device import select_device
 from cbst.demo import BENCHMARK_SEED, RARE_CLASSES, DemoSettings, source_config, train_or_reuse
+from cbst.device import select_device
 from cbst.evaluation import Metrics, evaluate_model, format_table
 from cbst.labels import CITYSCAPES_19
 from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic

@@ -88,6 +88,19 @@ def require_batch_fits(batch: int, samples: int, what: str) -> None:
         )
 
 
+def require_split_batch(config: Any, name: str) -> None:
+    """Under torchrun ``name`` (a batch size) is the global batch: it must split evenly over
+    the job's processes."""
+    from cbst import distributed
+
+    world, value = distributed.world_size(), getattr(config, name)
+    if value % world:
+        raise ConfigError(
+            f"{flag(name)} {value} is the global batch, split over the {world} processes of this "
+            f"torchrun job; make it a multiple of {world}"
+        )
+
+
 def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """``values`` with the named path fields made absolute and normalised (None and keywords kept)."""
     out = dict(values)

@@ -9,9 +9,11 @@ flags given on the command line still win (timm's train.py convention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -26,6 +28,10 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "report",
 )
+
+
+DISTRIBUTED_COMMANDS: tuple[str, ...] = ("train-source", "self-train", "evaluate")
+"""The commands that run as one job of several processes under torchrun (README, "Multiple GPUs")."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -154,11 +160,47 @@ def _error_message(exc: BaseException) -> str | None:
     return None
 
 
+def _join_job(command: str) -> str:
+    """Under torchrun, join the job's process group; returns ``" (rank R/N)"`` for messages."""
+    from cbst import distributed
+
+    if not distributed.launched():
+        return ""
+    if command not in DISTRIBUTED_COMMANDS:
+        raise CLIError(
+            f"runs in one process; start it without torchrun (torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})"
+        )
+    distributed.init()
+    return f" ({distributed.describe()})"
+
+
+@contextlib.contextmanager
+def _console_of_main() -> Iterator[None]:
+    """Only the main process of a torchrun job prints results: the others' stdout is discarded
+    (their errors still reach stderr)."""
+    from cbst import distributed
+
+    if distributed.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, apply ``--config`` defaults, run the subcommand; returns the exit status.
 
     Every user error ends here, as one line on stderr and exit status 2 (see ``_error_message``).
+    Under torchrun every process runs this; a process that fails prints its message, prefixed
+    with its rank, and exits, and torchrun then stops the others. A process whose collective
+    operation fails (another one is gone) says so in one line and exits with status 1.
     """
+    from cbst import distributed
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     prefix = "cbst"
@@ -169,14 +211,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         prefix = f"cbst {args.command}"
-        return int(args._run(args) or 0)
+        prefix += _join_job(args.command)
+        with _console_of_main():
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
+    except distributed.COMMUNICATION_ERRORS as exc:
+        detail = _one_line(str(exc))
+        print(
+            f"{prefix}: stopped: the job's communication failed, mostly because another process stopped ({detail})",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:
         message = _error_message(exc)
         if message is None:
             raise
-        one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
-        print(f"{prefix}: error: {one_line}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()

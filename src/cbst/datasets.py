@@ -22,6 +22,7 @@ import numpy as np
 import torch.utils.data
 from tqdm import tqdm
 
+from . import distributed
 from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit, read_text
 from .labels import CITYSCAPES_19, SYNTHIA_16, Protocol, folder_protocol, protocol_for, read_folder_config
 
@@ -112,7 +113,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             self.samples,
             desc="verifying" + (" (full decode)" if full else " (headers)"),
             unit="sample",
-            disable=not progress or files <= PROGRESS_MIN_FILES,
+            disable=not (progress and distributed.is_main()) or files <= PROGRESS_MIN_FILES,
             leave=False,
         )
         for sample in bar:

@@ -10,11 +10,25 @@ import torch
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch.
+
+    Under torchrun ``cuda`` is the GPU of the process's ``LOCAL_RANK``
+    (:func:`cbst.distributed.init`), a GPU number is refused, and so is MPS (``auto`` skips it),
+    whose tensors the job's collective operations cannot carry.
+    """
+    from cbst import distributed
+
+    several = distributed.world_size() > 1
+    if several and (name.startswith("cuda:") or name == "mps"):
+        raise ValueError(
+            f"--device {name}: under torchrun every process uses the GPU of its LOCAL_RANK "
+            "(CUDA only); pass --device cuda, cpu or auto, and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available() and not several:
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)

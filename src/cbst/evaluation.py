@@ -207,10 +207,15 @@ def evaluate_model(
     Images of equal size are batched together (up to ``batch_size``), decoded by
     ``num_workers`` loader processes ahead of the forward passes, and predictions are written
     by background threads; the confusion matrix stays on ``device``. ``mean``/``std`` default
-    to the ImageNet values.
+    to the ImageNet values. Under torchrun each process scores its share of the images
+    (:func:`cbst.distributed.shard`) and writes their predictions; the confusion matrices are
+    summed, so every process returns the metrics of the whole dataset.
     """
+    from cbst import distributed
     from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 
+    dataset = distributed.shard_dataset(dataset)
+    progress = progress and distributed.is_main()
     device = torch.device(device)
     model.to(device)
     protocol = dataset.protocol
@@ -290,12 +295,18 @@ def find_predictions(pred_dir: str | Path, sample_names: Sequence[str]) -> list[
 
 
 def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool = True) -> Metrics:
-    """Score a folder of raw-id prediction PNGs (Cityscapes labelIds) against a dataset's labels."""
+    """Score a folder of raw-id prediction PNGs (Cityscapes labelIds) against a dataset's labels.
+
+    Under torchrun each process reads its share of the files and the counts are summed.
+    """
+    from cbst import distributed
+
     protocol = dataset.protocol
     files = find_predictions(pred_dir, [s.name for s in dataset.samples])
     confusion = ConfusionMatrix(protocol.num_classes)
-    for index, path in enumerate(tqdm(files, disable=not progress, unit="img", desc="evaluate")):
-        name, label = dataset.samples[index].name, dataset.label(index)
+    shard = distributed.shard(len(files))
+    for index in tqdm(shard, disable=not (progress and distributed.is_main()), unit="img", desc="evaluate"):
+        path, name, label = files[index], dataset.samples[index].name, dataset.label(index)
         if label is None:
             raise DataError(f"{name}: sample has no label to evaluate against")
         raw = read_label(path)
@@ -309,6 +320,7 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
                 f"ground truth of {name} {label.shape[::-1]}"
             )
         confusion.update(torch.from_numpy(protocol.encode(raw)), torch.from_numpy(label))
+    confusion.all_reduce()
     return confusion.metrics(protocol.class_names)
 
 

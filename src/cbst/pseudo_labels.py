@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cbst import io
+from cbst import distributed, io
 from cbst.crst import soft_pseudo_labels
 from cbst.evaluation import write_prediction
 from cbst.inference import (
@@ -43,7 +43,7 @@ from cbst.priors import apply_prior
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
-__all__ = ["CACHE_FOLDER", "ProbabilityCache", "pseudo_label_pass"]
+__all__ = ["CACHE_FOLDER", "ProbabilityCache", "cache_folder", "pseudo_label_pass"]
 
 
 class _GroundTruth(torch.utils.data.Dataset):
@@ -190,7 +190,10 @@ def pseudo_label_pass(
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
     Writes ``out_dir/pseudo_labelIds/NAME.png``, ``out_dir/pseudo_color/NAME.png`` and
-    ``out_dir/stats.json``; returns the stats.
+    ``out_dir/stats.json``; returns the stats. Under torchrun each process labels its share of
+    the images (:func:`cbst.distributed.shard`) and writes their PNGs; the threshold statistics
+    are combined before any label is assigned, so the thresholds, the labels and ``stats.json``
+    (written once, when every process has finished) are those of a one-process pass.
 
     Args:
         model: the round's model, on the device the pass runs on.
@@ -211,7 +214,9 @@ def pseudo_label_pass(
         amp: mixed precision where it pays (`cbst.device.mixed_precision`).
         progress: show progress bars.
         keep_cache: keep the probability cache in ``out_dir/probability_cache`` after the
-            round (see :meth:`ProbabilityCache.open`); it is deleted otherwise.
+            round (see :meth:`ProbabilityCache.open`); it is deleted otherwise. Under torchrun
+            each process keeps its own, ``probability_cache_rankR``, indexed by position in
+            its share of the images.
         cache_backend: ``auto`` (device, then host memory, then a file, by available size),
             or ``device``, ``host`` or ``disk`` for everything.
         lrent_alpha: CRST-LRENT's α: select pixels by its entropy rule instead of
@@ -221,10 +226,12 @@ def pseudo_label_pass(
     device = next(model.parameters()).device
     protocol = dataset.protocol
     started = time.time()
+    shard = distributed.shard_dataset(dataset)
+    progress = progress and distributed.is_main()
     plan = InferencePlan(long_side, tuple(scales), flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(
-        out_dir / CACHE_FOLDER,
+        out_dir / cache_folder(),
         plan,
         device=device,
         backend=cache_backend,
@@ -234,7 +241,7 @@ def pseudo_label_pass(
     ) as cache:
         batches = _fill_cache(
             model,
-            dataset,
+            shard,
             cache,
             estimator,
             prior,
@@ -243,11 +250,12 @@ def pseudo_label_pass(
             amp=amp,
             progress=progress,
         )
+        estimator.all_reduce()  # every process assigns labels with the same thresholds
         thresholds = estimator.thresholds(portion)
-        selected, correct, judged, candidates = _write_labels(
+        counts = _write_labels(
             cache,
             batches,
-            dataset,
+            shard,
             thresholds,
             prior,
             out_dir,
@@ -255,6 +263,7 @@ def pseudo_label_pass(
             progress=progress,
             alpha=lrent_alpha,
         )
+    selected, correct, judged, candidates = (distributed.all_reduce_sum(count) for count in counts)
     predicted = estimator.class_pixel_counts
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
     stats = {
@@ -276,5 +285,11 @@ def pseudo_label_pass(
             name: int(kept) / int(total) if int(total) else None
             for name, kept, total in zip(protocol.class_names, selected.tolist(), candidates.tolist())
         }
-    io.write_json(out_dir / "stats.json", stats)
+    distributed.write_once(io.write_json, out_dir / "stats.json", stats)
     return stats
+
+
+def cache_folder() -> str:
+    """This process's cache folder in the round folder: :data:`CACHE_FOLDER`, suffixed
+    ``_rankR`` under torchrun, where every process caches its own share of the images."""
+    return CACHE_FOLDER if distributed.world_size() == 1 else f"{CACHE_FOLDER}_rank{distributed.rank()}"

@@ -16,6 +16,11 @@ Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
 
 ``resume=True`` skips finished stages; every random draw is seeded from (seed, round, epoch,
 image index), so a resumed run ends with the same weights as an uninterrupted one.
+
+Under torchrun every stage is split over the processes (:mod:`cbst.distributed`): each labels
+and scores its share of the images and trains on its slice of every batch; the main process
+alone writes the configuration, ``state.json``, checkpoints and metrics, and the others wait
+for it where they read them.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from cbst import checks, io
+from cbst import checks, distributed, io
 from cbst.checks import ConfigError
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
-from cbst.pseudo_labels import pseudo_label_pass
+from cbst.pseudo_labels import cache_folder, pseudo_label_pass
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import POLICIES
 
@@ -89,6 +94,7 @@ _STAGE_OPTIONS = {
         "mr_weight_src",
         "lr_weight_ent",
         "with_prior",
+        "sync_bn",
     ),
     "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
 }
@@ -157,6 +163,7 @@ class SelfTrainConfig:
     mine_thresh: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    sync_bn: bool = False
     # CRST's regularisers (cbst.crst; 0 = off)
     mr_weight_kld: float = 0.0
     mr_weight_src: float = 0.0
@@ -229,6 +236,12 @@ class SelfTrainConfig:
             self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
         )
         checks.require_scale_range(self, "scale_rate_range")
+        checks.require_split_batch(self, "batch_images")
+        if self.lr_weight_ent > 0 and distributed.world_size() > 1:
+            raise ConfigError(
+                "--lr-weight-ent (LRENT) runs in one process for now: its training reads the "
+                "round's probability cache, which under torchrun is split over the processes"
+            )
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -287,8 +300,10 @@ class RunState:
         return f"{round_index}/{stage}" in self.finished
 
     def mark(self, round_index: int, stage: str) -> None:
+        """Record a finished stage (the file is written by the main process only)."""
         self.finished.append(f"{round_index}/{stage}")
-        io.write_json(self.path, {"finished": self.finished})
+        if distributed.is_main():
+            io.write_json(self.path, {"finished": self.finished})
 
 
 def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
@@ -355,7 +370,8 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
     """The CBST-SP prior at the target images' resolution, on the device (resized once, here).
 
     ``with_prior="source"`` counts it on the source labels the first time and keeps it as
-    ``OUTPUT/prior.npy``; otherwise it is read from a .npy or the original's .mat file.
+    ``OUTPUT/prior.npy`` (the main process does, the others wait for the file); otherwise it is
+    read from a .npy or the original's .mat file.
     """
     from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 
@@ -363,8 +379,13 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
         return None
     w, h = io.image_size(target.samples[0].image)
     path = out / "prior.npy" if cfg.with_prior == "source" else Path(cfg.with_prior)
-    if cfg.with_prior == "source" and not path.is_file():
-        save_prior(path, spatial_prior_from_dataset(source, (h, w), progress=cfg.progress))
+
+    def count_if_missing() -> None:
+        if not path.is_file():
+            save_prior(path, spatial_prior_from_dataset(source, (h, w), progress=cfg.progress))
+
+    if cfg.with_prior == "source":
+        distributed.write_once(count_if_missing)
     return torch.from_numpy(load_prior(path, cfg.num_classes, size=(h, w))).to(device)
 
 
@@ -428,6 +449,7 @@ def _train_round(
         amp=cfg.amp,
         progress=cfg.progress,
         loss_fn=loss_fn,
+        sync_bn=cfg.sync_bn,
     )
 
 
@@ -517,7 +539,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     if not state.done(0, "train"):
         _check_weights(cfg, protocol_name)
     device = select_device(cfg.device)
-    _write_config(out, cfg)
+    distributed.check_sync_bn(cfg.sync_bn, device)
+    distributed.write_once(_write_config, out, cfg)
     configure_backends(device)
     prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
@@ -530,7 +553,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
         if not state.done(plan.index, "train"):
             model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
-            shutil.rmtree(rdir / CACHE_FOLDER, ignore_errors=True)  # an interrupted pass's
+            shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # an interrupted pass's
             pseudo_label_pass(
                 model,
                 target,
@@ -558,7 +581,8 @@ def self_train(cfg: SelfTrainConfig) -> dict:
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             loss_fn = _crst_loss(cfg, rdir, stats, prior, device)
             _train_round(cfg, plan, model, source, pseudo, stats, device, loss_fn)
-            save_checkpoint(
+            distributed.write_once(
+                save_checkpoint,
                 ckpt,
                 reused.model,
                 arch=reused.meta["arch"],
@@ -568,7 +592,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 epoch=plan.end_epoch,
             )
             state.mark(plan.index, "train")
-        shutil.rmtree(rdir / CACHE_FOLDER, ignore_errors=True)  # LRENT's, once trained
+        shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # LRENT's, once trained
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:
@@ -583,9 +607,10 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 amp=cfg.amp,
                 progress=cfg.progress,
             )
-            io.write_json(rdir / "metrics.json", metrics.to_json())
+            distributed.write_once(io.write_json, rdir / "metrics.json", metrics.to_json())
             state.mark(plan.index, "eval")
         if (rdir / "metrics.json").is_file():
             results[plan.index] = json.loads((rdir / "metrics.json").read_text())
-    io.write_json(out / "results.json", {"rounds": results})
+    if distributed.is_main():
+        io.write_json(out / "results.json", {"rounds": results})
     return results

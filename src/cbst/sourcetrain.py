@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cbst import checks
+from cbst import checks, distributed
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
@@ -59,6 +59,7 @@ class SourceTrainConfig:
     eval_split: str = "val"
     eval_long_side: int | None = None
     tensorboard: bool = False
+    sync_bn: bool = False
 
     def validate(self) -> None:
         """Reject invalid options before anything is read or written; errors name the flag."""
@@ -66,6 +67,7 @@ class SourceTrainConfig:
         checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
         checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
         checks.require_scale_range(self, "scale_range")
+        checks.require_split_batch(self, "batch_images")
         if self.lr_type not in LR_POLICIES:
             raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
         if any(step < 0 for step in self.lr_steps):
@@ -145,6 +147,9 @@ def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> Non
     if not path.is_file():
         return
     saved = checks.resolved_paths(checks.read_saved_config(path), _SOURCE_INPUTS)
+    for field in fields(SourceTrainConfig):  # an option newer than the run had its default
+        if field.name not in saved and field.default is not MISSING:
+            saved[field.name] = field.default
     current = config.saved_form()
     free = _SOURCE_RESUME_FREE + (("to_epoch",) if config.lr_type in ("fixed", "step") else ())
     diff = checks.changed(saved, current, [k for k in current if k not in free])
@@ -186,7 +191,12 @@ def _evaluator(
 
 
 def train_source(config: SourceTrainConfig) -> Path:
-    """Train on labelled source images, checkpointing every epoch; returns ``OUT/last.pt``."""
+    """Train on labelled source images, checkpointing every epoch; returns ``OUT/last.pt``.
+
+    Under torchrun every process trains on its slice of each batch and scores its share of the
+    evaluation images; the main process alone writes the configuration, checkpoints, log and
+    TensorBoard events.
+    """
     from cbst.checkpoints import load_checkpoint, save_checkpoint
     from cbst.datasets import build_dataset
     from cbst.models.base import round_to_stride
@@ -196,6 +206,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     output = Path(config.output)
     check_output_dir(output)
     device = select_device(config.device)
+    distributed.check_sync_bn(config.sync_bn, device)
     configure_backends(device)
     data = build_dataset(
         config.dataset,
@@ -234,15 +245,21 @@ def train_source(config: SourceTrainConfig) -> Path:
             model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     evaluate = _evaluator(config, protocol, device)
-    _write_config(output, config)
+    distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
-    writer = _tensorboard(output) if config.tensorboard else None
+    writer = _tensorboard(output) if config.tensorboard and distributed.is_main() else None
 
     def on_epoch_end(epoch: int, stats: dict) -> None:
         done = epoch + 1
         record = {**stats, "epoch": done}
         if evaluate is not None:
-            record.update(evaluate(net))
+            record.update(evaluate(net))  # every process scores its share of the images
+        if distributed.is_main():
+            save_epoch(record)
+
+    def save_epoch(record: dict) -> None:
+        """The checkpoint, ``last.pt``, the log line and the TensorBoard point of an epoch."""
+        done = record["epoch"]
         extra = {"optimizer": optimizer.state_dict(), "config": asdict(config), "stats": record}
         save_checkpoint(
             checkpoint_path(output, done),
@@ -278,6 +295,7 @@ def train_source(config: SourceTrainConfig) -> Path:
             on_epoch_end=on_epoch_end,
             writer=writer,
             progress=config.progress,
+            sync_bn=config.sync_bn,
         )
     finally:
         if writer is not None:

@@ -5,6 +5,10 @@ self-training round (docs/method.md §7,
 §2). Every random choice of an epoch is a function of (seed, epoch): the loader's shuffle, the
 transform's crops (``TrainTransform.set_epoch``) and the dropout masks. Resuming from the
 checkpoint written after epoch e therefore continues exactly as the uninterrupted run would.
+
+Under torchrun (:mod:`cbst.distributed`) the model is wrapped in DistributedDataParallel and
+each process trains on its slice of every global batch of ``batch_size`` images; the order and
+crops stay functions of (seed, epoch), and the dropout masks of (seed, epoch, rank).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from cbst import distributed
 from cbst.device import autocast, mixed_precision, prefers_channels_last
 from cbst.inference import normalize
 from cbst.labels import IGNORE_INDEX
@@ -108,9 +113,10 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for the global torch RNG (dropout) of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> 1)
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed for the global torch RNG (dropout) of one epoch in process ``rank``."""
+    entropy = [seed, epoch] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
 
 
 class EpochIndexed(Dataset):
@@ -138,11 +144,18 @@ class EpochBatches(torch.utils.data.Sampler):
 
     An epoch's order is the one ``DataLoader(shuffle=True, drop_last=True,
     generator=torch.Generator().manual_seed(seed + epoch))`` gives (the loader draws its worker
-    base seed from the generator before the permutation); the remainder is dropped.
+    base seed from the generator before the permutation); the remainder is dropped. With
+    ``world > 1`` the batches are the global ones, and process ``rank`` takes its consecutive
+    ``batch_size / world`` keys of each.
     """
 
-    def __init__(self, size: int, batch_size: int, epochs: range, seed: int) -> None:
+    def __init__(
+        self, size: int, batch_size: int, epochs: range, seed: int, *, rank: int = 0, world: int = 1
+    ) -> None:
+        if batch_size % world:
+            raise ValueError(f"a batch of {batch_size} cannot be split evenly over {world} processes")
         self.size, self.batch_size, self.epochs, self.seed = size, batch_size, epochs, seed
+        self.part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     def __len__(self) -> int:
         return len(self.epochs) * (self.size // self.batch_size)
@@ -153,7 +166,7 @@ class EpochBatches(torch.utils.data.Sampler):
             torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(self.size, generator=generator).tolist()
             for start in range(0, self.size - self.batch_size + 1, self.batch_size):
-                yield [(epoch, i) for i in order[start : start + self.batch_size]]
+                yield [(epoch, i) for i in order[start : start + self.batch_size][self.part]]
 
 
 def stack_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -185,9 +198,17 @@ def train_loader(
     """One loader over ``epochs``; each epoch's order and crops depend only on (seed, epoch).
 
     Workers prefetch (``prefetch_factor`` batches each) across epoch boundaries; ``pin_memory``
-    puts batches in page-locked memory so the copy to a CUDA device can overlap compute.
+    puts batches in page-locked memory so the copy to a CUDA device can overlap compute. Under
+    torchrun ``batch_size`` is the global batch, and this process loads its slice of each.
     """
-    batches = EpochBatches(len(dataset), batch_size, epochs, seed)  # type: ignore[arg-type]
+    batches = EpochBatches(
+        len(dataset),  # type: ignore[arg-type]
+        batch_size,
+        epochs,
+        seed,
+        rank=distributed.rank(),
+        world=distributed.world_size(),
+    )
     return DataLoader(
         EpochIndexed(dataset),
         batch_sampler=batches,
@@ -228,13 +249,17 @@ def train_epochs(
     writer: Any = None,
     progress: bool = True,
     loss_fn: LossFn | None = None,
+    sync_bn: bool = False,
 ) -> dict:
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
     ``on_epoch_end(epoch, stats)`` receives the 0-based index of the finished epoch; callers
     checkpoint there. ``loss_fn(logits, labels, batch)`` replaces :func:`segmentation_loss`
     (CRST's regularised loss, :class:`cbst.crst.CrstLoss`). Returns the last epoch's mean loss
-    and the global iteration count.
+    and the global iteration count. Under torchrun ``batch_size`` is the global batch, the model
+    is trained through DistributedDataParallel (with SyncBatchNorm layers when ``sync_bn``),
+    every process holds the same weights and buffers at each epoch's end, and the logged loss
+    is the mean over all.
     """
     device = torch.device(device)
     iters = len(dataset) // batch_size
@@ -247,6 +272,8 @@ def train_epochs(
     if optimizer is None:
         optimizer = build_optimizer(model, base_lr)
     scaler = _grad_scaler(device, amp)
+    net = distributed.data_parallel(model, device, sync_bn=sync_bn)
+    progress = progress and distributed.is_main()
     total = epochs * iters
     stats: dict[str, Any] = {"loss": float("nan"), "iterations": start_epoch * iters}
     batches = iter(
@@ -260,10 +287,10 @@ def train_epochs(
         )
     )
     for epoch in range(start_epoch, epochs):
-        torch.manual_seed(_epoch_seed(seed, epoch))
+        torch.manual_seed(_epoch_seed(seed, epoch, distributed.rank()))
         loader = itertools.islice(batches, iters)
         stats = _run_epoch(
-            model,
+            net,
             loader,
             optimizer,
             scaler,
@@ -282,6 +309,7 @@ def train_epochs(
             progress=progress,
             loss_fn=loss_fn,
         )
+        distributed.broadcast_buffers(model)
         _check_finite_weights(model, epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
@@ -360,8 +388,9 @@ def _run_epoch(
 
 
 def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, it: int) -> float:
-    """The running mean loss; a non-finite value stops training with the iteration named."""
-    mean = loss_sum.item() / steps
+    """The running mean loss (over all processes); a non-finite value stops training with the
+    iteration named."""
+    mean = distributed.all_reduce_mean(loss_sum.clone()).item() / steps
     if not math.isfinite(mean):
         raise FloatingPointError(
             f"non-finite training loss at epoch {epoch + 1}, "

@@ -29,10 +29,12 @@ def default_num_workers(limit: int = 8) -> int:
     """Default data-loader worker processes: the usable CPU cores, at most ``limit``.
 
     Decoding in workers overlaps it with the forward pass even on 2 cores; beyond about 8
-    workers a loader no longer speeds up one GPU and only costs memory.
+    workers a loader no longer speeds up one GPU and only costs memory. Under torchrun the
+    cores are shared by the job's processes on this machine (``LOCAL_WORLD_SIZE``).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(limit, cores or 1))
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(limit, (cores or 1) // processes))
 
 
 def add_compile_argument(group: argparse._ActionsContainer) -> None:
@@ -43,6 +45,16 @@ def add_compile_argument(group: argparse._ActionsContainer) -> None:
         help="torch.compile the model (off by default: compilation repeats for "
         "every input size and train/eval mode and is not yet shown to pay "
         "for itself on an ordinary run)",
+    )
+
+
+def add_sync_bn_argument(group: argparse._ActionsContainer) -> None:
+    """--sync-bn (``args.sync_bn``), for the commands that train."""
+    group.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: batch-norm statistics over the global batch instead of "
+        "each process's slice (SyncBatchNorm; for models whose batch norm trains, e.g. small)",
     )
 
 
@@ -64,11 +76,15 @@ def add_runtime_arguments(p: argparse.ArgumentParser, names: tuple[str, ...] = R
             "--num-workers",
             type=int,
             default=default_num_workers(),
-            help="data-loader worker processes; by default the usable CPU cores, at most 8",
+            help="data-loader worker processes; by default the usable CPU cores (divided among "
+            "the processes of a torchrun job on this machine), at most 8",
         )
     if "amp" in names:
         g.add_argument(
-            "--no-amp", dest="amp", action="store_false", help="float32 instead of bf16 autocast (used on CUDA and on CPUs with native bf16)"
+            "--no-amp",
+            dest="amp",
+            action="store_false",
+            help="float32 instead of bf16 autocast (used on CUDA and on CPUs with native bf16)",
         )
     if "progress" in names:
         g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

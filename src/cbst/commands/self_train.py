@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cbst.commands.options import add_runtime_arguments, float_list, float_range
+from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
 from cbst.datasets import DATASETS
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import POLICIES
@@ -115,7 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(oracle information, as the original's val-phase log; needs labels)",
     )
     g = p.add_argument_group("training")
-    g.add_argument("--batch-images", type=int, default=2)
+    g.add_argument(
+        "--batch-images", type=int, default=2, help="images per batch, over all processes under torchrun"
+    )
+    add_sync_bn_argument(g)
     g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
     g.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3))
     g.add_argument("--origin-size", type=int, default=None, help="source reference long side")

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 
 from cbst.cli import CLIError
-from cbst.commands.options import add_runtime_arguments, float_range
+from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
 from cbst.datasets import DATASETS
 from cbst.models import ARCHS
 from cbst.sourcetrain import SourceTrainConfig
@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-images",
         type=int,
         default=d["batch_images"],
-        help="images per batch (the original: 16 over 4 GPUs)",
+        help="images per batch, over all processes under torchrun (the original: 16 over 4 GPUs)",
     )
+    add_sync_bn_argument(optim)
     optim.add_argument(
         "--crop-size",
         type=int,
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         eval_long_side=args.eval_long_side,
         tensorboard=args.tensorboard,
         compile=args.compile,
+        sync_bn=args.sync_bn,
     )
     last = train_source(config)
     print(f"trained {config.model} on {config.dataset}: {last}")
