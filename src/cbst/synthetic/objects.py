@@ -28,7 +28,6 @@ from cbst.synthetic.classes import (
 )
 from cbst.synthetic.style import SOURCE_STYLE
 
-
 # Version 1.2: thin classes are drawn larger than life so that a stride-8 network at 256x128 can
 # learn them (docs/synthetic_benchmark.md, "Version 1.2"): every thin part is at least
 # THIN_MIN_PX pixels thick, poles and bicycle frames are thicker, and signal heads and signs
