@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
-    prefix = "cbst"
+    prefix, finished = "cbst", False
     try:
         _apply_config(argv, subparsers)
         args = parser.parse_args(argv)
@@ -213,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = f"cbst {args.command}"
         prefix += _join_job(args.command)
         with _console_of_main():
-            return int(args._run(args) or 0)
+            status = int(args._run(args) or 0)
+        finished = True
+        return status
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
         return 130
@@ -231,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished=finished)

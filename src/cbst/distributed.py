@@ -83,9 +83,17 @@ def init() -> None:
         dist.init_process_group("gloo")
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when there is none)."""
+def shutdown(*, finished: bool = False) -> None:
+    """Leave the process group (no-op when there is none).
+
+    ``finished``: every process ended its command normally, so all of them first meet at a
+    barrier; without it a process that tears the group down while another is still in its last
+    collective can make that one abort at exit. After an error there is no barrier (the others
+    may never reach it): torchrun stops them.
+    """
     if initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
