@@ -295,6 +295,7 @@ def pseudo_label_pass(
             name: int(kept) / int(total) if int(total) else None
             for name, kept, total in zip(protocol.class_names, selected.tolist(), candidates.tolist())
         }
+    # its barrier also means every process's kept cache is complete on disk (open_kept_cache)
     distributed.write_once(io.write_json, out_dir / "stats.json", stats)
     return stats
 
