@@ -24,6 +24,7 @@ from cbst import checks, distributed
 from cbst.checkpoints import read_meta
 from cbst.cli import main
 from cbst.datasets import build_dataset
+from cbst.probability_cache import CACHE_FOLDER
 from cbst.training import EpochBatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +99,10 @@ def test_the_global_batch_must_split_over_the_processes(monkeypatch):
         checks.require_split_batch(Config(), "batch_images")
 
 
-@pytest.mark.slow
-def test_two_processes_pseudo_label_as_one(bench, tmp_path):
-    """A CBST-SP round 0 (its prior counted by the main process) with exact thresholds."""
-    args = _self_train_args(bench)
+def _self_train_as_one(bench: Path, tmp_path: Path, *options: str) -> tuple[Path, Path]:
+    """Run round 0 in one process and under torchrun; assert the same pseudo-labels, stats and
+    round files. Returns the two round folders."""
+    args = [*_self_train_args(bench), *options]
     assert _one_process("self-train", *args, "--output", str(tmp_path / "one")) == 0
     job = _torchrun("self-train", *args, "--output", str(tmp_path / "two"))
     assert job.returncode == 0, job.stderr
@@ -118,7 +119,27 @@ def test_two_processes_pseudo_label_as_one(bench, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert state["finished"] == ["0/pseudo", "0/train", "0/eval"]
+    return one, two
+
+
+@pytest.mark.slow
+def test_two_processes_pseudo_label_as_one(bench, tmp_path):
+    """A CBST-SP round 0 (its prior counted by the main process) with exact thresholds."""
+    _self_train_as_one(bench, tmp_path)
     assert (tmp_path / "two" / "prior.npy").read_bytes() == (tmp_path / "one" / "prior.npy").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_train_lrent_on_both_kept_caches(bench, tmp_path):
+    """LRENT's training reads every process's probability cache, deleted once trained.
+
+    The weights are not compared: the loss of a split batch is a mean of per-process means.
+    """
+    one, two = _self_train_as_one(bench, tmp_path, "--lr-weight-ent", "0.25")
+    stats = json.loads((two / "stats.json").read_text())
+    assert stats["lrent_alpha"] == 0.25 and any(f is not None for f in stats["kept_fraction"].values())
+    assert not [p.name for p in two.iterdir() if p.name.startswith(CACHE_FOLDER)]
+    assert (two / "model.pt").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -230,19 +251,3 @@ def test_under_torchrun_a_gpu_number_and_mps_are_refused(monkeypatch):
         with pytest.raises(ValueError, match=f"--device {name}: under torchrun every process uses the GPU"):
             select_device(name)
     assert select_device("cpu") == torch.device("cpu")
-
-
-def test_lrent_is_refused_under_torchrun(bench, monkeypatch, tmp_path):
-    from cbst.selftrain import SelfTrainConfig
-
-    config = SelfTrainConfig(
-        weights=str(bench / "source.pt"),
-        output=str(tmp_path),
-        data_root=str(tmp_path),
-        data_root_tgt=str(tmp_path),
-        lr_weight_ent=0.25,
-    )
-    config.validate()
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(checks.ConfigError, match="--lr-weight-ent .LRENT. runs in one process"):
-        config.validate()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cbst import datasets, probability_cache
+from cbst import datasets, distributed, probability_cache
 from cbst.datasets import build_dataset
 from cbst.evaluation import write_prediction
 from cbst.inference import InferencePlan, combine_outputs, image_batches, predict_probs
@@ -18,7 +18,7 @@ from cbst.io import BackgroundWriter, DataError
 from cbst.models import build_model
 from cbst.priors import apply_prior
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
-from cbst.pseudo_labels import pseudo_label_pass
+from cbst.pseudo_labels import cache_folder, open_kept_cache, pseudo_label_pass, remove_kept_caches
 from cbst.synthetic import make_synthetic
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
 
@@ -178,6 +178,27 @@ def test_cache_spills_to_its_file_when_memory_runs_short(tmp_path, monkeypatch):
     with ProbabilityCache.open(tmp_path / "c") as kept:
         assert all(torch.equal(kept.get(i), in_memory[i]) for i in range(3))
         assert torch.allclose(in_memory[0], combine_outputs(outputs, plan, (16, 16))[0], atol=1e-3)
+
+
+def test_the_caches_kept_by_every_process_read_as_one(tmp_path, monkeypatch):
+    """Five images over three processes (every third from its rank), then over one."""
+    plan, size = InferencePlan(), (16, 24)
+    stored = [_random_outputs(plan, size, i)[0][0] for i in range(5)]
+    for world in (3, 1):
+        monkeypatch.setattr(distributed, "world_size", lambda world=world: world)
+        for rank in range(world):
+            monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+            with ProbabilityCache(tmp_path / cache_folder(), plan, device="cpu", keep=True) as cache:
+                for position, index in enumerate(distributed.shard(5)):
+                    cache.put(position, [stored[index]], size)
+        folders = [f"{CACHE_FOLDER}_rank{r}" for r in range(world)] if world > 1 else [CACHE_FOLDER]
+        assert sorted(p.name for p in tmp_path.iterdir()) == folders
+        kept = open_kept_cache(tmp_path, device="cpu")
+        assert len(kept) == 5
+        expected = [combine_outputs([o[None].half()], plan, size)[0] for o in stored]
+        assert all(torch.equal(kept.get(i), expected[i]) for i in range(5))
+        remove_kept_caches(tmp_path)
+        assert not list(tmp_path.iterdir())
 
 
 def test_cache_rejects_a_batch_of_mixed_sizes(tmp_path):

@@ -118,6 +118,12 @@ def shard(count: int) -> list[int]:
     return list(range(rank(), count, world_size()))
 
 
+def owner(index: int, world: int) -> tuple[int, int]:
+    """(rank, position in that rank's share) of item ``index`` split by :func:`shard` over ``world``
+    processes: where a process-split output, such as a kept probability cache, holds it."""
+    return index % world, index // world
+
+
 def shard_dataset(dataset: Any) -> Any:
     """This process's share of a ``SegmentationDataset`` (see :func:`shard`); itself in one process."""
     return dataset if world_size() == 1 else dataset.subset(shard(len(dataset)))

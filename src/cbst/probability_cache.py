@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cbst import io
+from cbst import distributed, io
 from cbst.inference import (
     PAD_MULTIPLE,
     InferencePlan,
@@ -308,3 +308,27 @@ class ProbabilityCache:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class ShardedCache:
+    """The caches kept by the processes of one pseudo-label pass, read as the whole round's cache.
+
+    Under torchrun process r of N caches every N-th image from r (:func:`cbst.distributed.shard`),
+    each under its position in that share. ``get(index)`` (the interface
+    :class:`cbst.crst.CrstLoss` reads) finds image ``index`` of the whole dataset in its process's
+    cache. Every process may open every cache: they are read, never written.
+
+    Args:
+        caches: the kept caches opened by :meth:`ProbabilityCache.open`, in rank order.
+    """
+
+    def __init__(self, caches: Sequence[ProbabilityCache]) -> None:
+        self.caches = list(caches)
+
+    def __len__(self) -> int:
+        return sum(len(cache) for cache in self.caches)
+
+    def get(self, index: int) -> Tensor:
+        """Probabilities of image ``index`` (C×H×W float32, on the device)."""
+        rank, position = distributed.owner(index, len(self.caches))
+        return self.caches[rank].get(position)

@@ -18,6 +18,7 @@ labels from the same rounded maps.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +41,19 @@ from cbst.inference import (
 )
 from cbst.labels import IGNORE_INDEX
 from cbst.priors import apply_prior
-from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
+from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache, ShardedCache
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
 
-__all__ = ["CACHE_FOLDER", "ProbabilityCache", "cache_folder", "pseudo_label_pass"]
+__all__ = [
+    "CACHE_FOLDER",
+    "ProbabilityCache",
+    "cache_folder",
+    "open_kept_cache",
+    "pseudo_label_pass",
+    "remove_kept_caches",
+]
+_RANK_PREFIX = f"{CACHE_FOLDER}_rank"
+"""A process's cache folder under torchrun is this prefix and its rank."""
 
 
 class _GroundTruth(torch.utils.data.Dataset):
@@ -214,9 +224,9 @@ def pseudo_label_pass(
         amp: mixed precision where it pays (`cbst.device.mixed_precision`).
         progress: show progress bars.
         keep_cache: keep the probability cache in ``out_dir/probability_cache`` after the
-            round (see :meth:`ProbabilityCache.open`); it is deleted otherwise. Under torchrun
+            round (see :func:`open_kept_cache`); it is deleted otherwise. Under torchrun
             each process keeps its own, ``probability_cache_rankR``, indexed by position in
-            its share of the images.
+            its share of the images, complete on disk when the pass returns in any process.
         cache_backend: ``auto`` (device, then host memory, then a file, by available size),
             or ``device``, ``host`` or ``disk`` for everything.
         lrent_alpha: CRST-LRENT's α: select pixels by its entropy rule instead of
@@ -285,6 +295,7 @@ def pseudo_label_pass(
             name: int(kept) / int(total) if int(total) else None
             for name, kept, total in zip(protocol.class_names, selected.tolist(), candidates.tolist())
         }
+    # its barrier also means every process's kept cache is complete on disk (open_kept_cache)
     distributed.write_once(io.write_json, out_dir / "stats.json", stats)
     return stats
 
@@ -292,4 +303,36 @@ def pseudo_label_pass(
 def cache_folder() -> str:
     """This process's cache folder in the round folder: :data:`CACHE_FOLDER`, suffixed
     ``_rankR`` under torchrun, where every process caches its own share of the images."""
-    return CACHE_FOLDER if distributed.world_size() == 1 else f"{CACHE_FOLDER}_rank{distributed.rank()}"
+    return CACHE_FOLDER if distributed.world_size() == 1 else f"{_RANK_PREFIX}{distributed.rank()}"
+
+
+def _rank_folders(out_dir: Path) -> dict[int, Path]:
+    """The per-process cache folders in round folder ``out_dir`` by rank (none after one process)."""
+    found = {path.name.removeprefix(_RANK_PREFIX): path for path in out_dir.glob(f"{_RANK_PREFIX}*")}
+    return {int(rank): path for rank, path in found.items() if rank.isdigit()}
+
+
+def open_kept_cache(out_dir: str | Path, *, device: torch.device | str) -> ProbabilityCache | ShardedCache:
+    """The probability cache a pass kept (``keep_cache``) in round folder ``out_dir``, for reading.
+
+    One process's cache as :meth:`ProbabilityCache.open` reads it; the caches of a pass under
+    torchrun, every rank's, as one :class:`ShardedCache`, whatever the number of processes now
+    (a run may resume on another). Every process's cache is complete once the pass returns.
+    """
+    out_dir = Path(out_dir)
+    ranks = _rank_folders(out_dir)
+    if not ranks:
+        return ProbabilityCache.open(out_dir / CACHE_FOLDER, device=device)
+    return ShardedCache(
+        [ProbabilityCache.open(out_dir / f"{_RANK_PREFIX}{r}", device=device) for r in range(max(ranks) + 1)]
+    )
+
+
+def remove_kept_caches(out_dir: str | Path) -> None:
+    """Delete every probability cache in round folder ``out_dir``: one process's or every rank's.
+
+    Under torchrun call it in one process once no process reads them (``distributed.write_once``).
+    """
+    out_dir = Path(out_dir)
+    for folder in (out_dir / CACHE_FOLDER, *_rank_folders(out_dir).values()):
+        shutil.rmtree(folder, ignore_errors=True)

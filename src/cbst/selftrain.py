@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +38,7 @@ from cbst import checks, distributed, io
 from cbst.checks import ConfigError
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
-from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache
-from cbst.pseudo_labels import cache_folder, pseudo_label_pass
+from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import POLICIES
 
@@ -237,11 +235,6 @@ class SelfTrainConfig:
         )
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
-        if self.lr_weight_ent > 0 and distributed.world_size() > 1:
-            raise ConfigError(
-                "--lr-weight-ent (LRENT) runs in one process for now: its training reads the "
-                "round's probability cache, which under torchrun is split over the processes"
-            )
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -459,13 +452,14 @@ def _crst_loss(
     """The round's CRST loss, or None for plain cross-entropy (ST, CBST, CBST-SP).
 
     Under LRENT it reads the round's probability cache, kept under the round folder by the
-    pseudo-label stage, and the round's thresholds λ from ``stats``.
+    pseudo-label stage (under torchrun every process reads every process's cache), and the
+    round's thresholds λ from ``stats``.
     """
     if cfg.mr_weight_kld == 0 and cfg.mr_weight_src == 0 and cfg.lrent_alpha is None:
         return None
     cache = thresholds = None
     if cfg.lrent_alpha is not None:
-        cache = ProbabilityCache.open(rdir / CACHE_FOLDER, device=device)
+        cache = open_kept_cache(rdir, device=device)
         thresholds = torch.tensor(list(stats["thresholds"].values()), dtype=torch.float32, device=device)
     return CrstLoss(
         mr_weight_kld=cfg.mr_weight_kld,
@@ -553,7 +547,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
         if not state.done(plan.index, "train"):
             model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
-            shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # an interrupted pass's
+            distributed.write_once(remove_kept_caches, rdir)  # an interrupted pass's, any process's
             pseudo_label_pass(
                 model,
                 target,
@@ -592,7 +586,7 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 epoch=plan.end_epoch,
             )
             state.mark(plan.index, "train")
-        shutil.rmtree(rdir / cache_folder(), ignore_errors=True)  # LRENT's, once trained
+        distributed.write_once(remove_kept_caches, rdir)  # LRENT's, once every process has trained
         weights = ckpt
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:
