@@ -51,13 +51,14 @@ class DemoSettings:
     batch_images: int = 8
     crop_size: int = 128
     num_round: int = 3
-    epoch_per_round: int = 2
+    epoch_per_round: int = 1
     round_lr: float = 0.005
     init_tgt_port: float = 0.2
     init_src_port: float = 0.5
     step_src_port: float = 0.05
     max_src_port: float = 0.6
     mine_port: float = 0.8
+    pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -145,6 +146,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         step_src_port=s.step_src_port,
         max_src_port=s.max_src_port,
         epoch_per_round=s.epoch_per_round,
+        pseudo_batch=s.pseudo_batch,
         base_lr=s.round_lr,
         seed=seed,
         batch_images=s.batch_images,
