@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help=f"self-training rows, a comma list of {', '.join(VARIANTS)} or 'all' "
-        "(CRST's MRKLD and LRENT add about a minute each on 2 CPU cores)",
+        "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
     )
 
 
