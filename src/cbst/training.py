@@ -267,8 +267,13 @@ def train_epochs(
         raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
     lr_at(lr_policy, base_lr, 0, 1)  # reject an unknown policy before any work
     model.to(device)
-    if channels_last and prefers_channels_last(device, amp):
-        model.to(memory_format=torch.channels_last)
+    memory_format = (
+        torch.channels_last
+        if channels_last and prefers_channels_last(device, amp)
+        else torch.contiguous_format
+    )
+    if memory_format == torch.channels_last:
+        model.to(memory_format=memory_format)
     if optimizer is None:
         optimizer = build_optimizer(model, base_lr)
     scaler = _grad_scaler(device, amp)
@@ -303,7 +308,7 @@ def train_epochs(
             lr_steps=lr_steps,
             device=device,
             amp=amp,
-            channels_last=channels_last,
+            memory_format=memory_format,
             log_every=log_every,
             writer=writer,
             progress=progress,
@@ -331,7 +336,7 @@ def _run_epoch(
     lr_steps: Sequence[int],
     device: torch.device,
     amp: bool,
-    channels_last: bool,
+    memory_format: torch.memory_format,
     log_every: int,
     writer: Any,
     progress: bool = True,
@@ -342,11 +347,6 @@ def _run_epoch(
     Batches hold uint8 images and labels; images are normalised here, on the device.
     """
     model.train()
-    memory_format = (
-        torch.channels_last
-        if channels_last and prefers_channels_last(device, amp)
-        else torch.contiguous_format
-    )
     loss_sum = torch.zeros((), device=device)
     start, it, lr = time.perf_counter(), first_it, base_lr
     bar = tqdm(
