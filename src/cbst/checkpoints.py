@@ -14,15 +14,12 @@ import torch
 from torch import nn
 
 from cbst import __version__
+from cbst.errors import CheckpointError
 from cbst.io import DataError, atomic_path, read_torch_file
 from cbst.labels import get_protocol
 from cbst.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, build_model, load_strict
 
 FORMAT = "cbst-checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, foreign or does not fit the data; the message names the file."""
 
 
 def save_checkpoint(

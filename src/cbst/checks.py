@@ -17,16 +17,13 @@ from typing import Any
 
 import yaml
 
-from cbst.io import DataError, read_text
+from cbst.errors import ConfigError, DataError
+from cbst.io import read_text
 
 # Fields whose command-line flag is not simply the field name with dashes.
 _FLAGS = {"list_file": "--list", "scale_range": "--scale-rate-range"}
 # Boolean fields switched off by their flag.
 _NEGATED = {"amp": "--no-amp", "test_flipping": "--no-test-flipping"}
-
-
-class ConfigError(ValueError):
-    """An option value is invalid or conflicts with a saved run; the message names the option."""
 
 
 def flag(name: str) -> str:

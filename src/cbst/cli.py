@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from cbst.errors import CLIError
+
 COMMANDS: tuple[str, ...] = (
     "make_synthetic",
     "evaluate",
@@ -44,10 +46,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         if action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
-
-
-class CLIError(Exception):
-    """A user error: printed as one line without a traceback, exit status 2."""
 
 
 BASE_KEY = "_base_"

@@ -26,11 +26,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cbst.errors import DataError
+
 cv2.setNumThreads(0)  # OpenCV's own pool fights with PyTorch's and with data-loader workers
-
-
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
 
 
 def _open(path: Path) -> Image.Image:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cbst.errors import WeightsError
 from cbst.io import atomic_path
 
 LIST_MAGIC = 0x112
@@ -43,7 +44,7 @@ DTYPES: dict[int, np.dtype] = {
 TYPE_FLAGS: dict[np.dtype, int] = {dt: flag for flag, dt in DTYPES.items()}
 
 
-class ParamsError(ValueError):
+class ParamsError(WeightsError):
     """A ``.params`` file is malformed or does not fit the network; the message names the file."""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbst.errors import CbstError
 from cbst.io import write_json, write_png, write_text
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX, Protocol, cityscapes_palette
 from cbst.synthetic.render import (
@@ -27,7 +28,7 @@ CITY_FRAME = 19  # Cityscapes annotates the 20th frame of each snippet: <city>_<
 SUMMARY_NAME = "synthetic.json"
 
 
-class SyntheticExistsError(ValueError):
+class SyntheticExistsError(CbstError, ValueError):
     """The output folder holds something other than this exact synthetic benchmark."""
 
 

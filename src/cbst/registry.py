@@ -1,0 +1,97 @@
+"""Name -> builder tables: one per kind of thing (architectures, datasets, selection policies, ...).
+
+A :class:`Registry` maps a name to an object (a class or a function). Entries come in two ways:
+
+- ``@REGISTRY.register("name")`` on a class or function, as timm's ``@register_model`` does: a
+  user's module passed with ``--import`` adds its own entries this way;
+- ``REGISTRY.register_lazy("name", "package.module:attribute")`` for cbst's own entries, so that
+  listing the names (for ``--help`` and its choices) imports neither the module nor torch; the
+  module is imported the first time the entry is looked up.
+
+Each entry may carry ``meta`` (e.g. a dataset's class counts), readable without importing it.
+An unknown name is a :class:`~cbst.errors.ConfigError` that lists the registered names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from cbst.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry:
+    """One registered name: the object once resolved, or the ``module:attribute`` to import."""
+
+    target: Any = None
+    lazy: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(Generic[T]):
+    """A table of named objects of one kind; ``kind`` names it in error messages ("architecture")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, _Entry] = {}
+
+    def register(self, name: str | None = None, *, override: bool = False, **meta: Any) -> Callable[[T], T]:
+        """Decorator adding the decorated object under ``name`` (its ``__name__`` by default)."""
+
+        def add(obj: T) -> T:
+            self._add(name or obj.__name__, _Entry(target=obj, meta=meta), override)
+            return obj
+
+        return add
+
+    def register_lazy(self, name: str, target: str, *, override: bool = False, **meta: Any) -> None:
+        """Add ``name`` as ``"package.module:attribute"``, imported on first :meth:`get`."""
+        if ":" not in target:
+            raise ValueError(f"lazy {self.kind} {name!r}: target must be 'module:attribute', got {target!r}")
+        self._add(name, _Entry(lazy=target, meta=meta), override)
+
+    def _add(self, name: str, entry: _Entry, override: bool) -> None:
+        if name in self._entries and not override:
+            raise ConfigError(
+                f"{self.kind} {name!r} is already registered (pass override=True to replace it)"
+            )
+        self._entries[name] = entry
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; an unknown name is an error listing the choices."""
+        entry = self._entry(name)
+        if entry.lazy is not None:
+            module, _, attribute = entry.lazy.partition(":")
+            entry.target, entry.lazy = getattr(importlib.import_module(module), attribute), None
+        return entry.target
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The metadata given at registration (empty if none), without importing the entry."""
+        return dict(self._entry(name).meta)
+
+    def _entry(self, name: str) -> _Entry:
+        """The entry of ``name``; an unknown name is an error listing the choices."""
+        if name not in self._entries:
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self.names())}")
+        return self._entries[name]
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names in registration order (cbst's own first, then users')."""
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self.names())})"
