@@ -95,3 +95,30 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self.names())})"
+
+
+# The registries, one per kind of thing. cbst's own entries are registered lazily below, so that
+# listing them (``--help``, choices) imports neither torch nor the modules that define them;
+# adding one to cbst is its module plus one line here, and a user's module adds its own with
+# ``@REGISTRY.register("name")`` and ``--import``.
+ARCHITECTURES: Registry = Registry("architecture")
+"""Segmentation networks: classes of :class:`cbst.models.base.SegmentationNet`."""
+DATASETS: Registry = Registry("dataset")
+"""Dataset layouts: functions ``(root, **options) -> SegmentationDataset``."""
+SELECTION_POLICIES: Registry = Registry("selection policy")
+"""Pseudo-label selection policies (class-balanced, global, ...)."""
+LOSSES: Registry = Registry("loss")
+"""Training losses on logits and labels."""
+METHODS: Registry = Registry("method")
+"""Named methods (ST, CBST, ...): the option values that make each."""
+LOGGERS: Registry = Registry("logger")
+"""Where training scalars go besides the console (JSON lines, TensorBoard, ...)."""
+
+ARCHITECTURES.register_lazy("deeplabv2_resnet101", "cbst.models.deeplabv2:DeepLabV2")
+ARCHITECTURES.register_lazy("resnet38", "cbst.models.resnet38:ResNet38")
+ARCHITECTURES.register_lazy("small", "cbst.models.small:SmallSegNet")
+
+DATASETS.register_lazy("gta5", "cbst.datasets:gta5")
+DATASETS.register_lazy("synthia", "cbst.datasets:synthia")
+DATASETS.register_lazy("cityscapes", "cbst.datasets:cityscapes")
+DATASETS.register_lazy("folder", "cbst.datasets:folder")
