@@ -122,3 +122,17 @@ DATASETS.register_lazy("gta5", "cbst.datasets:gta5")
 DATASETS.register_lazy("synthia", "cbst.datasets:synthia")
 DATASETS.register_lazy("cityscapes", "cbst.datasets:cityscapes")
 DATASETS.register_lazy("folder", "cbst.datasets:folder")
+
+SELECTION_POLICIES.register_lazy("cb", "cbst.thresholds:ClassBalancedPolicy")
+SELECTION_POLICIES.register_lazy("global", "cbst.thresholds:GlobalPolicy")
+
+LOSSES.register_lazy("cross_entropy", "cbst.losses:CrossEntropyLoss")
+
+METHODS.register_lazy("ST", "cbst.methods:ST")
+METHODS.register_lazy("CBST", "cbst.methods:CBST")
+METHODS.register_lazy("CBST-SP", "cbst.methods:CBST_SP")
+METHODS.register_lazy("MRKLD", "cbst.methods:MRKLD")
+METHODS.register_lazy("LRENT", "cbst.methods:LRENT")
+
+LOGGERS.register_lazy("jsonl", "cbst.loggers:JsonlLogger")
+LOGGERS.register_lazy("tensorboard", "cbst.loggers:TensorBoardLogger")
