@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
-from cbst.io import DataError, read_text
+from cbst.errors import ConfigError, DataError
+from cbst.io import read_text
 
 IGNORE_INDEX = 255
 """TrainId of pixels that carry no label (loss and metrics skip them)."""
@@ -197,7 +198,7 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise KeyError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
+        raise ConfigError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
 
 
 def protocol_for(dataset: str, num_classes: int) -> Protocol:
