@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cbst import __version__
-from cbst.errors import CheckpointError
+from cbst.errors import CheckpointError, ConfigError
 from cbst.io import DataError, atomic_path, read_torch_file
 from cbst.labels import get_protocol
 from cbst.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, build_model, load_strict
@@ -35,7 +35,7 @@ def save_checkpoint(
 ) -> None:
     """Write ``model``'s weights and metadata to ``path`` atomically."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if get_protocol(protocol).num_classes != num_classes:
         raise ValueError(
             f"protocol {protocol} has {get_protocol(protocol).num_classes} classes, not {num_classes}"

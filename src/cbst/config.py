@@ -5,7 +5,7 @@
 dataclasses whose fields are :func:`cbst.options.option` declarations: flag, aliases, help,
 type, choices, range and which self-training stages read the option. The options the two
 share (data, training, evaluation, runtime) are declared once below, as the sections
-``_data``, ``_training``, ``_evaluation`` and ``_runtime``, and used by both.
+``DataSection``, ``TrainingSection``, ``EvaluationSection`` and ``RuntimeSection``, and used by both.
 
 This module imports neither torch nor the modules that need it, so the command line builds its
 parser (and ``--help``) from these classes in a fraction of a second.
@@ -53,7 +53,7 @@ def default_num_workers(limit: int = 8) -> int:
 # ---------------------------------------------------------------------------- shared sections
 
 
-class _data:
+class DataSection:
     """The data options both trainings share."""
 
     @staticmethod
@@ -92,7 +92,7 @@ class _data:
         )
 
 
-class _training:
+class TrainingSection:
     """The training options both trainings share (their defaults differ)."""
 
     @staticmethod
@@ -163,7 +163,7 @@ class _training:
         )
 
 
-class _evaluation:
+class EvaluationSection:
     """The evaluation options both trainings share."""
 
     @staticmethod
@@ -183,7 +183,7 @@ class _evaluation:
         )
 
 
-class _runtime:
+class RuntimeSection:
     """Where and how a command runs, never what it computes (amp excepted: it changes the
     numbers a little, so the stages that use it record it)."""
 
@@ -264,15 +264,15 @@ class SelfTrainConfig:
         stages=DATA,
         section="data",
     )
-    output: str = _runtime.output()
-    data_root: str = _data.data_root()
+    output: str = RuntimeSection.output()
+    data_root: str = DataSection.data_root()
     data_root_tgt: str = option(
         help="target dataset root", metavar="DIR", path=True, stages=DATA + EVAL, section="data"
     )
-    dataset: str = _data.dataset(help="source dataset")
-    split: str = _data.split()
-    list_file: str | None = _data.list_file()
-    dataset_tgt: str = _data.dataset("cityscapes", "target dataset", stages=DATA + EVAL)
+    dataset: str = DataSection.dataset(help="source dataset")
+    split: str = DataSection.split()
+    list_file: str | None = DataSection.list_file()
+    dataset_tgt: str = DataSection.dataset("cityscapes", "target dataset", stages=DATA + EVAL)
     split_tgt: str = option("train", "target split to pseudo-label", stages=DATA, section="data")
     list_tgt: str | None = option(
         None,
@@ -283,10 +283,10 @@ class SelfTrainConfig:
         stages=DATA,
         section="data",
     )
-    eval_split: str | None = _evaluation.eval_split(
+    eval_split: str | None = EvaluationSection.eval_split(
         "target split evaluated after every round ('none' to skip)", none=("none",)
     )
-    num_classes: int = _data.num_classes()
+    num_classes: int = DataSection.num_classes()
     # schedule (the original solve_AO.py defaults)
     num_round: int = option(12, "number of self-training rounds", range="positive", section="round schedule")
     init_tgt_port: float = option(
@@ -348,7 +348,9 @@ class SelfTrainConfig:
         plan=("source_seed",),
         section="round schedule",
     )
-    seed: int = _training.seed("seed of the source subsets, crops, flips and shuffles", plan=("source_seed",))
+    seed: int = TrainingSection.seed(
+        "seed of the source subsets, crops, flips and shuffles", plan=("source_seed",)
+    )
     # pseudo-labels
     kc_policy: str = option(
         "cb",
@@ -423,13 +425,13 @@ class SelfTrainConfig:
         section="pseudo-labels",
     )
     # training
-    batch_images: int = _training.batch_images(2)
-    crop_size: int = _training.crop_size()
-    scale_rate_range: tuple[float, float] = _training.scale_rate_range()
-    origin_size: int | None = _training.origin_size(
+    batch_images: int = TrainingSection.batch_images(2)
+    crop_size: int = TrainingSection.crop_size()
+    scale_rate_range: tuple[float, float] = TrainingSection.scale_rate_range()
+    origin_size: int | None = TrainingSection.origin_size(
         "source reference long side (default: none, scale by rho itself)"
     )
-    origin_size_tgt: int | None = _training.origin_size(
+    origin_size_tgt: int | None = TrainingSection.origin_size(
         "target reference long side (default: none, scale by rho itself)", flags="--origin-size-tgt"
     )
     mine_port: float = option(
@@ -445,9 +447,9 @@ class SelfTrainConfig:
         stages=PSEUDO,
         section="training",
     )
-    momentum: float = _training.momentum()
-    weight_decay: float = _training.weight_decay()
-    sync_bn: bool = _training.sync_bn()
+    momentum: float = TrainingSection.momentum()
+    weight_decay: float = TrainingSection.weight_decay()
+    sync_bn: bool = TrainingSection.sync_bn()
     # CRST's regularisers (cbst.crst; 0 = off)
     mr_weight_kld: float = option(
         0.0,
@@ -476,7 +478,7 @@ class SelfTrainConfig:
         section="CRST regularisers (Zou et al., ICCV 2019; both may be combined)",
     )
     # evaluation
-    eval_long_side: int | None = _evaluation.eval_long_side()
+    eval_long_side: int | None = EvaluationSection.eval_long_side()
     eval_flipping: bool = option(
         False,
         "flip-averaged evaluation",
@@ -484,12 +486,12 @@ class SelfTrainConfig:
         section="evaluation",
     )
     # runtime
-    device: str = _runtime.device()
-    num_workers: int = _runtime.num_workers(0)
-    amp: bool = _runtime.amp(stages=PSEUDO + TRAIN)
-    compile: bool = _runtime.compile()
-    progress: bool = _runtime.progress()
-    resume: bool = _runtime.resume()
+    device: str = RuntimeSection.device()
+    num_workers: int = RuntimeSection.num_workers(0)
+    amp: bool = RuntimeSection.amp(stages=PSEUDO + TRAIN)
+    compile: bool = RuntimeSection.compile()
+    progress: bool = RuntimeSection.progress()
+    resume: bool = RuntimeSection.resume()
 
     def schedule(self) -> list[RoundPlan]:
         """The per-round portions, learning rates and epochs of this run."""
@@ -567,12 +569,14 @@ class SourceTrainConfig:
     resumed run must keep them (``to_epoch`` may grow under the fixed and step lr policies).
     """
 
-    data_root: str = _data.data_root("dataset root directory", stages=TRAIN)
-    output: str = _runtime.output("output directory (config, checkpoints, log)")
-    dataset: str = _data.dataset(stages=TRAIN)
-    split: str = _data.split("split whose images are trained on", stages=TRAIN)
-    list_file: str | None = _data.list_file("image list overriding the split's default list", stages=TRAIN)
-    num_classes: int = _data.num_classes(stages=TRAIN)
+    data_root: str = DataSection.data_root("dataset root directory", stages=TRAIN)
+    output: str = RuntimeSection.output("output directory (config, checkpoints, log)")
+    dataset: str = DataSection.dataset(stages=TRAIN)
+    split: str = DataSection.split("split whose images are trained on", stages=TRAIN)
+    list_file: str | None = DataSection.list_file(
+        "image list overriding the split's default list", stages=TRAIN
+    )
+    num_classes: int = DataSection.num_classes(stages=TRAIN)
     model: str = option(
         "resnet38",
         "network architecture",
@@ -591,10 +595,10 @@ class SourceTrainConfig:
         stages=TRAIN,
         section="model",
     )
-    batch_images: int = _training.batch_images(16, " (the original: 16 over 4 GPUs)")
-    crop_size: int = _training.crop_size()
-    scale_range: tuple[float, float] = _training.scale_rate_range()
-    origin_size: int | None = _training.origin_size(
+    batch_images: int = TrainingSection.batch_images(16, " (the original: 16 over 4 GPUs)")
+    crop_size: int = TrainingSection.crop_size()
+    scale_range: tuple[float, float] = TrainingSection.scale_rate_range()
+    origin_size: int | None = TrainingSection.origin_size(
         "reference long side: images are scaled to rho*L on their long side (GTA5 1914, SYNTHIA "
         "1280); default: none, scale by rho itself"
     )
@@ -618,15 +622,17 @@ class SourceTrainConfig:
     to_epoch: int = option(
         30, "number of epochs to train", range="positive", stages=TRAIN, section="training"
     )
-    weight_decay: float = _training.weight_decay()
-    momentum: float = _training.momentum()
-    seed: int = _training.seed("seed of the shuffle, crops, flips and dropout")
-    device: str = _runtime.device()
-    num_workers: int = _runtime.num_workers(4)
-    amp: bool = _runtime.amp(stages=TRAIN)
-    progress: bool = _runtime.progress()
-    compile: bool = _runtime.compile()
-    resume: bool = _runtime.resume("continue from the last epoch checkpoint in --output; needs only --output")
+    weight_decay: float = TrainingSection.weight_decay()
+    momentum: float = TrainingSection.momentum()
+    seed: int = TrainingSection.seed("seed of the shuffle, crops, flips and dropout")
+    device: str = RuntimeSection.device()
+    num_workers: int = RuntimeSection.num_workers(4)
+    amp: bool = RuntimeSection.amp(stages=TRAIN)
+    progress: bool = RuntimeSection.progress()
+    compile: bool = RuntimeSection.compile()
+    resume: bool = RuntimeSection.resume(
+        "continue from the last epoch checkpoint in --output; needs only --output"
+    )
     eval_dataset: str | None = option(
         None,
         "target dataset to report mIoU on after each epoch (default: none, no evaluation)",
@@ -645,10 +651,10 @@ class SourceTrainConfig:
         stages=TRAIN,
         section="evaluation",
     )
-    eval_split: str = _evaluation.eval_split("evaluation split", stages=TRAIN)
-    eval_long_side: int | None = _evaluation.eval_long_side(stages=TRAIN)
+    eval_split: str = EvaluationSection.eval_split("evaluation split", stages=TRAIN)
+    eval_long_side: int | None = EvaluationSection.eval_long_side(stages=TRAIN)
     tensorboard: bool = option(False, "write TensorBoard logs to OUT/tensorboard", section="run")
-    sync_bn: bool = _training.sync_bn()
+    sync_bn: bool = TrainingSection.sync_bn()
 
     def validate(self) -> None:
         """Reject invalid options before anything is read or written; errors name the flag."""

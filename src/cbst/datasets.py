@@ -22,6 +22,8 @@ import numpy as np
 import torch.utils.data
 from tqdm import tqdm
 
+from cbst.errors import ConfigError
+
 from . import distributed
 from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit, read_text
 from .labels import CITYSCAPES_19, SYNTHIA_16, Protocol, folder_protocol, protocol_for, read_folder_config
@@ -529,7 +531,7 @@ def build_dataset(
             root, verify=verify, list_file=list_file, with_labels=with_labels, num_classes=num_classes
         )
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     protocol = protocol_for(name, num_classes)
     options = dict(protocol=protocol, list_file=list_file, with_labels=with_labels, verify=verify)
     if name == "gta5":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cbst import io
+from cbst.errors import ConfigError
 from cbst.labels import CITYSCAPES_19
 
 BENCHMARK_SEED = 0
@@ -66,7 +67,7 @@ def parse_methods(text: str) -> tuple[str, ...]:
     methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
     unknown = [m for m in methods if m not in VARIANTS]
     if unknown or not methods:
-        raise ValueError(
+        raise ConfigError(
             f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
             f"{', '.join(VARIANTS)}, or all"
         )

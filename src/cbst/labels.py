@@ -136,7 +136,7 @@ class Protocol:
         bad = self.unknown_values(raw)
         if bad:
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-            raise ValueError(
+            raise DataError(
                 f"{path}: label values {shown} are not in the {self.name} label table "
                 f"(allowed raw ids: {min(self.known_raw_ids)}..{max(self.known_raw_ids)})"
             )
@@ -204,14 +204,14 @@ def get_protocol(name: str) -> Protocol:
 def protocol_for(dataset: str, num_classes: int) -> Protocol:
     """The protocol that reads ``dataset``'s raw labels into ``num_classes`` classes."""
     if num_classes not in (16, 19):
-        raise ValueError(f"num_classes must be 19 or 16, got {num_classes}")
+        raise ConfigError(f"num_classes must be 19 or 16, got {num_classes}")
     if dataset == "synthia":
         if num_classes != 16:
-            raise ValueError("SYNTHIA labels support the 16-class protocol only")
+            raise ConfigError("SYNTHIA labels support the 16-class protocol only")
         return SYNTHIA_16
     if dataset in ("cityscapes", "gta5", "synthetic"):
         return CITYSCAPES_19 if num_classes == 19 else CITYSCAPES_16
-    raise ValueError(f"unknown dataset {dataset!r}")
+    raise ConfigError(f"unknown dataset {dataset!r}")
 
 
 def cityscapes_palette() -> list[int]:

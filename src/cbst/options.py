@@ -145,14 +145,24 @@ class Numbers(ValueType):
 
 
 class Size(ValueType):
-    """An image size written WIDTHxHEIGHT ('256x128'), or a YAML list [W, H]; both positive."""
+    """An image size written WIDTHxHEIGHT ('256x128'), or a YAML list [W, H]; both positive.
+
+    ``comma_height_first`` also reads the older 'H,W' ('1024,2048' of ``cbst prior``).
+    """
 
     metavar = "WxH"
+
+    def __init__(self, *, comma_height_first: bool = False) -> None:
+        self.comma_height_first = comma_height_first
 
     def parse(self, value: Any) -> tuple[int, int]:
         if isinstance(value, (list, tuple)) and len(value) == 2:
             value = f"{value[0]}x{value[1]}"
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(value))
+        text = str(value)
+        if self.comma_height_first and re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", text):
+            height, width = text.split(",")
+            text = f"{width}x{height}"
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not m or min(int(m.group(1)), int(m.group(2))) <= 0:
             raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}")
         return int(m.group(1)), int(m.group(2))
@@ -197,6 +207,7 @@ class Option:
     runtime: bool = False
     path: bool = False
     positional: bool = False
+    nargs: str | None = None
     cli_default: Callable[[], Any] | None = None
     shown_default: str | None = None
 
@@ -234,6 +245,7 @@ def option(
     runtime: bool = False,
     path: bool = False,
     positional: bool = False,
+    nargs: str | None = None,
     cli_default: Callable[[], Any] | None = None,
     shown_default: str | None = None,
     name: str | None = None,
@@ -249,7 +261,8 @@ def option(
     ``plan``: the round-plan fields computed from it; ``section``: its ``--help`` group;
     ``none``: command-line words that mean None ("none"); ``runtime``: where and how a
     command runs, never what it computes (not taken from a saved run on resume); ``path``:
-    a file or folder; ``cli_default``: a different default for the command line, computed
+    a file or folder; ``positional`` (with argparse's ``nargs``): an argument without a flag;
+    ``cli_default``: a different default for the command line, computed
     when the parser is built (the CPU count); ``shown_default``: the default as ``--help``
     words it.
     """
@@ -273,6 +286,7 @@ def option(
         runtime=runtime,
         path=path,
         positional=positional,
+        nargs=nargs,
         cli_default=cli_default,
         shown_default=shown_default,
     )
@@ -389,7 +403,8 @@ def _add_one(group: argparse._ActionsContainer, name: str, opt: Option, cls: typ
     default = default_of(cls, name)
     help_text = _help(opt, default, required=default is MISSING).replace("%", "%%")
     if opt.positional:
-        group.add_argument(opt.dest, metavar=opt.metavar or opt.dest.upper(), help=help_text)
+        kwargs = {"nargs": opt.nargs} if opt.nargs else {"type": _argparse_type(opt)}
+        group.add_argument(opt.dest, metavar=opt.metavar or opt.dest.upper(), help=help_text, **kwargs)
         return
     kwargs: dict[str, Any] = dict(dest=opt.dest, help=help_text)
     if isinstance(opt.type, Switch):

@@ -21,7 +21,7 @@ from torch import nn
 from cbst import checks, distributed, options
 from cbst.config import SourceTrainConfig, resume_free
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
-from cbst.errors import ConfigError
+from cbst.errors import CheckpointError, ConfigError
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
 from cbst.training import build_optimizer, train_epochs
 
@@ -54,7 +54,7 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
     if config.weights and config.weights.endswith(".pt"):
         model, meta = load_checkpoint(config.weights)
         if meta.get("arch") != config.model or meta.get("num_classes") != config.num_classes:
-            raise ValueError(
+            raise CheckpointError(
                 f"{config.weights}: checkpoint is {meta.get('arch')} with "
                 f"{meta.get('num_classes')} classes, but --model {config.model} "
                 f"--num-classes {config.num_classes} was asked for"
@@ -114,7 +114,7 @@ def _evaluator(
         config.eval_dataset, config.eval_root, split=config.eval_split, num_classes=config.num_classes
     )
     if val.protocol.name != protocol.name:
-        raise ValueError(
+        raise ConfigError(
             f"evaluation set protocol {val.protocol.name!r} differs from the "
             f"training protocol {protocol.name!r}"
         )
@@ -171,7 +171,7 @@ def train_source(config: SourceTrainConfig) -> Path:
 
     start_epoch = last_finished_epoch(output)
     if start_epoch and not config.resume:
-        raise ValueError(
+        raise ConfigError(
             f"{output}: already holds checkpoints; pass --resume to continue or choose another --output"
         )
     if start_epoch:
@@ -252,7 +252,7 @@ def _tensorboard(output: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "--tensorboard needs the 'tensorboard' package (pip install 'cbst[tensorboard]')"
         ) from None
     return SummaryWriter(str(output / "tensorboard"))

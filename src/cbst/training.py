@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cbst import distributed
 from cbst.config import LR_POLICIES
 from cbst.device import autocast, mixed_precision, prefers_channels_last
-from cbst.errors import DivergedError
+from cbst.errors import ConfigError, DivergedError
 from cbst.inference import normalize
 from cbst.labels import IGNORE_INDEX
 
@@ -75,7 +75,7 @@ def lr_at(
         return max(base_lr * (1.0 - progress), min(base_lr / 100, 1e-6))
     if policy == "step":
         return base_lr * 0.1 ** sum(1 for s in steps if it >= s)
-    raise ValueError(f"unknown lr policy {policy!r}; expected one of {', '.join(LR_POLICIES)}")
+    raise ConfigError(f"unknown lr policy {policy!r}; expected one of {', '.join(LR_POLICIES)}")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -265,7 +265,7 @@ def train_epochs(
     device = torch.device(device)
     iters = len(dataset) // batch_size
     if iters == 0:
-        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
+        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
     lr_at(lr_policy, base_lr, 0, 1)  # reject an unknown policy before any work
     model.to(device)
     memory_format = (

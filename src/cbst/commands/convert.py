@@ -12,43 +12,64 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from cbst.checkpoints import save_checkpoint
-from cbst.cli import CLIError
-from cbst.io import check_output_file
-from cbst.labels import PROTOCOLS
-from cbst.models import ARCHS, SegmentationNet, build_model, load_strict, read_state_dict
+from cbst import options
+from cbst.errors import CLIError
+from cbst.options import INTEGER, TEXT, option
+from cbst.registry import ARCHITECTURES
 
 HELP = "convert MXNet .params / PyTorch state_dict weights into a cbst checkpoint"
 DEFAULT_PROTOCOL = {19: "cityscapes19", 16: "cityscapes16"}
 
 
+def _protocol_names() -> list[str]:
+    from cbst.labels import PROTOCOLS  # the label tables: read when the parser is built
+
+    return sorted(PROTOCOLS)
+
+
+@options.declared
+@dataclass
+class ConvertOptions:
+    """The options of ``cbst convert``."""
+
+    input: str = option(
+        help=".params (MXNet) or .pth/.pt (state_dict) file", metavar="INPUT", positional=True, path=True
+    )
+    arch: str = option(
+        help="network the weights belong to", flags=("--arch", "--model"), choices=ARCHITECTURES.names
+    )
+    num_classes: int = option(help="number of output classes", type=INTEGER, range="positive")
+    output: str = option(
+        help="checkpoint to write", flags=("--output", "--out"), metavar="MODEL.pt", path=True
+    )
+    protocol: str | None = option(
+        None,
+        "label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)",
+        type=TEXT,
+        choices=_protocol_names,
+    )
+    overwrite: bool = option(False, "replace an existing --output file")
+    imagenet: bool = option(False, "INPUT is an ImageNet classifier: drop its FC and initialise the head")
+
+
+OPTIONS = ConvertOptions
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cbst convert``."""
-    parser.add_argument("input", metavar="INPUT", help=".params (MXNet) or .pth/.pt (state_dict) file")
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="network the weights belong to")
-    parser.add_argument("--num-classes", type=int, required=True, help="number of output classes")
-    parser.add_argument(
-        "--protocol",
-        choices=sorted(PROTOCOLS),
-        default=None,
-        help="label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)",
-    )
-    parser.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument(
-        "--imagenet",
-        action="store_true",
-        help="INPUT is an ImageNet classifier: drop its FC and initialise the head",
-    )
+    options.add_arguments(parser, OPTIONS)
 
 
-def _protocol(args: argparse.Namespace) -> str:
+def _protocol(args: ConvertOptions) -> str:
     """The protocol given, or the default for the class count, checked against it."""
+    from cbst.labels import PROTOCOLS
+
     name = args.protocol or DEFAULT_PROTOCOL.get(args.num_classes)
     if name is None:
         raise CLIError(f"no default protocol for {args.num_classes} classes; pass --protocol")
@@ -57,8 +78,12 @@ def _protocol(args: argparse.Namespace) -> str:
     return name
 
 
-def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
+def _load(args: ConvertOptions, path: Path) -> tuple[Any, int]:
     """Build the model and fill it from ``path``; returns (model, number of tensors read)."""
+    import torch  # torch: only when the command runs, never for --help
+
+    from cbst.models import build_model, load_strict, read_state_dict
+
     if path.suffix == ".params":
         if args.arch != "resnet38":
             raise CLIError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
@@ -112,17 +137,21 @@ def _warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     """Convert INPUT and write the checkpoint."""
+    from cbst.checkpoints import save_checkpoint  # torch: only when the command runs
+    from cbst.io import check_output_file
+
+    args = options.from_args(OPTIONS, parsed)
     path = Path(args.input)
     if not path.is_file():
         raise CLIError(f"{path}: file not found")
-    check_output_file(args.out, overwrite=args.overwrite, inputs=(path,))
+    check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(path,))
     protocol = _protocol(args)
     model, tensors = _load(args, path)
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(
-        args.out,
+        args.output,
         model,
         arch=args.arch,
         num_classes=args.num_classes,
@@ -135,5 +164,7 @@ def run(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"loaded {tensors} tensors from {path}{head}")
-    print(f"wrote {args.out}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters")
+    print(
+        f"wrote {args.output}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters"
+    )
     return 0

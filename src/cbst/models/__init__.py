@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cbst.errors import ConfigError
 from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, load_strict, read_state_dict
 from cbst.models.deeplabv2 import DeepLabV2
 from cbst.models.resnet38 import ResNet38
@@ -30,7 +31,7 @@ def build_model(
     """
     builders = {"deeplabv2_resnet101": DeepLabV2, "resnet38": ResNet38, "small": SmallSegNet}
     if name not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
     cls = builders[name]
     model = cls(num_classes, freeze_bn=cls.default_freeze_bn if freeze_bn is None else freeze_bn)
     if pretrained is not None:

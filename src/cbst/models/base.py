@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cbst.errors import ConfigError, WeightsError
 from cbst.io import read_torch_file
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -33,7 +34,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     obj = read_torch_file(path)
     obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+        raise WeightsError(f"{path}: expected a state_dict (a mapping of names to tensors)")
     return obj
 
 
@@ -63,7 +64,7 @@ def load_strict(
             )
             if items
         ]
-        raise ValueError(f"{label}: does not fit {type(model).__name__}; " + "; ".join(parts))
+        raise WeightsError(f"{label}: does not fit {type(model).__name__}; " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=assign)
 
 
@@ -108,5 +109,5 @@ class SegmentationNet(nn.Module):
     def load_pretrained(self, source: str | Path) -> None:
         """Load a bare state_dict file strictly (families override to add their formats)."""
         if str(source) == "imagenet":
-            raise ValueError(f"{type(self).__name__} has no ImageNet weights; give a file")
+            raise ConfigError(f"{type(self).__name__} has no ImageNet weights; give a file")
         load_strict(self, read_state_dict(Path(source)), str(source))

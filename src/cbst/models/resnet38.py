@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbst.errors import ConfigError, WeightsError
 from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict
 from cbst.mxnet import ParamsError, load_params
 
@@ -179,7 +180,7 @@ class ResNet38(SegmentationNet):
         """An MXNet ``.params`` (ImageNet classifier or full CBST model) or a bare state_dict."""
         path = Path(source)
         if str(source) == "imagenet":
-            raise ValueError(
+            raise ConfigError(
                 "ResNet-38 ImageNet weights are not downloadable: give the path of "
                 "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
             )
@@ -188,7 +189,7 @@ class ResNet38(SegmentationNet):
             return
         params = load_params(path)
         if not isinstance(params, dict):
-            raise ValueError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
+            raise WeightsError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
         imagenet = any(name.endswith("linear1000_weight") for name in params)
         num_classes = self.classifier.out_channels
         self.load_state_dict(

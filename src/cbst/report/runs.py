@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from cbst.errors import ConfigError
 from cbst.evaluation import Metrics
 from cbst.io import DataError
+from cbst.registry import METHODS
 
 _ROUND_DIR = re.compile(r"round_(\d+)")
 
@@ -196,9 +198,7 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
 
 def is_demo(path: Path) -> bool:
     """Whether ``path`` is a ``cbst demo`` output folder (finished or not)."""
-    from cbst.demo import VARIANTS
-
-    return path.is_dir() and any((path / demo_run_dir(n) / "state.json").is_file() for n in VARIANTS)
+    return path.is_dir() and any((path / demo_run_dir(n) / "state.json").is_file() for n in METHODS.names())
 
 
 def demo_run_dir(variant: str) -> str:
@@ -207,9 +207,8 @@ def demo_run_dir(variant: str) -> str:
 
 
 def load_demo(path: Path) -> list[Run]:
-    """The ST, CBST and CBST-SP runs of a demo folder that have started, with the Source row."""
-    from cbst.demo import VARIANTS
-
+    """The runs of a demo folder that have started (one per method, cbst.registry.METHODS), with the
+    Source row."""
     results = path / "results.json"
     source = None
     if results.is_file():
@@ -217,7 +216,7 @@ def load_demo(path: Path) -> list[Run]:
         source = Metrics.from_json(rows["Source"]) if "Source" in rows else None
     return [
         load_run(path / demo_run_dir(name), name, source)
-        for name in VARIANTS
+        for name in METHODS.names()
         if (path / demo_run_dir(name) / "state.json").is_file()
     ]
 
@@ -250,7 +249,7 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
             whose source metrics are not otherwise known.
     """
     if not paths:
-        raise ValueError("no run folder given")
+        raise ConfigError("no run folder given")
     source = read_metrics(Path(source_metrics)) if source_metrics else None
     runs: list[Run] = []
     for path in map(Path, paths):
