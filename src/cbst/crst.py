@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cbst.labels import IGNORE_INDEX
+from cbst.priors import apply_prior
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -143,8 +144,6 @@ class CrstLoss:
         """
         probs = self.cache.get(index)
         if self.prior is not None:
-            from cbst.priors import apply_prior
-
             probs = apply_prior(probs, self.prior)
         grid, inside = _crop_grid(geometry, crop_hw, probs.device)
         sampled = F.grid_sample(

@@ -23,8 +23,17 @@ import numpy as np
 import torch
 
 from cbst import io
+from cbst.checkpoints import load_checkpoint
+from cbst.datasets import build_dataset
+from cbst.device import select_device
 from cbst.errors import ConfigError
+from cbst.evaluation import Metrics, evaluate_model, format_table
+from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
+from cbst.report import write_report
+from cbst.selftrain import SelfTrainConfig, self_train
+from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
+from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 BENCHMARK_SEED = 0
 RARE_CLASSES = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
@@ -84,8 +93,6 @@ def _loader_workers(device: str) -> int:
 
     Decoding in the main process would starve a GPU; on the CPU the network keeps every core busy.
     """
-    from cbst.device import select_device
-
     return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
 
 
@@ -96,8 +103,6 @@ def source_config(
 
     ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
     """
-    from cbst.sourcetrain import SourceTrainConfig
-
     return SourceTrainConfig(
         dataset="gta5",
         data_root=str(source_root),
@@ -118,8 +123,6 @@ def source_config(
 
 def train_or_reuse(config) -> Path:
     """Run (or finish) the source training ``config``; returns its last checkpoint."""
-    from cbst.sourcetrain import last_finished_epoch, train_source
-
     finished = last_finished_epoch(Path(config.output))
     if finished < config.to_epoch:
         train_source(dataclasses.replace(config, resume=finished > 0))
@@ -128,8 +131,6 @@ def train_or_reuse(config) -> Path:
 
 def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
     """The self-training configuration of one row of the table."""
-    from cbst.selftrain import SelfTrainConfig
-
     run_dir = out / name.lower().replace("-", "_")
     return SelfTrainConfig(
         weights=str(weights),
@@ -166,9 +167,6 @@ def _write_examples(
     out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
 ) -> None:
     """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
-    from cbst.checkpoints import load_checkpoint
-    from cbst.inference import predict_labels
-
     samples = [val[i] for i in range(min(count, len(val)))]
     panels = [[s["image"], val.protocol.colorize(s["label"])] for s in samples]
     for ckpt in checkpoints.values():
@@ -193,12 +191,6 @@ def run_demo(
     ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
     """
     total = 2 + len(parse_methods(",".join(methods)))
-    from cbst.checkpoints import load_checkpoint
-    from cbst.datasets import build_dataset
-    from cbst.device import select_device
-    from cbst.evaluation import Metrics, evaluate_model, format_table
-    from cbst.selftrain import self_train
-    from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
     started = time.time()
     out = Path(out)
@@ -242,7 +234,6 @@ def run_demo(
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
-    from cbst.report import write_report
 
     write_report([out], out / "report.html", device=device)
     return result

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cbst import distributed
+from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 from cbst.io import BackgroundWriter, DataError, read_label, write_png
 from cbst.labels import CLASSES_13, TABLE_HEADERS
 
@@ -211,9 +213,6 @@ def evaluate_model(
     (:func:`cbst.distributed.shard`) and writes their predictions; the confusion matrices are
     summed, so every process returns the metrics of the whole dataset.
     """
-    from cbst import distributed
-    from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
-
     dataset = distributed.shard_dataset(dataset)
     progress = progress and distributed.is_main()
     device = torch.device(device)
@@ -299,8 +298,6 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
 
     Under torchrun each process reads its share of the files and the counts are summed.
     """
-    from cbst import distributed
-
     protocol = dataset.protocol
     files = find_predictions(pred_dir, [s.name for s in dataset.samples])
     confusion = ConfusionMatrix(protocol.num_classes)

@@ -33,12 +33,20 @@ import torch
 import yaml
 
 from cbst import checks, distributed, io, options
+from cbst.checkpoints import load_checkpoint, load_weights_into, read_meta, save_checkpoint
 from cbst.config import SelfTrainConfig
 from cbst.crst import CrstLoss
-from cbst.device import configure_backends, select_device
+from cbst.datasets import build_dataset
+from cbst.device import configure_backends, maybe_compile, select_device
 from cbst.errors import ConfigError
+from cbst.evaluation import evaluate_model
+from cbst.mining import MiningPlan
+from cbst.models.base import round_to_stride
+from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
 from cbst.rounds import RoundPlan, source_subset
+from cbst.training import build_optimizer, train_epochs
+from cbst.transforms import TrainTransform
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
@@ -134,8 +142,6 @@ def _write_config(out: Path, cfg: SelfTrainConfig) -> None:
 
 def _check_weights(cfg: SelfTrainConfig, protocol: str) -> None:
     """The initial weights must be a readable cbst checkpoint for the target's label protocol."""
-    from cbst.checkpoints import read_meta
-
     read_meta(cfg.weights, expect_protocol=protocol)
 
 
@@ -146,8 +152,6 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
     ``OUTPUT/prior.npy`` (the main process does, the others wait for the file); otherwise it is
     read from a .npy or the original's .mat file.
     """
-    from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
-
     if cfg.with_prior is None:
         return None
     w, h = io.image_size(target.samples[0].image)
@@ -179,11 +183,6 @@ def _train_round(
 ) -> None:
     """Train the model for one round on the source subset plus the pseudo-labelled target
     (with CRST's loss ``loss_fn`` when given)."""
-    from cbst.mining import MiningPlan
-    from cbst.models.base import round_to_stride
-    from cbst.training import build_optimizer, train_epochs
-    from cbst.transforms import TrainTransform
-
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
@@ -266,9 +265,6 @@ class _RoundModel:
 
     def load(self, path: Path) -> torch.nn.Module:
         """The model holding the checkpoint's weights (compiled when asked); run it, not save it."""
-        from cbst.checkpoints import load_checkpoint, load_weights_into
-        from cbst.device import maybe_compile
-
         if self.model is None:
             self.model, self.meta = load_checkpoint(path, device=self.device, expect_protocol=self.protocol)
             self.net = maybe_compile(self.model, self.compile)
@@ -279,8 +275,6 @@ class _RoundModel:
 
 def _datasets(cfg: SelfTrainConfig):
     """(source, target train, target val or None), verified before any work starts."""
-    from cbst.datasets import build_dataset
-
     source = build_dataset(
         cfg.dataset, cfg.data_root, split=cfg.split, num_classes=cfg.num_classes, list_file=cfg.list_file
     )
@@ -302,9 +296,6 @@ def _datasets(cfg: SelfTrainConfig):
 
 def self_train(cfg: SelfTrainConfig) -> dict:
     """Run (or resume) every round; returns {round index: metrics json} of the evaluations."""
-    from cbst.checkpoints import save_checkpoint
-    from cbst.evaluation import evaluate_model
-
     cfg.validate()
     out, state = _prepare_output(cfg)
     source, target, val = _datasets(cfg)

@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from cbst import checks, distributed, options
+from cbst.checkpoints import load_checkpoint, save_checkpoint
 from cbst.config import SourceTrainConfig, resume_free
+from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.errors import CheckpointError, ConfigError
+from cbst.evaluation import evaluate_model
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
+from cbst.models import build_model
+from cbst.models.base import round_to_stride
 from cbst.training import build_optimizer, train_epochs
+from cbst.transforms import TrainTransform
 
 _SOURCE_INPUTS = options.path_fields(SourceTrainConfig)
 # Options that change no finished epoch, so a resumed run may change them (declared with the
@@ -48,9 +55,6 @@ def last_finished_epoch(output: Path) -> int:
 
 def _init_model(config: SourceTrainConfig) -> nn.Module:
     """The initial model: from a cbst checkpoint (*.pt) or built with pretrained weights."""
-    from cbst.checkpoints import load_checkpoint
-    from cbst.models import build_model
-
     if config.weights and config.weights.endswith(".pt"):
         model, meta = load_checkpoint(config.weights)
         if meta.get("arch") != config.model or meta.get("num_classes") != config.num_classes:
@@ -72,8 +76,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
     """Create OUT and write the effective configuration as ``OUT/config.yaml``: the run starts."""
-    import yaml
-
     make_dirs(output)
     write_text(output / "config.yaml", yaml.safe_dump(config.saved_form(), sort_keys=False))
 
@@ -107,8 +109,6 @@ def _evaluator(
     """A function returning target-val metrics for a model, or None when no eval set is given."""
     if not config.eval_dataset:
         return None
-    from cbst.datasets import build_dataset
-    from cbst.evaluation import evaluate_model
 
     val = build_dataset(
         config.eval_dataset, config.eval_root, split=config.eval_split, num_classes=config.num_classes
@@ -141,11 +141,6 @@ def train_source(config: SourceTrainConfig) -> Path:
     evaluation images; the main process alone writes the configuration, checkpoints, log and
     TensorBoard events.
     """
-    from cbst.checkpoints import load_checkpoint, save_checkpoint
-    from cbst.datasets import build_dataset
-    from cbst.models.base import round_to_stride
-    from cbst.transforms import TrainTransform
-
     config.validate()
     output = Path(config.output)
     check_output_dir(output)
