@@ -113,6 +113,14 @@ def test_a_source_runs_saved_config_reruns_it(tmp_path):
     write_source_config(Path(cfg.output), cfg)
     saved = Path(cfg.output) / "config.yaml"
     assert yaml.safe_load(saved.read_text())["scale_range"] == [0.5, 1.5]
+    resumed = options.from_args(
+        SourceTrainConfig, _parse(["train-source", "--output", cfg.output, "--resume"])
+    )
+    assert resumed.resume and (resumed.model, resumed.scale_range, resumed.lr_steps) == (
+        "small",
+        (0.5, 1.5),
+        (10, 20),
+    )
     args = _parse(["train-source", "--config", str(saved), "--out", str(tmp_path / "b")])
     again = options.from_args(SourceTrainConfig, args)
     assert dataclasses.replace(again, output=cfg.output) == dataclasses.replace(

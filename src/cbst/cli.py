@@ -108,7 +108,6 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> dict:
 def _config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     """The parsed values of a config file by option name (``dest``), bases merged in."""
     cls = parser.get_default("_options")
-    command = parser.prog.split()[-1]
     merged: dict = {}
     for file, data in _read_tree(Path(path)):
         _own_imports(file, data)
@@ -117,7 +116,6 @@ def _config_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         else:
             values = _undeclared_values(file, data, parser)
         merged.update(values)
-    del command
     return merged
 
 

@@ -326,13 +326,15 @@ def declared(cls: type) -> type:
         if not spec["flags"]:
             spec["flags"] = (_default_flag(f.name, f.default, spec["type"]),)
         table[f.name] = Option(**spec)
-        _FLAG_OF.setdefault(f.name, _switch_flag(table[f.name]))
+        _FLAG_OF.setdefault(f.name, _named_flag(table[f.name]))
     _DECLARED[cls] = table
     return cls
 
 
-def _switch_flag(opt: Option) -> str:
-    """The flag that names the option in messages (a positional argument by its name)."""
+def _named_flag(opt: Option) -> str:
+    """How messages name the option: its long flag, or a positional argument's name in capitals."""
+    if opt.negated:
+        return opt.flags[0]
     return opt.dest.upper() if opt.positional else "--" + opt.dest.replace("_", "-")
 
 
@@ -530,13 +532,13 @@ def config_values(
             value = not value
         required = default_of(cls, name) is MISSING
         if value is None and required and not nullable:
-            raise ConfigError(f"{where}: {_switch_flag(opt)} is required; got null")
+            raise ConfigError(f"{where}: {_named_flag(opt)} is required; got null")
         try:
             out[opt.dest] = check_value(opt, value)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {_switch_flag(opt)} {exc}") from None
+            raise ConfigError(f"{where}: {_named_flag(opt)} {exc}") from None
         if out[opt.dest] is None and required:
-            raise ConfigError(f"{where}: {_switch_flag(opt)} is required; got null")
+            raise ConfigError(f"{where}: {_named_flag(opt)} is required; got null")
     if unknown:
         hints = [_suggestion(k, keys) for k in unknown]
         listed = ", ".join(k + (f" (did you mean {h}?)" if h else "") for k, h in zip(unknown, hints))
@@ -574,7 +576,7 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
         if isinstance(value, str) and value.lower() in opt.none:
             value = None
         if value is None and default_of(cls, name) is MISSING and name not in overrides:
-            raise CLIError(f"{_switch_flag(opt)} is required")
+            raise CLIError(f"{_named_flag(opt)} is required")
         values[name] = value
     return cls(**{**values, **overrides})
 
