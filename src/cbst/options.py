@@ -67,6 +67,8 @@ class Text(ValueType):
 
 
 class Integer(ValueType):
+    metavar = "N"
+
     def parse(self, value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError(f"expected an integer, got {value!r}")
@@ -81,6 +83,8 @@ class Integer(ValueType):
 
 
 class Number(ValueType):
+    metavar = "X"
+
     def parse(self, value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
