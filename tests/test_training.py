@@ -267,7 +267,7 @@ def test_command_rounds_the_crop_and_parses_ranges(monkeypatch, tmp_path):
     cfg = seen["c"]
     assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (500, (0.5, 1.5), (10, 20))
     assert cfg.dataset == "gta5"  # the default layout when --dataset is not given
-    assert [round_to_stride(size) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
+    assert [round_to_stride(size, 8) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
 
 
 @pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38", "gta5_source_deeplabv2"])

@@ -2,7 +2,7 @@
 
 One network pass per image per round: each batch of target images is forwarded once (every
 scale and mirror of the test-time plan), its softmax maps are kept at the network's output
-resolution (stride 8, 1/64 of the pixels) in a :class:`ProbabilityCache`, and their up-sampled
+resolution (1/stride² of the pixels, 1/64 at stride 8) in a :class:`ProbabilityCache`, and their up-sampled
 probabilities (times the spatial prior for CBST-SP) feed the :class:`ThresholdEstimator`. Once
 the round's thresholds are known, the pseudo-labels are assigned from the cache, up-sampled on
 the device, without decoding or forwarding any image again, and written as labelId PNGs
@@ -238,7 +238,7 @@ def pseudo_label_pass(
     started = time.time()
     shard = distributed.shard_dataset(dataset)
     progress = progress and distributed.is_main()
-    plan = InferencePlan(long_side, tuple(scales), flip)
+    plan = InferencePlan.for_model(model, long_side, scales, flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(
         out_dir / cache_folder(),

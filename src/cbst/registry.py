@@ -101,7 +101,7 @@ class Registry(Generic[T]):
 # listing them (``--help``, choices) imports neither torch nor the modules that define them;
 # adding one to cbst is its module plus one line here, and a user's module adds its own with
 # ``@REGISTRY.register("name")`` and ``--import``.
-ARCHITECTURES: Registry = Registry("architecture")
+ARCHITECTURES: Registry = Registry("model")
 """Segmentation networks: classes of :class:`cbst.models.base.SegmentationNet`."""
 DATASETS: Registry = Registry("dataset")
 """Dataset layouts: functions ``(root, **options) -> SegmentationDataset``."""

@@ -400,14 +400,14 @@ def _train_round(
     """Train the model for one round on the source subset plus the pseudo-labelled target
     (with CRST's loss ``loss_fn`` when given)."""
     from cbst.mining import MiningPlan
-    from cbst.models.base import round_to_stride
+    from cbst.models.base import geometry, round_to_stride
     from cbst.training import build_optimizer, train_epochs
     from cbst.transforms import TrainTransform
 
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
-    crop = round_to_stride(cfg.crop_size)
+    crop = round_to_stride(cfg.crop_size, geometry(model).pad_multiple)
     seed = _round_seed(cfg, plan)
 
     def transform(reference: int | None, offset: int) -> TrainTransform:

@@ -199,7 +199,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     """
     from cbst.checkpoints import load_checkpoint, save_checkpoint
     from cbst.datasets import build_dataset
-    from cbst.models.base import round_to_stride
+    from cbst.models.base import geometry, round_to_stride
     from cbst.transforms import TrainTransform
 
     config.validate()
@@ -216,13 +216,6 @@ def train_source(config: SourceTrainConfig) -> Path:
         list_file=config.list_file,
     )
     checks.require_batch_fits(config.batch_images, len(data), config.data_root)
-    transform = TrainTransform(
-        round_to_stride(config.crop_size),
-        scale_range=config.scale_range,
-        reference_long_side=config.origin_size,
-        seed=config.seed,
-    )
-    data = data.with_transform(transform)
     protocol = data.protocol
 
     start_epoch = last_finished_epoch(output)
@@ -244,6 +237,13 @@ def train_source(config: SourceTrainConfig) -> Path:
         optimizer = build_optimizer(
             model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
+    transform = TrainTransform(
+        round_to_stride(config.crop_size, geometry(model).pad_multiple),
+        scale_range=config.scale_range,
+        reference_long_side=config.origin_size,
+        seed=config.seed,
+    )
+    data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model

@@ -17,7 +17,7 @@ import dataclasses
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
 from cbst.datasets import DATASETS
-from cbst.models import ARCHS
+from cbst.registry import ARCHITECTURES
 from cbst.sourcetrain import SourceTrainConfig
 from cbst.training import LR_POLICIES
 
@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=ARCHS, default=d["model"], help="network architecture")
+    model.add_argument(
+        "--model", choices=ARCHITECTURES.names(), default=d["model"], help="network architecture"
+    )
     model.add_argument(
         "--weights",
         metavar="PATH",
