@@ -39,8 +39,8 @@ from cbst.checks import ConfigError
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
+from cbst.registry import SELECTION_POLICIES
 from cbst.rounds import RoundPlan, round_schedule, source_subset
-from cbst.thresholds import POLICIES
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
@@ -202,8 +202,10 @@ class SelfTrainConfig:
         Errors name the option as its flag. Portions must stay in [0, 1] in every round, not
         only in the first: a portion grows by its step while below its maximum.
         """
-        if self.kc_policy not in POLICIES:
-            raise ConfigError(f"--kc-policy must be 'cb' or 'global', got {self.kc_policy!r}")
+        if self.kc_policy not in SELECTION_POLICIES:
+            raise ConfigError(
+                f"--kc-policy must be one of {', '.join(SELECTION_POLICIES.names())}, got {self.kc_policy!r}"
+            )
         checks.require_positive(
             self,
             "num_round",

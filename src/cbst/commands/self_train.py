@@ -22,8 +22,8 @@ import dataclasses
 
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
 from cbst.datasets import DATASETS
+from cbst.registry import SELECTION_POLICIES
 from cbst.selftrain import SelfTrainConfig, self_train
-from cbst.thresholds import POLICIES
 
 HELP = (
     "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior), "
@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pseudo-labels")
     g.add_argument(
         "--kc-policy",
-        choices=POLICIES,
+        choices=SELECTION_POLICIES.names(),
         default=d["kc_policy"].default,
         help="cb = class-balanced thresholds (CBST); global = one threshold (ST)",
     )
