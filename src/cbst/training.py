@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from cbst import distributed
 from cbst.device import autocast, mixed_precision, prefers_channels_last
 from cbst.inference import normalize
-from cbst.labels import IGNORE_INDEX
+from cbst.losses import CrossEntropyLoss
 
 LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -81,18 +80,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times the group's stored multiplier."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Mean cross-entropy over valid pixels of logits up-sampled to the label size; 0 if none."""
-    logits = logits.float()  # up-sample and reduce in float32 even when the net ran in bf16
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    valid = (labels != ignore_index).sum().clamp(min=1)
-    return total / valid
 
 
 def set_dataset_epoch(dataset: Any, epoch: int) -> None:
@@ -254,12 +241,12 @@ def train_epochs(
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
     ``on_epoch_end(epoch, stats)`` receives the 0-based index of the finished epoch; callers
-    checkpoint there. ``loss_fn(logits, labels, batch)`` replaces :func:`segmentation_loss`
-    (CRST's regularised loss, :class:`cbst.crst.CrstLoss`). Returns the last epoch's mean loss
-    and the global iteration count. Under torchrun ``batch_size`` is the global batch, the model
-    is trained through DistributedDataParallel (with SyncBatchNorm layers when ``sync_bn``),
-    every process holds the same weights and buffers at each epoch's end, and the logged loss
-    is the mean over all.
+    checkpoint there. ``loss_fn(logits, labels, batch)`` is the loss (:mod:`cbst.losses`;
+    :class:`~cbst.losses.CrossEntropyLoss` when None; CRST's is :class:`cbst.crst.CrstLoss`).
+    Returns the last epoch's mean loss and the global iteration count. Under torchrun
+    ``batch_size`` is the global batch, the model is trained through DistributedDataParallel
+    (with SyncBatchNorm layers when ``sync_bn``), every process holds the same weights and
+    buffers at each epoch's end, and the logged loss is the mean over all.
     """
     device = torch.device(device)
     iters = len(dataset) // batch_size
@@ -276,6 +263,8 @@ def train_epochs(
         model.to(memory_format=memory_format)
     if optimizer is None:
         optimizer = build_optimizer(model, base_lr)
+    if loss_fn is None:
+        loss_fn = CrossEntropyLoss()
     scaler = _grad_scaler(device, amp)
     net = distributed.data_parallel(model, device, sync_bn=sync_bn)
     progress = progress and distributed.is_main()
@@ -340,7 +329,7 @@ def _run_epoch(
     log_every: int,
     writer: Any,
     progress: bool = True,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn,
 ) -> dict:
     """``steps`` batches of ``loader``; the running loss stays on the device between log points.
 
@@ -361,7 +350,7 @@ def _run_epoch(
         labels = batch["label"].to(device, non_blocking=True).long()
         with autocast(device, enabled=amp):
             logits = model(images)
-        loss = segmentation_loss(logits, labels) if loss_fn is None else loss_fn(logits, labels, batch)
+        loss = loss_fn(logits, labels, batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
