@@ -16,8 +16,9 @@ from cbst.labels import get_protocol
 from cbst.losses import segmentation_loss
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 from cbst.models.base import round_to_stride
+from cbst.optim import build_optimizer, lr_at, set_lr
 from cbst.sourcetrain import SourceTrainConfig, train_source
-from cbst.training import build_optimizer, lr_at, set_lr, train_epochs, train_loader
+from cbst.training import train_epochs, train_loader
 from cbst.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]

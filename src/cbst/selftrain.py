@@ -38,8 +38,9 @@ from cbst import checks, distributed, io
 from cbst.checks import ConfigError
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
+from cbst.optim import check_training_options
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
-from cbst.registry import SELECTION_POLICIES
+from cbst.registry import LOSSES, SELECTION_POLICIES
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
@@ -87,6 +88,10 @@ _STAGE_OPTIONS = {
         "mine_port",
         "momentum",
         "weight_decay",
+        "optimizer",
+        "warmup_iters",
+        "clip_grad_norm",
+        "loss",
         "amp",
         "mr_weight_kld",
         "mr_weight_src",
@@ -161,6 +166,10 @@ class SelfTrainConfig:
     mine_thresh: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    warmup_iters: int = 0
+    clip_grad_norm: float | None = None
+    loss: str = "cross_entropy"
     sync_bn: bool = False
     # CRST's regularisers (cbst.crst; 0 = off)
     mr_weight_kld: float = 0.0
@@ -237,6 +246,11 @@ class SelfTrainConfig:
         )
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
+        check_training_options(self)
+        if self.loss != "cross_entropy" and (self.mr_weight_kld or self.mr_weight_src or self.lr_weight_ent):
+            raise ConfigError(
+                f"CRST's regularisers extend the cross-entropy; they cannot be used with --loss {self.loss}"
+            )
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -403,7 +417,8 @@ def _train_round(
     (with CRST's loss ``loss_fn`` when given)."""
     from cbst.mining import MiningPlan
     from cbst.models.base import geometry, round_to_stride
-    from cbst.training import build_optimizer, train_epochs
+    from cbst.optim import build_optimizer
+    from cbst.training import train_epochs
     from cbst.transforms import TrainTransform
 
     mining = (
@@ -428,7 +443,9 @@ def _train_round(
         target.with_transform(transform(cfg.origin_size_tgt, 1)),
     ]
     data = torch.utils.data.ConcatDataset([p for p in parts if len(p) > 0])
-    optimizer = build_optimizer(model, plan.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        model, plan.lr, name=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     train_epochs(
         model,
         data,
@@ -443,8 +460,10 @@ def _train_round(
         seed=seed,
         amp=cfg.amp,
         progress=cfg.progress,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn or LOSSES.get(cfg.loss)(),
         sync_bn=cfg.sync_bn,
+        warmup_iters=cfg.warmup_iters,
+        clip_grad_norm=cfg.clip_grad_norm,
     )
 
 

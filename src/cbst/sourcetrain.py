@@ -22,7 +22,9 @@ from cbst import checks, distributed
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
-from cbst.training import LR_POLICIES, build_optimizer, train_epochs
+from cbst.optim import LR_POLICIES, build_optimizer, check_training_options
+from cbst.registry import LOSSES
+from cbst.training import train_epochs
 
 
 @dataclass
@@ -47,6 +49,11 @@ class SourceTrainConfig:
     to_epoch: int = 30
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    optimizer: str = "sgd"
+    lr_power: float = 0.9
+    warmup_iters: int = 0
+    clip_grad_norm: float | None = None
+    loss: str = "cross_entropy"
     seed: int = 0
     device: str = "auto"
     num_workers: int = 4
@@ -70,6 +77,7 @@ class SourceTrainConfig:
         checks.require_split_batch(self, "batch_images")
         if self.lr_type not in LR_POLICIES:
             raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
+        check_training_options(self)
         if any(step < 0 for step in self.lr_steps):
             raise ConfigError(f"--lr-steps must be iteration numbers >= 0, got {list(self.lr_steps)}")
         if self.eval_dataset and not self.eval_root:
@@ -100,6 +108,17 @@ def last_finished_epoch(output: Path) -> int:
         if p.stem.split("_")[1].isdigit()
     ]
     return max(epochs, default=0)
+
+
+def _optimizer(model: nn.Module, config: SourceTrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser over the model's parameter groups."""
+    return build_optimizer(
+        model,
+        config.base_lr,
+        name=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
 
 
 def _init_model(config: SourceTrainConfig) -> nn.Module:
@@ -227,16 +246,12 @@ def train_source(config: SourceTrainConfig) -> Path:
         _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
         optimizer.load_state_dict(meta["extra"]["optimizer"])
     else:
         seed_everything(config.seed)  # the random initialisation of new layers, too
         model = _init_model(config).to(device)
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
     transform = TrainTransform(
         round_to_stride(config.crop_size, geometry(model).pad_multiple),
         scale_range=config.scale_range,
@@ -296,6 +311,10 @@ def train_source(config: SourceTrainConfig) -> Path:
             writer=writer,
             progress=config.progress,
             sync_bn=config.sync_bn,
+            loss_fn=LOSSES.get(config.loss)(),
+            lr_power=config.lr_power,
+            warmup_iters=config.warmup_iters,
+            clip_grad_norm=config.clip_grad_norm,
         )
     finally:
         if writer is not None:

@@ -17,9 +17,9 @@ import dataclasses
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
 from cbst.datasets import DATASETS
+from cbst.optim import LR_POLICIES
 from cbst.registry import ARCHITECTURES
 from cbst.sourcetrain import SourceTrainConfig
-from cbst.training import LR_POLICIES
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
 
