@@ -20,7 +20,8 @@ from typing import Any
 
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, float_list
-from cbst.datasets import DATASETS
+from cbst.labels import class_count_choices, default_class_count
+from cbst.registry import DATASETS
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset",
-        choices=DATASETS,
+        choices=DATASETS.names(),
         default="cityscapes",
         help="dataset whose labels are the ground truth "
         "(the original's --dataset cityscapes / cityscapes16 / gta / synthia)",
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--num-classes",
         type=int,
-        choices=(19, 16),
+        choices=class_count_choices(),
         default=None,
         help="19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's "
         "cityscapes16); default: the checkpoint's, else 16 for synthia, 19 otherwise",
@@ -140,11 +141,6 @@ def _build_dataset(args: argparse.Namespace, num_classes: int) -> Any:
     return dataset
 
 
-def _default_num_classes(dataset: str) -> int:
-    """16 for SYNTHIA (its only protocol), 19 for everything else."""
-    return 16 if dataset == "synthia" else 19
-
-
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model, check its protocol against the dataset's and run it; (metrics, dataset)."""
     from cbst.checkpoints import load_checkpoint
@@ -193,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         metrics, dataset = _evaluate_checkpoint(args)
         case = args.case or Path(args.checkpoint).stem
     else:
-        dataset = _build_dataset(args, args.num_classes or _default_num_classes(args.dataset))
+        dataset = _build_dataset(args, args.num_classes or default_class_count(args.dataset))
         metrics = evaluate_predictions(args.predictions, dataset, progress=args.progress)
         case = args.case or Path(args.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))

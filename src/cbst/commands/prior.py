@@ -13,7 +13,8 @@ import numpy as np
 
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments
-from cbst.datasets import DATASETS
+from cbst.labels import class_count_choices
+from cbst.registry import DATASETS
 
 HELP = "compute (or convert) the class-wise spatial prior used by CBST-SP"
 
@@ -31,11 +32,11 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cbst prior``."""
-    parser.add_argument("--dataset", choices=DATASETS, help="source dataset whose labels are counted")
+    parser.add_argument("--dataset", choices=DATASETS.names(), help="source dataset whose labels are counted")
     parser.add_argument("--data-root", help="root folder of the dataset")
     parser.add_argument("--split", default="train", help="dataset split")
     parser.add_argument("--list", dest="list_file", help="list file selecting the images")
-    parser.add_argument("--num-classes", type=int, default=19, choices=(19, 16))
+    parser.add_argument("--num-classes", type=int, default=19, choices=class_count_choices())
     parser.add_argument("--size", type=_size, default=(1024, 2048), help="target resolution H,W of the prior")
     parser.add_argument(
         "--sigma",

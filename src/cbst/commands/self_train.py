@@ -21,8 +21,8 @@ import argparse
 import dataclasses
 
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
-from cbst.datasets import DATASETS
-from cbst.registry import SELECTION_POLICIES
+from cbst.labels import class_count_choices
+from cbst.registry import DATASETS, SELECTION_POLICIES
 from cbst.selftrain import SelfTrainConfig, self_train
 
 HELP = (
@@ -34,18 +34,18 @@ HELP = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SelfTrainConfig.__dataclass_fields__
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="source dataset")
+    g.add_argument("--dataset", choices=DATASETS.names(), default=d["dataset"].default, help="source dataset")
     g.add_argument("--data-root", required=True, help="source dataset root, in its own layout")
     g.add_argument("--split", default="train", help="source split")
     g.add_argument("--list", dest="list_file", help="source list file (image [TAB label] per line)")
-    g.add_argument("--dataset-tgt", choices=DATASETS, default="cityscapes", help="target dataset")
+    g.add_argument("--dataset-tgt", choices=DATASETS.names(), default="cityscapes", help="target dataset")
     g.add_argument("--data-root-tgt", required=True, help="target dataset root")
     g.add_argument("--split-tgt", default="train", help="target split to pseudo-label")
     g.add_argument("--list-tgt", help="target list file, e.g. the original's 505-image train.lst")
     g.add_argument(
         "--eval-split", default="val", help="target split evaluated after every round ('none' to skip)"
     )
-    g.add_argument("--num-classes", type=int, choices=(19, 16), default=19)
+    g.add_argument("--num-classes", type=int, choices=class_count_choices(), default=19)
     g.add_argument("--weights", required=True, help="source model: a cbst checkpoint (see cbst convert)")
     g.add_argument("--output", required=True, help="run folder (config, state, rounds)")
     g = p.add_argument_group("round schedule (solve_AO.py flags and defaults)")

@@ -16,9 +16,9 @@ import dataclasses
 
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
-from cbst.datasets import DATASETS
+from cbst.labels import class_count_choices
 from cbst.optim import LR_POLICIES
-from cbst.registry import ARCHITECTURES
+from cbst.registry import ARCHITECTURES, DATASETS
 from cbst.sourcetrain import SourceTrainConfig
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``cbst train-source``; defaults come from ``SourceTrainConfig``."""
     d = {f.name: f.default for f in dataclasses.fields(SourceTrainConfig)}
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="gta5", help="source dataset layout")
+    data.add_argument("--dataset", choices=DATASETS.names(), default="gta5", help="source dataset layout")
     data.add_argument("--data-root", help="dataset root directory (required)")
     data.add_argument("--split", default=d["split"], help="split whose images are trained on")
     data.add_argument(
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--num-classes",
         type=int,
-        choices=(19, 16),
+        choices=class_count_choices(),
         default=d["num_classes"],
         help="label protocol: 19 (GTA5/Cityscapes) or 16 (SYNTHIA)",
     )
@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
     ev = parser.add_argument_group("evaluation after each epoch (optional)")
-    ev.add_argument("--eval-dataset", choices=DATASETS, help="target dataset to report mIoU on")
+    ev.add_argument("--eval-dataset", choices=DATASETS.names(), help="target dataset to report mIoU on")
     ev.add_argument("--eval-root", metavar="DIR", help="root of the evaluation dataset")
     ev.add_argument("--eval-split", default=d["eval_split"], help="evaluation split")
     ev.add_argument(
