@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
+from cbst.commands.train_source import add_optimisation_arguments
 from cbst.labels import class_count_choices
 from cbst.registry import DATASETS, SELECTION_POLICIES
 from cbst.selftrain import SelfTrainConfig, self_train
@@ -133,6 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
+    add_optimisation_arguments(g, d)
     g = p.add_argument_group("CRST regularisers (Zou et al., ICCV 2019; both may be combined)")
     g.add_argument(
         "--mr-weight-kld",

@@ -17,8 +17,8 @@ import dataclasses
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
 from cbst.labels import class_count_choices
-from cbst.optim import LR_POLICIES
-from cbst.registry import ARCHITECTURES, DATASETS
+from cbst.optim import LR_POLICIES, OPTIMIZERS
+from cbst.registry import ARCHITECTURES, DATASETS, LOSSES
 from cbst.sourcetrain import SourceTrainConfig
 
 HELP = "train a segmentation network on labelled source images (GTA5/SYNTHIA)"
@@ -109,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--seed", type=int, default=d["seed"], help="seed of the shuffle, crops, flips and dropout"
     )
+    optim.add_argument(
+        "--lr-power", type=float, default=d["lr_power"], help="power of --lr-type poly (DAFormer: 1.0)"
+    )
+    add_optimisation_arguments(optim, SourceTrainConfig.__dataclass_fields__)
 
     run = parser.add_argument_group("run")
     run.add_argument("--output", metavar="DIR", help="output directory (required)")
@@ -128,6 +132,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PX",
         help="resize evaluation images to this long side (default: native size)",
+    )
+
+
+def add_optimisation_arguments(group: argparse._ArgumentGroup, fields: dict) -> None:
+    """The optimiser, warm-up, clipping and loss flags that source and self-training share
+    (``fields``: the config dataclass's fields, whose defaults they show)."""
+    group.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=fields["optimizer"].default,
+        help="sgd (the original's, with --momentum) or adamw (transformers; DAFormer: lr 6e-5, "
+        "--weight-decay 0.01)",
+    )
+    group.add_argument(
+        "--warmup-iters",
+        type=int,
+        default=fields["warmup_iters"].default,
+        metavar="N",
+        help="linear lr warm-up over the first N iterations (DAFormer: 1500); 0 = none",
+    )
+    group.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=fields["clip_grad_norm"].default,
+        metavar="F",
+        help="clip the gradients' global L2 norm to F before each step; unset = no clipping",
+    )
+    group.add_argument(
+        "--loss",
+        choices=LOSSES.names(),
+        default=fields["loss"].default,
+        help="training loss (cbst.registry.LOSSES)",
     )
 
 
@@ -172,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
         to_epoch=args.to_epoch,
         weight_decay=args.weight_decay,
         momentum=args.momentum,
+        optimizer=args.optimizer,
+        lr_power=args.lr_power,
+        warmup_iters=args.warmup_iters,
+        clip_grad_norm=args.clip_grad_norm,
+        loss=args.loss,
         seed=args.seed,
         device=args.device,
         num_workers=args.num_workers,
