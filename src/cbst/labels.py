@@ -166,14 +166,16 @@ class Protocol:
         return table[np.asarray(train_ids, dtype=np.int64)]
 
 
-def _build(
+def build_protocol(
     name: str,
     raw_to_class: dict[int, str],
     classes: tuple[str, ...],
     colors: dict[str, tuple[int, int, int]],
     subset_means: tuple[SubsetMean, ...] = (),
 ) -> Protocol:
-    """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``."""
+    """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``
+    (the trainIds, in order); ``colors`` maps each class name to its RGB colour. A user's
+    dataset module builds its own label table with it (docs/extending.md)."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     raw_ids = [-1] * len(classes)
     for raw_id in sorted(raw_to_class):
@@ -185,7 +187,7 @@ def _build(
                 raw_ids[train_id] = raw_id
     missing = [c for c, r in zip(classes, raw_ids) if r < 0]
     if missing:
-        raise AssertionError(f"{name}: no raw id for classes {missing}")
+        raise ConfigError(f"label protocol {name}: no raw id for classes {missing}")
     return Protocol(
         name=name,
         class_names=classes,
@@ -203,14 +205,14 @@ CLASSES_19: tuple[str, ...] = tuple(
     lab.name for lab in sorted((x for x in _CS_LABELS if 0 <= x.trainId < 255), key=lambda x: x.trainId)
 )
 
-CITYSCAPES_19 = _build("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
+CITYSCAPES_19 = build_protocol("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
 """Cityscapes (and GTA5) labelIds -> the 19 evaluation classes (docs/method.md §9.2)."""
-CITYSCAPES_16 = _build("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS, (MIOU13,))
+CITYSCAPES_16 = build_protocol("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS, (MIOU13,))
 """Cityscapes (and GTA5) labelIds -> the 16 SYNTHIA classes; terrain, truck, train ignored.
 
 See docs/method.md §9.2.
 """
-SYNTHIA_16 = _build("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS, (MIOU13,))
+SYNTHIA_16 = build_protocol("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS, (MIOU13,))
 """SYNTHIA-RAND-CITYSCAPES raw ids -> the 16 classes, in the same trainId order as CITYSCAPES_16."""
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CITYSCAPES_19, CITYSCAPES_16, SYNTHIA_16)}
