@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbst.methods import method_table
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DOC = REPO_ROOT / "docs" / "extending.md"
@@ -51,6 +53,10 @@ def _cbst(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cbst", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
+
+
+def test_the_page_lists_the_registered_methods() -> None:
+    assert method_table() in DOC.read_text()
 
 
 def test_the_page_shows_four_modules_and_uses_each() -> None:

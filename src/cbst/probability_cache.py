@@ -1,8 +1,9 @@
 """The probability cache of a pseudo-label round: one network pass, labels assigned later.
 
 :class:`ProbabilityCache` keeps, per target image, the softmax maps of every forward pass of the
-round's test-time plan at the network's output resolution (1/stride², e.g. 1/64 of the pixels at stride 8), in GPU
-memory, host memory or a memory-mapped file under the round folder, by the room available. It
+round's test-time plan at the network's output resolution (1/stride² of the pixels: 1/64 at
+stride 8), in GPU memory, host memory or a memory-mapped file under the round folder, by the
+room available. It
 gives back up-sampled probabilities on the device, exactly as :func:`cbst.inference.predict_probs`
 would compute them from the same maps. :mod:`cbst.pseudo_labels` fills it and assigns the
 round's pseudo-labels from it; CRST's soft labels can be computed from it the same way.

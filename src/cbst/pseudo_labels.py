@@ -2,8 +2,8 @@
 
 One network pass per image per round: each batch of target images is forwarded once (every
 scale and mirror of the test-time plan), its softmax maps are kept at the network's output
-resolution (1/stride² of the pixels, 1/64 at stride 8) in a :class:`ProbabilityCache`, and their up-sampled
-probabilities (times the spatial prior for CBST-SP) feed the :class:`ThresholdEstimator`. Once
+resolution (1/stride² of the pixels: 1/64 at stride 8) in a :class:`ProbabilityCache`, and
+their up-sampled probabilities (times the spatial prior for CBST-SP) feed the :class:`ThresholdEstimator`. Once
 the round's thresholds are known, the pseudo-labels are assigned from the cache, up-sampled on
 the device, without decoding or forwarding any image again, and written as labelId PNGs
 (0 = not selected) plus colour PNGs by background threads, with ``stats.json``.

@@ -120,7 +120,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-images", type=int, default=2, help="images per batch, over all processes under torchrun"
     )
     add_sync_bn_argument(g)
-    g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
+    g.add_argument(
+        "--crop-size",
+        type=int,
+        default=500,
+        help="rounded up to the model's pad multiple (8 for cbst's networks: 500 -> 504)",
+    )
     g.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3))
     g.add_argument("--origin-size", type=int, default=None, help="source reference long side")
     g.add_argument("--origin-size-tgt", type=int, default=None, help="target reference long side")

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--crop-size",
         type=int,
         default=d["crop_size"],
-        help="square crop side; rounded up to a multiple of 8 (500 -> 504)",
+        help="square crop side; rounded up to the model's pad multiple (8 for cbst's networks: 500 -> 504)",
     )
     optim.add_argument(
         "--scale-rate-range",
