@@ -82,8 +82,12 @@ def test_extending_doc_runs_as_written(tmp_path: Path) -> None:
         assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout}\n{done.stderr}"
 
     # the 7 categories reached --help, the metrics and the report
-    help_text = _cbst(["self-train", "--import", "my_categories", "--help"], tmp_path).stdout
+    help_text = _cbst(["evaluate", "--import", "my_categories", "--help"], tmp_path).stdout
     assert re.search(r"--num-classes \{[^}]*\b7\b", help_text)
+    assert (
+        "cityscapes_categories"
+        in _cbst(["self-train", "--import", "my_categories", "--help"], tmp_path).stdout
+    )
     metrics = json.loads((tmp_path / "run" / "categories.json").read_text())
     assert list(metrics["iou"]) == CATEGORIES
     report = (tmp_path / "run" / "report.html").read_text()

@@ -16,8 +16,8 @@ import numpy as np
 import yaml
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
-from cbst.errors import ConfigError
-from cbst.io import DataError, read_text
+from cbst.errors import ConfigError, DataError
+from cbst.io import read_text
 from cbst.registry import DATASETS
 
 IGNORE_INDEX = 255
@@ -223,7 +223,7 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise KeyError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
+        raise ConfigError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
 
 
 def register_protocol(protocol: Protocol) -> Protocol:
@@ -251,12 +251,12 @@ def protocol_for(dataset: str, num_classes: int | None = None) -> Protocol:
     dataset's default count)."""
     table = dataset_protocols(dataset)
     if table is None:
-        raise ValueError(f"dataset {dataset!r} defines its classes in its own files (no fixed protocol)")
+        raise ConfigError(f"dataset {dataset!r} defines its classes in its own files (no fixed protocol)")
     if num_classes is None:
         return next(iter(table.values()))
     if num_classes not in table:
         counts = " or ".join(map(str, table))
-        raise ValueError(f"{dataset} labels support the {counts}-class protocol only, not {num_classes}")
+        raise ConfigError(f"{dataset} labels support the {counts}-class protocol only, not {num_classes}")
     return table[num_classes]
 
 

@@ -12,17 +12,12 @@ warm-up of ``warmup_iters`` iterations (DAFormer: 1,500, then poly with power 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from cbst import checks
-from cbst.errors import ConfigError
-from cbst.registry import LOSSES
+from cbst.config import LR_POLICIES, OPTIMIZERS
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
-LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
 WARMUP_RATIO = 1e-6
 """The warm-up starts at this fraction of the scheduled lr (mmcv's and DAFormer's value)."""
 
@@ -109,13 +104,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr`` times the group's stored multiplier."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def check_training_options(config: Any) -> None:
-    """The optimiser, warm-up, clipping and loss options of a training config (errors name the flag)."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")
-    if config.loss not in LOSSES:
-        raise ConfigError(f"--loss must be one of {', '.join(LOSSES.names())}, got {config.loss!r}")
-    checks.require_non_negative(config, "warmup_iters")
-    checks.require_positive(config, "clip_grad_norm", optional=True)

@@ -27,268 +27,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from cbst import checks, distributed, io
-from cbst.checks import ConfigError
+from cbst import checks, distributed, io, options
+from cbst.config import SelfTrainConfig
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
-from cbst.optim import check_training_options
+from cbst.errors import ConfigError
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
-from cbst.registry import LOSSES, SELECTION_POLICIES
-from cbst.rounds import RoundPlan, round_schedule, source_subset
+from cbst.registry import LOSSES
+from cbst.rounds import RoundPlan, source_subset
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
-_INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior")
-_DATA = (
-    "weights",
-    "dataset",
-    "data_root",
-    "split",
-    "list_file",
-    "dataset_tgt",
-    "data_root_tgt",
-    "split_tgt",
-    "list_tgt",
-    "num_classes",
-)
-# The options each stage reads besides its round's plan: a run resumes only if every finished
-# stage would read the same values. Other options (the round count, --device, ...) may change.
-_STAGE_OPTIONS = {
-    "pseudo": _DATA
-    + (
-        "kc_policy",
-        "with_prior",
-        "test_scales",
-        "test_flipping",
-        "pseudo_scales",
-        "exact_thresholds",
-        "threshold_bins",
-        "pseudo_batch",
-        "mine_id_number",
-        "mine_thresh",
-        "amp",
-        "score_pseudo_labels",
-        "lr_weight_ent",
-    ),
-    "train": _DATA
-    + (
-        "seed",
-        "batch_images",
-        "crop_size",
-        "scale_rate_range",
-        "origin_size",
-        "origin_size_tgt",
-        "mine_port",
-        "momentum",
-        "weight_decay",
-        "optimizer",
-        "warmup_iters",
-        "clip_grad_norm",
-        "loss",
-        "amp",
-        "mr_weight_kld",
-        "mr_weight_src",
-        "lr_weight_ent",
-        "with_prior",
-        "sync_bn",
-    ),
-    "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
-}
+# The options each stage reads besides its round's plan (declared with the options, in
+# cbst.config): a run resumes only if every finished stage would read the same values. Other
+# options (the round count, --device, ...) may change.
+_STAGE_OPTIONS = options.stage_options(SelfTrainConfig)
 # The plan fields each stage reads, and the options each field is computed from.
 _STAGE_PLAN = {
     "pseudo": ("tgt_portion",),
     "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"),
     "eval": (),
 }
-_PLAN_OPTIONS = {
-    "tgt_portion": ("init_tgt_port", "step_tgt_port", "max_tgt_port"),
-    "src_portion": ("init_src_port", "step_src_port", "max_src_port"),
-    "lr": ("base_lr", "lr_decay"),
-    "start_epoch": ("epoch_per_round",),
-    "end_epoch": ("epoch_per_round",),
-    "source_seed": ("source_sample_policy", "seed"),
-}
-
-
-@dataclass
-class SelfTrainConfig:
-    """Everything a self-training run depends on; saved as ``OUTPUT/config.yaml``."""
-
-    weights: str
-    output: str
-    data_root: str
-    data_root_tgt: str
-    dataset: str = "gta5"
-    split: str = "train"
-    list_file: str | None = None
-    dataset_tgt: str = "cityscapes"
-    split_tgt: str = "train"
-    list_tgt: str | None = None
-    eval_split: str | None = "val"
-    num_classes: int = 19
-    # schedule (the original solve_AO.py defaults)
-    num_round: int = 12
-    init_tgt_port: float = 0.3
-    step_tgt_port: float = 0.05
-    max_tgt_port: float = 0.5
-    init_src_port: float = 0.3
-    step_src_port: float = 0.0025
-    max_src_port: float = 0.06
-    epoch_per_round: int = 2
-    base_lr: float = 1e-4
-    lr_decay: float = math.sqrt(2.0)
-    source_sample_policy: str = "cumulative"
-    seed: int = 0
-    # pseudo-labels
-    kc_policy: str = "cb"
-    with_prior: str | None = None
-    test_scales: int | None = None
-    test_flipping: bool = True
-    pseudo_scales: tuple[float, ...] = (1.0,)
-    exact_thresholds: bool = False
-    threshold_bins: int = 65536
-    pseudo_batch: int = 1
-    # training
-    batch_images: int = 2
-    crop_size: int = 500
-    scale_rate_range: tuple[float, float] = (0.7, 1.3)
-    origin_size: int | None = None
-    origin_size_tgt: int | None = None
-    mine_port: float = 0.5
-    mine_id_number: int = 3
-    mine_thresh: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    warmup_iters: int = 0
-    clip_grad_norm: float | None = None
-    loss: str = "cross_entropy"
-    sync_bn: bool = False
-    # CRST's regularisers (cbst.crst; 0 = off)
-    mr_weight_kld: float = 0.0
-    mr_weight_src: float = 0.0
-    lr_weight_ent: float = 0.0
-    # evaluation
-    eval_long_side: int | None = None
-    eval_flipping: bool = False
-    # runtime
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True
-    compile: bool = False
-    progress: bool = True
-    resume: bool = False
-    score_pseudo_labels: bool = False
-    """Score pseudo-labels against the target split's ground truth (a log only: oracle data)."""
-
-    def schedule(self) -> list[RoundPlan]:
-        """The per-round portions, learning rates and epochs of this run."""
-        return round_schedule(
-            self.num_round,
-            init_tgt_port=self.init_tgt_port,
-            step_tgt_port=self.step_tgt_port,
-            max_tgt_port=self.max_tgt_port,
-            init_src_port=self.init_src_port,
-            step_src_port=self.step_src_port,
-            max_src_port=self.max_src_port,
-            base_lr=self.base_lr,
-            lr_decay=self.lr_decay,
-            epoch_per_round=self.epoch_per_round,
-            source_sample_policy=self.source_sample_policy,
-            seed=self.seed,
-        )
-
-    def validate(self) -> None:
-        """Reject invalid or inconsistent options before anything is read or written.
-
-        Errors name the option as its flag. Portions must stay in [0, 1] in every round, not
-        only in the first: a portion grows by its step while below its maximum.
-        """
-        if self.kc_policy not in SELECTION_POLICIES:
-            raise ConfigError(
-                f"--kc-policy must be one of {', '.join(SELECTION_POLICIES.names())}, got {self.kc_policy!r}"
-            )
-        checks.require_positive(
-            self,
-            "num_round",
-            "epoch_per_round",
-            "base_lr",
-            "lr_decay",
-            "batch_images",
-            "crop_size",
-            "pseudo_batch",
-            "threshold_bins",
-        )
-        checks.require_positive(
-            self, "test_scales", "origin_size", "origin_size_tgt", "eval_long_side", optional=True
-        )
-        checks.require_non_negative(
-            self,
-            "step_tgt_port",
-            "step_src_port",
-            "momentum",
-            "weight_decay",
-            "mine_id_number",
-            "num_workers",
-            "mr_weight_kld",
-            "mr_weight_src",
-            "lr_weight_ent",
-        )
-        checks.require_fraction(
-            self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
-        )
-        checks.require_scale_range(self, "scale_rate_range")
-        checks.require_split_batch(self, "batch_images")
-        check_training_options(self)
-        if self.loss != "cross_entropy" and (self.mr_weight_kld or self.mr_weight_src or self.lr_weight_ent):
-            raise ConfigError(
-                f"CRST's regularisers extend the cross-entropy; they cannot be used with --loss {self.loss}"
-            )
-        if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
-            raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
-        if not Path(self.weights).is_file():
-            raise FileNotFoundError(f"{self.weights}: initial weights not found")
-        if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
-            raise FileNotFoundError(f"{self.with_prior}: spatial prior file not found")
-        for plan in self.schedule():
-            for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
-                if portion > 1:
-                    names = [f"{p}_{kind}_port" for p in ("init", "step", "max")]
-                    given = ", ".join(f"{checks.flag(n)} {getattr(self, n)}" for n in names)
-                    raise ConfigError(
-                        f"{given} give round {plan.index} a portion of {portion:g}, "
-                        "above 1 (the portion grows by the step while below the "
-                        "maximum)"
-                    )
-
-    @property
-    def lrent_alpha(self) -> float | None:
-        """LRENT's α when ``--lr-weight-ent`` is on, else None (hard pseudo-labels)."""
-        return self.lr_weight_ent if self.lr_weight_ent > 0 else None
-
-    def check_sizes(self, num_source: int, num_target: int) -> None:
-        """Every round must train on at least one full batch (incomplete batches are dropped)."""
-        for plan in self.schedule():
-            images = len(source_subset(num_source, plan.src_portion, plan.source_seed)) + num_target
-            checks.require_batch_fits(self.batch_images, images, f"round {plan.index}")
-
-    def to_dict(self) -> dict:
-        """Plain-type dict (YAML-safe)."""
-        d = dataclasses.asdict(self)
-        d["scale_rate_range"] = list(self.scale_rate_range)
-        d["pseudo_scales"] = list(self.pseudo_scales)
-        return d
-
-    def saved_form(self) -> dict:
-        """``to_dict`` with the input and output paths absolute: what ``config.yaml`` holds."""
-        return checks.resolved_paths(self.to_dict(), _INPUT_PATHS + ("output",))
+_PLAN_OPTIONS = options.plan_options(SelfTrainConfig)
 
 
 class RunState:
@@ -324,7 +89,7 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     io.check_output_dir(out)
     state = RunState(out)
     if state.finished and not cfg.resume:
-        raise ValueError(
+        raise ConfigError(
             f"{out}: holds a started run ({len(state.finished)} stages finished); "
             "pass --resume to continue it or choose another --output"
         )

@@ -11,88 +11,26 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cbst import checks, distributed
-from cbst.checks import ConfigError
+from cbst import checks, distributed, options
+from cbst.config import SourceTrainConfig, resume_free
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
+from cbst.errors import ConfigError
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
-from cbst.optim import LR_POLICIES, build_optimizer, check_training_options
+from cbst.optim import build_optimizer
 from cbst.registry import LOSSES
 from cbst.training import train_epochs
 
-
-@dataclass
-class SourceTrainConfig:
-    """Everything ``train_source`` needs; defaults are the original's GTA5 settings (docs/method.md §2.1)."""
-
-    dataset: str
-    data_root: str
-    output: str
-    split: str = "train"
-    list_file: str | None = None
-    num_classes: int = 19
-    model: str = "resnet38"
-    weights: str | None = None
-    batch_images: int = 16
-    crop_size: int = 500
-    scale_range: tuple[float, float] = (0.7, 1.3)
-    origin_size: int | None = None
-    lr_type: str = "fixed"
-    base_lr: float = 0.0016
-    lr_steps: tuple[int, ...] = ()
-    to_epoch: int = 30
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    optimizer: str = "sgd"
-    lr_power: float = 0.9
-    warmup_iters: int = 0
-    clip_grad_norm: float | None = None
-    loss: str = "cross_entropy"
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 4
-    amp: bool = True
-    progress: bool = True
-    compile: bool = False
-    resume: bool = False
-    eval_dataset: str | None = None
-    eval_root: str | None = None
-    eval_split: str = "val"
-    eval_long_side: int | None = None
-    tensorboard: bool = False
-    sync_bn: bool = False
-
-    def validate(self) -> None:
-        """Reject invalid options before anything is read or written; errors name the flag."""
-        checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr")
-        checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
-        checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
-        checks.require_scale_range(self, "scale_range")
-        checks.require_split_batch(self, "batch_images")
-        if self.lr_type not in LR_POLICIES:
-            raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
-        check_training_options(self)
-        if any(step < 0 for step in self.lr_steps):
-            raise ConfigError(f"--lr-steps must be iteration numbers >= 0, got {list(self.lr_steps)}")
-        if self.eval_dataset and not self.eval_root:
-            raise ConfigError("--eval-dataset needs --eval-root")
-
-    def saved_form(self) -> dict:
-        """Plain-type dict with the paths absolute: what ``OUT/config.yaml`` holds."""
-        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return checks.resolved_paths(data, _SOURCE_INPUTS + ("output",))
-
-
-_SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
-# Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
-# the lr policy does not span the whole run.
-_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "progress", "tensorboard", "compile")
+_SOURCE_INPUTS = options.path_fields(SourceTrainConfig)
+# Options that change no finished epoch, so a resumed run may change them (declared with the
+# options, in cbst.config); --to-epoch too when the lr policy does not span the whole run.
+_SOURCE_RESUME_FREE = resume_free(SourceTrainConfig)
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:

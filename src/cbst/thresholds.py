@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cbst.errors import DivergedError
 from cbst.labels import IGNORE_INDEX
 from cbst.registry import SELECTION_POLICIES
 
@@ -300,7 +301,7 @@ class ThresholdEstimator:
             raise ValueError(f"portion must be in [0, 1], got {portion}")
         self._ensure_state(self.device or torch.device("cpu"))
         if not bool(self._min.isfinite()[self._counts > 0].all()):  # amin keeps any NaN seen
-            raise FloatingPointError(
+            raise DivergedError(
                 "the model's probabilities are not finite (NaN or inf): its "
                 "weights have diverged or are corrupt"
             )

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from cbst import distributed
 from cbst.device import autocast, mixed_precision, prefers_channels_last
+from cbst.errors import DivergedError
 from cbst.inference import normalize
 from cbst.losses import CrossEntropyLoss
 from cbst.models.base import geometry
@@ -360,7 +361,7 @@ def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, it: int) -> fl
     iteration named."""
     mean = distributed.all_reduce_mean(loss_sum.clone()).item() / steps
     if not math.isfinite(mean):
-        raise FloatingPointError(
+        raise DivergedError(
             f"non-finite training loss at epoch {epoch + 1}, "
             f"iteration {it + 1}; lower the learning rate or disable AMP"
         )
@@ -371,6 +372,6 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
     """Stop before a checkpoint is written if the last step left NaN or infinite weights."""
     finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
     if not bool(finite):  # one device sync per epoch
-        raise FloatingPointError(
+        raise DivergedError(
             f"non-finite weights after epoch {epoch + 1}; lower the learning rate or disable AMP"
         )

@@ -10,6 +10,7 @@ every key that does not fit.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def lr_group(params: list[nn.Parameter], lr_mult: float, wd_mult: float) -> dict
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A bare state_dict from a torch file (a cbst checkpoint's ``state_dict`` is unwrapped)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights not found")
+        raise FileNotFoundError(errno.ENOENT, "pretrained weights not found", str(path))
     obj = read_torch_file(path)
     obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
