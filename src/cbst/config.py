@@ -21,14 +21,16 @@ from typing import Any
 
 from cbst import checks, options
 from cbst.errors import ConfigError, MissingInputError
-from cbst.options import DEVICE, INTEGER, TEXT, Numbers, option
-from cbst.registry import ARCHITECTURES, DATASETS, SELECTION_POLICIES
+from cbst.options import DEVICE, INTEGER, NUMBER, TEXT, Numbers, option
+from cbst.registry import ARCHITECTURES, DATASETS, LOSSES, SELECTION_POLICIES
 from cbst.rounds import SOURCE_SAMPLE_POLICIES, RoundPlan, round_schedule, source_subset
 
 __all__ = ["LR_POLICIES", "SelfTrainConfig", "SourceTrainConfig", "default_num_workers"]
 
 LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
-"""Learning-rate policies of source training (:func:`cbst.training.learning_rate`)."""
+"""Learning-rate policies of source training (:func:`cbst.optim.lr_at`)."""
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+"""Optimisers :func:`cbst.optim.build_optimizer` builds."""
 
 PSEUDO, TRAIN, EVAL = ("pseudo",), ("train",), ("eval",)
 """The self-training stages that read an option (the resume rule: see cbst.selftrain)."""
@@ -110,7 +112,7 @@ class TrainingSection:
     def crop_size(stages=TRAIN) -> Any:
         return option(
             500,
-            "square crop side; rounded up to a multiple of 8 (500 -> 504)",
+            "square crop side; rounded up to the model's pad multiple (8 for cbst's networks: 500 -> 504)",
             range="positive",
             stages=stages,
             section="training",
@@ -147,6 +149,50 @@ class TrainingSection:
     @staticmethod
     def weight_decay(stages=TRAIN) -> Any:
         return option(5e-4, "SGD weight decay", range="non_negative", stages=stages, section="training")
+
+    @staticmethod
+    def optimizer(stages=TRAIN) -> Any:
+        return option(
+            "sgd",
+            "sgd (the original's, with --momentum) or adamw (transformers; DAFormer: --base-lr 6e-5, "
+            "--weight-decay 0.01)",
+            choices=OPTIMIZERS,
+            stages=stages,
+            section="training",
+        )
+
+    @staticmethod
+    def warmup_iters(stages=TRAIN) -> Any:
+        return option(
+            0,
+            "linear lr warm-up over the first N iterations (DAFormer: 1500); 0 = none",
+            range="non_negative",
+            metavar="N",
+            stages=stages,
+            section="training",
+        )
+
+    @staticmethod
+    def clip_grad_norm(stages=TRAIN) -> Any:
+        return option(
+            None,
+            "clip the gradients' global L2 norm to F before each step; default: no clipping",
+            type=NUMBER,
+            range="positive",
+            metavar="F",
+            stages=stages,
+            section="training",
+        )
+
+    @staticmethod
+    def loss(stages=TRAIN) -> Any:
+        return option(
+            "cross_entropy",
+            "training loss (cbst.registry.LOSSES)",
+            choices=LOSSES.names,
+            stages=stages,
+            section="training",
+        )
 
     @staticmethod
     def seed(help: str, stages=TRAIN, plan=()) -> Any:
@@ -449,6 +495,10 @@ class SelfTrainConfig:
     )
     momentum: float = TrainingSection.momentum()
     weight_decay: float = TrainingSection.weight_decay()
+    optimizer: str = TrainingSection.optimizer()
+    warmup_iters: int = TrainingSection.warmup_iters()
+    clip_grad_norm: float | None = TrainingSection.clip_grad_norm()
+    loss: str = TrainingSection.loss()
     sync_bn: bool = TrainingSection.sync_bn()
     # CRST's regularisers (cbst.crst; 0 = off)
     mr_weight_kld: float = option(
@@ -520,6 +570,10 @@ class SelfTrainConfig:
         options.check_ranges(self)
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
+        if self.loss != "cross_entropy" and (self.mr_weight_kld or self.mr_weight_src or self.lr_weight_ent):
+            raise ConfigError(
+                f"CRST's regularisers extend the cross-entropy; they cannot be used with --loss {self.loss}"
+            )
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
@@ -624,6 +678,13 @@ class SourceTrainConfig:
     )
     weight_decay: float = TrainingSection.weight_decay()
     momentum: float = TrainingSection.momentum()
+    optimizer: str = TrainingSection.optimizer()
+    lr_power: float = option(
+        0.9, "power of --lr-type poly (DAFormer: 1.0)", range="positive", stages=TRAIN, section="training"
+    )
+    warmup_iters: int = TrainingSection.warmup_iters()
+    clip_grad_norm: float | None = TrainingSection.clip_grad_norm()
+    loss: str = TrainingSection.loss()
     seed: int = TrainingSection.seed("seed of the shuffle, crops, flips and dropout")
     device: str = RuntimeSection.device()
     num_workers: int = RuntimeSection.num_workers(4)

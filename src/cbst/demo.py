@@ -30,6 +30,7 @@ from cbst.errors import ConfigError
 from cbst.evaluation import Metrics, evaluate_model, format_table
 from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
+from cbst.registry import METHODS
 from cbst.report import write_report
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
@@ -37,14 +38,6 @@ from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 BENCHMARK_SEED = 0
 RARE_CLASSES = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
-VARIANTS = {
-    "ST": {"kc_policy": "global"},
-    "CBST": {"kc_policy": "cb"},
-    "CBST-SP": {"kc_policy": "cb", "with_prior": "source"},
-    "MRKLD": {"kc_policy": "cb", "mr_weight_kld": 0.1},
-    "LRENT": {"kc_policy": "cb", "lr_weight_ent": 0.25},
-}
-"""Each self-training row's options; MRKLD and LRENT are CRST's, with the authors' weights."""
 DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 """The rows ``cbst demo`` runs unless ``--methods`` asks for others (CRST's stay off: time)."""
 
@@ -72,13 +65,15 @@ class DemoSettings:
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` or ``all``."""
-    methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
-    unknown = [m for m in methods if m not in VARIANTS]
+    """The self-training rows named by ``--methods``: a comma list of registered methods
+    (:data:`cbst.registry.METHODS`) or ``all``."""
+    names = METHODS.names()
+    methods = names if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(
             f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
-            f"{', '.join(VARIANTS)}, or all"
+            f"{', '.join(names)}, or all"
         )
     return methods
 
@@ -159,7 +154,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
-        **VARIANTS[name],
+        **METHODS.get(name).options,
     )
 
 
@@ -188,7 +183,8 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``.
 
-    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
+    ``methods`` names the self-training rows (methods of :data:`cbst.registry.METHODS`), in
+    table order.
     """
     total = 2 + len(parse_methods(",".join(methods)))
 

@@ -41,11 +41,13 @@ from cbst.device import configure_backends, maybe_compile, select_device
 from cbst.errors import ConfigError
 from cbst.evaluation import evaluate_model
 from cbst.mining import MiningPlan
-from cbst.models.base import round_to_stride
+from cbst.models.base import geometry, round_to_stride
+from cbst.optim import build_optimizer
 from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
+from cbst.registry import LOSSES
 from cbst.rounds import RoundPlan, source_subset
-from cbst.training import build_optimizer, train_epochs
+from cbst.training import train_epochs
 from cbst.transforms import TrainTransform
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
@@ -186,7 +188,7 @@ def _train_round(
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
-    crop = round_to_stride(cfg.crop_size)
+    crop = round_to_stride(cfg.crop_size, geometry(model).pad_multiple)
     seed = _round_seed(cfg, plan)
 
     def transform(reference: int | None, offset: int) -> TrainTransform:
@@ -205,7 +207,9 @@ def _train_round(
         target.with_transform(transform(cfg.origin_size_tgt, 1)),
     ]
     data = torch.utils.data.ConcatDataset([p for p in parts if len(p) > 0])
-    optimizer = build_optimizer(model, plan.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        model, plan.lr, name=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     train_epochs(
         model,
         data,
@@ -220,8 +224,10 @@ def _train_round(
         seed=seed,
         amp=cfg.amp,
         progress=cfg.progress,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn or LOSSES.get(cfg.loss)(),
         sync_bn=cfg.sync_bn,
+        warmup_iters=cfg.warmup_iters,
+        clip_grad_norm=cfg.clip_grad_norm,
     )
 
 

@@ -28,8 +28,10 @@ from cbst.errors import CheckpointError, ConfigError
 from cbst.evaluation import evaluate_model
 from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
 from cbst.models import build_model
-from cbst.models.base import round_to_stride
-from cbst.training import build_optimizer, train_epochs
+from cbst.models.base import geometry, round_to_stride
+from cbst.optim import build_optimizer
+from cbst.registry import LOSSES
+from cbst.training import train_epochs
 from cbst.transforms import TrainTransform
 
 _SOURCE_INPUTS = options.path_fields(SourceTrainConfig)
@@ -51,6 +53,17 @@ def last_finished_epoch(output: Path) -> int:
         if p.stem.split("_")[1].isdigit()
     ]
     return max(epochs, default=0)
+
+
+def _optimizer(model: nn.Module, config: SourceTrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser over the model's parameter groups."""
+    return build_optimizer(
+        model,
+        config.base_lr,
+        name=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
 
 
 def _init_model(config: SourceTrainConfig) -> nn.Module:
@@ -155,13 +168,6 @@ def train_source(config: SourceTrainConfig) -> Path:
         list_file=config.list_file,
     )
     checks.require_batch_fits(config.batch_images, len(data), config.data_root)
-    transform = TrainTransform(
-        round_to_stride(config.crop_size),
-        scale_range=config.scale_range,
-        reference_long_side=config.origin_size,
-        seed=config.seed,
-    )
-    data = data.with_transform(transform)
     protocol = data.protocol
 
     start_epoch = last_finished_epoch(output)
@@ -173,16 +179,19 @@ def train_source(config: SourceTrainConfig) -> Path:
         _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
         optimizer.load_state_dict(meta["extra"]["optimizer"])
     else:
         seed_everything(config.seed)  # the random initialisation of new layers, too
         model = _init_model(config).to(device)
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
+    transform = TrainTransform(
+        round_to_stride(config.crop_size, geometry(model).pad_multiple),
+        scale_range=config.scale_range,
+        reference_long_side=config.origin_size,
+        seed=config.seed,
+    )
+    data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
@@ -235,6 +244,10 @@ def train_source(config: SourceTrainConfig) -> Path:
             writer=writer,
             progress=config.progress,
             sync_bn=config.sync_bn,
+            loss_fn=LOSSES.get(config.loss)(),
+            lr_power=config.lr_power,
+            warmup_iters=config.warmup_iters,
+            clip_grad_norm=config.clip_grad_norm,
         )
     finally:
         if writer is not None:

@@ -11,12 +11,8 @@ deeplabv2_resnet101, loaded strictly; with --imagenet a torchvision ResNet-101 f
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from cbst import options
 from cbst.errors import CLIError
@@ -78,65 +74,6 @@ def _protocol(args: ConvertOptions) -> str:
     return name
 
 
-def _load(args: ConvertOptions, path: Path) -> tuple[Any, int]:
-    """Build the model and fill it from ``path``; returns (model, number of tensors read)."""
-    import torch  # torch: only when the command runs, never for --help
-
-    from cbst.models import build_model, load_strict, read_state_dict
-
-    if path.suffix == ".params":
-        if args.arch != "resnet38":
-            raise CLIError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
-        from cbst.models.resnet38 import resnet38_state_dict_from_params
-        from cbst.mxnet import load_params
-
-        params = load_params(path)
-        if not isinstance(params, dict):
-            raise CLIError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
-        if not args.imagenet and any(k.endswith("linear1000_weight") for k in params):
-            raise CLIError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
-        _warn_stored_gammas(path, params)
-        state = resnet38_state_dict_from_params(
-            params, args.num_classes, imagenet=args.imagenet, source=str(path)
-        )
-        with torch.device("meta"):  # every tensor comes from the file: skip the random init
-            model = build_model(args.arch, args.num_classes)
-        model.load_state_dict(state, assign=True)
-        return model, len(params)
-    state = read_state_dict(path)
-    if args.imagenet and args.arch != "deeplabv2_resnet101":
-        raise CLIError(
-            "--imagenet with a PyTorch file is only for deeplabv2_resnet101 (torchvision ResNet-101)"
-        )
-    model = build_model(args.arch, args.num_classes)
-    if args.imagenet:
-        model.load_pretrained(path)
-    else:
-        load_strict(model, state, str(path))
-    return model, len(state)
-
-
-def _warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
-    """Warn, naming the layers, when BN gammas differ from 1: the converted model ignores them.
-
-    ResNet-38 A1 is built with ``fix_gamma=True``. MXNet's plain CPU and cuDNN kernels then use
-    1 (cuDNN also writes 1 back, so released files hold 1), but its oneDNN CPU kernel applies the
-    stored value, so such a file may have been meant either way.
-    """
-    layers = [
-        name.split(":", 1)[-1][: -len("_gamma")]
-        for name, value in params.items()
-        if name.endswith("_gamma") and not np.all(value == 1)
-    ]
-    if layers:
-        print(
-            f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
-            f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
-            "and cuDNN kernels do), so these values are ignored",
-            file=sys.stderr,
-        )
-
-
 def run(parsed: argparse.Namespace) -> int:
     """Convert INPUT and write the checkpoint."""
     from cbst.checkpoints import save_checkpoint  # torch: only when the command runs
@@ -148,7 +85,8 @@ def run(parsed: argparse.Namespace) -> int:
         raise CLIError(f"{path}: file not found")
     check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(path,))
     protocol = _protocol(args)
-    model, tensors = _load(args, path)
+    converted = ARCHITECTURES.get(args.arch).convert(path, args.num_classes, imagenet=args.imagenet)
+    model = converted.model
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(
         args.output,
@@ -158,12 +96,7 @@ def run(parsed: argparse.Namespace) -> int:
         protocol=protocol,
         extra={"converted_from": str(path), "imagenet_init": args.imagenet},
     )
-    head = (
-        "; head (conv6a, classifier) initialised He-normal"
-        if args.imagenet and args.arch == "resnet38"
-        else ""
-    )
-    print(f"loaded {tensors} tensors from {path}{head}")
+    print(f"loaded {converted.tensors} tensors from {path}{converted.note}")
     print(
         f"wrote {args.output}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters"
     )

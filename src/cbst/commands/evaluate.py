@@ -189,11 +189,6 @@ def _build_dataset(o: EvaluateOptions, num_classes: int) -> Any:
     return dataset
 
 
-def _default_num_classes(dataset: str) -> int:
-    """16 for SYNTHIA (its only protocol), 19 for everything else."""
-    return 16 if dataset == "synthia" else 19
-
-
 def _evaluate_checkpoint(o: EvaluateOptions) -> tuple[Any, Any]:
     """Load the model, check its protocol against the dataset's and run it; (metrics, dataset)."""
     from cbst.checkpoints import load_checkpoint  # torch: only when the command runs
@@ -235,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, print the Markdown row and optionally save JSON."""
     from cbst.evaluation import evaluate_predictions, format_table  # torch: only to run
     from cbst.io import write_json
+    from cbst.labels import default_class_count
 
     o = options.from_args(OPTIONS, args)
     _check(o)
@@ -242,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         metrics, dataset = _evaluate_checkpoint(o)
         case = o.case or Path(o.checkpoint).stem
     else:
-        dataset = _build_dataset(o, o.num_classes or _default_num_classes(o.dataset))
+        dataset = _build_dataset(o, o.num_classes or default_class_count(o.dataset))
         metrics = evaluate_predictions(o.predictions, dataset, progress=o.progress)
         case = o.case or Path(o.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))

@@ -21,6 +21,7 @@ import yaml
 from cbst.errors import ConfigError
 from cbst.evaluation import Metrics
 from cbst.io import DataError
+from cbst.methods import method_of
 from cbst.registry import METHODS
 
 _ROUND_DIR = re.compile(r"round_(\d+)")
@@ -54,10 +55,9 @@ class Run:
 
     @property
     def method(self) -> str:
-        """ST, CBST or CBST-SP, from the thresholding policy and the spatial prior."""
-        if self.config.get("kc_policy") == "global":
-            return "ST"
-        return "CBST-SP" if self.config.get("with_prior") else "CBST"
+        """The registered method (ST, CBST, CBST-SP, MRKLD, LRENT, ...) whose options the run's
+        configuration has (:func:`cbst.methods.method_of`); else its selection policy."""
+        return method_of(self.config) or f"--kc-policy {self.config.get('kc_policy')}"
 
     @property
     def evaluated(self) -> tuple[Round, ...]:
@@ -202,7 +202,7 @@ def is_demo(path: Path) -> bool:
 
 
 def demo_run_dir(variant: str) -> str:
-    """The sub-folder of a demo folder that holds one variant's run (``CBST-SP`` -> ``cbst_sp``)."""
+    """The sub-folder of a demo folder that holds one method's run (``CBST-SP`` -> ``cbst_sp``)."""
     return variant.lower().replace("-", "_")
 
 
