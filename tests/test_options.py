@@ -60,6 +60,7 @@ def test_the_resume_rules_are_those_written_by_hand_before():
     train = {"seed", "batch_images", "crop_size", "scale_rate_range", "origin_size", "origin_size_tgt"}
     train |= {"mine_port", "momentum", "weight_decay", "amp", "mr_weight_kld", "mr_weight_src"}
     train |= {"lr_weight_ent", "with_prior", "sync_bn"}
+    train |= {"optimizer", "warmup_iters", "clip_grad_norm", "loss"}  # added with cbst.optim and LOSSES
     evaluation = {
         "dataset_tgt",
         "data_root_tgt",
