@@ -10,15 +10,25 @@ A 'cbst demo' folder stands for its ST, CBST and CBST-SP runs, with its Source r
 compared together must evaluate on the same target val split. A run stopped part-way shows
 the rounds it finished.
 
+Runs that differ only in their seed form one row of mean ± std in the page's final-score
+table; --table prints that table (one row per run or seed group) on stdout, to paste into a
+paper.
+
 Examples:
   cbst report cbst-demo                        # writes cbst-demo/report.html
   cbst report runs/gta2city_st runs/gta2city_cbst --source-metrics source.json --out cmp.html
+  cbst report cbst-demo/seed_* --table latex --no-html
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+TABLE_FORMATS = ("csv", "latex", "md")
+"""--table choices: the keys of ``cbst.report.tables.FORMATS`` (named here so that building the
+parser imports no plotting or torch)."""
 
 HELP = "an HTML report of self-training runs (mIoU per round, class shares, pseudo-labels, gallery)"
 
@@ -50,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="where the gallery's predictions run: auto, cpu, cuda, mps"
     )
+    p.add_argument(
+        "--table",
+        choices=TABLE_FORMATS,
+        default=None,
+        help="also print the final-score table (last round of each run, seed groups as "
+        "mean ± std) on stdout as Markdown, CSV or LaTeX",
+    )
+    p.add_argument("--no-html", action="store_true", help="with --table: print the table only, write no page")
 
 
 def default_out(runs: list[str]) -> Path:
@@ -59,11 +77,20 @@ def default_out(runs: list[str]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from cbst.cli import CLIError
-    from cbst.report import write_report
+    from cbst.report import final_scores, write_report
+    from cbst.report.tables import FORMATS
 
     if args.images < 0:
         raise CLIError(f"--images must be 0 or more, got {args.images}")
-    out = Path(args.out) if args.out else default_out(args.runs)
-    write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device)
-    print(f"report: {out}")
+    if args.no_html and args.table is None:
+        raise CLIError("--no-html needs --table (otherwise there is nothing to write)")
+    if args.table is not None:
+        print(FORMATS[args.table](final_scores(args.runs, args.source_metrics)), end="")
+    if not args.no_html:
+        out = Path(args.out) if args.out else default_out(args.runs)
+        write_report(
+            args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device
+        )
+        # with --table, stdout holds the table alone (pipe it to a file)
+        print(f"report: {out}", file=sys.stderr if args.table else sys.stdout)
     return 0

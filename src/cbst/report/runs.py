@@ -42,6 +42,9 @@ class Run:
 
     ``source`` holds the source model's val metrics when known (a demo folder's ``Source``
     row, or ``--source-metrics``), drawn as round "source" before the first round.
+    ``seeded_weights`` says the initial weights were trained with the run's own seed (a demo
+    folder's source model), so runs of other seeds may differ in them; ``name`` keeps the run's
+    own name where ``label`` had to become its path to be unique.
     """
 
     path: Path
@@ -49,6 +52,8 @@ class Run:
     config: dict[str, Any]
     rounds: tuple[Round, ...]
     source: Metrics | None = None
+    seeded_weights: bool = False
+    name: str | None = None
 
     @property
     def method(self) -> str:
@@ -216,7 +221,7 @@ def load_demo(path: Path) -> list[Run]:
         rows = read_json(results).get("rows", {})
         source = Metrics.from_json(rows["Source"]) if "Source" in rows else None
     return [
-        load_run(path / demo_run_dir(name), name, source)
+        replace(load_run(path / demo_run_dir(name), name, source), seeded_weights=True)
         for name in VARIANTS
         if (path / demo_run_dir(name) / "state.json").is_file()
     ]
@@ -225,7 +230,7 @@ def load_demo(path: Path) -> list[Run]:
 def _unique_labels(runs: list[Run]) -> list[Run]:
     """Give runs that would share a name in the report their folder path as name instead."""
     labels = [r.label for r in runs]
-    return [replace(r, label=str(r.path)) if labels.count(r.label) > 1 else r for r in runs]
+    return [replace(r, label=str(r.path), name=r.label) if labels.count(r.label) > 1 else r for r in runs]
 
 
 def check_same_val_split(runs: list[Run]) -> None:
