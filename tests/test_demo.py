@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cbst.cli import main
-from cbst.demo import DemoSettings, run_demo
+from cbst.demo import DemoSettings, run_demo, run_demo_seeds
 
 
 @pytest.mark.slow
@@ -33,3 +34,38 @@ def test_demo_help_names_the_methods(capsys):
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert "CBST-SP" in out and "--seed" in out
+
+
+@pytest.mark.slow
+def test_demo_over_seeds_shares_the_benchmark_and_prints_mean_and_std(tmp_path):
+    tiny = DemoSettings(
+        num_source=16, num_train=8, num_val=4, source_epochs=1, num_round=1, epoch_per_round=1, batch_images=4
+    )
+    results = run_demo_seeds(tmp_path, [0, 1], device="cpu", settings=tiny, methods=("CBST",))
+    assert (tmp_path / "data" / "synthetic.json").is_file()
+    assert not (tmp_path / "seed_0" / "data").exists() and not (tmp_path / "seed_1" / "data").exists()
+    saved = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in saved] == [0, 1] and [r["rows"] for r in results] == [r["rows"] for r in saved]
+    lines = (tmp_path / "seeds.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| Source", "| CBST"]
+    for line, row in zip(lines[2:], ("Source", "CBST")):
+        miou = [r["rows"][row]["miou"] for r in saved]
+        rare = [r["rare_miou"][row] for r in saved]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{100 * np.mean(miou):.1f} ± {100 * np.std(miou, ddof=1):.1f}"
+        assert cells[2] == f"{100 * np.mean(rare):.1f} ± {100 * np.std(rare, ddof=1):.1f}"
+        assert cells[3] == ", ".join(f"{100 * v:.1f}" for v in miou)
+    report = (tmp_path / "report.html").read_text()
+    assert '<td class="name">CBST</td><td class="name">round_0</td><td class="name">0,1</td>' in report
+    mtime = (tmp_path / "seed_1" / "results.json").stat().st_mtime
+    again = run_demo_seeds(tmp_path, [0, 1], device="cpu", settings=tiny, methods=("CBST",))
+    assert [r["rows"] for r in again] == [r["rows"] for r in saved]
+    assert (tmp_path / "seed_1" / "results.json").stat().st_mtime == mtime  # reused, not rerun
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"), [("0,x", "comma list of integers"), ("1,1", "names a seed twice"), ("", "integers")]
+)
+def test_demo_seeds_option_is_checked(seeds, message, capsys):
+    assert main(["demo", "--seeds", seeds, "--out", "/nonexistent/never"]) == 2
+    assert message in capsys.readouterr().err

@@ -14,8 +14,11 @@ model selection on the test set (docs/method.md §8.4).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,10 +189,12 @@ def run_demo(
     device: str = "auto",
     settings: DemoSettings = DemoSettings(),
     methods: tuple[str, ...] = DEFAULT_METHODS,
+    data: str | Path | None = None,
 ) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``.
 
-    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
+    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order;
+    ``data`` is where the benchmark is rendered (default ``out/data``; seeds may share one).
     """
     total = 2 + len(parse_methods(",".join(methods)))
     from cbst.checkpoints import load_checkpoint
@@ -201,7 +206,7 @@ def run_demo(
 
     started = time.time()
     out = Path(out)
-    data = out / "data"
+    data = out / "data" if data is None else Path(data)
     _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(
         data,
@@ -245,3 +250,55 @@ def run_demo(
 
     write_report([out], out / "report.html", device=device)
     return result
+
+
+def _mean_std(values: list[float]) -> str:
+    """'mean ± std' in percent (sample standard deviation; 0 for a single seed)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+
+
+def seeds_table(results: list[dict]) -> str:
+    """Markdown: per row, mean ± std over the seeds of the mIoU and of the rare-class IoU, and
+    the mIoU of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
+    lines = ["| row | mIoU | rare-class IoU | per seed |", "|---|---|---|---|"]
+    for row in results[0]["rows"]:
+        miou = [r["rows"][row]["miou"] for r in results]
+        rare = [r["rare_miou"][row] for r in results]
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in miou)
+        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo_seeds(
+    out: str | Path,
+    seeds: Sequence[int],
+    *,
+    device: str = "auto",
+    settings: DemoSettings = DemoSettings(),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+) -> list[dict]:
+    """The demo once per training seed, in ``out/seed_N``, sharing one benchmark in ``out/data``.
+
+    A seed whose folder holds the results of every row asked for is not run again. Writes
+    ``out/seeds.md`` (:func:`seeds_table`), ``out/seeds.json`` and ``out/report.html``, whose
+    final-score table shows each row as mean ± std over the seeds; returns each seed's results.
+    """
+    out = Path(out)
+    results = []
+    for seed in seeds:
+        folder = out / f"seed_{seed}"
+        done = folder / "results.json"
+        result = json.loads(done.read_text()) if done.is_file() else None
+        if result is None or not set(methods) <= set(result["rows"]):
+            result = run_demo(
+                folder, seed, device=device, settings=settings, methods=methods, data=out / "data"
+            )
+        result["rows"] = {k: result["rows"][k] for k in ("Source", *methods)}
+        results.append(result)
+    io.write_json(out / "seeds.json", {"seeds": list(seeds), "results": results})
+    io.write_text(out / "seeds.md", seeds_table(results))
+    from cbst.report import write_report
+
+    write_report([out / f"seed_{s}" for s in seeds], out / "report.html", device=device)
+    return results

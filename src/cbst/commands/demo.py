@@ -6,6 +6,10 @@ for three rounds each from that same source model, evaluates every round on the 
 split and prints one row per method (each method's last round). --methods adds CRST's MRKLD and
 LRENT rows. A rerun with the same --out reuses finished work, so an interrupted demo continues
 where it stopped.
+
+--seeds 0,1,2 runs it once per training seed (in OUT/seed_N, sharing one rendered benchmark in
+OUT/data) and prints each row's mean ± std over the seeds; OUT/report.html then shows the
+seed groups.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cbst.demo import DEFAULT_METHODS, VARIANTS, parse_methods, run_demo
+from cbst.demo import DEFAULT_METHODS, VARIANTS, parse_methods, run_demo, run_demo_seeds, seeds_table
+from cbst.errors import CLIError
 
 HELP = (
     "run Source / ST / CBST / CBST-SP (and CRST's MRKLD / LRENT with --methods) on the embedded "
@@ -31,9 +36,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"self-training rows, a comma list of {', '.join(VARIANTS)} or 'all' "
         "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
     )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="run once per training seed (comma list, e.g. 0,1,2; --seed is then not used) and "
+        "print mean ± std over them",
+    )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: distinct integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CLIError(f"--seeds: expected a comma list of integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise CLIError(f"--seeds: {text!r} names a seed twice")
+    return seeds
+
+
+def _run_seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: the demo per seed, then the mean ± std table."""
+    seeds = parse_seeds(args.seeds)
+    results = run_demo_seeds(args.out, seeds, device=args.device, methods=parse_methods(args.methods))
+    print(
+        f"\n{len(seeds)} seeds ({args.seeds}), mean ± std; rare classes: {', '.join(results[0]['rare_classes'])}"
+    )
+    print(seeds_table(results), end="")
+    seconds = ", ".join(f"{r['seconds']:.0f}" for r in results)
+    print(f"seconds per seed: {seconds} (a seed reused from an earlier run shows that run's time)")
+    print(f"results in {args.out}/seeds.md, {args.out}/seed_N/; report: {Path(args.out) / 'report.html'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _run_seeds(args)
     result = run_demo(args.out, args.seed, device=args.device, methods=parse_methods(args.methods))
     print()
     print((Path(args.out) / "results.md").read_text(), end="")
