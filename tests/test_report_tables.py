@@ -46,9 +46,10 @@ def _expected_cells(runs: list[Path]) -> list[str]:
     return cells
 
 
-@pytest.fixture
-def seed_runs(target, tmp_path) -> dict[str, list[Path]]:  # noqa: F811
+@pytest.fixture(scope="module")
+def seed_runs(target, tmp_path_factory) -> dict[str, list[Path]]:  # noqa: F811
     """Three CBST seeds, one ST run, a CBST run with another portion, one stopped a round early."""
+    tmp_path = tmp_path_factory.mktemp("seed_runs")
     cbst = [write_run(target, tmp_path / f"cbst_s{s}", seed=10 + s, config={"seed": s}) for s in range(3)]
     st = [write_run(target, tmp_path / "st", policy="global", seed=20)]
     other = [write_run(target, tmp_path / "cbst_p4", seed=30, config={"init_tgt_port": 0.4})]
@@ -80,7 +81,8 @@ def test_a_folder_given_twice_counts_once(seed_runs):
     assert [(r.name, r.seeds) for r in rows] == [("CBST", (0, 1))]
 
 
-def test_csv_has_a_std_column_after_every_score(seed_runs, capsys):
+def test_csv_has_a_std_column_after_every_score(seed_runs, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     runs = [*seed_runs["cbst"], *seed_runs["st"]]
     assert main(["report", *map(str, runs), "--table", "csv", "--no-html"]) == 0
     out = capsys.readouterr()
@@ -92,7 +94,7 @@ def test_csv_has_a_std_column_after_every_score(seed_runs, capsys):
     mious = [m["miou"] for m in metrics]
     assert values["CBST"][:2] == [f"{100 * np.mean(mious):.1f}", f"{100 * np.std(mious, ddof=1):.1f}"]
     assert values["st"][1] == "" and values["st"][0] == f"{100 * _last_metrics(runs[-1])['miou']:.1f}"
-    assert not (runs[0] / "report.html").exists() and not Path("report.html").exists()
+    assert not (runs[0] / "report.html").exists() and not (tmp_path / "report.html").exists()
 
 
 def _latex_rows(text: str) -> tuple[str, list[list[str]]]:
@@ -128,12 +130,9 @@ def test_latex_table_parses_with_pm_for_groups(target, seed_runs, tmp_path, caps
     source = _metrics(np.random.default_rng(5))
     cbst_io.write_json(tmp_path / "source.json", source)
     runs = [*seed_runs["cbst"], *seed_runs["st"]]
-    out = tmp_path / "page.html"
-    assert main(["report", *map(str, runs), "--table", "latex", "--source-metrics", str(tmp_path / "source.json"),
-                 "--out", str(out), "--images", "0"]) == 0  # fmt: skip
-    captured = capsys.readouterr()
-    assert captured.err.strip() == f"report: {out}"  # stdout holds the table alone
-    spec, rows = _latex_rows(captured.out)
+    argv = ["report", *map(str, runs), "--source-metrics", str(tmp_path / "source.json")]
+    assert main([*argv, "--table", "latex", "--no-html"]) == 0
+    spec, rows = _latex_rows(capsys.readouterr().out)
     header, body = rows[0], rows[1:]
     assert len(spec) == len(header) == 3 + 20
     assert all(len(r) == len(header) for r in body)
@@ -145,10 +144,20 @@ def test_latex_table_parses_with_pm_for_groups(target, seed_runs, tmp_path, caps
     assert body[0][3] == f"{100 * source['miou']:.1f}"  # one source model, not one per seed
     for single in (body[0], body[2]):
         assert "$" not in "".join(single) and r"\pm" not in "".join(single)
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_groups_and_stdout_holds_the_table_alone(seed_runs, tmp_path, capsys):
+    runs = [*seed_runs["cbst"], *seed_runs["st"]]
+    out = tmp_path / "page.html"
+    assert main(["report", *map(str, runs), "--table", "md", "--out", str(out), "--images", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"report: {out}"
+    assert captured.out == FORMATS["md"](final_scores(runs))
     page = _Page(out.read_text())
     final = next(t for t in page.tables if t[0][0] == "Case")
-    assert [r[0] for r in final[1:]] == ["Source", "CBST", "st"]
-    assert final[2][3:] == _expected_cells(seed_runs["cbst"])
+    assert [r[:3] for r in final[1:]] == [["CBST", "round_1", "0,1,2"], ["st", "round_1", "0"]]
+    assert final[1][3:] == _expected_cells(seed_runs["cbst"])
 
 
 def test_latex_escapes_names():
@@ -172,6 +181,7 @@ def test_demo_seed_folders_group_by_method_with_their_own_source_models(target, 
         folders.append(demo)
     table = final_scores(folders)
     assert [(r.name, r.seeds) for r in table.rows] == [("Source", (0, 1)), ("ST", (0, 1)), ("CBST", (0, 1))]
+    assert final_scores([tmp_path]) == table  # the 'cbst demo --seeds' folder holding both
     sources = [json.loads((f / "results.json").read_text())["rows"]["Source"]["miou"] for f in folders]
     assert table.rows[0].scores[0].mean == pytest.approx(np.mean(sources))
     assert table.rows[0].scores[0].std == pytest.approx(np.std(sources, ddof=1))

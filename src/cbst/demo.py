@@ -300,5 +300,5 @@ def run_demo_seeds(
     io.write_text(out / "seeds.md", seeds_table(results))
     from cbst.report import write_report
 
-    write_report([out / f"seed_{s}" for s in seeds], out / "report.html", device=device)
+    write_report([out], out / "report.html", device=device)
     return results

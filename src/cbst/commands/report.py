@@ -17,7 +17,7 @@ paper.
 Examples:
   cbst report cbst-demo                        # writes cbst-demo/report.html
   cbst report runs/gta2city_st runs/gta2city_cbst --source-metrics source.json --out cmp.html
-  cbst report cbst-demo/seed_* --table latex --no-html
+  cbst report cbst-demo --table latex --no-html   # a 'cbst demo --seeds' folder too
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "runs",
         nargs="+",
         metavar="RUN_DIR",
-        help="'cbst self-train' output folders and/or 'cbst demo' folders",
+        help="'cbst self-train' output folders and/or 'cbst demo' folders (also 'cbst demo --seeds' ones)",
     )
     p.add_argument(
         "--out",

@@ -227,6 +227,13 @@ def load_demo(path: Path) -> list[Run]:
     ]
 
 
+def seed_folders(path: Path) -> list[Path]:
+    """The per-seed demo folders of a ``cbst demo --seeds`` folder (``seed_N/``, finished or
+    not), numerically ordered; [] for another folder."""
+    found = [p for p in path.glob("seed_*") if p.name[5:].lstrip("-").isdigit() and is_demo(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def _unique_labels(runs: list[Run]) -> list[Run]:
     """Give runs that would share a name in the report their folder path as name instead."""
     labels = [r.label for r in runs]
@@ -247,7 +254,8 @@ def check_same_val_split(runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None) -> list[Run]:
-    """The runs to report: each path is a run folder or a demo folder (which gives several).
+    """The runs to report: each path is a run folder, a demo folder (which gives several) or a
+    ``cbst demo --seeds`` folder (the demo folders of its seeds).
 
     Args:
         paths: run folders and/or ``cbst demo`` folders.
@@ -259,7 +267,9 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
     source = read_metrics(Path(source_metrics)) if source_metrics else None
     runs: list[Run] = []
     for path in map(Path, paths):
-        found = load_demo(path) if is_demo(path) else [load_run(path)]
+        found = []
+        for folder in seed_folders(path) or [path]:
+            found += load_demo(folder) if is_demo(folder) else [load_run(folder)]
         runs += [replace(r, source=r.source or source) for r in found]
     check_same_val_split(runs)
     return _unique_labels(runs)
