@@ -69,3 +69,32 @@ def test_demo_over_seeds_shares_the_benchmark_and_prints_mean_and_std(tmp_path):
 def test_demo_seeds_option_is_checked(seeds, message, capsys):
     assert main(["demo", "--seeds", seeds, "--out", "/nonexistent/never"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys):
+    """The command's --seeds path with the demo itself replaced by recorded results."""
+    import cbst.commands.demo as command
+
+    def fake(out, seeds, *, device, methods):
+        assert seeds == [0, 2] and methods == ("ST", "CBST")
+        return [
+            {
+                "rows": {
+                    "Source": {"miou": 0.2 + s / 100},
+                    "ST": {"miou": 0.22},
+                    "CBST": {"miou": 0.24 + s / 100},
+                },
+                "rare_miou": {"Source": 0.03, "ST": 0.04, "CBST": 0.06},
+                "rare_classes": ["pole", "rider"],
+                "seconds": 100.0 + s,
+            }
+            for s in seeds
+        ]
+
+    monkeypatch.setattr(command, "run_demo_seeds", fake)
+    assert main(["demo", "--seeds", "0,2", "--methods", "ST,CBST", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 seeds (0,2), mean ± std; rare classes: pole, rider" in out
+    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 |" in out
+    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 |" in out
+    assert "seconds per seed: 100, 102" in out
