@@ -19,8 +19,11 @@ import yaml
 from cbst import io as cbst_io
 from cbst.cli import main
 from cbst.commands.report import TABLE_FORMATS
-from cbst.labels import CITYSCAPES_19, TABLE_HEADERS
+from cbst.evaluation import Metrics
+from cbst.labels import CITYSCAPES_19, CLASSES_16, TABLE_HEADERS
 from cbst.report import final_scores
+from cbst.report.runs import Round, Run
+from cbst.report.seeds import results_table
 from cbst.report.tables import FORMATS, latex_escape
 from test_report import _metrics, _Page, target, write_run  # noqa: F401  (target is a fixture)
 
@@ -194,3 +197,26 @@ def test_table_options_are_checked_and_match_the_formats(seed_runs, capsys):
     with pytest.raises(SystemExit):
         main(["report", str(seed_runs["st"][0]), "--table", "html"])
     assert "invalid choice: 'html'" in capsys.readouterr().err
+
+
+def test_16_class_runs_get_the_13_class_miou_column(tmp_path):
+    """SYNTHIA-protocol runs: mIoU* (the 13 classes without wall, fence, pole) after mIoU."""
+    rng = np.random.default_rng(3)
+    runs = []
+    for seed in range(2):
+        iou = {c: float(rng.uniform(0, 0.9)) for c in CLASSES_16}
+        metrics = Metrics.from_json({"miou": float(np.mean(list(iou.values()))), "pixel_acc": 0.8,
+                                     "mean_acc": 0.5, "iou": iou})  # fmt: skip
+        rnd = Round(0, tmp_path, {}, metrics, {})
+        runs.append(Run(tmp_path / f"s{seed}", f"s{seed}", {"seed": seed, "num_classes": 16}, (rnd,)))
+    table = results_table(runs, CLASSES_16)
+    assert table.columns[:3] == ("mIoU", "mIoU*", TABLE_HEADERS[CLASSES_16[0]]) and len(table.columns) == 18
+    (row,) = table.rows
+    per_seed = [
+        [r.rounds[0].metrics.iou[c] for c in CLASSES_16 if c not in ("wall", "fence", "pole")] for r in runs
+    ]
+    miou13 = [np.mean(v) for v in per_seed]
+    assert row.seeds == (0, 1) and len(per_seed[0]) == 13
+    assert row.scores[1].mean == pytest.approx(np.mean(miou13))
+    assert row.scores[1].std == pytest.approx(np.std(miou13, ddof=1))
+    assert "mIoU*" in FORMATS["latex"](table).splitlines()[2]
