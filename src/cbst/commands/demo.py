@@ -15,10 +15,48 @@ seed groups.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from cbst.demo import DEFAULT_METHODS, VARIANTS, parse_methods, run_demo, run_demo_seeds, seeds_table
+from cbst import options
+from cbst.config import RuntimeSection
 from cbst.errors import CLIError
+from cbst.options import TEXT, ValueType, option
+from cbst.registry import METHODS
+
+
+class Seeds(ValueType):
+    """Distinct training seeds: a comma list ('0,1,2') or a YAML list of integers.
+
+    On the command line the list is checked when the command starts (one line naming
+    ``--seeds``), not by argparse.
+    """
+
+    metavar = "S,S,..."
+    checked_by_argparse = False
+
+    def parse(self, value: object) -> tuple[int, ...]:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        try:
+            seeds = tuple(_integer(item) for item in items)
+        except ValueError:
+            raise ValueError(f"expected a comma list of integers such as 0,1,2, got {value!r}") from None
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{value!r} names a seed twice")
+        return seeds
+
+    def show(self, value: object) -> str:
+        return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _integer(item: object) -> int:
+    """One seed: an integer, or the text of one."""
+    if isinstance(item, bool) or isinstance(item, float):
+        raise ValueError(item)
+    return int(str(item).strip()) if isinstance(item, str) else int(item)
+
+
+SEEDS = Seeds()
 
 HELP = (
     "run Source / ST / CBST / CBST-SP (and CRST's MRKLD / LRENT with --methods) on the embedded "
@@ -26,61 +64,77 @@ HELP = (
 )
 
 
+@options.declared
+@dataclass
+class DemoOptions:
+    """The options of ``cbst demo``."""
+
+    output: str = option(
+        "cbst-demo",
+        "folder for the benchmark, runs and results",
+        flags=("--output", "--out"),
+        metavar="DIR",
+        path=True,
+    )
+    seed: int = option(0, "training seed (the benchmark is fixed)", flags=("--seed", "--seed-int"))
+    device: str = RuntimeSection.device()
+    methods: str | None = option(
+        None,
+        "self-training rows, a comma list of the methods or 'all' (CRST's MRKLD and LRENT add about "
+        "half a minute each on 2 CPU cores); default: ST,CBST,CBST-SP",
+        type=TEXT,
+        metavar="|".join(METHODS.names()) or "NAMES",
+    )
+    seeds: tuple[int, ...] | None = option(
+        None,
+        "run once per training seed (comma list, e.g. 0,1,2; --seed is then not used) and "
+        "print mean ± std over them (default: one run, --seed)",
+        type=SEEDS,
+    )
+
+
+OPTIONS = DemoOptions
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="cbst-demo", help="folder for the benchmark, runs and results")
-    p.add_argument("--seed", type=int, default=0, help="training seed (the benchmark is fixed)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
-    p.add_argument(
-        "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"self-training rows, a comma list of {', '.join(VARIANTS)} or 'all' "
-        "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
-    )
-    p.add_argument(
-        "--seeds",
-        default=None,
-        metavar="S,S,...",
-        help="run once per training seed (comma list, e.g. 0,1,2; --seed is then not used) and "
-        "print mean ± std over them",
-    )
+    options.add_arguments(p, OPTIONS)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """The seeds of ``--seeds``: distinct integers, comma-separated."""
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise CLIError(f"--seeds: expected a comma list of integers such as 0,1,2, got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise CLIError(f"--seeds: {text!r} names a seed twice")
-    return seeds
-
-
-def _run_seeds(args: argparse.Namespace) -> int:
+def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
     """``--seeds``: the demo per seed, then the mean ± std table."""
-    seeds = parse_seeds(args.seeds)
-    results = run_demo_seeds(args.out, seeds, device=args.device, methods=parse_methods(args.methods))
+    from cbst.demo import run_demo_seeds, seeds_table  # torch: only to run
+
+    try:
+        seeds = list(SEEDS.parse(o.seeds))
+    except ValueError as exc:
+        raise CLIError(f"--seeds: {exc}") from None
+    results = run_demo_seeds(o.output, seeds, device=o.device, methods=methods)
+    named = ",".join(map(str, seeds))
     print(
-        f"\n{len(seeds)} seeds ({args.seeds}), mean ± std; rare classes: {', '.join(results[0]['rare_classes'])}"
+        f"\n{len(seeds)} seeds ({named}), mean ± std; rare classes: {', '.join(results[0]['rare_classes'])}"
     )
     print(seeds_table(results), end="")
     seconds = ", ".join(f"{r['seconds']:.0f}" for r in results)
     print(f"seconds per seed: {seconds} (a seed reused from an earlier run shows that run's time)")
-    print(f"results in {args.out}/seeds.md, {args.out}/seed_N/; report: {Path(args.out) / 'report.html'}")
+    print(f"results in {o.output}/seeds.md, {o.output}/seed_N/; report: {Path(o.output) / 'report.html'}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seeds is not None:
-        return _run_seeds(args)
-    result = run_demo(args.out, args.seed, device=args.device, methods=parse_methods(args.methods))
+    from cbst.demo import DEFAULT_METHODS, parse_methods, run_demo  # torch: only to run
+
+    o = options.from_args(OPTIONS, args)
+    methods = parse_methods(o.methods) if o.methods else DEFAULT_METHODS
+    if o.seeds is not None:
+        return _run_seeds(o, methods)
+    result = run_demo(o.output, o.seed, device=o.device, methods=methods)
     print()
-    print((Path(args.out) / "results.md").read_text(), end="")
+    print((Path(o.output) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
     print(
-        f"{result['seconds']:.0f} s on {result['device']}; results in {args.out}/results.md, "
-        f"{args.out}/results.json, example predictions in {args.out}/examples/"
+        f"{result['seconds']:.0f} s on {result['device']}; results in {o.output}/results.md, "
+        f"{o.output}/results.json, example predictions in {o.output}/examples/"
     )
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(f"report: {Path(o.output) / 'report.html'}")
     return 0
