@@ -13,9 +13,9 @@ from pathlib import Path
 from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, load_strict, read_state_dict
 from cbst.models.deeplabv2 import DeepLabV2
 from cbst.models.resnet38 import ResNet38
-from cbst.models.small import SmallSegNet
+from cbst.models.small import SmallDemoNet, SmallSegNet
 
-ARCHS: tuple[str, ...] = ("deeplabv2_resnet101", "resnet38", "small")
+ARCHS: tuple[str, ...] = ("deeplabv2_resnet101", "resnet38", "small", "small_demo")
 
 
 def build_model(
@@ -28,7 +28,12 @@ def build_model(
     bare state_dict for any model. ``freeze_bn=None`` takes the family default (frozen for the
     two published networks, trainable for ``small``).
     """
-    builders = {"deeplabv2_resnet101": DeepLabV2, "resnet38": ResNet38, "small": SmallSegNet}
+    builders = {
+        "deeplabv2_resnet101": DeepLabV2,
+        "resnet38": ResNet38,
+        "small": SmallSegNet,
+        "small_demo": SmallDemoNet,
+    }
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
     cls = builders[name]
@@ -45,6 +50,7 @@ __all__ = [
     "DeepLabV2",
     "ResNet38",
     "SegmentationNet",
+    "SmallDemoNet",
     "SmallSegNet",
     "build_model",
     "load_strict",
