@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cbst.demo import DEFAULT_METHODS, VARIANTS, parse_methods, run_demo
+from cbst.demo import DEFAULT_METHODS, VARIANTS, DemoSettings, parse_methods, run_demo
 
 HELP = (
     "run Source / ST / CBST / CBST-SP (and CRST's MRKLD / LRENT with --methods) on the embedded "
@@ -31,10 +31,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"self-training rows, a comma list of {', '.join(VARIANTS)} or 'all' "
         "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
     )
+    p.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="compute in float32 even where bf16 autocast is available (GPU, CPU with native bf16)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_demo(args.out, args.seed, device=args.device, methods=parse_methods(args.methods))
+    settings = DemoSettings(amp=args.amp)
+    result = run_demo(
+        args.out, args.seed, device=args.device, settings=settings, methods=parse_methods(args.methods)
+    )
     print()
     print((Path(args.out) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
