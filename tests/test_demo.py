@@ -33,3 +33,24 @@ def test_demo_help_names_the_methods(capsys):
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert "CBST-SP" in out and "--seed" in out
+
+
+def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
+    from cbst import demo
+    from cbst.commands import demo as command
+
+    seen = {}
+
+    def fake_run_demo(out, seed, *, device, settings, methods):
+        seen["settings"] = settings
+        (tmp_path / "results.md").write_text("table\n")
+        return {"rare_miou": {}, "rare_classes": [], "seconds": 1.0, "device": "cpu"}
+
+    monkeypatch.setattr(command, "run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path), "--no-amp"]) == 0
+    settings = seen["settings"]
+    source = demo.source_config(tmp_path / "s", tmp_path, 0, settings, "cpu")
+    row = demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, settings, "cpu")
+    assert settings.amp is False and source.amp is False and row.amp is False
+    assert source.model == "small_demo" and not row.test_flipping  # the demo's network, one pass
+    assert main(["demo", "--out", str(tmp_path)]) == 0 and seen["settings"].amp is True

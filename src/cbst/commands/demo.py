@@ -1,7 +1,7 @@
 """Run the whole method on the embedded synthetic benchmark and print the paper's table.
 
 Renders a small "game" source domain (GTA5 layout) and "camera" target domain (Cityscapes
-layout) if --out has none yet, trains the small model on the source, runs ST, CBST and CBST-SP
+layout) if --out has none yet, trains the small_demo model on the source, runs ST, CBST and CBST-SP
 for three rounds each from that same source model, evaluates every round on the target val
 split and prints one row per method (each method's last round). --methods adds CRST's MRKLD and
 LRENT rows. A rerun with the same --out reuses finished work, so an interrupted demo continues
