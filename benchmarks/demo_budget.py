@@ -130,7 +130,7 @@ def stage_times(demo_dir: Path) -> list[dict]:
     render = json.loads((demo_dir / "data" / "synthetic.json").read_text())
     source_log = [json.loads(line) for line in (demo_dir / "source" / "log.jsonl").read_text().splitlines()]
     records = [
-        {"stage": "render benchmark", "seconds": render.get("seconds")},
+        {"stage": "render benchmark", "seconds": render.get("render_seconds")},
         {"stage": "source training", "seconds": round(sum(r["seconds"] for r in source_log), 1)},
     ]
     for name in [row for row in result["rows"] if row != "Source"]:
