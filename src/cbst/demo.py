@@ -1,6 +1,6 @@
 """``cbst demo``: the whole method on the embedded synthetic benchmark, on a laptop CPU.
 
-Renders the benchmark (once), trains the small model on the "game" source domain, then runs
+Renders the benchmark (once), trains the ``small_demo`` model on the "game" source domain, then runs
 ST, CBST and CBST-SP for three rounds each, all branching from the same source model, and
 prints the original README's table for the "camera" target domain's val split, and writes
 ``report.html`` (``cbst report``) beside it.
@@ -43,8 +43,9 @@ DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 class DemoSettings:
     """The demo's benchmark size, network and training budget, sized for minutes on 2 CPU cores.
 
-    ``benchmarks/demo_budget.py`` counts what these settings cost: about 10 TFLOP in all, five
-    minutes on 2 cores that compute in float32.
+    ``benchmarks/demo_budget.py`` counts what these settings cost: 11.25 TFLOP in all (the
+    earlier ``small``-model budget: about 100), meant to fit five minutes on 2 CPU cores in
+    float32; docs/results.md has the measured times and results.
     """
 
     num_source: int = 400
