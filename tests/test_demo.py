@@ -75,8 +75,8 @@ def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys)
     """The command's --seeds path with the demo itself replaced by recorded results."""
     import cbst.demo as command  # the command imports it when it runs
 
-    def fake(out, seeds, *, device, methods):
-        assert seeds == [0, 2] and methods == ("ST", "CBST")
+    def fake(out, seeds, *, device, settings, methods):
+        assert seeds == [0, 2] and methods == ("ST", "CBST") and settings.amp is True
         return [
             {
                 "rows": {
@@ -98,3 +98,23 @@ def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys)
     assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 |" in out
     assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 |" in out
     assert "seconds per seed: 100, 102" in out
+
+
+def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
+    from cbst import demo
+
+    seen = {}
+
+    def fake_run_demo(out, seed, *, device, settings, methods):
+        seen["settings"] = settings
+        (tmp_path / "results.md").write_text("table\n")
+        return {"rare_miou": {}, "rare_classes": [], "seconds": 1.0, "device": "cpu"}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)  # the command imports it when it runs
+    assert main(["demo", "--out", str(tmp_path), "--no-amp"]) == 0
+    settings = seen["settings"]
+    source = demo.source_config(tmp_path / "s", tmp_path, 0, settings, "cpu")
+    row = demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, settings, "cpu")
+    assert settings.amp is False and source.amp is False and row.amp is False
+    assert source.model == "small_demo" and not row.test_flipping  # the demo's network, one pass
+    assert main(["demo", "--out", str(tmp_path)]) == 0 and seen["settings"].amp is True

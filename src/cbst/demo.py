@@ -1,6 +1,6 @@
 """``cbst demo``: the whole method on the embedded synthetic benchmark, on a laptop CPU.
 
-Renders the benchmark (once), trains the small model on the "game" source domain, then runs
+Renders the benchmark (once), trains the ``small_demo`` model on the "game" source domain, then runs
 ST, CBST and CBST-SP for three rounds each, all branching from the same source model, and
 prints the original README's table for the "camera" target domain's val split, and writes
 ``report.html`` (``cbst report``) beside it.
@@ -47,15 +47,21 @@ DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's benchmark size and training budget, sized for minutes on 2 CPU cores."""
+    """The demo's benchmark size, network and training budget, sized for minutes on 2 CPU cores.
+
+    ``benchmarks/demo_budget.py`` counts what these settings cost: 11.25 TFLOP in all (the
+    earlier ``small``-model budget: about 100), meant to fit five minutes on 2 CPU cores in
+    float32; docs/results.md has the measured times and results.
+    """
 
     num_source: int = 400
     num_train: int = 200
     num_val: int = 100
-    source_epochs: int = 40
+    model: str = "small_demo"
+    source_epochs: int = 12
     source_lr: float = 0.05
-    batch_images: int = 8
-    crop_size: int = 128
+    batch_images: int = 4
+    crop_size: int = 96
     num_round: int = 3
     epoch_per_round: int = 1
     round_lr: float = 0.005
@@ -64,7 +70,9 @@ class DemoSettings:
     step_src_port: float = 0.05
     max_src_port: float = 0.6
     mine_port: float = 0.8
+    pseudo_flip: bool = False  # flipping doubles the pseudo-label pass for little change in the labels
     pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
+    amp: bool = True  # bf16 where the hardware multiplies it (GPU, AMX/AVX512-BF16 CPU); --no-amp: float32
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -106,7 +114,7 @@ def source_config(
         data_root=str(source_root),
         list_file=None if list_file is None else str(list_file),
         output=str(output),
-        model="small",
+        model=s.model,
         batch_images=s.batch_images,
         crop_size=s.crop_size,
         scale_range=(0.75, 1.25),
@@ -116,6 +124,7 @@ def source_config(
         seed=seed,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
     )
 
 
@@ -147,6 +156,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         max_src_port=s.max_src_port,
         epoch_per_round=s.epoch_per_round,
         pseudo_batch=s.pseudo_batch,
+        test_flipping=s.pseudo_flip,
         base_lr=s.round_lr,
         seed=seed,
         batch_images=s.batch_images,
@@ -155,6 +165,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         mine_port=s.mine_port,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
         **METHODS.get(name).options,
@@ -205,11 +216,13 @@ def run_demo(
         num_val=settings.num_val,
     )
     torch_device = select_device(device)
-    _stage(2, total, f"source-only small model, {settings.source_epochs} epochs on the game domain")
+    _stage(
+        2, total, f"source-only {settings.model} model, {settings.source_epochs} epochs on the game domain"
+    )
     source_ckpt = train_or_reuse(source_config(out / "source", data / "gta5", seed, settings, device))
     val = build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19)
     model, _ = load_checkpoint(source_ckpt, device=torch_device)
-    rows = {"Source": evaluate_model(model, val, device=torch_device, progress=False)}
+    rows = {"Source": evaluate_model(model, val, device=torch_device, amp=settings.amp, progress=False)}
     checkpoints = {"Source": source_ckpt}
 
     for step, name in enumerate(methods, start=3):

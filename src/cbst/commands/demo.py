@@ -1,7 +1,7 @@
 """Run the whole method on the embedded synthetic benchmark and print the paper's table.
 
 Renders a small "game" source domain (GTA5 layout) and "camera" target domain (Cityscapes
-layout) if --out has none yet, trains the small model on the source, runs ST, CBST and CBST-SP
+layout) if --out has none yet, trains the small_demo model on the source, runs ST, CBST and CBST-SP
 for three rounds each from that same source model, evaluates every round on the target val
 split and prints one row per method (each method's last round). --methods adds CRST's MRKLD and
 LRENT rows. A rerun with the same --out reuses finished work, so an interrupted demo continues
@@ -91,6 +91,7 @@ class DemoOptions:
         "print mean ± std over them (default: one run, --seed)",
         type=SEEDS,
     )
+    amp: bool = RuntimeSection.amp()
 
 
 OPTIONS = DemoOptions
@@ -102,13 +103,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
     """``--seeds``: the demo per seed, then the mean ± std table."""
-    from cbst.demo import run_demo_seeds, seeds_table  # torch: only to run
+    from cbst.demo import DemoSettings, run_demo_seeds, seeds_table  # torch: only to run
 
     try:
         seeds = list(SEEDS.parse(o.seeds))
     except ValueError as exc:
         raise CLIError(f"--seeds: {exc}") from None
-    results = run_demo_seeds(o.output, seeds, device=o.device, methods=methods)
+    settings = DemoSettings(amp=o.amp)
+    results = run_demo_seeds(o.output, seeds, device=o.device, settings=settings, methods=methods)
     named = ",".join(map(str, seeds))
     print(
         f"\n{len(seeds)} seeds ({named}), mean ± std; rare classes: {', '.join(results[0]['rare_classes'])}"
@@ -121,13 +123,14 @@ def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbst.demo import DEFAULT_METHODS, parse_methods, run_demo  # torch: only to run
+    from cbst.demo import DEFAULT_METHODS, DemoSettings, parse_methods, run_demo  # torch: only to run
 
     o = options.from_args(OPTIONS, args)
     methods = parse_methods(o.methods) if o.methods else DEFAULT_METHODS
     if o.seeds is not None:
         return _run_seeds(o, methods)
-    result = run_demo(o.output, o.seed, device=o.device, methods=methods)
+    settings = DemoSettings(amp=o.amp)
+    result = run_demo(o.output, o.seed, device=o.device, settings=settings, methods=methods)
     print()
     print((Path(o.output) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
