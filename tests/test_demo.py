@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cbst.cli import main
-from cbst.demo import DemoSettings, run_demo
+from cbst.demo import DemoSettings, run_demo, run_demo_seeds
 
 
 @pytest.mark.slow
@@ -33,3 +34,87 @@ def test_demo_help_names_the_methods(capsys):
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert "CBST-SP" in out and "--seed" in out
+
+
+@pytest.mark.slow
+def test_demo_over_seeds_shares_the_benchmark_and_prints_mean_and_std(tmp_path):
+    tiny = DemoSettings(
+        num_source=16, num_train=8, num_val=4, source_epochs=1, num_round=1, epoch_per_round=1, batch_images=4
+    )
+    results = run_demo_seeds(tmp_path, [0, 1], device="cpu", settings=tiny, methods=("CBST",))
+    assert (tmp_path / "data" / "synthetic.json").is_file()
+    assert not (tmp_path / "seed_0" / "data").exists() and not (tmp_path / "seed_1" / "data").exists()
+    saved = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [r["seed"] for r in saved] == [0, 1] and [r["rows"] for r in results] == [r["rows"] for r in saved]
+    lines = (tmp_path / "seeds.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| Source", "| CBST"]
+    for line, row in zip(lines[2:], ("Source", "CBST")):
+        miou = [r["rows"][row]["miou"] for r in saved]
+        rare = [r["rare_miou"][row] for r in saved]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{100 * np.mean(miou):.1f} ± {100 * np.std(miou, ddof=1):.1f}"
+        assert cells[2] == f"{100 * np.mean(rare):.1f} ± {100 * np.std(rare, ddof=1):.1f}"
+        assert cells[3] == ", ".join(f"{100 * v:.1f}" for v in miou)
+    report = (tmp_path / "report.html").read_text()
+    assert '<td class="name">CBST</td><td class="name">round_0</td><td class="name">0,1</td>' in report
+    mtime = (tmp_path / "seed_1" / "results.json").stat().st_mtime
+    again = run_demo_seeds(tmp_path, [0, 1], device="cpu", settings=tiny, methods=("CBST",))
+    assert [r["rows"] for r in again] == [r["rows"] for r in saved]
+    assert (tmp_path / "seed_1" / "results.json").stat().st_mtime == mtime  # reused, not rerun
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"), [("0,x", "comma list of integers"), ("1,1", "names a seed twice"), ("", "integers")]
+)
+def test_demo_seeds_option_is_checked(seeds, message, capsys):
+    assert main(["demo", "--seeds", seeds, "--out", "/nonexistent/never"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys):
+    """The command's --seeds path with the demo itself replaced by recorded results."""
+    import cbst.demo as command  # the command imports it when it runs
+
+    def fake(out, seeds, *, device, settings, methods):
+        assert seeds == [0, 2] and methods == ("ST", "CBST") and settings.amp is True
+        return [
+            {
+                "rows": {
+                    "Source": {"miou": 0.2 + s / 100},
+                    "ST": {"miou": 0.22},
+                    "CBST": {"miou": 0.24 + s / 100},
+                },
+                "rare_miou": {"Source": 0.03, "ST": 0.04, "CBST": 0.06},
+                "rare_classes": ["pole", "rider"],
+                "seconds": 100.0 + s,
+            }
+            for s in seeds
+        ]
+
+    monkeypatch.setattr(command, "run_demo_seeds", fake)
+    assert main(["demo", "--seeds", "0,2", "--methods", "ST,CBST", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 seeds (0,2), mean ± std; rare classes: pole, rider" in out
+    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 |" in out
+    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 |" in out
+    assert "seconds per seed: 100, 102" in out
+
+
+def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
+    from cbst import demo
+
+    seen = {}
+
+    def fake_run_demo(out, seed, *, device, settings, methods):
+        seen["settings"] = settings
+        (tmp_path / "results.md").write_text("table\n")
+        return {"rare_miou": {}, "rare_classes": [], "seconds": 1.0, "device": "cpu"}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)  # the command imports it when it runs
+    assert main(["demo", "--out", str(tmp_path), "--no-amp"]) == 0
+    settings = seen["settings"]
+    source = demo.source_config(tmp_path / "s", tmp_path, 0, settings, "cpu")
+    row = demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, settings, "cpu")
+    assert settings.amp is False and source.amp is False and row.amp is False
+    assert source.model == "small_demo" and not row.test_flipping  # the demo's network, one pass
+    assert main(["demo", "--out", str(tmp_path)]) == 0 and seen["settings"].amp is True

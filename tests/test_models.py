@@ -184,6 +184,26 @@ def test_small_model_shapes_params_and_trainable_bn() -> None:
     assert meta_out(meta_model("small"), 100, 60) == (1, 19, 13, 8)
 
 
+def test_small_demo_model_halves_the_dilated_blocks_and_keeps_the_rest(tmp_path) -> None:
+    from cbst.checkpoints import load_checkpoint, save_checkpoint
+    from cbst.models.small import SmallDemoNet
+    from cbst.registry import ARCHITECTURES
+
+    demo, small = build_model("small_demo", 19), build_model("small", 19)
+    assert ARCHITECTURES.get("small_demo") is SmallDemoNet
+    widths = [(m.in_channels, m.out_channels) for m in (demo.layer3.conv1, demo.layer4.conv2)]
+    assert widths == [(128, 128), (128, 128)] and small.layer4.conv2.out_channels == 256
+    assert [n for n, _ in demo.named_children()] == [n for n, _ in small.named_children()]
+    assert 0.8e6 <= sum(p.numel() for p in demo.parameters()) <= 1.5e6
+    assert meta_out(meta_model("small_demo"), 100, 60) == (1, 19, 13, 8) and demo.output_stride == 8
+    save_checkpoint(tmp_path / "m.pt", demo, arch="small_demo", num_classes=19, protocol="cityscapes19")
+    loaded, meta = load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(1, 3, 64, 64)
+    assert type(loaded) is SmallDemoNet and meta["arch"] == "small_demo"
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), demo.eval()(x))
+
+
 def test_build_model_errors() -> None:
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model("vgg", 19)

@@ -95,9 +95,11 @@ def write_run(
     pseudo_only: int = 0,
     eval_root: Path | None = None,
     seed: int = 0,
+    config: dict | None = None,
 ) -> Path:
     """A run folder as ``cbst self-train`` leaves it: ``rounds`` finished rounds (the first
-    ``evaluated`` of them with metrics.json), then ``pseudo_only`` rounds with pseudo-labels only."""
+    ``evaluated`` of them with metrics.json), then ``pseudo_only`` rounds with pseudo-labels only.
+    ``seed`` draws its numbers; ``config`` sets options of its config.yaml (e.g. the run's seed)."""
     rng = np.random.default_rng(seed)
     cfg = SelfTrainConfig(
         weights=str(target / "source.pt"),
@@ -107,6 +109,7 @@ def write_run(
         kc_policy=policy,
         num_round=4,
         score_pseudo_labels=True,
+        **(config or {}),
     )
     out.mkdir(parents=True)
     cbst_io.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -45,7 +45,7 @@ COMMANDS: tuple[str, ...] = (
 
 
 DISTRIBUTED_COMMANDS: tuple[str, ...] = ("train-source", "self-train", "evaluate")
-"""The commands that run as one job of several processes under torchrun (README, "Multiple GPUs")."""
+"""The commands that run as one job of several processes under torchrun (docs/distributed.md)."""
 
 
 BASE_KEY = "_base_"

@@ -1,6 +1,6 @@
 """``cbst demo``: the whole method on the embedded synthetic benchmark, on a laptop CPU.
 
-Renders the benchmark (once), trains the small model on the "game" source domain, then runs
+Renders the benchmark (once), trains the ``small_demo`` model on the "game" source domain, then runs
 ST, CBST and CBST-SP for three rounds each, all branching from the same source model, and
 prints the original README's table for the "camera" target domain's val split, and writes
 ``report.html`` (``cbst report``) beside it.
@@ -14,8 +14,11 @@ model selection on the test set (docs/method.md §8.4).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +47,21 @@ DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's benchmark size and training budget, sized for minutes on 2 CPU cores."""
+    """The demo's benchmark size, network and training budget, sized for minutes on 2 CPU cores.
+
+    ``benchmarks/demo_budget.py`` counts what these settings cost: 11.25 TFLOP in all (the
+    earlier ``small``-model budget: about 100), meant to fit five minutes on 2 CPU cores in
+    float32; docs/results.md has the measured times and results.
+    """
 
     num_source: int = 400
     num_train: int = 200
     num_val: int = 100
-    source_epochs: int = 40
+    model: str = "small_demo"
+    source_epochs: int = 12
     source_lr: float = 0.05
-    batch_images: int = 8
-    crop_size: int = 128
+    batch_images: int = 4
+    crop_size: int = 96
     num_round: int = 3
     epoch_per_round: int = 1
     round_lr: float = 0.005
@@ -61,7 +70,9 @@ class DemoSettings:
     step_src_port: float = 0.05
     max_src_port: float = 0.6
     mine_port: float = 0.8
+    pseudo_flip: bool = False  # flipping doubles the pseudo-label pass for little change in the labels
     pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
+    amp: bool = True  # bf16 where the hardware multiplies it (GPU, AMX/AVX512-BF16 CPU); --no-amp: float32
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -103,7 +114,7 @@ def source_config(
         data_root=str(source_root),
         list_file=None if list_file is None else str(list_file),
         output=str(output),
-        model="small",
+        model=s.model,
         batch_images=s.batch_images,
         crop_size=s.crop_size,
         scale_range=(0.75, 1.25),
@@ -113,6 +124,7 @@ def source_config(
         seed=seed,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
     )
 
 
@@ -144,6 +156,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         max_src_port=s.max_src_port,
         epoch_per_round=s.epoch_per_round,
         pseudo_batch=s.pseudo_batch,
+        test_flipping=s.pseudo_flip,
         base_lr=s.round_lr,
         seed=seed,
         batch_images=s.batch_images,
@@ -152,6 +165,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         mine_port=s.mine_port,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
         **METHODS.get(name).options,
@@ -180,17 +194,19 @@ def run_demo(
     device: str = "auto",
     settings: DemoSettings = DemoSettings(),
     methods: tuple[str, ...] = DEFAULT_METHODS,
+    data: str | Path | None = None,
 ) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``.
 
     ``methods`` names the self-training rows (methods of :data:`cbst.registry.METHODS`), in
-    table order.
+    table order; ``data`` is where the benchmark is rendered (default ``out/data``; seeds may
+    share one).
     """
     total = 2 + len(parse_methods(",".join(methods)))
 
     started = time.time()
     out = Path(out)
-    data = out / "data"
+    data = out / "data" if data is None else Path(data)
     _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(
         data,
@@ -200,11 +216,13 @@ def run_demo(
         num_val=settings.num_val,
     )
     torch_device = select_device(device)
-    _stage(2, total, f"source-only small model, {settings.source_epochs} epochs on the game domain")
+    _stage(
+        2, total, f"source-only {settings.model} model, {settings.source_epochs} epochs on the game domain"
+    )
     source_ckpt = train_or_reuse(source_config(out / "source", data / "gta5", seed, settings, device))
     val = build_dataset("cityscapes", data / "cityscapes", split="val", num_classes=19)
     model, _ = load_checkpoint(source_ckpt, device=torch_device)
-    rows = {"Source": evaluate_model(model, val, device=torch_device, progress=False)}
+    rows = {"Source": evaluate_model(model, val, device=torch_device, amp=settings.amp, progress=False)}
     checkpoints = {"Source": source_ckpt}
 
     for step, name in enumerate(methods, start=3):
@@ -233,3 +251,53 @@ def run_demo(
 
     write_report([out], out / "report.html", device=device)
     return result
+
+
+def _mean_std(values: list[float]) -> str:
+    """'mean ± std' in percent (sample standard deviation; 0 for a single seed)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+
+
+def seeds_table(results: list[dict]) -> str:
+    """Markdown: per row, mean ± std over the seeds of the mIoU and of the rare-class IoU, and
+    the mIoU of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
+    lines = ["| row | mIoU | rare-class IoU | per seed |", "|---|---|---|---|"]
+    for row in results[0]["rows"]:
+        miou = [r["rows"][row]["miou"] for r in results]
+        rare = [r["rare_miou"][row] for r in results]
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in miou)
+        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo_seeds(
+    out: str | Path,
+    seeds: Sequence[int],
+    *,
+    device: str = "auto",
+    settings: DemoSettings = DemoSettings(),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+) -> list[dict]:
+    """The demo once per training seed, in ``out/seed_N``, sharing one benchmark in ``out/data``.
+
+    A seed whose folder holds the results of every row asked for is not run again. Writes
+    ``out/seeds.md`` (:func:`seeds_table`), ``out/seeds.json`` and ``out/report.html``, whose
+    final-score table shows each row as mean ± std over the seeds; returns each seed's results.
+    """
+    out = Path(out)
+    results = []
+    for seed in seeds:
+        folder = out / f"seed_{seed}"
+        done = folder / "results.json"
+        result = json.loads(done.read_text()) if done.is_file() else None
+        if result is None or not set(methods) <= set(result["rows"]):
+            result = run_demo(
+                folder, seed, device=device, settings=settings, methods=methods, data=out / "data"
+            )
+        result["rows"] = {k: result["rows"][k] for k in ("Source", *methods)}
+        results.append(result)
+    io.write_json(out / "seeds.json", {"seeds": list(seeds), "results": results})
+    io.write_text(out / "seeds.md", seeds_table(results))
+    write_report([out], out / "report.html", device=device)
+    return results

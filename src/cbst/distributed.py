@@ -9,7 +9,7 @@ Without torchrun's variables nothing is initialised and every helper here is the
 one-process run: rank 0 of 1, barriers return at once, reductions leave their tensor unchanged,
 a shard is the whole index range and :func:`data_parallel` returns the model itself.
 
-The conventions the commands follow (README, "Multiple GPUs"): every process reads the inputs
+The conventions the commands follow (docs/distributed.md): every process reads the inputs
 and checks them; work is split by :func:`shard` (images) or by :class:`cbst.training.EpochBatches`
 (each process a slice of every global batch); statistics are summed over the processes; files
 are written by the main process only (:func:`write_once`), except the per-image outputs, which

@@ -122,6 +122,7 @@ LOGGERS: Registry = Registry("logger")
 ARCHITECTURES.register_lazy("deeplabv2_resnet101", "cbst.models.deeplabv2:DeepLabV2")
 ARCHITECTURES.register_lazy("resnet38", "cbst.models.resnet38:ResNet38")
 ARCHITECTURES.register_lazy("small", "cbst.models.small:SmallSegNet")
+ARCHITECTURES.register_lazy("small_demo", "cbst.models.small:SmallDemoNet")
 
 DATASETS.register_lazy("gta5", "cbst.datasets:gta5", protocols={19: "cityscapes19", 16: "cityscapes16"})
 DATASETS.register_lazy("synthia", "cbst.datasets:synthia", protocols={16: "synthia16"})

@@ -10,14 +10,20 @@ A 'cbst demo' folder stands for its ST, CBST and CBST-SP runs, with its Source r
 compared together must evaluate on the same target val split. A run stopped part-way shows
 the rounds it finished.
 
+Runs that differ only in their seed form one row of mean ± std in the page's final-score
+table; --table prints that table (one row per run or seed group) on stdout, to paste into a
+paper.
+
 Examples:
   cbst report cbst-demo                        # writes cbst-demo/report.html
   cbst report runs/gta2city_st runs/gta2city_cbst --source-metrics source.json --output cmp.html
+  cbst report cbst-demo --table latex --no-html   # a 'cbst demo --seeds' folder too
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,10 @@ from cbst import options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
 from cbst.options import TEXT, Text, option
+
+TABLE_FORMATS = ("csv", "latex", "md")
+"""--table choices: the keys of ``cbst.report.tables.FORMATS`` (named here so that building the
+parser imports no plotting or torch)."""
 
 HELP = "an HTML report of self-training runs (mIoU per round, class shares, pseudo-labels, gallery)"
 
@@ -43,7 +53,7 @@ class ReportOptions:
     """The options of ``cbst report``."""
 
     runs: list[str] = option(
-        help="'cbst self-train' output folders and/or 'cbst demo' folders",
+        help="'cbst self-train' output folders and/or 'cbst demo' folders (also 'cbst demo --seeds' ones)",
         type=_Folders(),
         metavar="RUN_DIR",
         positional=True,
@@ -66,6 +76,14 @@ class ReportOptions:
         metavar="FILE.json",
         path=True,
     )
+    table: str | None = option(
+        None,
+        "also print the final-score table (last round of each run, seed groups as "
+        "mean ± std) on stdout as Markdown, CSV or LaTeX (default: none)",
+        type=TEXT,
+        choices=TABLE_FORMATS,
+    )
+    html: bool = option(True, "with --table: print the table only, write no page")
     device: str = RuntimeSection.device()
 
 
@@ -82,12 +100,19 @@ def default_out(runs: list[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbst.report import write_report  # torch: only when the command runs, never for --help
+    from cbst.report import final_scores, write_report  # torch: only when the command runs
+    from cbst.report.tables import FORMATS
 
     o = options.from_args(OPTIONS, args)
     if o.images < 0:
         raise CLIError(f"--images must be 0 or more, got {o.images}")
-    out = Path(o.output) if o.output else default_out(o.runs)
-    write_report(o.runs, out, images=o.images, source_metrics=o.source_metrics, device=o.device)
-    print(f"report: {out}")
+    if not o.html and o.table is None:
+        raise CLIError("--no-html needs --table (otherwise there is nothing to write)")
+    if o.table is not None:
+        print(FORMATS[o.table](final_scores(o.runs, o.source_metrics)), end="")
+    if o.html:
+        out = Path(o.output) if o.output else default_out(o.runs)
+        write_report(o.runs, out, images=o.images, source_metrics=o.source_metrics, device=o.device)
+        # with --table, stdout holds the table alone (pipe it to a file)
+        print(f"report: {out}", file=sys.stderr if o.table else sys.stdout)
     return 0

@@ -1,4 +1,4 @@
-"""Segmentation networks: DeepLab-v2 ResNet-101 (CRST), ResNet-38 A1 (CBST) and a small CPU model.
+"""Segmentation networks: DeepLab-v2 ResNet-101 (CRST), ResNet-38 A1 (CBST) and small CPU models.
 
 Every model takes a normalised float NCHW **RGB** batch, i.e. pixels scaled to [0, 1] then
 ``(x - input_mean) / input_std`` per channel (ImageNet statistics for the three here,
@@ -24,7 +24,7 @@ from cbst.models.base import (
 )
 from cbst.models.deeplabv2 import DeepLabV2
 from cbst.models.resnet38 import ResNet38
-from cbst.models.small import SmallSegNet
+from cbst.models.small import SmallDemoNet, SmallSegNet
 from cbst.registry import ARCHITECTURES
 
 
@@ -52,6 +52,7 @@ __all__ = [
     "DeepLabV2",
     "ResNet38",
     "SegmentationNet",
+    "SmallDemoNet",
     "SmallSegNet",
     "build_model",
     "load_strict",

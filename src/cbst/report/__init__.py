@@ -17,9 +17,10 @@ from cbst.io import DataError
 from cbst.report import page as html
 from cbst.report import plots
 from cbst.report.runs import Run, load_runs
+from cbst.report.seeds import ResultTable, results_table
 from cbst.report.target import gallery, pick_images, prediction_model, scan_targets, target_dataset
 
-__all__ = ["build_report", "write_report", "load_runs"]
+__all__ = ["build_report", "write_report", "load_runs", "final_scores"]
 
 _TARGET_KEYS = ("dataset_tgt", "data_root_tgt", "split_tgt", "list_tgt")
 
@@ -117,6 +118,13 @@ def _score_sections(runs: Sequence[Run], classes: Sequence[str]) -> list[str]:
             html.score_table(runs, classes),
         ),
         html.section(
+            "Final scores (%)",
+            "The paper's table of each run's last evaluated round; runs that differ only in "
+            "their seed form one row of mean ± sample standard deviation "
+            "('cbst report --table md|csv|latex' prints it).",
+            html.final_table(results_table(runs, classes)),
+        ),
+        html.section(
             "mIoU per round",
             "One line per run, starting from the source model when "
             "its score is known: a rising line is self-training helping.",
@@ -132,6 +140,12 @@ def _score_sections(runs: Sequence[Run], classes: Sequence[str]) -> list[str]:
             ),
         ),
     ]
+
+
+def final_scores(paths: Sequence[str | Path], source_metrics: str | Path | None = None) -> ResultTable:
+    """The paper's table of the runs' last rounds, seed groups as mean ± std (``--table``)."""
+    runs = load_runs(list(paths), source_metrics)
+    return results_table(runs, _classes(runs))
 
 
 def build_report(
@@ -154,7 +168,7 @@ def build_report(
     accuracy, gallery_html, palette = _target_sections(runs, classes, images, device)
     colors = palette or _colors(runs[0], classes)
     lam = plots.round_panels(runs, classes, lambda run, rnd: rnd.stats.get("thresholds", {}))
-    scores = _score_sections(runs, classes)  # the class shares go after the table and mIoU plot
+    scores = _score_sections(runs, classes)  # the class shares go after the tables and mIoU plot
     parts = [
         html.section(
             "Runs",
@@ -169,7 +183,7 @@ def build_report(
             "resume counts in the stage it interrupted).",
             html.time_table(runs),
         ),
-        *scores[:2],
+        *scores[:3],
         html.section(
             "Share of pseudo-labelled pixels per class",
             "One stacked bar per run and "
@@ -177,7 +191,7 @@ def build_report(
             "fill the bar; class-balanced thresholds (CBST) spread it over the classes.",
             html.image(plots.class_share_plot(runs, classes, colors), "class shares"),
         ),
-        *scores[2:],
+        *scores[3:],
         html.section(
             "Confidence threshold λ per class",
             "The probability a pixel needed to be "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from cbst.labels import TABLE_HEADERS, subset_means
 from cbst.report.runs import Run
+from cbst.report.seeds import ResultTable
+from cbst.report.tables import LEAD_COLUMNS, cell_text, lead_cells
 from cbst.report.target import GalleryRow, prediction_model
 
 TEMPLATE = """<!DOCTYPE html>
@@ -162,6 +164,15 @@ def score_table(runs: Sequence[Run], classes: Sequence[str]) -> str:
                 + [_change_cell(v, base[k] if base else None) for k, v in enumerate(values)]
             )
     return table(headers, rows, "scores")
+
+
+def final_table(scores: ResultTable) -> str:
+    """The final-score table: one row per run or seed group (mean ± std), sources first."""
+    rows = [
+        [Cell(text, "name") for text in lead_cells(r)] + [Cell(cell_text(s)) for s in r.scores]
+        for r in scores.rows
+    ]
+    return table([*LEAD_COLUMNS, *scores.columns], rows, "final")
 
 
 def largest_shares(selected: dict[str, int], count: int = 3) -> str:

@@ -45,6 +45,9 @@ class Run:
 
     ``source`` holds the source model's val metrics when known (a demo folder's ``Source``
     row, or ``--source-metrics``), drawn as round "source" before the first round.
+    ``seeded_weights`` says the initial weights were trained with the run's own seed (a demo
+    folder's source model), so runs of other seeds may differ in them; ``name`` keeps the run's
+    own name where ``label`` had to become its path to be unique.
     """
 
     path: Path
@@ -52,6 +55,8 @@ class Run:
     config: dict[str, Any]
     rounds: tuple[Round, ...]
     source: Metrics | None = None
+    seeded_weights: bool = False
+    name: str | None = None
 
     @property
     def method(self) -> str:
@@ -215,16 +220,23 @@ def load_demo(path: Path) -> list[Run]:
         rows = read_json(results).get("rows", {})
         source = Metrics.from_json(rows["Source"]) if "Source" in rows else None
     return [
-        load_run(path / demo_run_dir(name), name, source)
+        replace(load_run(path / demo_run_dir(name), name, source), seeded_weights=True)
         for name in METHODS.names()
         if (path / demo_run_dir(name) / "state.json").is_file()
     ]
 
 
+def seed_folders(path: Path) -> list[Path]:
+    """The per-seed demo folders of a ``cbst demo --seeds`` folder (``seed_N/``, finished or
+    not), numerically ordered; [] for another folder."""
+    found = [p for p in path.glob("seed_*") if p.name[5:].lstrip("-").isdigit() and is_demo(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def _unique_labels(runs: list[Run]) -> list[Run]:
     """Give runs that would share a name in the report their folder path as name instead."""
     labels = [r.label for r in runs]
-    return [replace(r, label=str(r.path)) if labels.count(r.label) > 1 else r for r in runs]
+    return [replace(r, label=str(r.path), name=r.label) if labels.count(r.label) > 1 else r for r in runs]
 
 
 def check_same_val_split(runs: list[Run]) -> None:
@@ -241,7 +253,8 @@ def check_same_val_split(runs: list[Run]) -> None:
 
 
 def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None) -> list[Run]:
-    """The runs to report: each path is a run folder or a demo folder (which gives several).
+    """The runs to report: each path is a run folder, a demo folder (which gives several) or a
+    ``cbst demo --seeds`` folder (the demo folders of its seeds).
 
     Args:
         paths: run folders and/or ``cbst demo`` folders.
@@ -253,7 +266,9 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
     source = read_metrics(Path(source_metrics)) if source_metrics else None
     runs: list[Run] = []
     for path in map(Path, paths):
-        found = load_demo(path) if is_demo(path) else [load_run(path)]
+        found = []
+        for folder in seed_folders(path) or [path]:
+            found += load_demo(folder) if is_demo(folder) else [load_run(folder)]
         runs += [replace(r, source=r.source or source) for r in found]
     check_same_val_split(runs)
     return _unique_labels(runs)
