@@ -1,15 +1,17 @@
 """Source training: the driver behind ``cbst train-source`` (the original's ``train_src.py``).
 
 ``train_source`` trains a network on labelled source images with the loop of
-:mod:`cbst.training`, checkpointing after every epoch; a killed run resumes from its last
-checkpoint and ends with the same weights as an uninterrupted one. It mirrors
-:mod:`cbst.selftrain`, the driver of the self-training rounds.
+:mod:`cbst.training`. After every epoch ``OUT/last.pt`` is replaced by the resumable checkpoint
+(weights and optimiser state); every ``save_interval`` epochs, and after the last one, the
+weights alone go to ``OUT/checkpoints/epoch_NNNN.pt``, of which the newest ``keep_checkpoints``
+stay (a ResNet-38 checkpoint with its SGD momentum is twice the size of its weights, and one
+per epoch over 30 epochs would be tens of GB). A killed run resumes from ``last.pt`` and ends
+with the same weights as an uninterrupted one. It mirrors :mod:`cbst.selftrain`, the driver of
+the self-training rounds.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -21,7 +23,8 @@ from torch import nn
 from cbst import checks, distributed
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
-from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
+from cbst.io import check_output_dir, make_dirs, write_text
+from cbst.loggers import logger_names, open_loggers
 from cbst.training import LR_POLICIES, build_optimizer, train_epochs
 
 
@@ -60,10 +63,18 @@ class SourceTrainConfig:
     eval_long_side: int | None = None
     tensorboard: bool = False
     sync_bn: bool = False
+    keep_checkpoints: int | None = 2
+    """Weights-only epoch checkpoints kept in ``OUT/checkpoints`` (None: every one)."""
+    save_interval: int = 1
+    """Epochs between weights-only checkpoints (the last epoch always has one)."""
+    loggers: tuple[str, ...] = ("jsonl",)
+    """Registered loggers (:data:`cbst.registry.LOGGERS`); ``tensorboard`` adds TensorBoard."""
 
     def validate(self) -> None:
         """Reject invalid options before anything is read or written; errors name the flag."""
-        checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr")
+        checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr", "save_interval")
+        if self.keep_checkpoints is not None:
+            checks.require_non_negative(self, "keep_checkpoints")
         checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
         checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
         checks.require_scale_range(self, "scale_range")
@@ -84,22 +95,54 @@ class SourceTrainConfig:
 _SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
 # Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
 # the lr policy does not span the whole run.
-_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "progress", "tensorboard", "compile")
+_SOURCE_RESUME_FREE = (
+    "output",
+    "resume",
+    "device",
+    "num_workers",
+    "progress",
+    "tensorboard",
+    "compile",
+    "keep_checkpoints",
+    "save_interval",
+    "loggers",
+)
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
-    """``OUT/checkpoints/epoch_NNNN.pt`` for the checkpoint written after ``epoch`` epochs."""
+    """``OUT/checkpoints/epoch_NNNN.pt``: the weights-only checkpoint written after ``epoch`` epochs."""
     return output / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
 
+def _epoch_checkpoints(output: Path) -> dict[int, Path]:
+    """The weights-only checkpoints in ``OUT/checkpoints`` by epoch."""
+    found = {p.stem.split("_")[1]: p for p in (output / "checkpoints").glob("epoch_*.pt")}
+    return {int(epoch): path for epoch, path in found.items() if epoch.isdigit()}
+
+
 def last_finished_epoch(output: Path) -> int:
-    """The highest epoch with a checkpoint in ``OUT/checkpoints`` (0 when there is none)."""
-    epochs = [
-        int(p.stem.split("_")[1])
-        for p in (output / "checkpoints").glob("epoch_*.pt")
-        if p.stem.split("_")[1].isdigit()
-    ]
-    return max(epochs, default=0)
+    """The epochs ``OUT/last.pt`` holds (0 when there is none): where a resumed run continues."""
+    from cbst.checkpoints import read_meta
+
+    last = output / "last.pt"
+    return int(read_meta(last).get("epoch") or 0) if last.is_file() else 0
+
+
+def _prune_checkpoints(output: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` weights-only checkpoints (None keeps every one)."""
+    if keep is None:
+        return
+    epochs = sorted(_epoch_checkpoints(output).items())
+    for _, path in epochs[: max(0, len(epochs) - keep)]:
+        path.unlink()
+
+
+def epoch_line(record: dict, to_epoch: int) -> str:
+    """An epoch's console line: ``epoch 3/25: loss 0.4123, lr 4.10e-02, 12.3 s, val mIoU 34.5%``."""
+    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"{record['seconds']:.1f} s"]
+    if "val_miou" in record:
+        parts.append(f"val mIoU {100 * record['val_miou']:.1f}%")
+    return f"epoch {record['epoch']}/{to_epoch}: " + ", ".join(parts)
 
 
 def _init_model(config: SourceTrainConfig) -> nn.Module:
@@ -117,13 +160,6 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
             )
         return model
     return build_model(config.model, config.num_classes, pretrained=config.weights)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (the log survives a crash mid-run)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
@@ -232,7 +268,7 @@ def train_source(config: SourceTrainConfig) -> Path:
         )
     if start_epoch:
         _check_resume(output, config, start_epoch)
-        model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
+        model, meta = load_checkpoint(output / "last.pt", expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
         optimizer = build_optimizer(
             model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -247,7 +283,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
-    writer = _tensorboard(output) if config.tensorboard and distributed.is_main() else None
+    loggers = open_loggers(logger_names(config.loggers, config.tensorboard), output)
 
     def on_epoch_end(epoch: int, stats: dict) -> None:
         done = epoch + 1
@@ -258,24 +294,18 @@ def train_source(config: SourceTrainConfig) -> Path:
             save_epoch(record)
 
     def save_epoch(record: dict) -> None:
-        """The checkpoint, ``last.pt``, the log line and the TensorBoard point of an epoch."""
+        """``last.pt`` (resumable), the weights-only checkpoint, the log record and console line."""
         done = record["epoch"]
-        extra = {"optimizer": optimizer.state_dict(), "config": asdict(config), "stats": record}
+        weights = dict(arch=config.model, num_classes=config.num_classes, protocol=protocol.name, epoch=done)
+        extra = {"config": asdict(config), "stats": record}
         save_checkpoint(
-            checkpoint_path(output, done),
-            model,
-            arch=config.model,
-            num_classes=config.num_classes,
-            protocol=protocol.name,
-            epoch=done,
-            extra=extra,
+            output / "last.pt", model, **weights, extra={**extra, "optimizer": optimizer.state_dict()}
         )
-        with atomic_path(output / "last.pt") as tmp:
-            shutil.copyfile(checkpoint_path(output, done), tmp)
-        _append_jsonl(output / "log.jsonl", record)
-        if writer is not None and "val_miou" in record:
-            writer.add_scalar("val/miou", record["val_miou"], done)
-        print(json.dumps(record), flush=True)
+        if done % config.save_interval == 0 or done == config.to_epoch:
+            save_checkpoint(checkpoint_path(output, done), model, **weights, extra=extra)
+            _prune_checkpoints(output, config.keep_checkpoints)
+        loggers.record("epoch", record, done)
+        print(epoch_line(record, config.to_epoch), flush=True)
 
     try:
         train_epochs(
@@ -293,22 +323,10 @@ def train_source(config: SourceTrainConfig) -> Path:
             seed=config.seed,
             amp=config.amp,
             on_epoch_end=on_epoch_end,
-            writer=writer,
+            logger=loggers,
             progress=config.progress,
             sync_bn=config.sync_bn,
         )
     finally:
-        if writer is not None:
-            writer.close()
+        loggers.close()
     return output / "last.pt"
-
-
-def _tensorboard(output: Path) -> Any:
-    """A TensorBoard writer under ``OUT/tensorboard`` (tensorboard is an optional dependency)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError(
-            "--tensorboard needs the 'tensorboard' package (pip install 'cbst[tensorboard]')"
-        ) from None
-    return SummaryWriter(str(output / "tensorboard"))

@@ -25,6 +25,23 @@ def float_range(text: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def name_list(text: str) -> tuple[str, ...]:
+    """Parse 'a,b' into names (e.g. --loggers jsonl,tensorboard); empty -> ()."""
+    return tuple(name.strip() for name in str(text).split(",") if name.strip())
+
+
+def add_loggers_argument(group: argparse._ActionsContainer) -> None:
+    """--loggers (``args.loggers``), for the commands that train."""
+    group.add_argument(
+        "--loggers",
+        type=name_list,
+        default=("jsonl",),
+        metavar="NAME[,NAME...]",
+        help="where training scalars go: jsonl (OUT/log.jsonl), tensorboard, or a logger a "
+        "module given with --import registers; '' for none (default: jsonl)",
+    )
+
+
 def default_num_workers(limit: int = 8) -> int:
     """Default data-loader worker processes: the usable CPU cores, at most ``limit``.
 

@@ -4,9 +4,10 @@ self-training starts from (the original's issegm/train_src.py).
 Each image gives one crop: scaled by rho ~ U[scale-rate-range] (against --origin-size when given),
 cropped to --crop-size, flipped with probability 1/2. SGD with the model's per-parameter lr/wd
 multipliers; the loss is mean cross-entropy over labelled pixels of the logits up-sampled to the
-crop. After every epoch OUT/checkpoints/epoch_NNNN.pt, OUT/last.pt and one line of OUT/log.jsonl
-are written; --resume continues from the last finished epoch and ends with the same weights as an
-uninterrupted run with the same --seed. The original's settings are in configs/*_source_*.yaml.
+crop. After every epoch OUT/last.pt (weights and optimiser state) and one line of OUT/log.jsonl
+are written, and every --save-interval epochs the weights alone as OUT/checkpoints/epoch_NNNN.pt,
+of which the newest --keep-checkpoints stay; --resume continues from OUT/last.pt and ends with
+the same weights as an uninterrupted run with the same --seed. The original's settings are in configs/*_source_*.yaml.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import argparse
 import dataclasses
 
 from cbst.cli import CLIError
-from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_range
+from cbst.commands.options import (
+    add_loggers_argument,
+    add_runtime_arguments,
+    add_sync_bn_argument,
+    float_range,
+    name_list,
+)
 from cbst.datasets import DATASETS
 from cbst.models import ARCHS
 from cbst.sourcetrain import SourceTrainConfig
@@ -30,6 +37,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated iterations, got {text!r}") from None
+
+
+def _count_or_all(text: str) -> int | None:
+    """'2' -> 2; 'all' -> None (keep every checkpoint)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of checkpoints or 'all', got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +131,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the last epoch checkpoint in --output"
     )
     run.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to OUT/tensorboard")
+    add_loggers_argument(run)
+    run.add_argument(
+        "--keep-checkpoints",
+        type=_count_or_all,
+        default=d["keep_checkpoints"],
+        metavar="N",
+        help="weights-only epoch checkpoints kept in OUT/checkpoints, newest first ('all' for "
+        "every one); OUT/last.pt, resumable, is always kept",
+    )
+    run.add_argument(
+        "--save-interval",
+        type=int,
+        default=d["save_interval"],
+        metavar="E",
+        help="write a weights-only checkpoint every E epochs (and after the last one)",
+    )
 
     add_runtime_arguments(parser)
 
@@ -149,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         scale_range = float_range(",".join(str(v) for v in _as_list(args.scale_rate_range)))
         lr_steps = _int_list(",".join(str(v) for v in _as_list(args.lr_steps)))
+        keep = None if args.keep_checkpoints is None else _count_or_all(str(args.keep_checkpoints))
     except argparse.ArgumentTypeError as exc:
         raise CLIError(str(exc)) from None
     config = SourceTrainConfig(
@@ -181,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
         eval_split=args.eval_split,
         eval_long_side=args.eval_long_side,
         tensorboard=args.tensorboard,
+        loggers=name_list(",".join(str(v) for v in _as_list(args.loggers))),
+        keep_checkpoints=keep,
+        save_interval=args.save_interval,
         compile=args.compile,
         sync_bn=args.sync_bn,
     )
