@@ -24,7 +24,7 @@ probabilities of any resolution. Choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def compute_spatial_prior(
     if progress:
         from tqdm import tqdm
 
-        label_maps = tqdm(label_maps, desc="prior", unit="label")
+        total = len(label_maps) if isinstance(label_maps, Sized) else None
+        label_maps = tqdm(label_maps, total=total, desc="prior", unit="label")
     for label in label_maps:
         label = np.asarray(label)
         if label.ndim != 2:
@@ -105,18 +106,26 @@ def compute_spatial_prior(
     return _normalise(counts.reshape(num_classes, height, width), sigma, eps)
 
 
-def _dataset_labels(dataset: Any) -> Iterable[np.ndarray]:
-    """TrainId maps of a dataset's labels (the images are not decoded)."""
-    for i in range(len(dataset)):
-        label = dataset.label(i)
-        if label is None:
-            raise DataError(f"{dataset.samples[i].image}: image has no label to count")
-        yield label
+class _LabelMaps:
+    """TrainId maps of a dataset's labels (the images are not decoded), with a length for the bar."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self.dataset)):
+            label = self.dataset.label(i)
+            if label is None:
+                raise DataError(f"{self.dataset.samples[i].image}: image has no label to count")
+            yield label
 
 
 def spatial_prior_from_dataset(dataset: Any, size: tuple[int, int], **kw: Any) -> np.ndarray:
     """The spatial prior of a dataset's labels (see ``compute_spatial_prior`` for ``kw``)."""
-    return compute_spatial_prior(_dataset_labels(dataset), dataset.protocol.num_classes, size, **kw)
+    return compute_spatial_prior(_LabelMaps(dataset), dataset.protocol.num_classes, size, **kw)
 
 
 def _read_array(path: Path) -> np.ndarray:

@@ -19,8 +19,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
-from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
+from cbst.commands.options import (
+    add_loggers_argument,
+    add_runtime_arguments,
+    add_sync_bn_argument,
+    float_list,
+    float_range,
+    name_list,
+)
 from cbst.datasets import DATASETS
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import POLICIES
@@ -160,6 +169,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-long-side", type=int, default=None, help="resize val images to this longer side")
     g.add_argument("--eval-flipping", action="store_true", help="flip-averaged evaluation")
+    g.add_argument(
+        "--no-source-eval",
+        dest="source_eval",
+        action="store_false",
+        help="do not score --weights on the evaluation split before round 0 (the Source row)",
+    )
+    g = p.add_argument_group("outputs and logs")
+    g.add_argument(
+        "--save-color",
+        action="store_true",
+        help="also write colour pseudo-label PNGs (round_N/pseudo_color/) for viewing",
+    )
+    add_loggers_argument(g)
+    g.add_argument(
+        "--tensorboard", action="store_true", help="write TensorBoard scalars to OUTPUT/tensorboard"
+    )
     add_runtime_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished stage")
 
@@ -173,12 +198,32 @@ def config_from_args(args: argparse.Namespace) -> SelfTrainConfig:
         values["with_prior"] = None
     if str(values.get("eval_split")).lower() == "none":
         values["eval_split"] = None
+    if "loggers" in values:  # a comma list on the command line, a list in a --config file
+        loggers = values["loggers"]
+        values["loggers"] = name_list(",".join(loggers) if isinstance(loggers, (list, tuple)) else loggers)
     return SelfTrainConfig(**values)
 
 
+def results_table(output: str) -> str | None:
+    """The run's Markdown table (Source row first, then every evaluated round) from results.json."""
+    from cbst.evaluation import Metrics, format_table
+    from cbst.provenance import describe
+
+    results = json.loads((Path(output) / "results.json").read_text())
+    rows = {"Source": results["source"]} if results.get("source") else {}
+    rows.update({f"round_{i}": m for i, m in results["rounds"].items()})
+    if not rows:
+        return None
+    metrics = {name: Metrics.from_json(m) for name, m in rows.items()}
+    table = format_table(metrics, next(iter(metrics.values())).class_names)
+    return f"{table}\n({describe(results['provenance'])})"
+
+
 def run(args: argparse.Namespace) -> int:
-    results = self_train(config_from_args(args))
-    for index, metrics in results.items():
-        print(f"round {index}: mIoU {100 * metrics['miou']:.1f}")
+    config = config_from_args(args)
+    self_train(config)
+    table = results_table(config.output)
+    if table:
+        print(table)
     print(f"to see the rounds on one page: cbst report {args.output}")
     return 0

@@ -125,7 +125,8 @@ def _finished_rounds(run: Path) -> int:
     state = read_json(run / "state.json")
     stages = state.get("finished") if isinstance(state, dict) else None
     try:
-        return 1 + max((int(str(s).split("/")[0]) for s in stages), default=-1)
+        rounds = [str(s).split("/")[0] for s in stages]
+        return 1 + max((int(r) for r in rounds if r != "source"), default=-1)
     except (TypeError, ValueError):
         raise DataError(f"{run / 'state.json'}: expected {{'finished': ['ROUND/STAGE', ...]}}") from None
 
@@ -166,7 +167,8 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     Args:
         path: the run folder.
         label: its name in the report (default: the folder's name).
-        source: the source model's val metrics, when known.
+        source: the source model's val metrics; by default the run's own
+            ``source_metrics.json`` (written before round 0), when it has one.
     """
     run = Path(path)
     if not run.is_dir():
@@ -182,6 +184,8 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
         raise DataError(f"{run / 'config.yaml'}: not readable YAML ({exc})") from None
     if not isinstance(config, dict):
         raise DataError(f"{run / 'config.yaml'}: expected the run's options as a mapping")
+    if source is None and (run / "source_metrics.json").is_file():
+        source = read_metrics(run / "source_metrics.json")
     indices = _round_dirs(run)
     listed = _finished_rounds(run)
     if listed > len(indices):
