@@ -7,6 +7,7 @@ and the report shows it.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,20 @@ def provenance(device: torch.device | str, amp: bool) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's content (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_record(path: str | Path) -> dict[str, str]:
+    """What identifies a checkpoint in a results file: its absolute path and content hash."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
 def describe(info: dict[str, Any]) -> str:
