@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,7 +44,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0:
+        """The help with ``(default: X)`` added, except for on/off flags, required options,
+        options without a default, and help texts that already say their default."""
+        text = action.help or ""
+        if action.nargs == 0 or action.required or action.default is None or "default" in text:
             return action.help
         return super()._get_help_string(action)
 
@@ -185,6 +189,24 @@ def _console_of_main() -> Iterator[None]:
         yield
 
 
+RESUMABLE_COMMANDS: tuple[str, ...] = ("train-source", "self-train")
+"""The commands that continue a killed run with --resume (``demo`` continues by itself)."""
+
+
+def resume_hint(argv: Sequence[str]) -> str:
+    """What to run to continue an interrupted command: the same command line, with --resume
+    where the command needs it."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    line = ["cbst", *argv]
+    if command in RESUMABLE_COMMANDS:
+        if "--resume" not in argv:
+            line.append("--resume")
+        return f"to continue, run: {shlex.join(line)}"
+    if command == "demo":
+        return f"to continue where it stopped, run the same command: {shlex.join(line)}"
+    return "nothing to resume; run the command again"
+
+
 def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
@@ -215,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finished = True
         return status
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
+        print(f"{prefix}: interrupted; {resume_hint(argv)}", file=sys.stderr)
         return 130
     except distributed.COMMUNICATION_ERRORS as exc:
         detail = _one_line(str(exc))

@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="INPUT is an ImageNet classifier: drop its FC and initialise the head",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="when the weights do not fit --arch, list every differing key (default: the first few)",
+    )
 
 
 def _protocol(args: argparse.Namespace) -> str:
@@ -55,6 +60,11 @@ def _protocol(args: argparse.Namespace) -> str:
     if PROTOCOLS[name].num_classes != args.num_classes:
         raise CLIError(f"protocol {name} has {PROTOCOLS[name].num_classes} classes, not {args.num_classes}")
     return name
+
+
+def _key_limit(args: argparse.Namespace) -> int | None:
+    """How many differing keys a does-not-fit error names: a few, or all with --verbose."""
+    return None if args.verbose else 5
 
 
 def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
@@ -72,7 +82,7 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
             raise CLIError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
         _warn_stored_gammas(path, params)
         state = resnet38_state_dict_from_params(
-            params, args.num_classes, imagenet=args.imagenet, source=str(path)
+            params, args.num_classes, imagenet=args.imagenet, source=str(path), limit=_key_limit(args)
         )
         with torch.device("meta"):  # every tensor comes from the file: skip the random init
             model = build_model(args.arch, args.num_classes)
@@ -87,7 +97,7 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
     if args.imagenet:
         model.load_pretrained(path)
     else:
-        load_strict(model, state, str(path))
+        load_strict(model, state, str(path), limit=_key_limit(args))
     return model, len(state)
 
 

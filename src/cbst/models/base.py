@@ -36,11 +36,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_strict(
-    model: nn.Module, state: dict[str, torch.Tensor], label: str, *, assign: bool = False
-) -> None:
-    """``load_state_dict(strict=True)``, with an error listing missing/unexpected/mis-shaped keys.
+def some_items(items: list[str], limit: int | None) -> str:
+    """The first ``limit`` items and how many more there are (every item when ``limit`` is None)."""
+    if limit is None or len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
 
+
+def load_strict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    label: str,
+    *,
+    assign: bool = False,
+    limit: int | None = 5,
+) -> None:
+    """``load_state_dict(strict=True)``, with an error naming missing/unexpected/mis-shaped keys.
+
+    The error names the first ``limit`` keys of each kind and counts the rest (a file of another
+    architecture differs in hundreds of keys); ``limit=None`` lists them all.
     ``num_batches_tracked`` may be absent (PyTorch < 0.4.1 files such as CRST's): BN fills it in.
     ``assign=True`` adopts the given tensors (for models built on the meta device, no init cost).
     """
@@ -54,7 +68,7 @@ def load_strict(
     ]
     if missing or unexpected or mismatched:
         parts = [
-            f"{kind}: {', '.join(items)}"
+            f"{kind}: {some_items(items, limit)}"
             for kind, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict
+from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict, some_items
 from cbst.mxnet import ParamsError, load_params
 
 BN_EPS = 1.001e-5
@@ -238,13 +238,19 @@ def _he_normal(shape: torch.Size) -> torch.Tensor:
 
 
 def resnet38_state_dict_from_params(
-    params: dict[str, np.ndarray], num_classes: int, *, imagenet: bool = False, source: str = "params"
+    params: dict[str, np.ndarray],
+    num_classes: int,
+    *,
+    imagenet: bool = False,
+    source: str = "params",
+    limit: int | None = 5,
 ) -> dict[str, torch.Tensor]:
     """Map a ResNet-38 A1 ``.params`` dict onto ``ResNet38`` state_dict keys, strictly.
 
     With ``imagenet=True`` the input is the stride-32 ImageNet classifier: ``linear1000_*`` is
     dropped and the missing ``conv6a`` and ``classifier`` get He-normal weights and zero biases
-    (docs/method.md §2.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` listing them.
+    (docs/method.md §2.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` naming
+    the first ``limit`` of each kind and counting the rest (``limit=None``: all of them).
     BN gammas are copied as stored; the model ignores them (MXNet ``fix_gamma=True``).
     """
     with torch.device("meta"):
@@ -266,7 +272,7 @@ def resnet38_state_dict_from_params(
     missing = [torch_to_mxnet_name(k, num_classes) for k in template if k not in state and k not in fresh]
     if missing or unexpected or mismatched:
         parts = [
-            f"{label}: {', '.join(items)}"
+            f"{label}: {some_items(items, limit)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),

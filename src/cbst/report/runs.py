@@ -173,6 +173,12 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     run = Path(path)
     if not run.is_dir():
         raise DataError(f"{run}: folder not found")
+    if (run / "last.pt").is_file() and not (run / "state.json").is_file():
+        raise DataError(
+            f"{run}: a 'cbst train-source' folder (source training: last.pt, checkpoints/); "
+            f"'cbst report' takes 'cbst self-train' runs, e.g. of --weights {run / 'last.pt'}, "
+            "or 'cbst demo' folders"
+        )
     if not (run / "config.yaml").is_file() or not (run / "state.json").is_file():
         raise DataError(
             f"{run}: not a self-training run (no config.yaml and state.json; expected "

@@ -1,0 +1,56 @@
+"""The messages a user meets: convert's key list, the resume hint, report on a source folder, help."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbst.checkpoints import save_checkpoint
+from cbst.cli import build_parser, main, resume_hint
+from cbst.models import build_model
+
+
+def test_convert_names_a_few_keys_of_the_wrong_arch_and_all_with_verbose(tmp_path, capsys):
+    weights = tmp_path / "small.pth"
+    torch.save(build_model("small", 19).state_dict(), weights)
+    args = ["convert", str(weights), "--arch", "deeplabv2_resnet101", "--num-classes", "19"]
+    assert main([*args, "--out", str(tmp_path / "a.pt")]) == 2
+    short = capsys.readouterr().err
+    assert len(short.splitlines()) == 1 and len(short) < 1500
+    assert "missing: " in short and " more" in short
+    assert main([*args, "--out", str(tmp_path / "b.pt"), "--verbose"]) == 2
+    full = capsys.readouterr().err
+    assert len(full) > 4 * len(short) and " more" not in full
+    assert "layer4.2.bn3.running_var" in full
+
+
+def test_an_interrupted_run_names_the_command_that_continues_it():
+    argv = ["self-train", "--config", "my run.yaml", "--output", "runs/a"]
+    assert (
+        resume_hint(argv)
+        == "to continue, run: cbst self-train --config 'my run.yaml' --output runs/a --resume"
+    )
+    assert resume_hint([*argv, "--resume"]).endswith("--output runs/a --resume")
+    assert "cbst demo --out d" in resume_hint(["demo", "--out", "d"])
+    assert resume_hint(["evaluate", "--checkpoint", "x.pt"]) == "nothing to resume; run the command again"
+
+
+def test_report_on_a_source_training_folder_says_what_it_is(tmp_path, capsys):
+    run = tmp_path / "source"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: small\n")
+    save_checkpoint(
+        run / "last.pt", build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19"
+    )
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "a 'cbst train-source' folder" in err and "takes 'cbst self-train' runs" in err
+
+
+@pytest.mark.parametrize("command", ["train-source", "self-train", "evaluate", "report"])
+def test_help_shows_no_empty_or_repeated_default(command):
+    _, subparsers = build_parser()
+    text = subparsers[command].format_help()
+    assert "(default: None)" not in text
+    assert "(required) (default" not in text
+    assert "(default: jsonl) (default" not in text
