@@ -54,3 +54,32 @@ def test_help_shows_no_empty_or_repeated_default(command):
     assert "(default: None)" not in text
     assert "(required) (default" not in text
     assert "(default: jsonl) (default" not in text
+
+
+def test_evaluate_out_says_what_was_scored_and_how(bench, tmp_path):
+    import hashlib
+    import json
+
+    from cbst import __version__
+
+    run = tmp_path / "cbst" / "round_2"
+    run.mkdir(parents=True)
+    ckpt = run / "model.pt"
+    ckpt.write_bytes((bench / "source.pt").read_bytes())
+    out = tmp_path / "m.json"
+    argv = ["evaluate", "--dataset", "cityscapes", "--data-root", str(bench / "data" / "cityscapes")]
+    argv += ["--checkpoint", str(ckpt), "--test-flipping", "--scales", "0.5,1", "--device", "cpu"]
+    assert main([*argv, "--num-workers", "0", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["case"] == "cbst/round_2" and result["images"] == 2
+    assert result["checkpoint"] == {
+        "path": str(ckpt.resolve()),
+        "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
+    }
+    assert result["inference"] == {
+        "test_scales": None,
+        "scales": [0.5, 1.0],
+        "flipping": True,
+        "window": None,
+    }
+    assert result["provenance"]["cbst"] == __version__ and result["provenance"]["precision"] == "float32"

@@ -15,9 +15,11 @@ data/cityscapes --checkpoint cbst.pt --test-flipping --out results.json
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
+from cbst import __version__
 from cbst.cli import CLIError
 from cbst.commands.options import add_runtime_arguments, float_list
 from cbst.datasets import DATASETS
@@ -97,7 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
     out.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     out.add_argument(
-        "--case", metavar="NAME", help="row name in the table (default: checkpoint or prediction folder stem)"
+        "--case",
+        metavar="NAME",
+        help="row name in the table (default: the run and round of a checkpoint, e.g. cbst/round_2, "
+        "else its file stem or the prediction folder's name)",
     )
     add_runtime_arguments(parser, ("device", "num_workers", "amp", "progress", "compile"))
 
@@ -183,6 +188,44 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
     return metrics, dataset
 
 
+def case_name(checkpoint: str | Path) -> str:
+    """A checkpoint's row name: ``cbst/round_2`` for ``cbst/round_2/model.pt``, ``source/last``
+    for ``source/last.pt``, else the file's stem (``cbst_sp_gta.pt`` -> ``cbst_sp_gta``)."""
+    path = Path(checkpoint).resolve()
+    if path.stem not in ("model", "last"):
+        return path.stem
+    if re.fullmatch(r"round_\d+", path.parent.name) and path.stem == "model":
+        return f"{path.parent.parent.name}/{path.parent.name}"
+    return f"{path.parent.name}/{path.stem}"
+
+
+def _record(args: argparse.Namespace, case: str, dataset: Any, metrics: Any) -> dict:
+    """The ``--out`` JSON: what was scored, how, with what, and the metrics."""
+    from cbst.device import select_device
+    from cbst.provenance import checkpoint_record, provenance
+
+    record: dict[str, Any] = {
+        "case": case,
+        "dataset": args.dataset,
+        "split": args.split,
+        "protocol": dataset.protocol.name,
+        "images": len(dataset),
+    }
+    if args.checkpoint:
+        record["checkpoint"] = checkpoint_record(args.checkpoint)
+        record["inference"] = {
+            "test_scales": args.test_scales,
+            "scales": list(args.scales),
+            "flipping": bool(args.test_flipping),
+            "window": args.window,
+        }
+        record["provenance"] = provenance(select_device(args.device), args.amp)
+    else:
+        record["predictions"] = str(Path(args.predictions).resolve())
+        record["provenance"] = {"cbst": __version__}
+    return {**record, **metrics.to_json()}
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the Markdown row and optionally save JSON."""
     from cbst.evaluation import evaluate_predictions, format_table
@@ -191,22 +234,12 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.checkpoint:
         metrics, dataset = _evaluate_checkpoint(args)
-        case = args.case or Path(args.checkpoint).stem
+        case = args.case or case_name(args.checkpoint)
     else:
         dataset = _build_dataset(args, args.num_classes or _default_num_classes(args.dataset))
         metrics = evaluate_predictions(args.predictions, dataset, progress=args.progress)
         case = args.case or Path(args.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))
     if args.out:
-        write_json(
-            args.out,
-            {
-                "case": case,
-                "dataset": args.dataset,
-                "split": args.split,
-                "protocol": dataset.protocol.name,
-                "images": len(dataset),
-                **metrics.to_json(),
-            },
-        )
+        write_json(args.out, _record(args, case, dataset, metrics))
     return 0
