@@ -157,6 +157,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
+        source_eval=False,  # the demo scores the source model once, for every row
         **VARIANTS[name],
     )
 
@@ -243,5 +244,5 @@ def run_demo(
     _write_examples(out, checkpoints, val, torch_device)
     from cbst.report import write_report
 
-    write_report([out], out / "report.html", device=device)
+    write_report([out], out / "report.html", device=device, val_images=4)
     return result

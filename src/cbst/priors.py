@@ -133,8 +133,13 @@ def _read_array(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".mat":
-        import scipy.io
-
+        try:
+            import scipy.io  # optional: only the original's .mat priors need it
+        except ImportError:
+            raise DataError(
+                f"{path}: reading a MATLAB .mat prior needs scipy (pip install 'cbst[mat]'), "
+                "or convert it once with 'cbst prior' on a machine that has it"
+            ) from None
         try:
             data = scipy.io.loadmat(str(path))
         except NotImplementedError:

@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "runs",
         nargs="+",
         metavar="RUN_DIR",
-        help="'cbst self-train' output folders and/or 'cbst demo' folders",
+        help="'cbst self-train' output folders and/or 'cbst demo' folders (a folder given twice "
+        "is shown once)",
     )
     p.add_argument(
         "--out",
@@ -39,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--images", type=int, default=6, metavar="N", help="target images in the gallery (0 for none)"
+    )
+    p.add_argument(
+        "--val-images",
+        type=int,
+        default=4,
+        metavar="N",
+        help="validation images in the validation gallery (0 for none)",
     )
     p.add_argument(
         "--source-metrics",
@@ -61,9 +69,17 @@ def run(args: argparse.Namespace) -> int:
     from cbst.cli import CLIError
     from cbst.report import write_report
 
-    if args.images < 0:
-        raise CLIError(f"--images must be 0 or more, got {args.images}")
+    for flag, value in (("--images", args.images), ("--val-images", args.val_images)):
+        if value < 0:
+            raise CLIError(f"{flag} must be 0 or more, got {value}")
     out = Path(args.out) if args.out else default_out(args.runs)
-    write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device)
+    write_report(
+        args.runs,
+        out,
+        images=args.images,
+        val_images=args.val_images,
+        source_metrics=args.source_metrics,
+        device=args.device,
+    )
     print(f"report: {out}")
     return 0

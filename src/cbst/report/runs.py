@@ -52,10 +52,25 @@ class Run:
 
     @property
     def method(self) -> str:
-        """ST, CBST or CBST-SP, from the thresholding policy and the spatial prior."""
-        if self.config.get("kc_policy") == "global":
-            return "ST"
-        return "CBST-SP" if self.config.get("with_prior") else "CBST"
+        """The registered method (ST, CBST, CBST-SP, MRKLD, LRENT, ...) whose options the run's
+        configuration matches, or "custom" when none does."""
+        from cbst.methods import method_of
+
+        return method_of(self.config) or "custom"
+
+    @property
+    def provenance(self) -> dict[str, Any] | None:
+        """What the run's scores were computed with (``results.json``, else the last metrics)."""
+        results = self.path / "results.json"
+        if results.is_file():
+            found = read_json(results)
+            if isinstance(found, dict) and isinstance(found.get("provenance"), dict):
+                return found["provenance"]
+        for rnd in reversed(self.rounds):
+            metrics = rnd.path / "metrics.json"
+            if metrics.is_file() and isinstance(read_json(metrics).get("provenance"), dict):
+                return read_json(metrics)["provenance"]
+        return None
 
     @property
     def evaluated(self) -> tuple[Round, ...]:
@@ -267,4 +282,16 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
         found = load_demo(path) if is_demo(path) else [load_run(path)]
         runs += [replace(r, source=r.source or source) for r in found]
     check_same_val_split(runs)
-    return _unique_labels(runs)
+    return _unique_labels(_once_each(runs))
+
+
+def _once_each(runs: list[Run]) -> list[Run]:
+    """Each run folder once (a run given twice, or a demo folder and one of its runs), first
+    occurrence kept."""
+    seen: set[Path] = set()
+    kept = []
+    for run in runs:
+        if run.path.resolve() not in seen:
+            seen.add(run.path.resolve())
+            kept.append(run)
+    return kept
