@@ -34,11 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbst.provenance import describe
+
     result = run_demo(args.out, args.seed, device=args.device, methods=parse_methods(args.methods))
     print()
     print((Path(args.out) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
+    print(f"computed in {describe(result['provenance'])}")
     print(
         f"{result['seconds']:.0f} s on {result['device']}; results in {args.out}/results.md, "
         f"{args.out}/results.json, example predictions in {args.out}/examples/"
