@@ -105,3 +105,44 @@ def test_the_source_stage_resumes_only_with_the_same_weights(bench, tmp_path):
     other.write_bytes((bench / "source.pt").read_bytes())
     with pytest.raises(ValueError, match="source model's evaluation.*--weights"):
         selftrain._prepare_output(_config(bench, out, num_round=1, resume=True, weights=str(other)))
+
+
+def test_a_user_logger_registers_and_receives_steps_and_records(tmp_path, monkeypatch):
+    import sys
+
+    from cbst.errors import ConfigError
+    from cbst.loggers import logger_names, open_loggers
+    from cbst.registry import LOGGERS
+
+    seen = []
+
+    @LOGGERS.register("memory_for_test")
+    class MemoryLogger:
+        def __init__(self, output):
+            self.output = output
+
+        def step(self, values, step, context):
+            seen.append(("step", dict(values), step, dict(context)))
+
+        def record(self, kind, values, step, context):
+            seen.append((kind, dict(values), step, dict(context)))
+
+        def close(self):
+            seen.append(("closed",))
+
+    group = open_loggers(logger_names(["jsonl", "memory_for_test"], tensorboard=False), tmp_path)
+    group.scoped(round=3).step({"loss": 0.5, "lr": 0.1}, 7)
+    group.scoped(round=3).record("epoch", {"loss": 0.5}, 1)
+    group.close()
+    assert seen == [
+        ("step", {"loss": 0.5, "lr": 0.1}, 7, {"round": 3}),
+        ("epoch", {"loss": 0.5}, 1, {"round": 3}),
+        ("closed",),
+    ]
+    line = json.loads((tmp_path / "log.jsonl").read_text())
+    assert line == {"kind": "epoch", "round": 3, "loss": 0.5, "steps": [[7, 0.5, 0.1]]}
+    with pytest.raises(ConfigError, match="unknown logger 'nope'"):
+        open_loggers(["nope"], tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"--tensorboard needs the 'tensorboard' package"):
+        open_loggers(logger_names([], tensorboard=True), tmp_path)
