@@ -83,3 +83,20 @@ def test_evaluate_out_says_what_was_scored_and_how(bench, tmp_path):
         "window": None,
     }
     assert result["provenance"]["cbst"] == __version__ and result["provenance"]["precision"] == "float32"
+
+
+def test_demo_example_panels_are_captioned_and_the_legend_has_every_class_colour():
+    import numpy as np
+
+    from cbst.demo import CAPTION_HEIGHT, _captioned, _legend
+    from cbst.labels import CITYSCAPES_19
+
+    panel = np.full((20, 256, 3), 7, np.uint8)
+    captioned = _captioned(panel, "ground truth")
+    assert captioned.shape == (20 + CAPTION_HEIGHT, 256, 3) and np.array_equal(
+        captioned[CAPTION_HEIGHT:], panel
+    )
+    assert (captioned[:CAPTION_HEIGHT] < 128).any()  # the caption's text
+    legend = _legend(CITYSCAPES_19, 256).reshape(-1, 3)
+    colours = {tuple(int(v) for v in c) for c in np.unique(legend, axis=0)}
+    assert {tuple(c) for c in CITYSCAPES_19.colors} <= colours
