@@ -44,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--val-images",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
-        help="validation images in the validation gallery (0 for none)",
+        help="validation images in the validation gallery (0 for none; default: as many as --images)",
     )
     p.add_argument(
         "--source-metrics",
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from cbst.cli import CLIError
     from cbst.report import write_report
 
-    for flag, value in (("--images", args.images), ("--val-images", args.val_images)):
+    val_images = args.images if args.val_images is None else args.val_images
+    for flag, value in (("--images", args.images), ("--val-images", val_images)):
         if value < 0:
             raise CLIError(f"{flag} must be 0 or more, got {value}")
     out = Path(args.out) if args.out else default_out(args.runs)
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         args.runs,
         out,
         images=args.images,
-        val_images=args.val_images,
+        val_images=val_images,
         source_metrics=args.source_metrics,
         device=args.device,
     )
