@@ -66,6 +66,7 @@ def _self_train_args(bench: Path) -> list[str]:
         *("--init-tgt-port", "0.3", "--init-src-port", "0.5", "--batch-images", "2"),
         *("--crop-size", "32", "--base-lr", "0.01", "--exact-thresholds", "--with-prior", "source", *QUIET),
         "--save-color",
+        "--no-source-eval",
     ]
 
 

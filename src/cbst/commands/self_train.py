@@ -220,9 +220,11 @@ def results_table(output: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbst import distributed
+
     config = config_from_args(args)
     self_train(config)
-    table = results_table(config.output)
+    table = results_table(config.output) if distributed.is_main() else None  # it alone writes it
     if table:
         print(table)
     print(f"to see the rounds on one page: cbst report {args.output}")
