@@ -56,31 +56,3 @@ def bench(tmp_path_factory) -> Path:
         root / "source.pt", build_model("small", 19), arch="small", num_classes=19, protocol="cityscapes19"
     )
     return root
-
-
-def _methods_stand_in() -> None:
-    """Until ``cbst.methods`` (branch core-internals) is merged: a module with its ``method_of``
-    for the five built-in methods, so the report can name a run's method. A no-op once the real
-    module exists."""
-    import importlib.util
-    import sys
-    import types
-
-    if importlib.util.find_spec("cbst.methods") is not None:
-        return
-
-    def method_of(options):
-        if options.get("kc_policy") == "global":
-            return "ST"
-        if options.get("lr_weight_ent"):
-            return "LRENT"
-        if options.get("mr_weight_kld"):
-            return "MRKLD"
-        return "CBST-SP" if options.get("with_prior") else "CBST"
-
-    module = types.ModuleType("cbst.methods")
-    module.method_of = method_of
-    sys.modules["cbst.methods"] = module
-
-
-_methods_stand_in()
