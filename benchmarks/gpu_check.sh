@@ -5,7 +5,7 @@
 # without running them). Results go to $OUT (default: ./gpu_check_out) as they are produced:
 # gpu_bench.jsonl (one JSON line per measurement), gpu_bench.log, pytest.log, gpu_check.log.
 #
-# The GPU machines have PyTorch but not cityscapesscripts (imported by cbst.labels) nor its
+# The GPU machines have PyTorch but not cityscapesscripts (the tests compare against it) nor its
 # pyquaternion; they travel as wheels in .whl/, fetched once on a machine with network access:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate docs/report.png: the top of the 'cbst report' page of a finished 'cbst demo' folder,
-# rendered by headless Chromium (Debian: apt-get install chromium) and shrunk to a small PNG.
+# rendered by headless Chromium (Debian: apt-get install chromium) and shrunk to 3/5 of its size.
+# The PNG stays full RGB: a 256-colour palette would replace the class colours of the legend and
+# the gallery with near ones (traffic light and sign turned green).
 #
 #   docs/make_screenshot.sh [DEMO_DIR [REPORT_OPTION ...]]
 #
@@ -28,6 +30,6 @@ from PIL import Image
 
 page = Image.open(sys.argv[1]).convert("RGB")
 small = page.resize((page.width * 3 // 5, page.height * 3 // 5), Image.LANCZOS)
-small.quantize(colors=256).save(sys.argv[2], optimize=True)
+small.save(sys.argv[2], optimize=True)  # RGB: every class colour exact
 print(f"{sys.argv[2]}: {small.width}x{small.height}")
 PY

@@ -65,6 +65,8 @@ def _self_train_args(bench: Path) -> list[str]:
         *("--weights", str(bench / "source.pt"), "--num-round", "1", "--epoch-per-round", "1"),
         *("--init-tgt-port", "0.3", "--init-src-port", "0.5", "--batch-images", "2"),
         *("--crop-size", "32", "--base-lr", "0.01", "--exact-thresholds", "--with-prior", "source", *QUIET),
+        "--save-color",
+        "--no-source-eval",
     ]
 
 
@@ -150,6 +152,7 @@ def source_run(bench, tmp_path_factory) -> Path:
     args = [
         *("--dataset", "gta5", "--data-root", str(bench / "data" / "gta5"), "--model", "small"),
         *("--batch-images", "4", "--crop-size", "32", "--base-lr", "0.05", *QUIET, "--output", str(out)),
+        *("--keep-checkpoints", "all"),
     ]
     job = subprocess.Popen(
         _job("train-source", *args, "--to-epoch", "100"),

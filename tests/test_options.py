@@ -57,6 +57,7 @@ def test_the_resume_rules_are_those_written_by_hand_before():
     pseudo = {"kc_policy", "with_prior", "test_scales", "test_flipping", "pseudo_scales"}
     pseudo |= {"exact_thresholds", "threshold_bins", "pseudo_batch", "mine_id_number", "mine_thresh"}
     pseudo |= {"amp", "score_pseudo_labels", "lr_weight_ent"}
+    pseudo |= {"save_color"}  # added with the colour pseudo-label PNGs
     train = {"seed", "batch_images", "crop_size", "scale_rate_range", "origin_size", "origin_size_tgt"}
     train |= {"mine_port", "momentum", "weight_decay", "amp", "mr_weight_kld", "mr_weight_src"}
     train |= {"lr_weight_ent", "with_prior", "sync_bn"}
@@ -73,6 +74,7 @@ def test_the_resume_rules_are_those_written_by_hand_before():
         "pseudo": data | pseudo,
         "train": data | train,
         "eval": evaluation,
+        "source": {"weights", "amp"} | evaluation,  # the source model's evaluation before round 0
     }
     assert {k: set(v) for k, v in _PLAN_OPTIONS.items()} == {
         "tgt_portion": {"init_tgt_port", "step_tgt_port", "max_tgt_port"},
@@ -90,6 +92,9 @@ def test_the_resume_rules_are_those_written_by_hand_before():
         "progress",
         "tensorboard",
         "compile",
+        "keep_checkpoints",  # added with last.pt and the weights-only checkpoints
+        "save_interval",
+        "loggers",
     }
 
 

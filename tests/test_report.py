@@ -516,3 +516,38 @@ def test_report_opens_in_chromium_with_every_image_loaded(target, tmp_path):
     assert len(images) == len(_Page(page.read_text()).images) > 5
     assert all(complete and width > 0 for complete, width in images), images
     assert errors == []
+
+
+def _set(run, **options) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cbst_io.write_text(run / "config.yaml", yaml.safe_dump({**cfg, **options}))
+
+
+def test_crst_runs_are_named_with_their_weights_and_a_run_given_twice_shows_once(target, tmp_path):
+    mrkld, lrent = write_run(target, tmp_path / "mrkld"), write_run(target, tmp_path / "lrent", seed=1)
+    _set(mrkld, mr_weight_kld=0.1)
+    _set(lrent, lr_weight_ent=0.25)
+    assert [r.label for r in load_runs([mrkld, lrent, mrkld, tmp_path / "mrkld" / "."])] == ["mrkld", "lrent"]
+    page = _Page(build_report([mrkld, lrent], images=0, device="cpu"))
+    rows = _table(page, "run", "method")
+    assert [row[1] for row in rows[1:]] == ["MRKLD", "LRENT"]
+    header = rows[0]
+    schedule = [row[header.index("schedule")] for row in rows[1:]]
+    assert "MRKLD weight 0.1 (source 0.0)" in schedule[0] and "LRENT α 0.25" in schedule[1]
+    assert [row[header.index("computed with")] for row in rows[1:]] == ["? (not recorded)"] * 2
+
+
+def test_the_validation_gallery_shows_predictions_and_ground_truth(target, tmp_path):
+    run = write_run(target, tmp_path / "cbst")
+    cbst_io.write_json(
+        run / "results.json",
+        {"rounds": {}, "provenance": {"precision": "bf16", "device": "cuda", "gpu": "H200", "cbst": "0.1.0"}},
+    )
+    without = _Page(build_report([run], images=1, device="cpu"))
+    page = _Page(build_report([run], images=1, device="cpu", val_images=2))
+    assert len(page.images) == len(without.images) + 2 * 3  # per image: image, prediction, truth
+    gallery = next(t for t in page.tables if t[0][0] == "image" and len(t[0]) == 3)
+    assert gallery[0] == ["image", "cbst: prediction (round_1 model)", "ground truth"]
+    assert all(row[0].startswith("testcity_") for row in gallery[1:]) and len(gallery) == 3
+    computed = _table(page, "run", "method")
+    assert computed[1][computed[0].index("computed with")].startswith("bf16 on cuda (H200)")

@@ -69,7 +69,7 @@ def test_pseudo_label_pass_writes_the_labels_of_the_direct_rule(bench, tmp_path)
 
 @pytest.mark.slow
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path, monkeypatch):
-    straight = self_train(_config(bench, tmp_path / "straight"))
+    straight = self_train(_config(bench, tmp_path / "straight", source_eval=False))
     assert set(straight) == {0, 1}
 
     real_train = selftrain._train_round
@@ -81,12 +81,12 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path
 
     monkeypatch.setattr(selftrain, "_train_round", killed_in_round_1)
     with pytest.raises(KeyboardInterrupt):
-        self_train(_config(bench, tmp_path / "killed"))
+        self_train(_config(bench, tmp_path / "killed", source_eval=False))
     finished = json.loads((tmp_path / "killed" / "state.json").read_text())["finished"]
     assert finished == ["0/pseudo", "0/train", "0/eval", "1/pseudo"]
 
     monkeypatch.setattr(selftrain, "_train_round", real_train)
-    resumed = self_train(_config(bench, tmp_path / "killed", resume=True))
+    resumed = self_train(_config(bench, tmp_path / "killed", resume=True, source_eval=False))
     a = torch.load(tmp_path / "straight" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()

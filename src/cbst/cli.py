@@ -22,6 +22,7 @@ import contextlib
 import errno
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -283,6 +284,24 @@ def _console_of_main(distributed: ModuleType) -> Iterator[None]:
         yield
 
 
+RESUMABLE_COMMANDS: tuple[str, ...] = ("train-source", "self-train")
+"""The commands that continue a killed run with --resume (``demo`` continues by itself)."""
+
+
+def resume_hint(argv: Sequence[str]) -> str:
+    """What to run to continue an interrupted command: the same command line, with --resume
+    where the command needs it."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    line = ["cbst", *argv]
+    if command in RESUMABLE_COMMANDS:
+        if "--resume" not in argv:
+            line.append("--resume")
+        return f"to continue, run: {shlex.join(line)}"
+    if command == "demo":
+        return f"to continue where it stopped, run the same command: {shlex.join(line)}"
+    return "nothing to resume; run the command again"
+
+
 def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
@@ -322,11 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return _run(args)
+    return _run(args, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Run the parsed command (joining the torchrun job when launched by one)."""
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the parsed command (joining the torchrun job when launched by one); ``argv`` is the
+    command line, for the hint on how to continue after an interrupt."""
     from cbst import distributed  # torch: imported only to run a command, never for --help
 
     prefix, finished = f"cbst {args.command}", False
@@ -337,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
         finished = True
         return status
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
+        print(f"{prefix}: interrupted; {resume_hint(argv)}", file=sys.stderr)
         return 130
     except distributed.COMMUNICATION_ERRORS as exc:
         detail = _one_line(str(exc))

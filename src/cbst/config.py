@@ -21,7 +21,7 @@ from typing import Any
 
 from cbst import checks, options
 from cbst.errors import ConfigError, MissingInputError
-from cbst.options import DEVICE, INTEGER, NUMBER, TEXT, Numbers, option
+from cbst.options import DEVICE, INTEGER, NUMBER, TEXT, Numbers, ValueType, option
 from cbst.registry import ARCHITECTURES, DATASETS, LOSSES, SELECTION_POLICIES
 from cbst.rounds import SOURCE_SAMPLE_POLICIES, RoundPlan, round_schedule, source_subset
 
@@ -37,6 +37,21 @@ PSEUDO, TRAIN, EVAL = ("pseudo",), ("train",), ("eval",)
 DATA = ("pseudo", "train")
 """Stages reading the inputs (the evaluation stage reads only the target's)."""
 PAIR = Numbers(pair=True)
+
+
+class Names(ValueType):
+    """Comma-separated names ('jsonl,tensorboard'), or a YAML list of them; '' for none."""
+
+    metavar = "NAME[,NAME...]"
+
+    def parse(self, value: Any) -> tuple[str, ...]:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        if isinstance(value, bool) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"expected comma-separated names, got {value!r}")
+        return tuple(name.strip() for name in items if name.strip())
+
+    def show(self, value: Any) -> str:
+        return ",".join(value) or "none"
 
 
 def default_num_workers(limit: int = 8) -> int:
@@ -290,6 +305,22 @@ class RuntimeSection:
     def resume(help: str = "continue a killed run from its last finished stage; needs only --output") -> Any:
         return option(False, help, runtime=True, section="run")
 
+    @staticmethod
+    def loggers() -> Any:
+        """``--loggers``: where training scalars go; no stage reads it (a resumed run may change it)."""
+        return option(
+            ("jsonl",),
+            "where training scalars go: jsonl (OUT/log.jsonl), tensorboard, or a logger a module "
+            "given with --import registers; '' for none",
+            type=Names(),
+            section="run",
+        )
+
+    @staticmethod
+    def tensorboard() -> Any:
+        """``--tensorboard``: also log to TensorBoard (as ``--loggers ...,tensorboard``)."""
+        return option(False, "write TensorBoard scalars to OUT/tensorboard", section="run")
+
 
 # ---------------------------------------------------------------------------- self-training
 
@@ -470,6 +501,12 @@ class SelfTrainConfig:
         stages=PSEUDO,
         section="pseudo-labels",
     )
+    save_color: bool = option(
+        False,
+        "also write colour pseudo-label PNGs (round_N/pseudo_color/) for viewing",
+        stages=PSEUDO,
+        section="pseudo-labels",
+    )
     # training
     batch_images: int = TrainingSection.batch_images(2)
     crop_size: int = TrainingSection.crop_size()
@@ -535,6 +572,12 @@ class SelfTrainConfig:
         stages=EVAL,
         section="evaluation",
     )
+    source_eval: bool = option(
+        True,
+        "do not score --weights on the evaluation split before round 0 (the Source row)",
+        flags="--no-source-eval",
+        section="evaluation",
+    )
     # runtime
     device: str = RuntimeSection.device()
     num_workers: int = RuntimeSection.num_workers(0)
@@ -542,6 +585,8 @@ class SelfTrainConfig:
     compile: bool = RuntimeSection.compile()
     progress: bool = RuntimeSection.progress()
     resume: bool = RuntimeSection.resume()
+    loggers: tuple[str, ...] = RuntimeSection.loggers()
+    tensorboard: bool = RuntimeSection.tensorboard()
 
     def schedule(self) -> list[RoundPlan]:
         """The per-round portions, learning rates and epochs of this run."""
@@ -619,7 +664,8 @@ class SelfTrainConfig:
 class SourceTrainConfig:
     """Everything ``train_source`` needs; defaults are the original's GTA5 settings (docs/method.md §2.1).
 
-    Every option but the runtime ones and ``--tensorboard`` shapes the trained weights: a
+    Every option but the runtime ones and those of the ``run`` section (loggers, which
+    checkpoints are kept) shapes the trained weights: a
     resumed run must keep them (``to_epoch`` may grow under the fixed and step lr policies).
     """
 
@@ -714,7 +760,25 @@ class SourceTrainConfig:
     )
     eval_split: str = EvaluationSection.eval_split("evaluation split", stages=TRAIN)
     eval_long_side: int | None = EvaluationSection.eval_long_side(stages=TRAIN)
-    tensorboard: bool = option(False, "write TensorBoard logs to OUT/tensorboard", section="run")
+    tensorboard: bool = RuntimeSection.tensorboard()
+    loggers: tuple[str, ...] = RuntimeSection.loggers()
+    keep_checkpoints: int | None = option(
+        2,
+        "weights-only epoch checkpoints kept in OUT/checkpoints, newest first ('all' for every "
+        "one); OUT/last.pt, resumable, is always kept",
+        type=INTEGER,
+        range="non_negative",
+        none=("all",),
+        metavar="N",
+        section="run",
+    )
+    save_interval: int = option(
+        1,
+        "write a weights-only checkpoint every E epochs (and after the last one)",
+        range="positive",
+        metavar="E",
+        section="run",
+    )
     sync_bn: bool = TrainingSection.sync_bn()
 
     def validate(self) -> None:

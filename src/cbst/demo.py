@@ -33,6 +33,7 @@ from cbst.errors import ConfigError
 from cbst.evaluation import Metrics, evaluate_model, format_table
 from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
+from cbst.provenance import provenance
 from cbst.registry import METHODS
 from cbst.report import write_report
 from cbst.selftrain import SelfTrainConfig, self_train
@@ -168,22 +169,62 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         amp=s.amp,
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
+        source_eval=False,  # the demo scores the source model once, for every row
         **METHODS.get(name).options,
     )
+
+
+CAPTION_HEIGHT = 14
+"""Height in pixels of the caption strip above each panel of an example image."""
+
+
+def _captioned(panel: np.ndarray, text: str) -> np.ndarray:
+    """``panel`` with a white strip above it naming what it shows."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (panel.shape[1], CAPTION_HEIGHT), "white")
+    ImageDraw.Draw(strip).text((3, 1), text, fill="black")
+    return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
+def _legend(protocol, width: int, columns: int = 3) -> np.ndarray:
+    """The class colours and names as an image ``width`` wide, ``columns`` classes per line."""
+    from PIL import Image, ImageDraw
+
+    names = [*protocol.class_names, "no label"]
+    colors = [*protocol.colors, (0, 0, 0)]
+    lines = -(-len(names) // columns)
+    legend = Image.new("RGB", (width, lines * CAPTION_HEIGHT + 2), "white")
+    draw = ImageDraw.Draw(legend)
+    step = width // columns
+    for k, (name, color) in enumerate(zip(names, colors)):
+        x, y = (k % columns) * step + 3, (k // columns) * CAPTION_HEIGHT + 2
+        draw.rectangle([x, y, x + 10, y + 10], fill=tuple(color), outline="gray")
+        draw.text((x + 14, y), name, fill="black")
+    return np.asarray(legend)
 
 
 def _write_examples(
     out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
 ) -> None:
-    """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
+    """Per val image: the image, its ground truth, then each row's prediction, stacked
+    vertically, each panel captioned, with the class legend at the bottom."""
     samples = [val[i] for i in range(min(count, len(val)))]
-    panels = [[s["image"], val.protocol.colorize(s["label"])] for s in samples]
-    for ckpt in checkpoints.values():
+    panels = [
+        [
+            _captioned(s["image"], f"image {s['name']}"),
+            _captioned(val.protocol.colorize(s["label"]), "ground truth"),
+        ]
+        for s in samples
+    ]
+    for row, ckpt in checkpoints.items():
         model, _ = load_checkpoint(ckpt, device=device)
         for sample, column in zip(samples, panels):
             image = torch.as_tensor(sample["image"]).permute(2, 0, 1)[None].to(device)
-            column.append(val.protocol.colorize(predict_labels(model, image)[0].cpu().numpy()))
+            prediction = val.protocol.colorize(predict_labels(model, image)[0].cpu().numpy())
+            column.append(_captioned(prediction, f"{row} prediction"))
     for sample, column in zip(samples, panels):
+        column.append(_legend(val.protocol, column[0].shape[1]))
         io.write_png(out / "examples" / f"{sample['name']}.png", np.concatenate(column, axis=0))
 
 
@@ -243,13 +284,14 @@ def run_demo(
         "benchmark_seed": BENCHMARK_SEED,
         "settings": dataclasses.asdict(settings),
         "device": str(torch_device),
+        "provenance": provenance(torch_device, True),
         "seconds": seconds,
     }
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
 
-    write_report([out], out / "report.html", device=device)
+    write_report([out], out / "report.html", device=device, val_images=4)
     return result
 
 

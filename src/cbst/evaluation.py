@@ -180,12 +180,13 @@ def _label_tensor(item: dict) -> Tensor:
 
 
 def write_prediction(
-    output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any, *, prefix: str = ""
+    output_dir: Path, name: str, train_ids: np.ndarray, protocol: Any, *, prefix: str = "", color: bool = True
 ) -> None:
     """Save a trainId map as ``{prefix}labelIds/NAME.png`` (raw ids, 0 where ignored; the official
-    evaluator's input) and ``{prefix}color/NAME.png``."""
+    evaluator's input) and, with ``color``, ``{prefix}color/NAME.png``."""
     write_png(output_dir / f"{prefix}labelIds" / f"{name}.png", protocol.decode(train_ids))
-    write_png(output_dir / f"{prefix}color" / f"{name}.png", protocol.colorize(train_ids))
+    if color:
+        write_png(output_dir / f"{prefix}color" / f"{name}.png", protocol.colorize(train_ids))
 
 
 def evaluate_model(
@@ -204,6 +205,7 @@ def evaluate_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     amp: bool = True,
+    desc: str = "evaluate",
 ) -> Metrics:
     """Run ``model`` over a labelled dataset and score it; optionally save the predictions.
 
@@ -233,7 +235,7 @@ def evaluate_model(
     batches = image_batches(dataset, batch_size, num_workers=num_workers, pin_memory=pin)
     with (
         BackgroundWriter() as writer,
-        tqdm(total=len(dataset), disable=not progress, unit="img", desc="evaluate") as bar,
+        tqdm(total=len(dataset), disable=not progress, unit="img", desc=desc) as bar,
     ):
         for step, (images, batch) in enumerate(batches, 1):
             targets = torch.stack([_label_tensor(item) for item in batch])

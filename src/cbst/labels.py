@@ -1,7 +1,9 @@
 """Label protocols: raw dataset ids <-> training ids, class names and colours.
 
 One source of truth for every table the package uses. The Cityscapes tables are derived from the
-official ``cityscapesscripts`` label list; the SYNTHIA-RAND-CITYSCAPES table has no official
+official ``cityscapesscripts`` label list, copied here as :data:`CITYSCAPES_LABELS` so that
+installing cbst does not pull that package and its dependencies in (a test checks the copy
+against it); the SYNTHIA-RAND-CITYSCAPES table has no official
 Python source and is written out here (docs/method.md §9.2). Inverse maps are built explicitly in trainId
 order, never by iterating a dict (the original's Python-3 bug, docs/method.md §12.2).
 """
@@ -14,11 +16,61 @@ from typing import Any
 
 import numpy as np
 import yaml
-from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
 from cbst.errors import ConfigError, DataError
 from cbst.io import read_text
 from cbst.registry import DATASETS
+
+
+@dataclass(frozen=True)
+class CityscapesLabel:
+    """One row of the official Cityscapes label table: name, raw labelId, trainId, colour."""
+
+    name: str
+    id: int
+    trainId: int  # noqa: N815  (the official table's field name)
+    color: tuple[int, int, int]
+
+
+CITYSCAPES_LABELS: tuple[CityscapesLabel, ...] = (
+    CityscapesLabel("unlabeled", 0, 255, (0, 0, 0)),
+    CityscapesLabel("ego vehicle", 1, 255, (0, 0, 0)),
+    CityscapesLabel("rectification border", 2, 255, (0, 0, 0)),
+    CityscapesLabel("out of roi", 3, 255, (0, 0, 0)),
+    CityscapesLabel("static", 4, 255, (0, 0, 0)),
+    CityscapesLabel("dynamic", 5, 255, (111, 74, 0)),
+    CityscapesLabel("ground", 6, 255, (81, 0, 81)),
+    CityscapesLabel("road", 7, 0, (128, 64, 128)),
+    CityscapesLabel("sidewalk", 8, 1, (244, 35, 232)),
+    CityscapesLabel("parking", 9, 255, (250, 170, 160)),
+    CityscapesLabel("rail track", 10, 255, (230, 150, 140)),
+    CityscapesLabel("building", 11, 2, (70, 70, 70)),
+    CityscapesLabel("wall", 12, 3, (102, 102, 156)),
+    CityscapesLabel("fence", 13, 4, (190, 153, 153)),
+    CityscapesLabel("guard rail", 14, 255, (180, 165, 180)),
+    CityscapesLabel("bridge", 15, 255, (150, 100, 100)),
+    CityscapesLabel("tunnel", 16, 255, (150, 120, 90)),
+    CityscapesLabel("pole", 17, 5, (153, 153, 153)),
+    CityscapesLabel("polegroup", 18, 255, (153, 153, 153)),
+    CityscapesLabel("traffic light", 19, 6, (250, 170, 30)),
+    CityscapesLabel("traffic sign", 20, 7, (220, 220, 0)),
+    CityscapesLabel("vegetation", 21, 8, (107, 142, 35)),
+    CityscapesLabel("terrain", 22, 9, (152, 251, 152)),
+    CityscapesLabel("sky", 23, 10, (70, 130, 180)),
+    CityscapesLabel("person", 24, 11, (220, 20, 60)),
+    CityscapesLabel("rider", 25, 12, (255, 0, 0)),
+    CityscapesLabel("car", 26, 13, (0, 0, 142)),
+    CityscapesLabel("truck", 27, 14, (0, 0, 70)),
+    CityscapesLabel("bus", 28, 15, (0, 60, 100)),
+    CityscapesLabel("caravan", 29, 255, (0, 0, 90)),
+    CityscapesLabel("trailer", 30, 255, (0, 0, 110)),
+    CityscapesLabel("train", 31, 16, (0, 80, 100)),
+    CityscapesLabel("motorcycle", 32, 17, (0, 0, 230)),
+    CityscapesLabel("bicycle", 33, 18, (119, 11, 32)),
+    CityscapesLabel("license plate", -1, -1, (0, 0, 142)),
+)
+"""The official table's name, id, trainId and colour of each Cityscapes label
+(cityscapesscripts 2.2, ``helpers/labels.py``)."""
 
 IGNORE_INDEX = 255
 """TrainId of pixels that carry no label (loss and metrics skip them)."""
@@ -199,10 +251,11 @@ def build_protocol(
     )
 
 
-_CS_RAW_TO_NAME = {lab.id: lab.name for lab in _CS_LABELS if lab.id >= 0}
-_CS_COLORS = {lab.name: tuple(lab.color) for lab in _CS_LABELS}
+_CS_RAW_TO_NAME = {lab.id: lab.name for lab in CITYSCAPES_LABELS if lab.id >= 0}
+_CS_COLORS = {lab.name: tuple(lab.color) for lab in CITYSCAPES_LABELS}
 CLASSES_19: tuple[str, ...] = tuple(
-    lab.name for lab in sorted((x for x in _CS_LABELS if 0 <= x.trainId < 255), key=lambda x: x.trainId)
+    lab.name
+    for lab in sorted((x for x in CITYSCAPES_LABELS if 0 <= x.trainId < 255), key=lambda x: x.trainId)
 )
 
 CITYSCAPES_19 = build_protocol("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
@@ -289,7 +342,7 @@ def subset_means(class_names: tuple[str, ...] | list[str]) -> tuple[SubsetMean, 
 def cityscapes_palette() -> list[int]:
     """A 768-entry PIL palette indexed by Cityscapes labelId (GTA5 / CBST-MX colour PNGs)."""
     palette = np.zeros((256, 3), dtype=np.uint8)
-    for lab in _CS_LABELS:
+    for lab in CITYSCAPES_LABELS:
         if lab.id >= 0:
             palette[lab.id] = lab.color
     return palette.reshape(-1).tolist()

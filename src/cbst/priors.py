@@ -24,7 +24,7 @@ probabilities of any resolution. Choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,8 @@ def compute_spatial_prior(
     if progress:
         from tqdm import tqdm
 
-        label_maps = tqdm(label_maps, desc="prior", unit="label")
+        total = len(label_maps) if isinstance(label_maps, Sized) else None
+        label_maps = tqdm(label_maps, total=total, desc="prior", unit="label")
     for label in label_maps:
         label = np.asarray(label)
         if label.ndim != 2:
@@ -106,18 +107,26 @@ def compute_spatial_prior(
     return _normalise(counts.reshape(num_classes, height, width), sigma, eps)
 
 
-def _dataset_labels(dataset: Any) -> Iterable[np.ndarray]:
-    """TrainId maps of a dataset's labels (the images are not decoded)."""
-    for i in range(len(dataset)):
-        label = dataset.label(i)
-        if label is None:
-            raise DataError(f"{dataset.samples[i].image}: image has no label to count")
-        yield label
+class _LabelMaps:
+    """TrainId maps of a dataset's labels (the images are not decoded), with a length for the bar."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self.dataset)):
+            label = self.dataset.label(i)
+            if label is None:
+                raise DataError(f"{self.dataset.samples[i].image}: image has no label to count")
+            yield label
 
 
 def spatial_prior_from_dataset(dataset: Any, size: tuple[int, int], **kw: Any) -> np.ndarray:
     """The spatial prior of a dataset's labels (see ``compute_spatial_prior`` for ``kw``)."""
-    return compute_spatial_prior(_dataset_labels(dataset), dataset.protocol.num_classes, size, **kw)
+    return compute_spatial_prior(_LabelMaps(dataset), dataset.protocol.num_classes, size, **kw)
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -125,8 +134,13 @@ def _read_array(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".mat":
-        import scipy.io
-
+        try:
+            import scipy.io  # optional: only the original's .mat priors need it
+        except ImportError:
+            raise DataError(
+                f"{path}: reading a MATLAB .mat prior needs scipy (pip install 'cbst[mat]'), "
+                "or convert it once with 'cbst prior' on a machine that has it"
+            ) from None
         try:
             data = scipy.io.loadmat(str(path))
         except NotImplementedError:

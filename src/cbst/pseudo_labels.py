@@ -95,6 +95,7 @@ def _fill_cache(
     num_workers: int,
     amp: bool,
     progress: bool,
+    label: str = "",
 ) -> list[list[int]]:
     """The round's only network pass: cache every image's maps and feed the estimator.
 
@@ -102,7 +103,7 @@ def _fill_cache(
     probabilities were computed (the same shapes give the same floating-point results).
     """
     batches: list[list[int]] = []
-    with _bar(len(dataset), "pseudo-label pass", progress) as bar:
+    with _bar(len(dataset), f"{label}pseudo-labels", progress) as bar:
         for images, items in image_batches(
             dataset.without_labels(),
             batch_size,
@@ -129,6 +130,8 @@ def _write_labels(
     num_workers: int,
     progress: bool,
     alpha: float | None = None,
+    label: str = "",
+    color: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Assign and write the pseudo-labels from the cache; (selected pixels per class,
     correct pixels, judged pixels, candidate pixels per class), correct and judged against the
@@ -142,7 +145,10 @@ def _write_labels(
     correct = torch.zeros((), dtype=torch.int64, device=cache.device)
     judged = torch.zeros((), dtype=torch.int64, device=cache.device)
     truth = _ground_truth(dataset, num_workers)
-    with io.BackgroundWriter() as writer, _bar(len(dataset), "pseudo-labels", progress) as bar:
+    with (
+        io.BackgroundWriter() as writer,
+        _bar(len(dataset), f"{label}pseudo-labels (write)", progress) as bar,
+    ):
         for indices in batches:
             probs = _with_prior(cache.get_batch(indices), prior)
             if alpha is None:
@@ -164,6 +170,7 @@ def _write_labels(
                     label,
                     protocol,
                     prefix="pseudo_",
+                    color=color,
                 )
                 gt = next(truth)
                 if gt is not None:
@@ -197,11 +204,13 @@ def pseudo_label_pass(
     keep_cache: bool = False,
     cache_backend: str = "auto",
     lrent_alpha: float | None = None,
+    label: str = "",
+    save_color: bool = True,
 ) -> dict:
     """Threshold statistics and pseudo-labels of one round from one network pass.
 
-    Writes ``out_dir/pseudo_labelIds/NAME.png``, ``out_dir/pseudo_color/NAME.png`` and
-    ``out_dir/stats.json``; returns the stats. Under torchrun each process labels its share of
+    Writes ``out_dir/pseudo_labelIds/NAME.png``, with ``save_color`` ``out_dir/pseudo_color/NAME.png``,
+    and ``out_dir/stats.json``; returns the stats. Under torchrun each process labels its share of
     the images (:func:`cbst.distributed.shard`) and writes their PNGs; the threshold statistics
     are combined before any label is assigned, so the thresholds, the labels and ``stats.json``
     (written once, when every process has finished) are those of a one-process pass.
@@ -261,6 +270,7 @@ def pseudo_label_pass(
             num_workers=num_workers,
             amp=amp,
             progress=progress,
+            label=label,
         )
         estimator.all_reduce()  # every process assigns labels with the same thresholds
         thresholds = estimator.thresholds(portion)
@@ -275,6 +285,8 @@ def pseudo_label_pass(
             num_workers=num_workers,
             progress=progress,
             alpha=lrent_alpha,
+            label=label,
+            color=save_color,
         )
     selected, correct, judged, candidates = (distributed.all_reduce_sum(count) for count in counts)
     predicted = estimator.class_pixel_counts

@@ -1,18 +1,24 @@
 """Self-training rounds: ST, CBST and CBST-SP (and CRST's MRKLD and LRENT) as one resumable pipeline.
 
-Each round runs three stages, recorded in ``OUTPUT/state.json`` as they finish:
+Before round 0 the ``source/eval`` stage scores the initial weights on the evaluation split
+(``OUTPUT/source_metrics.json``, the baseline of the printed table, ``results.json`` and the
+report; ``source_eval=False`` skips it). Each round then runs three stages, recorded in
+``OUTPUT/state.json`` as they finish:
 
 1. ``pseudo``: one inference pass over the target training images
    (:func:`cbst.pseudo_labels.pseudo_label_pass`): softmax probabilities (times the spatial
    prior for CBST-SP) feed a :class:`ThresholdEstimator` and are cached at the network's output
    stride; pseudo-labels are then assigned from the cache with the round's thresholds and
-   written as labelId PNGs (0 = not selected) plus colour PNGs and ``stats.json`` (the original
+   written as labelId PNGs (0 = not selected), colour PNGs with ``save_color``, and ``stats.json`` (the original
    wrote ~150 MiB of full-resolution probabilities per image).
 2. ``train``: the round's source subset plus the pseudo-labelled target images, with rare-class
    patch mining, trained from the previous round's weights with a fresh optimiser. CRST's
    options change the loss (:class:`cbst.crst.CrstLoss`); under LRENT the pseudo-label stage
    keeps its probability cache in the round folder for this stage, which deletes it when done.
 3. ``eval``: the round's model on the target validation split.
+
+Each result is printed as soon as it exists, and logged (``OUTPUT/log.jsonl``, TensorBoard with
+``tensorboard``; :mod:`cbst.loggers`) with every round's training loss.
 
 ``resume=True`` skips finished stages; every random draw is seeded from (seed, round, epoch,
 image index), so a resumed run ends with the same weights as an uninterrupted one.
@@ -40,10 +46,12 @@ from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, select_device
 from cbst.errors import ConfigError
 from cbst.evaluation import evaluate_model
+from cbst.loggers import LoggerGroup, logger_names, open_loggers
 from cbst.mining import MiningPlan
 from cbst.models.base import geometry, round_to_stride
 from cbst.optim import build_optimizer
 from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
+from cbst.provenance import provenance
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
 from cbst.registry import LOSSES
 from cbst.rounds import RoundPlan, source_subset
@@ -56,11 +64,15 @@ __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 # cbst.config): a run resumes only if every finished stage would read the same values. Other
 # options (the round count, --device, ...) may change.
 _STAGE_OPTIONS = options.stage_options(SelfTrainConfig)
+SOURCE = "source"
+"""The ``state.json`` name of the stage before round 0 (``source/eval``: scoring ``weights``)."""
+_STAGE_OPTIONS[SOURCE] = ("weights", "amp") + _STAGE_OPTIONS["eval"]
 # The plan fields each stage reads, and the options each field is computed from.
 _STAGE_PLAN = {
     "pseudo": ("tgt_portion",),
     "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"),
     "eval": (),
+    "source": (),
 }
 _PLAN_OPTIONS = options.plan_options(SelfTrainConfig)
 
@@ -79,10 +91,11 @@ class RunState:
                     f"{self.path}: unreadable run state; start the run again in a new --output"
                 ) from None
 
-    def done(self, round_index: int, stage: str) -> bool:
+    def done(self, round_index: int | str, stage: str) -> bool:
+        """Whether stage ``stage`` of round ``round_index`` (or of :data:`SOURCE`) has finished."""
         return f"{round_index}/{stage}" in self.finished
 
-    def mark(self, round_index: int, stage: str) -> None:
+    def mark(self, round_index: int | str, stage: str) -> None:
         """Record a finished stage (the file is written by the main process only)."""
         self.finished.append(f"{round_index}/{stage}")
         if distributed.is_main():
@@ -97,15 +110,32 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     out = Path(cfg.output)
     io.check_output_dir(out)
     state = RunState(out)
+    saved = out / "config.yaml"
+    if state.finished and not cfg.resume and _finished_run(saved, state):
+        raise ConfigError(
+            f"{out}: this run is finished; use --num-round N with --resume to add rounds, or another --output"
+        )
     if state.finished and not cfg.resume:
         raise ConfigError(
             f"{out}: holds a started run ({len(state.finished)} stages finished); "
             "pass --resume to continue it or choose another --output"
         )
-    saved = out / "config.yaml"
     if cfg.resume and state.finished and saved.is_file():
         _check_resume(saved, cfg, state.finished)
     return out, state
+
+
+def _finished_run(saved: Path, state: RunState) -> bool:
+    """Whether every round the saved configuration planned has trained (and been evaluated)."""
+    if not saved.is_file():
+        return False
+    config = checks.read_saved_config(saved)
+    try:
+        rounds = int(config.get("num_round", 0))
+    except (TypeError, ValueError):
+        return False
+    stages = ("train", "eval") if config.get("eval_split") else ("train",)
+    return rounds > 0 and all(state.done(i, stage) for i in range(rounds) for stage in stages)
 
 
 def _check_resume(path: Path, cfg: SelfTrainConfig, finished: list[str]) -> None:
@@ -124,7 +154,13 @@ def _check_resume(path: Path, cfg: SelfTrainConfig, finished: list[str]) -> None
         raise io.DataError(f"{path}: invalid saved schedule ({exc})") from None
     before, now, new_plans = old.saved_form(), cfg.saved_form(), cfg.schedule()
     for entry in finished:
-        index, stage = int(entry.split("/")[0]), entry.split("/")[1]
+        where, stage = entry.split("/")[0], entry.split("/")[1]
+        if where == SOURCE:
+            diff = checks.changed(before, now, dict.fromkeys(_STAGE_OPTIONS[SOURCE]))
+            if diff:
+                raise checks.resume_refusal(path, before, now, diff, "the source model's evaluation")
+            continue
+        index = int(where)
         if index >= len(new_plans):
             continue
         names = list(_STAGE_OPTIONS[stage])
@@ -182,9 +218,11 @@ def _train_round(
     stats: dict,
     device: torch.device,
     loss_fn: CrstLoss | None = None,
+    logger: LoggerGroup | None = None,
+    label: str = "",
 ) -> None:
     """Train the model for one round on the source subset plus the pseudo-labelled target
-    (with CRST's loss ``loss_fn`` when given)."""
+    (with CRST's loss ``loss_fn`` when given), logging its steps and epochs to ``logger``."""
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
@@ -228,7 +266,22 @@ def _train_round(
         sync_bn=cfg.sync_bn,
         warmup_iters=cfg.warmup_iters,
         clip_grad_norm=cfg.clip_grad_norm,
+        logger=logger,
+        on_epoch_end=_epoch_logger(logger, plan),
+        label=label,
+        epoch_base=plan.start_epoch,
     )
+
+
+def _epoch_logger(logger: LoggerGroup | None, plan: RoundPlan):
+    """``on_epoch_end`` recording a round's epoch (numbered within the round) to ``logger``."""
+    if logger is None:
+        return None
+
+    def record(epoch: int, stats: dict) -> None:
+        logger.record("epoch", {**stats, "epoch": epoch - plan.start_epoch + 1}, epoch + 1)
+
+    return record
 
 
 def _crst_loss(
@@ -300,8 +353,80 @@ def _datasets(cfg: SelfTrainConfig):
     return source, target, val
 
 
+def _announce(text: str) -> None:
+    """One result line on the console as soon as it exists (the main process alone prints)."""
+    if distributed.is_main():
+        print(text, flush=True)
+
+
+def _evaluate(cfg: SelfTrainConfig, model: torch.nn.Module, val, device: torch.device, desc: str) -> dict:
+    """Val metrics of ``model`` with the run's evaluation options, as JSON with its provenance."""
+    metrics = evaluate_model(
+        model,
+        val,
+        device=device,
+        long_side=cfg.eval_long_side,
+        flip=cfg.eval_flipping,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
+        progress=cfg.progress,
+        desc=desc,
+    )
+    return {**metrics.to_json(), "provenance": provenance(device, cfg.amp)}
+
+
+def _source_stage(
+    cfg: SelfTrainConfig, out: Path, state: RunState, reused: _RoundModel, val, device, logger: LoggerGroup
+) -> dict | None:
+    """The ``source/eval`` stage: the initial weights' val metrics, computed once before round 0.
+
+    Returns them (also when an earlier run computed them), or None when skipped or not known.
+    """
+    path = out / "source_metrics.json"
+    if val is not None and cfg.source_eval and not state.done(SOURCE, "eval"):
+        metrics = _evaluate(cfg, reused.load(Path(cfg.weights)), val, device, "source model · evaluate")
+        distributed.write_once(io.write_json, path, metrics)
+        logger.record("source", _loggable(metrics), 0)
+        state.mark(SOURCE, "eval")
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    _announce(f"source model: mIoU {100 * metrics['miou']:.1f}")
+    return metrics
+
+
+def _loggable(metrics: dict) -> dict:
+    """The numbers of a metrics JSON worth logging (the provenance is in results.json)."""
+    return {k: v for k, v in metrics.items() if k != "provenance"}
+
+
+def _pseudo_record(stats: dict) -> dict:
+    """A round's pseudo-label numbers for the loggers: λ, class shares, selection and accuracy."""
+    total = sum(stats["selected_pixels"].values())
+    return {
+        "portion": stats["portion"],
+        "selected_fraction": stats["selected_fraction"],
+        "pseudo_label_accuracy": stats.get("pseudo_label_accuracy"),
+        "thresholds": stats["thresholds"],
+        "class_shares": {k: (n / total if total else 0.0) for k, n in stats["selected_pixels"].items()},
+        "seconds": stats.get("seconds"),
+    }
+
+
+def _write_results(cfg: SelfTrainConfig, out: Path, source: dict | None, results: dict, device) -> None:
+    """``OUTPUT/results.json``: the source model's and every round's metrics, with the provenance."""
+    if distributed.is_main():
+        io.write_json(
+            out / "results.json",
+            {"source": source, "rounds": results, "provenance": provenance(device, cfg.amp)},
+        )
+
+
 def self_train(cfg: SelfTrainConfig) -> dict:
-    """Run (or resume) every round; returns {round index: metrics json} of the evaluations."""
+    """Run (or resume) every round; returns {round index: metrics json} of the evaluations.
+
+    The source model's metrics (when scored) are in ``OUTPUT/results.json`` beside them.
+    """
     cfg.validate()
     out, state = _prepare_output(cfg)
     source, target, val = _datasets(cfg)
@@ -312,20 +437,37 @@ def self_train(cfg: SelfTrainConfig) -> dict:
     device = select_device(cfg.device)
     distributed.check_sync_bn(cfg.sync_bn, device)
     distributed.write_once(_write_config, out, cfg)
+    logger = open_loggers(logger_names(cfg.loggers, cfg.tensorboard), out)
+    try:
+        return _run_rounds(cfg, out, state, (source, target, val), device, logger)
+    finally:
+        logger.close()
+
+
+def _run_rounds(
+    cfg: SelfTrainConfig, out: Path, state: RunState, data: tuple, device: torch.device, logger: LoggerGroup
+) -> dict:
+    """The source stage and every round's stages of :func:`self_train`, logged through ``logger``;
+    ``data`` is (source, target train, target val or None)."""
+    source, target, val = data
+    protocol_name = target.protocol.name
     configure_backends(device)
     prior = _load_prior(cfg, out, source, target, device)
     weights = Path(cfg.weights)
     reused = _RoundModel(device, protocol_name, cfg.compile)
+    source_metrics = _source_stage(cfg, out, state, reused, val, device, logger)
     results: dict[int, dict] = {}
     for plan in cfg.schedule():
         rdir = out / f"round_{plan.index}"
         ckpt = rdir / "model.pt"
+        label = f"round {plan.index + 1}/{cfg.num_round} · "  # counted from 1, as the epochs
+        round_logger = logger.scoped(round=plan.index)
         model = None
         if not state.done(plan.index, "train"):
             model = reused.load(weights)
         if not state.done(plan.index, "pseudo"):
             distributed.write_once(remove_kept_caches, rdir)  # an interrupted pass's, any process's
-            pseudo_label_pass(
+            stats = pseudo_label_pass(
                 model,
                 target,
                 rdir,
@@ -345,13 +487,16 @@ def self_train(cfg: SelfTrainConfig) -> dict:
                 progress=cfg.progress,
                 keep_cache=cfg.lrent_alpha is not None,  # LRENT's training reads it
                 lrent_alpha=cfg.lrent_alpha,
+                label=label,
+                save_color=cfg.save_color,
             )
+            round_logger.record("pseudo", _pseudo_record(stats), plan.index)
             state.mark(plan.index, "pseudo")
         if not state.done(plan.index, "train"):
             stats = json.loads((rdir / "stats.json").read_text())
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             loss_fn = _crst_loss(cfg, rdir, stats, prior, device)
-            _train_round(cfg, plan, model, source, pseudo, stats, device, loss_fn)
+            _train_round(cfg, plan, model, source, pseudo, stats, device, loss_fn, round_logger, label)
             distributed.write_once(
                 save_checkpoint,
                 ckpt,
@@ -368,20 +513,12 @@ def self_train(cfg: SelfTrainConfig) -> dict:
         if val is not None and not state.done(plan.index, "eval"):
             if model is None:
                 model = reused.load(ckpt)
-            metrics = evaluate_model(
-                model,
-                val,
-                device=device,
-                long_side=cfg.eval_long_side,
-                flip=cfg.eval_flipping,
-                num_workers=cfg.num_workers,
-                amp=cfg.amp,
-                progress=cfg.progress,
-            )
-            distributed.write_once(io.write_json, rdir / "metrics.json", metrics.to_json())
+            metrics = _evaluate(cfg, model, val, device, f"{label}evaluate")
+            distributed.write_once(io.write_json, rdir / "metrics.json", metrics)
+            round_logger.record("val", _loggable(metrics), plan.index)
             state.mark(plan.index, "eval")
         if (rdir / "metrics.json").is_file():
             results[plan.index] = json.loads((rdir / "metrics.json").read_text())
-    if distributed.is_main():
-        io.write_json(out / "results.json", {"rounds": results})
+            _announce(f"round {plan.index}: mIoU {100 * results[plan.index]['miou']:.1f}")
+    _write_results(cfg, out, source_metrics, results, device)
     return results

@@ -1,15 +1,17 @@
 """Source training: the driver behind ``cbst train-source`` (the original's ``train_src.py``).
 
 ``train_source`` trains a network on labelled source images with the loop of
-:mod:`cbst.training`, checkpointing after every epoch; a killed run resumes from its last
-checkpoint and ends with the same weights as an uninterrupted one. It mirrors
-:mod:`cbst.selftrain`, the driver of the self-training rounds.
+:mod:`cbst.training`. After every epoch ``OUT/last.pt`` is replaced by the resumable checkpoint
+(weights and optimiser state); every ``save_interval`` epochs, and after the last one, the
+weights alone go to ``OUT/checkpoints/epoch_NNNN.pt``, of which the newest ``keep_checkpoints``
+stay (a ResNet-38 checkpoint with its SGD momentum is twice the size of its weights, and one
+per epoch over 30 epochs would be tens of GB). A killed run resumes from ``last.pt`` and ends
+with the same weights as an uninterrupted one. It mirrors :mod:`cbst.selftrain`, the driver of
+the self-training rounds.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -26,7 +28,8 @@ from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.errors import CheckpointError, ConfigError
 from cbst.evaluation import evaluate_model
-from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
+from cbst.io import check_output_dir, make_dirs, write_text
+from cbst.loggers import logger_names, open_loggers
 from cbst.models import build_model
 from cbst.models.base import geometry, round_to_stride
 from cbst.optim import build_optimizer
@@ -41,18 +44,39 @@ _SOURCE_RESUME_FREE = resume_free(SourceTrainConfig)
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
-    """``OUT/checkpoints/epoch_NNNN.pt`` for the checkpoint written after ``epoch`` epochs."""
+    """``OUT/checkpoints/epoch_NNNN.pt``: the weights-only checkpoint written after ``epoch`` epochs."""
     return output / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
 
+def _epoch_checkpoints(output: Path) -> dict[int, Path]:
+    """The weights-only checkpoints in ``OUT/checkpoints`` by epoch."""
+    found = {p.stem.split("_")[1]: p for p in (output / "checkpoints").glob("epoch_*.pt")}
+    return {int(epoch): path for epoch, path in found.items() if epoch.isdigit()}
+
+
 def last_finished_epoch(output: Path) -> int:
-    """The highest epoch with a checkpoint in ``OUT/checkpoints`` (0 when there is none)."""
-    epochs = [
-        int(p.stem.split("_")[1])
-        for p in (output / "checkpoints").glob("epoch_*.pt")
-        if p.stem.split("_")[1].isdigit()
-    ]
-    return max(epochs, default=0)
+    """The epochs ``OUT/last.pt`` holds (0 when there is none): where a resumed run continues."""
+    from cbst.checkpoints import read_meta
+
+    last = output / "last.pt"
+    return int(read_meta(last).get("epoch") or 0) if last.is_file() else 0
+
+
+def _prune_checkpoints(output: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` weights-only checkpoints (None keeps every one)."""
+    if keep is None:
+        return
+    epochs = sorted(_epoch_checkpoints(output).items())
+    for _, path in epochs[: max(0, len(epochs) - keep)]:
+        path.unlink()
+
+
+def epoch_line(record: dict, to_epoch: int) -> str:
+    """An epoch's console line: ``epoch 3/25: loss 0.4123, lr 4.10e-02, 12.3 s, val mIoU 34.5%``."""
+    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"{record['seconds']:.1f} s"]
+    if "val_miou" in record:
+        parts.append(f"val mIoU {100 * record['val_miou']:.1f}%")
+    return f"epoch {record['epoch']}/{to_epoch}: " + ", ".join(parts)
 
 
 def _optimizer(model: nn.Module, config: SourceTrainConfig) -> torch.optim.Optimizer:
@@ -78,13 +102,6 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
             )
         return model
     return build_model(config.model, config.num_classes, pretrained=config.weights)
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (the log survives a crash mid-run)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
@@ -177,7 +194,7 @@ def train_source(config: SourceTrainConfig) -> Path:
         )
     if start_epoch:
         _check_resume(output, config, start_epoch)
-        model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
+        model, meta = load_checkpoint(output / "last.pt", expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
         optimizer = _optimizer(model, config)
         optimizer.load_state_dict(meta["extra"]["optimizer"])
@@ -195,7 +212,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
-    writer = _tensorboard(output) if config.tensorboard and distributed.is_main() else None
+    loggers = open_loggers(logger_names(config.loggers, config.tensorboard), output)
 
     def on_epoch_end(epoch: int, stats: dict) -> None:
         done = epoch + 1
@@ -206,24 +223,18 @@ def train_source(config: SourceTrainConfig) -> Path:
             save_epoch(record)
 
     def save_epoch(record: dict) -> None:
-        """The checkpoint, ``last.pt``, the log line and the TensorBoard point of an epoch."""
+        """``last.pt`` (resumable), the weights-only checkpoint, the log record and console line."""
         done = record["epoch"]
-        extra = {"optimizer": optimizer.state_dict(), "config": asdict(config), "stats": record}
+        weights = dict(arch=config.model, num_classes=config.num_classes, protocol=protocol.name, epoch=done)
+        extra = {"config": asdict(config), "stats": record}
         save_checkpoint(
-            checkpoint_path(output, done),
-            model,
-            arch=config.model,
-            num_classes=config.num_classes,
-            protocol=protocol.name,
-            epoch=done,
-            extra=extra,
+            output / "last.pt", model, **weights, extra={**extra, "optimizer": optimizer.state_dict()}
         )
-        with atomic_path(output / "last.pt") as tmp:
-            shutil.copyfile(checkpoint_path(output, done), tmp)
-        _append_jsonl(output / "log.jsonl", record)
-        if writer is not None and "val_miou" in record:
-            writer.add_scalar("val/miou", record["val_miou"], done)
-        print(json.dumps(record), flush=True)
+        if done % config.save_interval == 0 or done == config.to_epoch:
+            save_checkpoint(checkpoint_path(output, done), model, **weights, extra=extra)
+            _prune_checkpoints(output, config.keep_checkpoints)
+        loggers.record("epoch", record, done)
+        print(epoch_line(record, config.to_epoch), flush=True)
 
     try:
         train_epochs(
@@ -241,7 +252,7 @@ def train_source(config: SourceTrainConfig) -> Path:
             seed=config.seed,
             amp=config.amp,
             on_epoch_end=on_epoch_end,
-            writer=writer,
+            logger=loggers,
             progress=config.progress,
             sync_bn=config.sync_bn,
             loss_fn=LOSSES.get(config.loss)(),
@@ -250,17 +261,5 @@ def train_source(config: SourceTrainConfig) -> Path:
             clip_grad_norm=config.clip_grad_norm,
         )
     finally:
-        if writer is not None:
-            writer.close()
+        loggers.close()
     return output / "last.pt"
-
-
-def _tensorboard(output: Path) -> Any:
-    """A TensorBoard writer under ``OUT/tensorboard`` (tensorboard is an optional dependency)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "--tensorboard needs the 'tensorboard' package (pip install 'cbst[tensorboard]')"
-        ) from None
-    return SummaryWriter(str(output / "tensorboard"))

@@ -190,13 +190,15 @@ def train_epochs(
     channels_last: bool = True,
     log_every: int = 10,
     on_epoch_end: Callable[[int, dict], None] | None = None,
-    writer: Any = None,
+    logger: Any = None,
     progress: bool = True,
     loss_fn: LossFn | None = None,
     sync_bn: bool = False,
     lr_power: float = 0.9,
     warmup_iters: int = 0,
     clip_grad_norm: float | None = None,
+    label: str = "",
+    epoch_base: int = 0,
 ) -> dict:
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
@@ -206,10 +208,13 @@ def train_epochs(
     ``lr_power`` is the poly policy's power and ``warmup_iters`` a linear warm-up over the first
     iterations (:func:`cbst.optim.lr_at`); ``clip_grad_norm`` clips the gradients' global L2
     norm before each step (None: no clipping). Inputs are normalised with the model's
-    ``input_mean``/``input_std``. Returns the last epoch's mean loss and the global iteration count. Under torchrun
-    ``batch_size`` is the global batch, the model is trained through DistributedDataParallel
-    (with SyncBatchNorm layers when ``sync_bn``), every process holds the same weights and
-    buffers at each epoch's end, and the logged loss is the mean over all.
+    ``input_mean``/``input_std``. ``logger.step({"loss", "lr"}, iteration)`` receives every
+    logged step (a :class:`cbst.loggers.LoggerGroup`). The progress bar reads
+    ``{label}train epoch E/N`` with epochs counted from ``epoch_base`` (a self-training round's
+    first epoch). Returns the last epoch's mean loss and the global iteration count. Under
+    torchrun ``batch_size`` is the global batch, the model is trained through
+    DistributedDataParallel (with SyncBatchNorm layers when ``sync_bn``), every process holds
+    the same weights and buffers at each epoch's end, and the logged loss is the mean over all.
     """
     device = torch.device(device)
     iters = len(dataset) // batch_size
@@ -262,11 +267,12 @@ def train_epochs(
             amp=amp,
             memory_format=memory_format,
             log_every=log_every,
-            writer=writer,
+            logger=logger,
             progress=progress,
             loss_fn=loss_fn,
             schedule={"power": lr_power, "warmup_iters": warmup_iters},
             clip_grad_norm=clip_grad_norm,
+            desc=f"{label}train epoch {epoch - epoch_base + 1}/{epochs - epoch_base}",
         )
         distributed.broadcast_buffers(model)
         _check_finite_weights(model, epoch)
@@ -292,11 +298,12 @@ def _run_epoch(
     amp: bool,
     memory_format: torch.memory_format,
     log_every: int,
-    writer: Any,
+    logger: Any,
     progress: bool = True,
     loss_fn: LossFn,
     schedule: dict[str, Any],
     clip_grad_norm: float | None,
+    desc: str = "",
 ) -> dict:
     """``steps`` batches of ``loader``; the running loss stays on the device between log points.
 
@@ -309,7 +316,12 @@ def _run_epoch(
     loss_sum = torch.zeros((), device=device)
     start, it, lr = time.perf_counter(), first_it, base_lr
     bar = tqdm(
-        loader, total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True, disable=not progress
+        loader,
+        total=steps,
+        desc=desc or f"epoch {epoch + 1}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not progress,
     )
     for step, batch in enumerate(bar, 1):
         it = first_it + step - 1
@@ -337,9 +349,8 @@ def _run_epoch(
         if step % log_every == 0 or step == steps:
             mean = _checked_mean(loss_sum, step, epoch, it)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-            if writer is not None:
-                writer.add_scalar("train/loss", mean, it + 1)
-                writer.add_scalar("train/lr", lr, it + 1)
+            if logger is not None:
+                logger.step({"loss": mean, "lr": lr}, it + 1)
     bar.close()
     return {
         "epoch": epoch,

@@ -52,6 +52,9 @@ class ConvertOptions:
     )
     overwrite: bool = option(False, "replace an existing --output file")
     imagenet: bool = option(False, "INPUT is an ImageNet classifier: drop its FC and initialise the head")
+    verbose: bool = option(
+        False, "when the weights do not fit --arch, list every differing key (default: the first few)"
+    )
 
 
 OPTIONS = ConvertOptions
@@ -85,7 +88,11 @@ def run(parsed: argparse.Namespace) -> int:
         raise CLIError(f"{path}: file not found")
     check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(path,))
     protocol = _protocol(args)
-    converted = ARCHITECTURES.get(args.arch).convert(path, args.num_classes, imagenet=args.imagenet)
+    # --verbose: a does-not-fit error names every differing key, not the first few
+    every_key = {"limit": None} if args.verbose else {}
+    converted = ARCHITECTURES.get(args.arch).convert(
+        path, args.num_classes, imagenet=args.imagenet, **every_key
+    )
     model = converted.model
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(

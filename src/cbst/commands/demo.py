@@ -124,6 +124,7 @@ def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from cbst.demo import DEFAULT_METHODS, DemoSettings, parse_methods, run_demo  # torch: only to run
+    from cbst.provenance import describe
 
     o = options.from_args(OPTIONS, args)
     methods = parse_methods(o.methods) if o.methods else DEFAULT_METHODS
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print((Path(o.output) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
+    print(f"computed in {describe(result['provenance'])}")
     print(
         f"{result['seconds']:.0f} s on {result['device']}; results in {o.output}/results.md, "
         f"{o.output}/results.json, example predictions in {o.output}/examples/"

@@ -15,11 +15,12 @@ data/cityscapes --checkpoint cbst.pt --test-flipping --metrics results.json
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbst import options
+from cbst import __version__, options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
 from cbst.options import INTEGER, TEXT, Numbers, option
@@ -135,7 +136,8 @@ class EvaluateOptions:
     overwrite: bool = option(False, "replace an existing --metrics file", section="output")
     case: str | None = option(
         None,
-        "row name in the table (default: checkpoint or prediction folder stem)",
+        "row name in the table (default: the run and round of a checkpoint, e.g. cbst/round_2, "
+        "else its file stem or the prediction folder's name)",
         type=TEXT,
         metavar="NAME",
         section="output",
@@ -226,6 +228,44 @@ def _evaluate_checkpoint(o: EvaluateOptions) -> tuple[Any, Any]:
     return metrics, dataset
 
 
+def case_name(checkpoint: str | Path) -> str:
+    """A checkpoint's row name: ``cbst/round_2`` for ``cbst/round_2/model.pt``, ``source/last``
+    for ``source/last.pt``, else the file's stem (``cbst_sp_gta.pt`` -> ``cbst_sp_gta``)."""
+    path = Path(checkpoint).resolve()
+    if path.stem not in ("model", "last"):
+        return path.stem
+    if re.fullmatch(r"round_\d+", path.parent.name) and path.stem == "model":
+        return f"{path.parent.parent.name}/{path.parent.name}"
+    return f"{path.parent.name}/{path.stem}"
+
+
+def _record(o: EvaluateOptions, case: str, dataset: Any, metrics: Any) -> dict:
+    """The ``--out`` JSON: what was scored, how, with what, and the metrics."""
+    from cbst.device import select_device
+    from cbst.provenance import checkpoint_record, provenance
+
+    record: dict[str, Any] = {
+        "case": case,
+        "dataset": o.dataset,
+        "split": o.split,
+        "protocol": dataset.protocol.name,
+        "images": len(dataset),
+    }
+    if o.checkpoint:
+        record["checkpoint"] = checkpoint_record(o.checkpoint)
+        record["inference"] = {
+            "test_scales": o.test_scales,
+            "scales": list(o.scales),
+            "flipping": bool(o.test_flipping),
+            "window": o.window,
+        }
+        record["provenance"] = provenance(select_device(o.device), o.amp)
+    else:
+        record["predictions"] = str(Path(o.predictions).resolve())
+        record["provenance"] = {"cbst": __version__}
+    return {**record, **metrics.to_json()}
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the Markdown row and optionally save JSON."""
     from cbst.evaluation import evaluate_predictions, format_table  # torch: only to run
@@ -236,22 +276,12 @@ def run(args: argparse.Namespace) -> int:
     _check(o)
     if o.checkpoint:
         metrics, dataset = _evaluate_checkpoint(o)
-        case = o.case or Path(o.checkpoint).stem
+        case = o.case or case_name(o.checkpoint)
     else:
         dataset = _build_dataset(o, o.num_classes or default_class_count(o.dataset))
         metrics = evaluate_predictions(o.predictions, dataset, progress=o.progress)
         case = o.case or Path(o.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))
     if o.metrics:
-        write_json(
-            o.metrics,
-            {
-                "case": case,
-                "dataset": o.dataset,
-                "split": o.split,
-                "protocol": dataset.protocol.name,
-                "images": len(dataset),
-                **metrics.to_json(),
-            },
-        )
+        write_json(o.metrics, _record(o, case, dataset, metrics))
     return 0

@@ -30,7 +30,7 @@ from pathlib import Path
 from cbst import options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
-from cbst.options import TEXT, Text, option
+from cbst.options import INTEGER, TEXT, Text, option
 
 TABLE_FORMATS = ("csv", "latex", "md")
 """--table choices: the keys of ``cbst.report.tables.FORMATS`` (named here so that building the
@@ -53,7 +53,8 @@ class ReportOptions:
     """The options of ``cbst report``."""
 
     runs: list[str] = option(
-        help="'cbst self-train' output folders and/or 'cbst demo' folders (also 'cbst demo --seeds' ones)",
+        help="'cbst self-train' output folders and/or 'cbst demo' folders (also 'cbst demo --seeds' "
+        "ones; a folder given twice is shown once)",
         type=_Folders(),
         metavar="RUN_DIR",
         positional=True,
@@ -68,6 +69,13 @@ class ReportOptions:
         path=True,
     )
     images: int = option(6, "target images in the gallery (0 for none)", range="non_negative", metavar="N")
+    val_images: int | None = option(
+        None,
+        "validation images in the validation gallery (0 for none; default: as many as --images)",
+        type=INTEGER,
+        range="non_negative",
+        metavar="N",
+    )
     source_metrics: str | None = option(
         None,
         "the source model's val metrics ('cbst evaluate --metrics'), the baseline of the colours "
@@ -104,15 +112,24 @@ def run(args: argparse.Namespace) -> int:
     from cbst.report.tables import FORMATS
 
     o = options.from_args(OPTIONS, args)
-    if o.images < 0:
-        raise CLIError(f"--images must be 0 or more, got {o.images}")
+    val_images = o.images if o.val_images is None else o.val_images
+    for flag, value in (("--images", o.images), ("--val-images", val_images)):
+        if value < 0:
+            raise CLIError(f"{flag} must be 0 or more, got {value}")
     if not o.html and o.table is None:
         raise CLIError("--no-html needs --table (otherwise there is nothing to write)")
     if o.table is not None:
         print(FORMATS[o.table](final_scores(o.runs, o.source_metrics)), end="")
     if o.html:
         out = Path(o.output) if o.output else default_out(o.runs)
-        write_report(o.runs, out, images=o.images, source_metrics=o.source_metrics, device=o.device)
+        write_report(
+            o.runs,
+            out,
+            images=o.images,
+            val_images=val_images,
+            source_metrics=o.source_metrics,
+            device=o.device,
+        )
         # with --table, stdout holds the table alone (pipe it to a file)
         print(f"report: {out}", file=sys.stderr if o.table else sys.stdout)
     return 0

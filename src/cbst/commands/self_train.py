@@ -18,6 +18,8 @@ Examples (the original README's GTA5 -> Cityscapes CBST-SP, and SYNTHIA -> Citys
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from cbst import options
 from cbst.config import SelfTrainConfig
@@ -39,12 +41,29 @@ def config_from_args(args: argparse.Namespace) -> SelfTrainConfig:
     return options.from_args(OPTIONS, args)
 
 
+def results_table(output: str) -> str | None:
+    """The run's Markdown table (Source row first, then every evaluated round) from results.json."""
+    from cbst.evaluation import Metrics, format_table
+    from cbst.provenance import describe
+
+    results = json.loads((Path(output) / "results.json").read_text())
+    rows = {"Source": results["source"]} if results.get("source") else {}
+    rows.update({f"round_{i}": m for i, m in results["rounds"].items()})
+    if not rows:
+        return None
+    metrics = {name: Metrics.from_json(m) for name, m in rows.items()}
+    table = format_table(metrics, next(iter(metrics.values())).class_names)
+    return f"{table}\n({describe(results['provenance'])})"
+
+
 def run(args: argparse.Namespace) -> int:
+    from cbst import distributed
     from cbst.selftrain import self_train  # torch: loaded to run, not for --help
 
     config = config_from_args(args)
-    results = self_train(config)
-    for index, metrics in results.items():
-        print(f"round {index}: mIoU {100 * metrics['miou']:.1f}")
+    self_train(config)
+    table = results_table(config.output) if distributed.is_main() else None  # it alone writes it
+    if table:
+        print(table)
     print(f"to see the rounds on one page: cbst report {config.output}")
     return 0

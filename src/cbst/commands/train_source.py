@@ -4,9 +4,10 @@ self-training starts from (the original's issegm/train_src.py).
 Each image gives one crop: scaled by rho ~ U[scale-rate-range] (against --origin-size when given),
 cropped to --crop-size, flipped with probability 1/2. SGD with the model's per-parameter lr/wd
 multipliers; the loss is mean cross-entropy over labelled pixels of the logits up-sampled to the
-crop. After every epoch OUT/checkpoints/epoch_NNNN.pt, OUT/last.pt and one line of OUT/log.jsonl
-are written; --resume continues from the last finished epoch and ends with the same weights as an
-uninterrupted run with the same --seed. The original's settings are in configs/*_source_*.yaml.
+crop. After every epoch OUT/last.pt (weights and optimiser state) and one line of OUT/log.jsonl
+are written, and every --save-interval epochs the weights alone as OUT/checkpoints/epoch_NNNN.pt,
+of which the newest --keep-checkpoints stay; --resume continues from OUT/last.pt and ends with
+the same weights as an uninterrupted run with the same --seed. The original's settings are in configs/*_source_*.yaml.
 """
 
 from __future__ import annotations

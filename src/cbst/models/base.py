@@ -42,11 +42,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_strict(
-    model: nn.Module, state: dict[str, torch.Tensor], label: str, *, assign: bool = False
-) -> None:
-    """``load_state_dict(strict=True)``, with an error listing missing/unexpected/mis-shaped keys.
+def some_items(items: list[str], limit: int | None) -> str:
+    """The first ``limit`` items and how many more there are (every item when ``limit`` is None)."""
+    if limit is None or len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
 
+
+def load_strict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    label: str,
+    *,
+    assign: bool = False,
+    limit: int | None = 5,
+) -> None:
+    """``load_state_dict(strict=True)``, with an error naming missing/unexpected/mis-shaped keys.
+
+    The error names the first ``limit`` keys of each kind and counts the rest (a file of another
+    architecture differs in hundreds of keys); ``limit=None`` lists them all.
     ``num_batches_tracked`` may be absent (PyTorch < 0.4.1 files such as CRST's): BN fills it in.
     ``assign=True`` adopts the given tensors (for models built on the meta device, no init cost).
     """
@@ -60,7 +74,7 @@ def load_strict(
     ]
     if missing or unexpected or mismatched:
         parts = [
-            f"{kind}: {', '.join(items)}"
+            f"{kind}: {some_items(items, limit)}"
             for kind, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
@@ -180,12 +194,15 @@ class SegmentationNet(nn.Module):
         return height // self.output_stride, width // self.output_stride
 
     @classmethod
-    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+    def convert(
+        cls, path: Path, num_classes: int, *, imagenet: bool = False, limit: int | None = 5
+    ) -> Conversion:
         """A network of ``num_classes`` outputs filled from an external weights file (``cbst
         convert``): here a bare PyTorch state_dict of this network, loaded strictly.
 
         ``imagenet``: the file is an ImageNet classifier of the backbone, its head initialised
-        here; families that can read one (or other formats) override this.
+        here; families that can read one (or other formats) override this. ``limit``: how many
+        differing keys a does-not-fit error names (None: all of them).
         """
         if path.suffix == ".params":
             raise WeightsError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
@@ -193,5 +210,5 @@ class SegmentationNet(nn.Module):
             raise WeightsError(f"{path}: {cls.__name__} cannot be initialised from an ImageNet classifier")
         state = read_state_dict(path)
         model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
-        load_strict(model, state, str(path))
+        load_strict(model, state, str(path), limit=limit)
         return Conversion(model, len(state))

@@ -138,11 +138,13 @@ class DeepLabV2(SegmentationNet):
         load_strict(self, {**head, **{k: v for k, v in state.items() if not k.startswith("fc.")}}, label)
 
     @classmethod
-    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+    def convert(
+        cls, path: Path, num_classes: int, *, imagenet: bool = False, limit: int | None = 5
+    ) -> Conversion:
         """A bare state_dict of this network, or with ``imagenet`` a torchvision ResNet-101
         classifier (its ``fc`` dropped, the ASPP head initialised)."""
         if not imagenet:
-            return super().convert(path, num_classes)
+            return super().convert(path, num_classes, limit=limit)
         if path.suffix == ".params":
             raise WeightsError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
         model = cls(num_classes, freeze_bn=cls.default_freeze_bn)

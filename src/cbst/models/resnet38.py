@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbst.errors import ConfigError, WeightsError
-from cbst.models.base import Conversion, SegmentationNet, load_strict, lr_group, read_state_dict
+from cbst.models.base import Conversion, SegmentationNet, load_strict, lr_group, read_state_dict, some_items
 from cbst.mxnet import ParamsError, load_params
 
 BN_EPS = 1.001e-5
@@ -200,7 +200,9 @@ class ResNet38(SegmentationNet):
         )
 
     @classmethod
-    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+    def convert(
+        cls, path: Path, num_classes: int, *, imagenet: bool = False, limit: int | None = 5
+    ) -> Conversion:
         """An MXNet ``.params`` file (a released CBST model, or with ``imagenet`` the ImageNet
         classifier, whose head gets He-normal weights) or a bare state_dict of this network."""
         if path.suffix != ".params":
@@ -209,14 +211,16 @@ class ResNet38(SegmentationNet):
                     f"{path}: --imagenet with a PyTorch file is only for deeplabv2_resnet101 "
                     "(torchvision ResNet-101)"
                 )
-            return super().convert(path, num_classes)
+            return super().convert(path, num_classes, limit=limit)
         params = load_params(path)
         if not isinstance(params, dict):
             raise WeightsError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
         if not imagenet and any(k.endswith("linear1000_weight") for k in params):
             raise WeightsError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
         warn_stored_gammas(path, params)
-        state = resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet, source=str(path))
+        state = resnet38_state_dict_from_params(
+            params, num_classes, imagenet=imagenet, source=str(path), limit=limit
+        )
         with torch.device("meta"):  # every tensor comes from the file: skip the random init
             model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
         model.load_state_dict(state, assign=True)
@@ -287,13 +291,19 @@ def _he_normal(shape: torch.Size) -> torch.Tensor:
 
 
 def resnet38_state_dict_from_params(
-    params: dict[str, np.ndarray], num_classes: int, *, imagenet: bool = False, source: str = "params"
+    params: dict[str, np.ndarray],
+    num_classes: int,
+    *,
+    imagenet: bool = False,
+    source: str = "params",
+    limit: int | None = 5,
 ) -> dict[str, torch.Tensor]:
     """Map a ResNet-38 A1 ``.params`` dict onto ``ResNet38`` state_dict keys, strictly.
 
     With ``imagenet=True`` the input is the stride-32 ImageNet classifier: ``linear1000_*`` is
     dropped and the missing ``conv6a`` and ``classifier`` get He-normal weights and zero biases
-    (docs/method.md §2.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` listing them.
+    (docs/method.md §2.1). Any missing, unexpected or mis-shaped name raises ``ParamsError`` naming
+    the first ``limit`` of each kind and counting the rest (``limit=None``: all of them).
     BN gammas are copied as stored; the model ignores them (MXNet ``fix_gamma=True``).
     """
     with torch.device("meta"):
@@ -315,7 +325,7 @@ def resnet38_state_dict_from_params(
     missing = [torch_to_mxnet_name(k, num_classes) for k in template if k not in state and k not in fresh]
     if missing or unexpected or mismatched:
         parts = [
-            f"{label}: {', '.join(items)}"
+            f"{label}: {some_items(items, limit)}"
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),

@@ -18,7 +18,15 @@ from cbst.report import page as html
 from cbst.report import plots
 from cbst.report.runs import Run, load_runs
 from cbst.report.seeds import ResultTable, results_table
-from cbst.report.target import gallery, pick_images, prediction_model, scan_targets, target_dataset
+from cbst.report.target import (
+    gallery,
+    label_presence,
+    pick_images,
+    prediction_model,
+    scan_targets,
+    target_dataset,
+    val_dataset,
+)
 
 __all__ = ["build_report", "write_report", "load_runs", "final_scores"]
 
@@ -95,6 +103,15 @@ def _target_sections(
     return accuracy, html.gallery_table(same, rows) + note, list(dataset.protocol.colors)
 
 
+def _val_gallery(runs: Sequence[Run], count: int, device: str) -> str:
+    """The validation gallery: per image, each run's prediction and the ground truth."""
+    dataset, problem = val_dataset(runs[0])
+    if dataset is None:
+        return html.note(f"No validation gallery: {problem}.")
+    rows = gallery(dataset, runs, pick_images(label_presence(dataset), count), device, pseudo=False)
+    return html.gallery_table(runs, rows, pseudo=False)
+
+
 def _score_sections(runs: Sequence[Run], classes: Sequence[str]) -> list[str]:
     """The val scores: the paper's table, the mIoU plot and the per-class IoU heat map."""
     scored = [r for r in runs if r.evaluated or r.source is not None]
@@ -154,12 +171,14 @@ def build_report(
     images: int = 6,
     source_metrics: str | Path | None = None,
     device: str = "cpu",
+    val_images: int = 0,
 ) -> str:
     """The report's HTML for run folders and/or ``cbst demo`` folders.
 
     Args:
         paths: ``cbst self-train`` output folders, or ``cbst demo`` folders (ST, CBST, CBST-SP).
         images: number of target training images in the gallery.
+        val_images: number of validation images in the validation gallery (0: none).
         source_metrics: ``cbst evaluate --out`` JSON of the source model (a demo folder has its own).
         device: where the gallery's predictions run.
     """
@@ -214,6 +233,15 @@ def build_report(
             html.legend(classes, colors) + gallery_html,
         ),
     ]
+    if val_images > 0:
+        parts.append(
+            html.section(
+                "Gallery: validation images",
+                "Rare classes first. Per run, the prediction of its latest model on images of "
+                "the split it is scored on, then the ground truth: what the val scores count.",
+                html.legend(classes, colors) + _val_gallery(runs, val_images, device),
+            )
+        )
     names = ", ".join(r.label for r in runs)
     return html.page(f"cbst report: {names}", "\n".join(parts))
 

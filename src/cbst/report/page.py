@@ -92,8 +92,26 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _regularisers(config: dict) -> str:
+    """CRST's weights of a run, as the schedule column shows them ('' for none)."""
+    parts = []
+    if config.get("mr_weight_kld"):
+        parts.append(f"MRKLD weight {config['mr_weight_kld']} (source {config.get('mr_weight_src', 0)})")
+    if config.get("lr_weight_ent"):
+        parts.append(f"LRENT α {config['lr_weight_ent']}")
+    return "".join(f", {p}" for p in parts)
+
+
+def _computed_with(run: Run) -> str:
+    """The run's precision, device and versions, or '?' for a run made before they were recorded."""
+    from cbst.provenance import describe
+
+    return describe(run.provenance) if run.provenance else "? (not recorded)"
+
+
 def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
-    """Per run: method, model, data, schedule and rounds finished."""
+    """Per run: method, model, data, schedule (with CRST's weights), rounds finished and what
+    the scores were computed with."""
     rows = []
     for run in runs:
         c = run.config
@@ -105,7 +123,7 @@ def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
             f"target portion {c.get('init_tgt_port')} +{c.get('step_tgt_port')} "
             f"(max {c.get('max_tgt_port')}), source portion {c.get('init_src_port')} "
             f"+{c.get('step_src_port')} (max {c.get('max_src_port')}), "
-            f"{c.get('epoch_per_round')} epochs/round, lr {c.get('base_lr')}"
+            f"{c.get('epoch_per_round')} epochs/round, lr {c.get('base_lr')}{_regularisers(c)}"
         )
         rows.append(
             [
@@ -114,10 +132,11 @@ def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
                 Cell(models.get(run.label, "?"), "name"),
                 Cell(data, "name"),
                 Cell(schedule, "name"),
+                Cell(_computed_with(run), "name"),
                 Cell(f"{len(run.rounds)} of {c.get('num_round')}"),
             ]
         )
-    return table(["run", "method", "model", "data", "schedule", "rounds"], rows)
+    return table(["run", "method", "model", "data", "schedule", "computed with", "rounds"], rows)
 
 
 def time_table(runs: Sequence[Run]) -> str:
@@ -220,22 +239,21 @@ def legend(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> st
     return f'<div class="legend">{"".join(items)}</div>'
 
 
-def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow]) -> str:
-    """Image | per run: last pseudo-label, prediction | ground truth."""
-    head = ["image"] + [
-        f"{run.label}: {what}"
-        for run in runs
-        for what in (f"pseudo-label round_{run.rounds[-1].index}", f"prediction ({prediction_model(run)[1]})")
-    ]
+def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow], *, pseudo: bool = True) -> str:
+    """Image | per run: last pseudo-label (with ``pseudo``), prediction | ground truth."""
+    head = ["image"]
+    for run in runs:
+        if pseudo:
+            head.append(f"{run.label}: pseudo-label round_{run.rounds[-1].index}")
+        head.append(f"{run.label}: prediction ({prediction_model(run)[1]})")
     head.append("ground truth")
     out = ['<table class="gallery"><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
         cells = [image(row.image, row.name) + f"<br>{html.escape(row.name)}"]
-        for run, (pseudo, pred) in zip(runs, row.runs):
-            cells += [
-                image(pseudo, f"{run.label} pseudo-label", "labels"),
-                image(pred, f"{run.label} prediction", "labels") if pred else "no readable model",
-            ]
+        for run, (label, pred) in zip(runs, row.runs):
+            if pseudo:
+                cells.append(image(label, f"{run.label} pseudo-label", "labels") if label else "-")
+            cells.append(image(pred, f"{run.label} prediction", "labels") if pred else "no readable model")
         cells.append(image(row.truth, "ground truth", "labels") if row.truth else "no ground truth")
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "".join(out) + "</table>"

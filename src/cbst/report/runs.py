@@ -65,6 +65,20 @@ class Run:
         return method_of(self.config) or f"--kc-policy {self.config.get('kc_policy')}"
 
     @property
+    def provenance(self) -> dict[str, Any] | None:
+        """What the run's scores were computed with (``results.json``, else the last metrics)."""
+        results = self.path / "results.json"
+        if results.is_file():
+            found = read_json(results)
+            if isinstance(found, dict) and isinstance(found.get("provenance"), dict):
+                return found["provenance"]
+        for rnd in reversed(self.rounds):
+            metrics = rnd.path / "metrics.json"
+            if metrics.is_file() and isinstance(read_json(metrics).get("provenance"), dict):
+                return read_json(metrics)["provenance"]
+        return None
+
+    @property
     def evaluated(self) -> tuple[Round, ...]:
         """The rounds that have val metrics."""
         return tuple(r for r in self.rounds if r.metrics is not None)
@@ -132,7 +146,8 @@ def _finished_rounds(run: Path) -> int:
     state = read_json(run / "state.json")
     stages = state.get("finished") if isinstance(state, dict) else None
     try:
-        return 1 + max((int(str(s).split("/")[0]) for s in stages), default=-1)
+        rounds = [str(s).split("/")[0] for s in stages]
+        return 1 + max((int(r) for r in rounds if r != "source"), default=-1)
     except (TypeError, ValueError):
         raise DataError(f"{run / 'state.json'}: expected {{'finished': ['ROUND/STAGE', ...]}}") from None
 
@@ -173,11 +188,18 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     Args:
         path: the run folder.
         label: its name in the report (default: the folder's name).
-        source: the source model's val metrics, when known.
+        source: the source model's val metrics; by default the run's own
+            ``source_metrics.json`` (written before round 0), when it has one.
     """
     run = Path(path)
     if not run.is_dir():
         raise DataError(f"{run}: folder not found")
+    if (run / "last.pt").is_file() and not (run / "state.json").is_file():
+        raise DataError(
+            f"{run}: a 'cbst train-source' folder (source training: last.pt, checkpoints/); "
+            f"'cbst report' takes 'cbst self-train' runs, e.g. of --weights {run / 'last.pt'}, "
+            "or 'cbst demo' folders"
+        )
     if not (run / "config.yaml").is_file() or not (run / "state.json").is_file():
         raise DataError(
             f"{run}: not a self-training run (no config.yaml and state.json; expected "
@@ -189,6 +211,8 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
         raise DataError(f"{run / 'config.yaml'}: not readable YAML ({exc})") from None
     if not isinstance(config, dict):
         raise DataError(f"{run / 'config.yaml'}: expected the run's options as a mapping")
+    if source is None and (run / "source_metrics.json").is_file():
+        source = read_metrics(run / "source_metrics.json")
     indices = _round_dirs(run)
     listed = _finished_rounds(run)
     if listed > len(indices):
@@ -271,4 +295,16 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
             found += load_demo(folder) if is_demo(folder) else [load_run(folder)]
         runs += [replace(r, source=r.source or source) for r in found]
     check_same_val_split(runs)
-    return _unique_labels(runs)
+    return _unique_labels(_once_each(runs))
+
+
+def _once_each(runs: list[Run]) -> list[Run]:
+    """Each run folder once (a run given twice, or a demo folder and one of its runs), first
+    occurrence kept."""
+    seen: set[Path] = set()
+    kept = []
+    for run in runs:
+        if run.path.resolve() not in seen:
+            seen.add(run.path.resolve())
+            kept.append(run)
+    return kept

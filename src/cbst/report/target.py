@@ -1,7 +1,8 @@
-"""Work on the target training images of a run: per-class pseudo-label accuracy and the gallery.
+"""Work on the target images of a run: per-class pseudo-label accuracy and the two galleries.
 
-Both need the target dataset the run pseudo-labelled (its ``config.yaml`` says where); when it
-is not readable from here, the report says so and leaves these parts out instead of failing.
+They need the target dataset the run pseudo-labelled or evaluated on (its ``config.yaml`` says
+where); when it is not readable from here, the report says so and leaves these parts out
+instead of failing.
 """
 
 from __future__ import annotations
@@ -132,12 +133,42 @@ def thumbnail(array: np.ndarray, labels: bool = False) -> str:
 
 @dataclass
 class GalleryRow:
-    """One gallery image: name, the image, per run (pseudo-label, prediction), ground truth."""
+    """One gallery image: name, the image, per run (pseudo-label or None in the val gallery,
+    prediction), ground truth."""
 
     name: str
     image: str
-    runs: list[tuple[str, str | None]]
+    runs: list[tuple[str | None, str | None]]
     truth: str | None
+
+
+def val_dataset(run: Run):
+    """The labelled split the run evaluates on, or (None, why not)."""
+    from cbst.datasets import build_dataset
+
+    cfg = run.config
+    if not cfg.get("eval_split"):
+        return None, "the runs were made with --eval-split none"
+    try:
+        return build_dataset(
+            cfg.get("dataset_tgt", "cityscapes"),
+            cfg["data_root_tgt"],
+            split=cfg["eval_split"],
+            num_classes=int(cfg.get("num_classes", 19)),
+            verify="headers",
+        ), None
+    except (DataError, ValueError, KeyError) as exc:
+        return None, f"validation images not readable from here ({exc})"
+
+
+def label_presence(dataset) -> list[set[int]]:
+    """The classes each image's ground truth contains (to pick the gallery's images)."""
+    c = dataset.protocol.num_classes
+    presence = []
+    for i in range(len(dataset)):
+        gt = dataset.label(i)
+        presence.append(set() if gt is None else set(np.unique(gt[gt < c]).tolist()))
+    return presence
 
 
 def prediction_model(run: Run) -> tuple[Path | None, str]:
@@ -150,9 +181,12 @@ def prediction_model(run: Run) -> tuple[Path | None, str]:
     return (weights, "source model") if weights.is_file() else (None, "no model")
 
 
-def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -> list[GalleryRow]:
-    """The gallery rows of ``indices``: pseudo-labels of each run's last round, and the
-    prediction of each run's last trained model (with the run's evaluation options)."""
+def gallery(
+    dataset, runs: Sequence[Run], indices: Sequence[int], device: str, *, pseudo: bool = True
+) -> list[GalleryRow]:
+    """The gallery rows of ``indices``: with ``pseudo``, the pseudo-labels of each run's last
+    round, and the prediction of each run's last trained model (with the run's evaluation
+    options), then the ground truth."""
     import torch
 
     from cbst.checkpoints import load_checkpoint
@@ -172,7 +206,11 @@ def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -
         tensor = torch.as_tensor(image).permute(2, 0, 1)[None].to(torch_device)
         cells = []
         for run in runs:
-            pseudo = protocol.colorize(_pseudo_train_ids(run.rounds[-1], sample.name, protocol))
+            label = None
+            if pseudo:
+                label = thumbnail(
+                    protocol.colorize(_pseudo_train_ids(run.rounds[-1], sample.name, protocol)), True
+                )
             model = models[run.path]
             prediction = None
             if model is not None:
@@ -183,7 +221,7 @@ def gallery(dataset, runs: Sequence[Run], indices: Sequence[int], device: str) -
                     flip=bool(run.config.get("eval_flipping")),
                 )
                 prediction = thumbnail(protocol.colorize(pred[0].cpu().numpy()), labels=True)
-            cells.append((thumbnail(pseudo, labels=True), prediction))
+            cells.append((label, prediction))
         gt = dataset.label(i)
         rows.append(
             GalleryRow(
