@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     print((Path(o.output) / "results.md").read_text(), end="")
     rare = ", ".join(f"{k} {100 * v:.1f}" for k, v in result["rare_miou"].items())
     print(f"\nmean IoU over the rare classes ({', '.join(result['rare_classes'])}): {rare}")
-    print(f"computed in {describe(result['provenance'])}")
+    if "provenance" in result:  # absent from results written before it was recorded
+        print(f"computed in {describe(result['provenance'])}")
     print(
         f"{result['seconds']:.0f} s on {result['device']}; results in {o.output}/results.md, "
         f"{o.output}/results.json, example predictions in {o.output}/examples/"
