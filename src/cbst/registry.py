@@ -125,6 +125,7 @@ DATASETS.register_lazy("folder", "cbst.datasets:folder")
 
 SELECTION_POLICIES.register_lazy("cb", "cbst.thresholds:ClassBalancedPolicy")
 SELECTION_POLICIES.register_lazy("global", "cbst.thresholds:GlobalPolicy")
+SELECTION_POLICIES.register_lazy("fixed", "cbst.online_selection:FixedSelector", modes=("online",))
 
 LOSSES.register_lazy("cross_entropy", "cbst.losses:CrossEntropyLoss")
 
