@@ -43,7 +43,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0:
+        if action.nargs == 0 or "(default " in (action.help or ""):  # no flag value, or its own default note
             return action.help
         return super()._get_help_string(action)
 

@@ -406,6 +406,16 @@ def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (loss if scaler is None else scaler.scale(loss)).backward()
 
 
+def _same_everywhere(thresholds: torch.Tensor) -> torch.Tensor:
+    """``thresholds``, checked equal to the main process's (the histograms are summed over all)."""
+    if distributed.world_size() > 1:
+        main = thresholds.clone()
+        torch.distributed.broadcast(main, src=0)
+        if not torch.equal(main, thresholds):
+            raise RuntimeError(f"{distributed.describe()}: pseudo-label thresholds differ from the main process's")
+    return thresholds
+
+
 def _iteration_seed(seed: int, it: int) -> int:
     """The torch seed of iteration ``it`` in this process (dropout, ClassMix, augmentation)."""
     return _epoch_seed(seed, it, distributed.rank())
@@ -563,7 +573,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             record = {"iteration": done, "lr": lr_at(cfg, it)}
             record.update(counters.record(names, cfg.score_pseudo_labels))
-            record["lambda"] = dict(zip(names, selector.thresholds().tolist()))
+            record["lambda"] = dict(zip(names, _same_everywhere(selector.thresholds()).tolist()))
             record["seconds"] = round(time.perf_counter() - clock, 3)
             if is_main:
                 _append_log(out / "log.jsonl", record)
@@ -586,6 +596,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     results = {"mode": "online", "iterations": {}}
     for path in sorted((out / "metrics").glob("iter_*.json")):
         results["iterations"][int(path.stem.split("_")[1])] = json.loads(path.read_text())
+    results["lambda"] = dict(zip(names, selector.thresholds().tolist()))
     if results["iterations"]:
         results["final"] = results["iterations"][max(results["iterations"])]
     distributed.write_once(io.write_json, out / "results.json", results)

@@ -203,7 +203,10 @@ class SelfTrainConfig:
         only in the first: a portion grows by its step while below its maximum.
         """
         if self.kc_policy not in POLICIES:
-            raise ConfigError(f"--kc-policy must be 'cb' or 'global', got {self.kc_policy!r}")
+            raise ConfigError(
+                f"--kc-policy must be 'cb' or 'global' in rounds, got {self.kc_policy!r}"
+                + (" (it works with --mode online)" if self.kc_policy == "fixed" else "")
+            )
         checks.require_positive(
             self,
             "num_round",

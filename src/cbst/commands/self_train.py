@@ -22,8 +22,24 @@ import dataclasses
 
 from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
 from cbst.datasets import DATASETS
+from cbst.errors import CLIError
+from cbst.online import OPTIMIZERS, OnlineConfig, online_self_train
+from cbst.registry import SELECTION_POLICIES
 from cbst.selftrain import SelfTrainConfig, self_train
-from cbst.thresholds import POLICIES
+
+MODES = ("rounds", "online")
+MODE_DEFAULTS = ("base_lr", "weight_decay", "batch_images", "crop_size", "scale_rate_range")
+"""Options whose default depends on --mode (argparse default None: the mode's config default)."""
+
+
+def _mode_default(name: str) -> str:
+    """'(rounds: X; online: Y)' for the help of an option in ``MODE_DEFAULTS``."""
+    values = (
+        SelfTrainConfig.__dataclass_fields__[name].default,
+        OnlineConfig.__dataclass_fields__[name].default,
+    )
+    return f"(default rounds: {values[0]}; online: {values[1]})"
+
 
 HELP = (
     "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior), "
@@ -33,6 +49,13 @@ HELP = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SelfTrainConfig.__dataclass_fields__
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="rounds",
+        help="rounds: CBST's offline rounds; online: one run with a mean teacher labelling each target batch, "
+        "ClassMix and rare class sampling (DACS/DAFormer), selected by --kc-policy",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="source dataset")
     g.add_argument("--data-root", required=True, help="source dataset root, in its own layout")
@@ -58,10 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "init_src_port",
         "step_src_port",
         "max_src_port",
-        "base_lr",
         "lr_decay",
     ):
         g.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
+    g.add_argument("--base-lr", type=float, default=None, help="learning rate " + _mode_default("base_lr"))
     g.add_argument(
         "--source-sample-policy",
         choices=("cumulative", "random"),
@@ -72,9 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pseudo-labels")
     g.add_argument(
         "--kc-policy",
-        choices=POLICIES,
+        choices=SELECTION_POLICIES.names(),
         default=d["kc_policy"].default,
-        help="cb = class-balanced thresholds (CBST); global = one threshold (ST)",
+        help="cb = class-balanced thresholds (CBST); global = one threshold (ST); "
+        "fixed = DAFormer's confidence-weighted labels (--mode online only)",
     )
     g.add_argument(
         "--with-prior",
@@ -116,11 +140,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("training")
     g.add_argument(
-        "--batch-images", type=int, default=2, help="images per batch, over all processes under torchrun"
+        "--batch-images",
+        type=int,
+        default=None,
+        help="images per batch, over all processes under torchrun (online: source images, and as many "
+        "target images) " + _mode_default("batch_images"),
     )
     add_sync_bn_argument(g)
-    g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
-    g.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3))
+    g.add_argument(
+        "--crop-size",
+        type=int,
+        default=None,
+        help="rounded up to a multiple of 8 " + _mode_default("crop_size"),
+    )
+    g.add_argument(
+        "--scale-rate-range",
+        type=float_range,
+        default=None,
+        help="LO,HI " + _mode_default("scale_rate_range"),
+    )
     g.add_argument("--origin-size", type=int, default=None, help="source reference long side")
     g.add_argument("--origin-size-tgt", type=int, default=None, help="target reference long side")
     g.add_argument("--mine-port", type=float, default=0.5, help="probability of a rare-class crop (0 = off)")
@@ -132,7 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="classes with a predicted share below this are mined first",
     )
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--weight-decay", type=float, default=None, help=_mode_default("weight_decay"))
+    _add_online_arguments(p)
     g = p.add_argument_group("CRST regularisers (Zou et al., ICCV 2019; both may be combined)")
     g.add_argument(
         "--mr-weight-kld",
@@ -164,20 +203,113 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished stage")
 
 
-def config_from_args(args: argparse.Namespace) -> SelfTrainConfig:
-    """The run configuration from parsed flags."""
+def _add_online_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of --mode online (DAFormer's defaults; docs/method.md, "Online self-training")."""
+    d = OnlineConfig.__dataclass_fields__
+    g = p.add_argument_group("online mode (--mode online)")
+    g.add_argument("--max-iters", type=int, default=d["max_iters"].default, help="training iterations")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d["optimizer"].default)
+    g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"].default, help="linear lr warm-up")
+    g.add_argument("--lr-power", type=float, default=d["lr_power"].default, help="polynomial lr decay power")
+    g.add_argument(
+        "--ema-alpha",
+        type=float,
+        default=d["ema_alpha"].default,
+        help="the mean teacher's maximum EMA weight",
+    )
+    g.add_argument(
+        "--pseudo-threshold",
+        type=float,
+        default=d["pseudo_threshold"].default,
+        help="fixed: the confidence counted as confident in each image's pseudo-label weight",
+    )
+    g.add_argument(
+        "--pseudo-ignore-top",
+        type=int,
+        default=0,
+        help="fixed: crop rows from the top with pseudo-label weight 0",
+    )
+    g.add_argument(
+        "--pseudo-ignore-bottom", type=int, default=0, help="fixed: crop rows from the bottom with weight 0"
+    )
+    g.add_argument(
+        "--tgt-port",
+        type=float,
+        default=d["tgt_port"].default,
+        help="cb/global: the portion of the (class's) target pixels kept, over the recent batches",
+    )
+    g.add_argument(
+        "--cb-window",
+        type=int,
+        default=d["cb_window"].default,
+        help="cb/global: the iterations whose confidence histograms set the thresholds",
+    )
+    g.add_argument(
+        "--rcs-temperature",
+        type=float,
+        default=d["rcs_temperature"].default,
+        help="rare class sampling temperature T (0 = uniform source images)",
+    )
+    g.add_argument(
+        "--rcs-min-pixels",
+        type=int,
+        default=d["rcs_min_pixels"].default,
+        help="rare class sampling: an image counts as holding a class above this many pixels",
+    )
+    g.add_argument(
+        "--eval-interval", type=int, default=d["eval_interval"].default, help="iterations between evaluations"
+    )
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=d["log_interval"].default,
+        help="iterations between log.jsonl records",
+    )
+    g.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=d["checkpoint_interval"].default,
+        help="iterations between resumable checkpoints",
+    )
+
+
+ROUNDS_ONLY = ("with_prior", "mr_weight_kld", "mr_weight_src", "lr_weight_ent")
+"""Options the online mode has no form of yet: given with --mode online they are an error."""
+
+
+def _reject_rounds_only(args: argparse.Namespace) -> None:
+    """Refuse a rounds-only option set with --mode online rather than ignore it."""
+    for name in ROUNDS_ONLY:
+        value = getattr(args, name, None)
+        if value not in (None, 0, 0.0) and str(value).lower() not in ("false", "none", ""):
+            raise CLIError(f"--{name.replace('_', '-')} works with --mode rounds only")
+
+
+def config_from_args(args: argparse.Namespace) -> SelfTrainConfig | OnlineConfig:
+    """The run configuration of ``--mode`` from parsed flags."""
+    kind = OnlineConfig if getattr(args, "mode", "rounds") == "online" else SelfTrainConfig
     values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(SelfTrainConfig) if hasattr(args, f.name)
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(kind)
+        if hasattr(args, f.name) and not (f.name in MODE_DEFAULTS and getattr(args, f.name) is None)
     }
-    if str(values.get("with_prior")).lower() in ("false", "none", ""):
+    if kind is OnlineConfig:
+        _reject_rounds_only(args)
+    elif str(values.get("with_prior")).lower() in ("false", "none", ""):
         values["with_prior"] = None
     if str(values.get("eval_split")).lower() == "none":
         values["eval_split"] = None
-    return SelfTrainConfig(**values)
+    return kind(**values)
 
 
 def run(args: argparse.Namespace) -> int:
-    results = self_train(config_from_args(args))
+    config = config_from_args(args)
+    if isinstance(config, OnlineConfig):
+        results = online_self_train(config)
+        for iteration, metrics in results["iterations"].items():
+            print(f"iteration {iteration}: mIoU {100 * metrics['miou']:.1f}")
+        return 0
+    results = self_train(config)
     for index, metrics in results.items():
         print(f"round {index}: mIoU {100 * metrics['miou']:.1f}")
     print(f"to see the rounds on one page: cbst report {args.output}")
