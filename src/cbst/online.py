@@ -412,7 +412,9 @@ def _same_everywhere(thresholds: torch.Tensor) -> torch.Tensor:
         main = thresholds.clone()
         torch.distributed.broadcast(main, src=0)
         if not torch.equal(main, thresholds):
-            raise RuntimeError(f"{distributed.describe()}: pseudo-label thresholds differ from the main process's")
+            raise RuntimeError(
+                f"{distributed.describe()}: pseudo-label thresholds differ from the main process's"
+            )
     return thresholds
 
 
