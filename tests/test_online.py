@@ -175,7 +175,8 @@ def _env() -> dict[str, str]:
 def test_resumed_after_kill_9_of_the_command(bench, straight, tmp_path):
     out = tmp_path / "kill9"
     cmd = [sys.executable, "-m", "cbst", *_args(bench, out)]
-    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the last bits depend on it
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((out / "checkpoints").glob("iter_000002.pt")) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -100,3 +100,16 @@ def test_policy_names_reach_the_online_selectors():
     assert set(ONLINE_SELECTORS) == {"fixed", "cb", "global"} <= set(SELECTION_POLICIES.names())
     assert SELECTION_POLICIES.get("fixed") is FixedSelector
     assert SELECTION_POLICIES.meta("fixed") == {"modes": ("online",)}
+
+
+def test_histograms_bin_as_the_rounds_estimator_does():
+    from cbst.online_selection import confidence_histogram
+    from cbst.thresholds import ThresholdEstimator
+
+    conf = torch.cat(
+        [torch.rand(500, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 1.2, 0.0])]
+    )
+    pred = torch.randint(0, C, (503,), generator=torch.Generator().manual_seed(1))
+    rounds = ThresholdEstimator(C, "cb", bins=HISTOGRAM_BINS)
+    rounds.update_confidences(conf, pred)
+    assert torch.equal(confidence_histogram(conf, pred, C), rounds.state_dict()["hist"])

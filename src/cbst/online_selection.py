@@ -29,10 +29,35 @@ from torch import Tensor
 
 from cbst import distributed
 from cbst.labels import IGNORE_INDEX
-from cbst.thresholds import assign_pseudo_labels, confidence_histogram, histogram_thresholds
+from cbst.thresholds import assign_pseudo_labels
 
 HISTOGRAM_BINS = 1024
 """Confidence bins of the windowed histograms (a power of two: exact binning in float32)."""
+
+
+def confidence_histogram(conf: Tensor, rows: Tensor, num_rows: int, bins: int = HISTOGRAM_BINS) -> Tensor:
+    """int64 ``num_rows × (bins + 1)``: per row (class) the confidences in bin floor(conf·bins),
+    bin ``bins`` holding every value ≥ 1, the binning of :class:`cbst.thresholds.ThresholdEstimator`.
+
+    One ``scatter_add_`` into a tensor of known size, where ``torch.bincount`` would wait for the
+    device to learn its output size. ``bins`` must be a power of two (conf·bins exact in float32).
+    """
+    idx = (conf.float() * bins).floor_().nan_to_num_(0.0).clamp_(0, bins).long()
+    flat = (rows * (bins + 1) + idx).flatten()
+    counts = torch.zeros(num_rows * (bins + 1), dtype=torch.int64, device=conf.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return counts.view(num_rows, bins + 1)
+
+
+def top_portion_thresholds(hist: Tensor, portion: float) -> Tensor:
+    """Per row of a :func:`confidence_histogram` (float32): the lower edge of the bin holding the
+    ⌊n·portion⌋-th largest confidence, 1.0 where ⌊n·portion⌋ = 0; as the rounds' estimator does."""
+    bins = hist.shape[1] - 1
+    k = torch.floor(hist.sum(1).double() * portion).long()
+    from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
+    b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
+    lam = (b.double() / bins).float()
+    return torch.where(k > 0, lam, torch.ones_like(lam))
 
 
 class Selection(NamedTuple):
@@ -83,6 +108,8 @@ class WindowedSelector:
             raise ValueError(f"portion must be in [0, 1], got {portion}")
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, got {window}")
+        if bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two, got {bins}")
         self.num_classes, self.portion, self.window, self.bins = num_classes, portion, window, bins
         self.ring: Tensor | None = None  # window × C × (bins + 1) int64, one slot per batch
         self.total: Tensor | None = None  # the ring's sum
@@ -100,8 +127,8 @@ class WindowedSelector:
         """Add one batch's (confidence, argmax) of the valid pixels, all processes' together."""
         self._ensure(conf.device)
         c = self.num_classes
-        rows = torch.where(valid, pred, c).flatten()  # row c collects the padding: dropped
-        hist = confidence_histogram(conf.flatten(), rows, c + 1, self.bins)[:c].contiguous()
+        rows = torch.where(valid, pred, c)  # row c collects the padding: dropped
+        hist = confidence_histogram(conf, rows, c + 1, self.bins)[:c].contiguous()
         distributed.all_reduce_sum(hist)
         self.total += hist - self.ring[self.slot]
         self.ring[self.slot] = hist
@@ -114,9 +141,9 @@ class WindowedSelector:
             return torch.ones(self.num_classes)
         if self._lambda is None:
             if self.class_balanced:
-                self._lambda = histogram_thresholds(self.total, self.portion)
+                self._lambda = top_portion_thresholds(self.total, self.portion)
             else:
-                lam = histogram_thresholds(self.total.sum(0, keepdim=True), self.portion)
+                lam = top_portion_thresholds(self.total.sum(0, keepdim=True), self.portion)
                 self._lambda = lam.expand(self.num_classes).clone()
         return self._lambda
 

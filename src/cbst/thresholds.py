@@ -152,7 +152,14 @@ class ThresholdEstimator:
         return conf[:, ::k].reshape(-1), pred[:, ::k].reshape(-1)
 
     def _histogram(self, conf: Tensor, pred: Tensor) -> Tensor:
-        return confidence_histogram(conf, pred, self.num_classes, self.bins)
+        """One bincount: bin floor(conf·bins) clamped to [0, bins], offset by class."""
+        # conf·bins must be exact for the floor to be: it is in float32 when bins is a power of
+        # two, and in float64 otherwise (24-bit mantissa × bins ≤ 2^24 fits in 53 bits).
+        scaled = conf if self.bins & (self.bins - 1) == 0 else conf.double()
+        idx = (scaled * self.bins).floor_().nan_to_num_(0.0).clamp_(0, self.bins).long()
+        flat = pred * (self.bins + 1) + idx
+        counts = torch.bincount(flat, minlength=self.num_classes * (self.bins + 1))
+        return counts.view(self.num_classes, self.bins + 1)
 
     def _append_values(self, conf: Tensor, pred: Tensor) -> None:
         """Split the confidences by class and keep them (exact mode)."""
@@ -187,12 +194,21 @@ class ThresholdEstimator:
             lam = lam.expand(self.num_classes)
         return lam.clone()
 
+    def _ranks(self, counts: Tensor, portion: float) -> Tensor:
+        """k = ⌊n·p⌋ for each row of counts (int64)."""
+        return torch.floor(counts.double() * portion).long()
+
     def _approx_thresholds(self, portion: float) -> Tensor:
         """Lower edge of the bin holding the k-th largest value, per row (class or global)."""
         hist, low = self._hist, self._min
         if self.policy == "global":
             hist, low = hist.sum(0, keepdim=True), low.min().reshape(1)
-        return histogram_thresholds(hist, portion, low)
+        k = self._ranks(hist.sum(1), portion)
+        from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
+        b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
+        edge = (b.double() / self.bins).float()
+        lam = torch.maximum(edge, low)
+        return torch.where(k > 0, lam, torch.ones_like(lam))
 
     def _exact_thresholds(self, portion: float) -> Tensor:
         """The k-th largest kept value per row, by selection on the device."""
@@ -274,36 +290,6 @@ class ThresholdEstimator:
         dist.all_reduce(self._counts)
         dist.all_reduce(self._hist)
         dist.all_reduce(self._min, op=dist.ReduceOp.MIN)
-
-
-def confidence_histogram(conf: Tensor, pred: Tensor, num_classes: int, bins: int) -> Tensor:
-    """Per-class counts (int64 ``num_classes × (bins + 1)``) of 1-D confidences in one bincount.
-
-    A confidence goes to bin floor(conf·bins) clamped to [0, bins]: bins ``0..bins-1`` split
-    [0, 1) evenly and bin ``bins`` holds every confidence ≥ 1. ``pred`` holds each one's class.
-    """
-    # conf·bins must be exact for the floor to be: it is in float32 when bins is a power of
-    # two, and in float64 otherwise (24-bit mantissa × bins ≤ 2^24 fits in 53 bits).
-    scaled = conf if bins & (bins - 1) == 0 else conf.double()
-    idx = (scaled * bins).floor_().nan_to_num_(0.0).clamp_(0, bins).long()
-    flat = pred * (bins + 1) + idx
-    counts = torch.zeros(num_classes * (bins + 1), dtype=torch.int64, device=conf.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would wait for the device: its size
-    return counts.view(num_classes, bins + 1)
-
-
-def histogram_thresholds(hist: Tensor, portion: float, low: Tensor | None = None) -> Tensor:
-    """λ per row of a ``confidence_histogram``: the lower edge of the bin holding the ⌊n·p⌋-th
-    largest confidence (raised to ``low``, the smallest confidence seen, where given); 1.0 for a
-    row where ⌊n·p⌋ = 0 (float32 [rows])."""
-    bins = hist.shape[1] - 1
-    k = torch.floor(hist.sum(1).double() * portion).long()
-    from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
-    b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
-    lam = (b.double() / bins).float()
-    if low is not None:
-        lam = torch.maximum(lam, low)
-    return torch.where(k > 0, lam, torch.ones_like(lam))
 
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
