@@ -7,10 +7,10 @@ and its pseudo-label weights, and every pasted pixel gets weight 1. Classes are 
 image from that image's own label and never include the ignore index (DACS draws from the
 whole batch's ``torch.unique`` and can choose 255: docs/method.md, "Online self-training").
 
-The mixed image then gets DACS's strong augmentation: colour jitter with probability 0.2
-(brightness, contrast and saturation factors in [0.8, 1.2], hue shift in [−0.2, 0.2] of a turn)
-and a Gaussian blur with probability 0.5 (σ in [0.15, 1.15], an odd kernel of about a tenth of
-the crop). Every random number comes from a caller's ``torch.Generator`` on the CPU (a few per
+The mixed image then gets DACS's strong augmentation: colour jitter with probability 0.8
+(brightness, contrast and saturation factors in [0.8, 1.2], hue shift in [−0.2, 0.2] of a turn;
+DACS's code applies it when a uniform draw exceeds its ``color_jitter_p`` = 0.2) and a Gaussian
+blur with probability 0.5 (σ in [0.15, 1.15], an odd kernel of about a tenth of the crop). Every random number comes from a caller's ``torch.Generator`` on the CPU (a few per
 image, copied to the device); all pixel work is whole-batch tensor operations.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cbst.labels import IGNORE_INDEX
 
-JITTER_PROBABILITY = 0.2
+JITTER_PROBABILITY = 0.8  # DACS: applied when U(0, 1) > color_jitter_p = 0.2
 JITTER_STRENGTH = 0.2
 BLUR_PROBABILITY = 0.5
 BLUR_SIGMA = (0.15, 1.15)
