@@ -5,13 +5,14 @@ the classes present in the source crop's label, rounded up, are chosen at random
 pixels of those classes are pasted, with their labels, onto the target crop, its pseudo-labels
 and its pseudo-label weights, and every pasted pixel gets weight 1. Classes are chosen per
 image from that image's own label and never include the ignore index (DACS draws from the
-whole batch's ``torch.unique`` and can choose 255: docs/method.md, "Online self-training").
+whole batch's ``torch.unique`` and can choose 255: docs/method.md §14.6).
 
 The mixed image then gets DACS's strong augmentation: colour jitter with probability 0.8
 (brightness, contrast and saturation factors in [0.8, 1.2], hue shift in [−0.2, 0.2] of a turn;
 DACS's code applies it when a uniform draw exceeds its ``color_jitter_p`` = 0.2) and a Gaussian
-blur with probability 0.5 (σ in [0.15, 1.15], an odd kernel of about a tenth of the crop). Every random number comes from a caller's ``torch.Generator`` on the CPU (a few per
-image, copied to the device); all pixel work is whole-batch tensor operations.
+blur with probability 0.5 (σ in [0.15, 1.15], an odd kernel of about a tenth of the crop).
+Every random number comes from a caller's ``torch.Generator`` on the CPU (a few per image,
+copied to the device); all pixel work is whole-batch tensor operations.
 """
 
 from __future__ import annotations

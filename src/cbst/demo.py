@@ -35,6 +35,11 @@ VARIANTS = {
     "LRENT": {"kc_policy": "cb", "lr_weight_ent": 0.25},
 }
 """Each self-training row's options; MRKLD and LRENT are CRST's, with the authors' weights."""
+ONLINE_VARIANTS = {
+    "DACS": {"kc_policy": "fixed"},
+    "CBST-online": {"kc_policy": "cb"},
+}
+"""Each online row's options (``cbst self-train --mode online``, docs/method.md §14)."""
 DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 """The rows ``cbst demo`` runs unless ``--methods`` asks for others (CRST's stay off: time)."""
 
@@ -59,16 +64,24 @@ class DemoSettings:
     max_src_port: float = 0.6
     mine_port: float = 0.8
     pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
+    # online rows: about the rounds' training iterations, SGD at the rounds' learning rate (the
+    # small model is trained by SGD), RCS's minimum scaled from 3000 of 1280x720 to 256x128
+    online_iters: int = 150
+    online_window: int = 25  # iterations: 200 target crops, the size of the target split
+    online_eval_interval: int = 50
+    rcs_min_pixels: int = 100
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` or ``all``."""
-    methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
-    unknown = [m for m in methods if m not in VARIANTS]
+    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` and
+    :data:`ONLINE_VARIANTS`, or ``all``."""
+    known = (*VARIANTS, *ONLINE_VARIANTS)
+    methods = known if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
         raise ValueError(
             f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
-            f"{', '.join(VARIANTS)}, or all"
+            f"{', '.join(known)}, or all"
         )
     return methods
 
@@ -161,6 +174,38 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
     )
 
 
+def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
+    """The online self-training configuration of one row of the table."""
+    from cbst.online import OnlineConfig
+
+    run_dir = out / name.lower().replace("-", "_")
+    return OnlineConfig(
+        weights=str(weights),
+        output=str(run_dir),
+        data_root=str(data / "gta5"),
+        data_root_tgt=str(data / "cityscapes"),
+        max_iters=s.online_iters,
+        batch_images=s.batch_images,
+        crop_size=s.crop_size,
+        optimizer="sgd",
+        base_lr=s.round_lr,
+        weight_decay=5e-4,
+        warmup_iters=0,
+        tgt_port=s.init_tgt_port,
+        cb_window=s.online_window,
+        rcs_min_pixels=s.rcs_min_pixels,
+        eval_interval=s.online_eval_interval,
+        checkpoint_interval=s.online_eval_interval,
+        log_interval=10,
+        seed=seed,
+        device=device,
+        num_workers=_loader_workers(device),
+        resume=(run_dir / "config.yaml").is_file(),
+        score_pseudo_labels=True,
+        **ONLINE_VARIANTS[name],
+    )
+
+
 def _write_examples(
     out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
 ) -> None:
@@ -196,6 +241,7 @@ def run_demo(
     from cbst.datasets import build_dataset
     from cbst.device import select_device
     from cbst.evaluation import Metrics, evaluate_model, format_table
+    from cbst.online import online_self_train
     from cbst.selftrain import self_train
     from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
@@ -219,6 +265,12 @@ def run_demo(
     checkpoints = {"Source": source_ckpt}
 
     for step, name in enumerate(methods, start=3):
+        if name in ONLINE_VARIANTS:
+            _stage(step, total, f"{name}: {settings.online_iters} online iterations from the source model")
+            cfg = _online_config(name, out, data, source_ckpt, seed, settings, device)
+            rows[name] = Metrics.from_json(online_self_train(cfg)["final"])
+            checkpoints[name] = Path(cfg.output) / "model.pt"
+            continue
         _stage(step, total, f"{name}: {settings.num_round} rounds from the source model")
         cfg = _variant_config(name, out, data, source_ckpt, seed, settings, device)
         results = self_train(cfg)

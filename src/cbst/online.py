@@ -89,7 +89,7 @@ class OnlineConfig:
 
     Defaults are DAFormer's (lhoyer/DAFormer, the config
     ``configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py`` and the
-    bases it names) unless marked otherwise; docs/method.md, "Online self-training",
+    bases it names) unless marked otherwise; docs/method.md §14.5
     lists them with their sources.
     """
 

@@ -2,7 +2,7 @@
 
 After the student's t-th optimiser step (t = 1, 2, ...) every teacher parameter becomes
 ``α_t·teacher + (1 − α_t)·student`` with ``α_t = min(1 − 1/(t + 1), ema_alpha)`` (DACS and
-DAFormer; docs/method.md, "Online self-training"): the teacher follows the student closely at
+DAFormer; docs/method.md §14): the teacher follows the student closely at
 first (α_1 = 0.5) and ever more slowly until α reaches ``ema_alpha``.
 
 Buffers are **averaged** the same way when they are floating point (batch-norm running means

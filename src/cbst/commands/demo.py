@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cbst.demo import DEFAULT_METHODS, VARIANTS, parse_methods, run_demo
+from cbst.demo import DEFAULT_METHODS, ONLINE_VARIANTS, VARIANTS, parse_methods, run_demo
 
 HELP = (
     "run Source / ST / CBST / CBST-SP (and CRST's MRKLD / LRENT with --methods) on the embedded "
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"self-training rows, a comma list of {', '.join(VARIANTS)} or 'all' "
+        help=f"self-training rows, a comma list of {', '.join((*VARIANTS, *ONLINE_VARIANTS))} or 'all' "
         "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
     )
 

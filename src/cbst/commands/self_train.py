@@ -204,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_online_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of --mode online (DAFormer's defaults; docs/method.md, "Online self-training")."""
+    """The options of --mode online (DAFormer's defaults; docs/method.md §14)."""
     d = OnlineConfig.__dataclass_fields__
     g = p.add_argument_group("online mode (--mode online)")
     g.add_argument("--max-iters", type=int, default=d["max_iters"].default, help="training iterations")
