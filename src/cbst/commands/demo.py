@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help=f"self-training rows, a comma list of {', '.join((*VARIANTS, *ONLINE_VARIANTS))} or 'all' "
-        "(CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
+        help=f"self-training rows, a comma list of {', '.join((*VARIANTS, *ONLINE_VARIANTS))}, or 'all' "
+        "(the rounds rows; CRST's MRKLD and LRENT add about half a minute each on 2 CPU cores)",
     )
 
 
