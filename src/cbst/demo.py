@@ -23,23 +23,22 @@ import numpy as np
 import torch
 
 from cbst import io
+from cbst.checkpoints import load_checkpoint
+from cbst.datasets import build_dataset
+from cbst.device import select_device
+from cbst.errors import ConfigError
+from cbst.evaluation import Metrics, evaluate_model, format_table
+from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
+from cbst.online import OnlineConfig, online_self_train
+from cbst.registry import METHODS
+from cbst.report import write_report
+from cbst.selftrain import SelfTrainConfig, self_train
+from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
+from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 BENCHMARK_SEED = 0
 RARE_CLASSES = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
-VARIANTS = {
-    "ST": {"kc_policy": "global"},
-    "CBST": {"kc_policy": "cb"},
-    "CBST-SP": {"kc_policy": "cb", "with_prior": "source"},
-    "MRKLD": {"kc_policy": "cb", "mr_weight_kld": 0.1},
-    "LRENT": {"kc_policy": "cb", "lr_weight_ent": 0.25},
-}
-"""Each self-training row's options; MRKLD and LRENT are CRST's, with the authors' weights."""
-ONLINE_VARIANTS = {
-    "DACS": {"kc_policy": "fixed"},
-    "CBST-online": {"kc_policy": "cb"},
-}
-"""Each online row's options (``cbst self-train --mode online``, docs/method.md §14)."""
 DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 """The rows ``cbst demo`` runs unless ``--methods`` asks for others (CRST's stay off: time)."""
 
@@ -72,16 +71,22 @@ class DemoSettings:
     rcs_min_pixels: int = 100
 
 
+def is_online(name: str) -> bool:
+    """Whether the registered method ``name`` is an online one (``cbst self-train --mode online``)."""
+    return METHODS.get(name).options.get("mode") == "online"
+
+
 def parse_methods(text: str) -> tuple[str, ...]:
-    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` and
-    :data:`ONLINE_VARIANTS`, or ``all`` (every rounds row; online rows are named)."""
-    known = (*VARIANTS, *ONLINE_VARIANTS)
-    methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
-    unknown = [m for m in methods if m not in known]
+    """The self-training rows named by ``--methods``: a comma list of registered methods
+    (:data:`cbst.registry.METHODS`), or ``all`` (every rounds row; online rows are named)."""
+    names = METHODS.names()
+    rounds = tuple(name for name in names if not is_online(name))
+    methods = rounds if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(
+        raise ConfigError(
             f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
-            f"{', '.join(known)}, or all"
+            f"{', '.join(names)}, or all"
         )
     return methods
 
@@ -96,8 +101,6 @@ def _loader_workers(device: str) -> int:
 
     Decoding in the main process would starve a GPU; on the CPU the network keeps every core busy.
     """
-    from cbst.device import select_device
-
     return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
 
 
@@ -108,8 +111,6 @@ def source_config(
 
     ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
     """
-    from cbst.sourcetrain import SourceTrainConfig
-
     return SourceTrainConfig(
         dataset="gta5",
         data_root=str(source_root),
@@ -130,8 +131,6 @@ def source_config(
 
 def train_or_reuse(config) -> Path:
     """Run (or finish) the source training ``config``; returns its last checkpoint."""
-    from cbst.sourcetrain import last_finished_epoch, train_source
-
     finished = last_finished_epoch(Path(config.output))
     if finished < config.to_epoch:
         train_source(dataclasses.replace(config, resume=finished > 0))
@@ -140,8 +139,6 @@ def train_or_reuse(config) -> Path:
 
 def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
     """The self-training configuration of one row of the table."""
-    from cbst.selftrain import SelfTrainConfig
-
     run_dir = out / name.lower().replace("-", "_")
     return SelfTrainConfig(
         weights=str(weights),
@@ -170,14 +167,12 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
-        **VARIANTS[name],
+        **METHODS.get(name).options,
     )
 
 
 def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
     """The online self-training configuration of one row of the table."""
-    from cbst.online import OnlineConfig
-
     run_dir = out / name.lower().replace("-", "_")
     return OnlineConfig(
         weights=str(weights),
@@ -202,7 +197,7 @@ def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s
         num_workers=_loader_workers(device),
         resume=(run_dir / "config.yaml").is_file(),
         score_pseudo_labels=True,
-        **ONLINE_VARIANTS[name],
+        **{k: v for k, v in METHODS.get(name).options.items() if k != "mode"},
     )
 
 
@@ -210,9 +205,6 @@ def _write_examples(
     out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
 ) -> None:
     """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
-    from cbst.checkpoints import load_checkpoint
-    from cbst.inference import predict_labels
-
     samples = [val[i] for i in range(min(count, len(val)))]
     panels = [[s["image"], val.protocol.colorize(s["label"])] for s in samples]
     for ckpt in checkpoints.values():
@@ -234,16 +226,10 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``.
 
-    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
+    ``methods`` names the self-training rows (methods of :data:`cbst.registry.METHODS`), in
+    table order.
     """
     total = 2 + len(parse_methods(",".join(methods)))
-    from cbst.checkpoints import load_checkpoint
-    from cbst.datasets import build_dataset
-    from cbst.device import select_device
-    from cbst.evaluation import Metrics, evaluate_model, format_table
-    from cbst.online import online_self_train
-    from cbst.selftrain import self_train
-    from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
     started = time.time()
     out = Path(out)
@@ -265,7 +251,7 @@ def run_demo(
     checkpoints = {"Source": source_ckpt}
 
     for step, name in enumerate(methods, start=3):
-        if name in ONLINE_VARIANTS:
+        if is_online(name):
             _stage(step, total, f"{name}: {settings.online_iters} online iterations from the source model")
             cfg = _online_config(name, out, data, source_ckpt, seed, settings, device)
             rows[name] = Metrics.from_json(online_self_train(cfg)["final"])
@@ -293,8 +279,6 @@ def run_demo(
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
-    if any(name in VARIANTS for name in methods):  # the report draws the rounds runs only
-        from cbst.report import write_report
-
+    if any(not is_online(name) for name in methods):  # the report draws the rounds runs only
         write_report([out], out / "report.html", device=device)
     return result

@@ -43,18 +43,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cbst import checks, distributed, io
-from cbst.checks import ConfigError
+from cbst import checks, distributed, io, options
 from cbst.classmix import classmix, strong_augment
 from cbst.device import autocast, configure_backends, select_device
+from cbst.errors import ConfigError, DataError, MissingInputError
 from cbst.inference import normalize
 from cbst.labels import IGNORE_INDEX
 from cbst.online_selection import ONLINE_SELECTORS, build_selector
+from cbst.optim import OPTIMIZERS, WARMUP_RATIO, build_optimizer, set_lr
 from cbst.rcs import (
     COUNTS_FILE,
     PROBS_FILE,
@@ -63,12 +63,11 @@ from cbst.rcs import (
     crop_with_class,
     load_pixel_counts,
 )
+from cbst.registry import LOSSES
 from cbst.teacher import MeanTeacher
-from cbst.training import _epoch_seed, _grad_scaler, segmentation_loss, set_lr, stack_batch
+from cbst.training import _epoch_seed, _grad_scaler, stack_batch
 
 STATE_FORMAT = "cbst-online-state"
-OPTIMIZERS = ("adamw", "sgd")
-WARMUP_RATIO = 1e-6  # mmcv's linear warm-up starts at this fraction of the learning rate
 _INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt")
 # Options a resumed run may change: where and how it runs and what it logs, never what it computes.
 _RESUME_FREE = (
@@ -143,6 +142,17 @@ class OnlineConfig:
     amp: bool = True
     progress: bool = True
     resume: bool = False
+    mode: str = "online"  # saved, so that --resume --output RUN alone resumes the online run
+
+    @classmethod
+    def from_self_train(cls, config: Any) -> OnlineConfig:
+        """The online run of a :class:`cbst.config.SelfTrainConfig` with ``--mode online`` (its
+        mode-dependent options already resolved); refuses the options of the rounds only."""
+        options.check_choices(config)
+        options.check_ranges(config)
+        config.online_conflicts()
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "mode"]
+        return cls(**{name: getattr(config, name) for name in names})
 
     def validate(self) -> None:
         """Reject invalid options before anything is read or written; errors name the flag."""
@@ -182,13 +192,13 @@ class OnlineConfig:
         if not 0 <= self.ema_alpha < 1:
             raise ConfigError(f"--ema-alpha must be in [0, 1), got {self.ema_alpha}")
         if not Path(self.weights).is_file():
-            raise FileNotFoundError(f"{self.weights}: initial weights not found")
+            raise MissingInputError(f"{self.weights}: initial weights not found (--weights)")
 
     def saved_form(self) -> dict:
         """Plain-type dict with the paths absolute: what ``config.yaml`` holds."""
         d = dataclasses.asdict(self)
         d["scale_rate_range"] = list(self.scale_rate_range)
-        return checks.resolved_paths(d, _INPUT_PATHS + ("output",))
+        return options.resolved_paths(d, _INPUT_PATHS + ("output",))
 
 
 def lr_at(cfg: OnlineConfig, it: int) -> float:
@@ -199,24 +209,12 @@ def lr_at(cfg: OnlineConfig, it: int) -> float:
     return lr
 
 
-def build_optimizer(model: nn.Module, cfg: OnlineConfig) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.999) or SGD with one group per ``model.lr_groups()`` entry and its multipliers."""
-    groups = []
-    for group in model.lr_groups():
-        params = [p for p in group["params"] if p.requires_grad]
-        lr_mult, wd_mult = float(group.get("lr_mult", 1.0)), float(group.get("wd_mult", 1.0))
-        if params:
-            groups.append(
-                {
-                    "params": params,
-                    "lr": cfg.base_lr * lr_mult,
-                    "weight_decay": cfg.weight_decay * wd_mult,
-                    "lr_mult": lr_mult,
-                }
-            )
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(0.9, 0.999))
+def _optimizer(model: nn.Module, cfg: OnlineConfig) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.999) or SGD with one group per ``model.lr_groups()`` entry and its
+    multipliers (:func:`cbst.optim.build_optimizer`)."""
+    return build_optimizer(
+        model, cfg.base_lr, name=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 # ----------------------------------------------------------------------------------- data
@@ -396,9 +394,10 @@ class _Counters:
 
 
 def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ weight·cross-entropy over every crop pixel / the number of pixels (DACS's pseudo-label loss)."""
-    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    """Σ weight·cross-entropy over every crop pixel / the number of pixels (DACS's pseudo-label
+    loss), the per-pixel cross-entropy of :class:`cbst.losses.CrossEntropyLoss`."""
+    loss = LOSSES.get("cross_entropy")()
+    ce = loss.per_pixel(*loss.aligned(logits, labels))
     return (ce * weights).sum() / labels.numel()
 
 
@@ -428,7 +427,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     """Run (or resume) one online self-training run; returns ``results.json``'s content."""
     from cbst.checkpoints import load_checkpoint, read_meta, save_checkpoint
     from cbst.evaluation import evaluate_model
-    from cbst.models.base import round_to_stride
+    from cbst.models.base import geometry, round_to_stride
     from cbst.selftrain import _datasets
     from cbst.transforms import TrainTransform
 
@@ -444,7 +443,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
 
     student, meta = load_checkpoint(cfg.weights, device=device, expect_protocol=protocol.name)
     teacher = MeanTeacher(student, cfg.ema_alpha)
-    optimizer = build_optimizer(student, cfg)
+    optimizer = _optimizer(student, cfg)
     scaler = _grad_scaler(device, cfg.amp)
     selector = build_selector(
         cfg.kc_policy,
@@ -459,7 +458,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     if state_path is not None:
         state = io.read_torch_file(state_path, "online training state")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise io.DataError(f"{state_path}: not an online training state; delete it to start over")
+            raise DataError(f"{state_path}: not an online training state; delete it to start over")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -471,7 +470,8 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         start = int(state["iteration"])
     distributed.write_once(_truncate_log, out / "log.jsonl", start)
 
-    crop = round_to_stride(cfg.crop_size)
+    crop = round_to_stride(cfg.crop_size, geometry(student).pad_multiple)
+    segmentation_loss = LOSSES.get("cross_entropy")()
 
     def cropper(reference: int | None, domain: int) -> TrainTransform:
         return TrainTransform(
