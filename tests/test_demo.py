@@ -118,3 +118,35 @@ def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
     assert settings.amp is False and source.amp is False and row.amp is False
     assert source.model == "small_demo" and not row.test_flipping  # the demo's network, one pass
     assert main(["demo", "--out", str(tmp_path)]) == 0 and seen["settings"].amp is True
+
+
+def test_demo_online_rows_come_from_online_runs(tmp_path):
+    tiny = DemoSettings(
+        num_source=16,
+        num_train=8,
+        num_val=4,
+        source_epochs=1,
+        batch_images=4,
+        online_iters=3,
+        online_window=2,
+        online_eval_interval=3,
+        rcs_min_pixels=50,
+    )
+    result = run_demo(tmp_path, seed=0, device="cpu", settings=tiny, methods=("DACS", "CBST-online"))
+    assert list(result["rows"]) == ["Source", "DACS", "CBST-online"]
+    for folder, policy in (("dacs", "fixed"), ("cbst_online", "cb")):
+        online = json.loads((tmp_path / folder / "results.json").read_text())
+        assert (
+            online["mode"] == "online"
+            and result["rows"][{"dacs": "DACS"}.get(folder, "CBST-online")] == online["final"]
+        )
+        assert f"kc_policy: {policy}" in (tmp_path / folder / "config.yaml").read_text()
+
+
+def test_online_methods_are_names_of_the_demo():
+    from cbst.demo import parse_methods
+
+    assert parse_methods("CBST,DACS,CBST-online") == ("CBST", "DACS", "CBST-online")
+    assert "DACS" not in parse_methods("all")  # all: the rounds rows; online rows are named
+    with pytest.raises(ValueError, match="CBST-online"):
+        parse_methods("DAFormer")

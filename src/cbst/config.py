@@ -13,6 +13,7 @@ parser (and ``--help``) from these classes in a fraction of a second.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from cbst.options import DEVICE, INTEGER, NUMBER, TEXT, Numbers, ValueType, opti
 from cbst.registry import ARCHITECTURES, DATASETS, LOSSES, SELECTION_POLICIES
 from cbst.rounds import SOURCE_SAMPLE_POLICIES, RoundPlan, round_schedule, source_subset
 
-__all__ = ["LR_POLICIES", "SelfTrainConfig", "SourceTrainConfig", "default_num_workers"]
+__all__ = ["LR_POLICIES", "MODES", "SelfTrainConfig", "SourceTrainConfig", "default_num_workers"]
 
 LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
 """Learning-rate policies of source training (:func:`cbst.optim.lr_at`)."""
@@ -37,6 +38,12 @@ PSEUDO, TRAIN, EVAL = ("pseudo",), ("train",), ("eval",)
 DATA = ("pseudo", "train")
 """Stages reading the inputs (the evaluation stage reads only the target's)."""
 PAIR = Numbers(pair=True)
+MODES: tuple[str, ...] = ("rounds", "online")
+"""The forms of self-training: CBST's offline rounds, or one online run with a mean teacher."""
+ONLINE = "online mode (--mode online; docs/method.md §14)"
+"""The ``--help`` section of the options only the online mode reads."""
+ROUNDS_ONLY: tuple[str, ...] = ("with_prior", "mr_weight_kld", "mr_weight_src", "lr_weight_ent")
+"""Options the online mode has no form of yet: set with ``--mode online`` they are an error."""
 
 
 class Names(ValueType):
@@ -325,6 +332,26 @@ class RuntimeSection:
 # ---------------------------------------------------------------------------- self-training
 
 
+def _unset() -> None:
+    """The command-line default of a mode-dependent option: unset, the mode's value applies."""
+    return None
+
+
+def mode_dependent(declaration: Any, online: Any) -> Any:
+    """``declaration`` (an :func:`option` field) whose default is ``online`` under ``--mode
+    online`` (DAFormer's value) and its own in rounds, wherever the command line and the
+    config files leave it unset (:meth:`SelfTrainConfig.with_mode_defaults`)."""
+    spec = dict(declaration.metadata["option"])
+    rounds = declaration.default
+    show = spec["type"].show
+    spec.update(
+        help=f"{spec['help']} (--mode online: DAFormer's {show(online)})",
+        cli_default=_unset,
+        shown_default=show(rounds),
+    )
+    return dataclasses.field(default=rounds, metadata={"option": spec, "online_default": online})
+
+
 @options.declared
 @dataclass
 class SelfTrainConfig:
@@ -345,6 +372,13 @@ class SelfTrainConfig:
     data_root: str = DataSection.data_root()
     data_root_tgt: str = option(
         help="target dataset root", metavar="DIR", path=True, stages=DATA + EVAL, section="data"
+    )
+    mode: str = option(
+        "rounds",
+        "rounds: CBST's offline rounds; online: one run with a mean teacher labelling each target "
+        "batch, ClassMix and rare class sampling (DACS/DAFormer), selected by --kc-policy",
+        choices=MODES,
+        section="mode",
     )
     dataset: str = DataSection.dataset(help="source dataset")
     split: str = DataSection.split()
@@ -407,8 +441,15 @@ class SelfTrainConfig:
         plan=("start_epoch", "end_epoch"),
         section="round schedule",
     )
-    base_lr: float = option(
-        1e-4, "learning rate of round 0", range="positive", plan=("lr",), section="round schedule"
+    base_lr: float = mode_dependent(
+        option(
+            1e-4,
+            "learning rate of round 0 (online: of the run)",
+            range="positive",
+            plan=("lr",),
+            section="round schedule",
+        ),
+        6e-5,
     )
     lr_decay: float = option(
         math.sqrt(2.0),
@@ -431,7 +472,8 @@ class SelfTrainConfig:
     # pseudo-labels
     kc_policy: str = option(
         "cb",
-        "pseudo-label selection policy: cb = class-balanced thresholds (CBST); global = one threshold (ST)",
+        "pseudo-label selection policy: cb = class-balanced thresholds (CBST); global = one threshold "
+        "(ST); fixed = DAFormer's confidence-weighted labels (--mode online only)",
         choices=SELECTION_POLICIES.names,
         stages=PSEUDO,
         section="pseudo-labels",
@@ -508,9 +550,9 @@ class SelfTrainConfig:
         section="pseudo-labels",
     )
     # training
-    batch_images: int = TrainingSection.batch_images(2)
-    crop_size: int = TrainingSection.crop_size()
-    scale_rate_range: tuple[float, float] = TrainingSection.scale_rate_range()
+    batch_images: int = TrainingSection.batch_images(2, " (online: source crops, and as many target crops)")
+    crop_size: int = mode_dependent(TrainingSection.crop_size(), 512)
+    scale_rate_range: tuple[float, float] = mode_dependent(TrainingSection.scale_rate_range(), (1.0, 1.0))
     origin_size: int | None = TrainingSection.origin_size(
         "source reference long side (default: none, scale by rho itself)"
     )
@@ -531,12 +573,59 @@ class SelfTrainConfig:
         section="training",
     )
     momentum: float = TrainingSection.momentum()
-    weight_decay: float = TrainingSection.weight_decay()
-    optimizer: str = TrainingSection.optimizer()
-    warmup_iters: int = TrainingSection.warmup_iters()
+    weight_decay: float = mode_dependent(TrainingSection.weight_decay(), 0.01)
+    optimizer: str = mode_dependent(TrainingSection.optimizer(), "adamw")
+    warmup_iters: int = mode_dependent(TrainingSection.warmup_iters(), 1500)
     clip_grad_norm: float | None = TrainingSection.clip_grad_norm()
     loss: str = TrainingSection.loss()
     sync_bn: bool = TrainingSection.sync_bn()
+    # the online mode (cbst.online; DAFormer's defaults unless marked cbst's, docs/method.md §14.5)
+    max_iters: int = option(40000, "training iterations", range="positive", section=ONLINE)
+    lr_power: float = option(1.0, "power of the polynomial lr decay", range="non_negative", section=ONLINE)
+    ema_alpha: float = option(
+        0.999, "the mean teacher's maximum EMA weight, in [0, 1)", range="fraction", section=ONLINE
+    )
+    pseudo_threshold: float = option(
+        0.968,
+        "fixed: the confidence counted as confident in each image's pseudo-label weight",
+        range="fraction",
+        section=ONLINE,
+    )
+    pseudo_ignore_top: int = option(
+        0, "fixed: crop rows from the top with pseudo-label weight 0", range="non_negative", section=ONLINE
+    )
+    pseudo_ignore_bottom: int = option(
+        0, "fixed: crop rows from the bottom with weight 0", range="non_negative", section=ONLINE
+    )
+    tgt_port: float = option(
+        0.5,
+        "cb/global: the portion of the (class's) target pixels kept, over the recent batches (cbst's)",
+        range="fraction",
+        section=ONLINE,
+    )
+    cb_window: int = option(
+        100,
+        "cb/global: the iterations whose confidence histograms set the thresholds (cbst's)",
+        range="positive",
+        section=ONLINE,
+    )
+    rcs_temperature: float = option(
+        0.01,
+        "rare class sampling temperature T (0 = uniform source images)",
+        range="non_negative",
+        section=ONLINE,
+    )
+    rcs_min_pixels: int = option(
+        3000,
+        "rare class sampling: an image counts as holding a class above this many pixels",
+        range="non_negative",
+        section=ONLINE,
+    )
+    eval_interval: int = option(4000, "iterations between evaluations", range="positive", section=ONLINE)
+    log_interval: int = option(50, "iterations between log.jsonl records", range="positive", section=ONLINE)
+    checkpoint_interval: int = option(
+        2000, "iterations between resumable checkpoints", range="positive", section=ONLINE
+    )
     # CRST's regularisers (cbst.crst; 0 = off)
     mr_weight_kld: float = option(
         0.0,
@@ -588,6 +677,22 @@ class SelfTrainConfig:
     loggers: tuple[str, ...] = RuntimeSection.loggers()
     tensorboard: bool = RuntimeSection.tensorboard()
 
+    def with_mode_defaults(self) -> SelfTrainConfig:
+        """This configuration with every unset (None) mode-dependent option given its value in
+        ``mode``: DAFormer's under ``--mode online``, the rounds' own default otherwise."""
+        values = {}
+        for f in dataclasses.fields(self):
+            if "online_default" in f.metadata and getattr(self, f.name) is None:
+                values[f.name] = f.metadata["online_default"] if self.mode == "online" else f.default
+        return dataclasses.replace(self, **values)
+
+    def online_conflicts(self) -> None:
+        """Refuse a rounds-only option set with ``--mode online`` rather than ignore it."""
+        for name in ROUNDS_ONLY:
+            value = getattr(self, name)
+            if value not in (None, 0, 0.0) and str(value).lower() not in ("false", "none", ""):
+                raise ConfigError(f"{options.flag(name)} works with --mode rounds only")
+
     def schedule(self) -> list[RoundPlan]:
         """The per-round portions, learning rates and epochs of this run."""
         return round_schedule(
@@ -613,6 +718,10 @@ class SelfTrainConfig:
         """
         options.check_choices(self)
         options.check_ranges(self)
+        if self.mode == "rounds" and "rounds" not in SELECTION_POLICIES.meta(self.kc_policy).get(
+            "modes", MODES
+        ):
+            raise ConfigError(f"--kc-policy {self.kc_policy!r} works with --mode online only")
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
         if self.loss != "cross_entropy" and (self.mr_weight_kld or self.mr_weight_src or self.lr_weight_ent):

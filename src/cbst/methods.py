@@ -1,4 +1,4 @@
-"""The named methods (ST, CBST, CBST-SP, and CRST's MRKLD and LRENT) as self-training option values.
+"""The named methods (ST, CBST, CBST-SP, MRKLD, LRENT; online: DACS, CBST-online) as option values.
 
 Each method is a :class:`Method` registered in :data:`cbst.registry.METHODS`: the values of
 :class:`cbst.selftrain.SelfTrainConfig` fields that make it, on top of the defaults. ``cbst
@@ -63,6 +63,18 @@ LRENT = Method(
     "LRENT",
     {"kc_policy": "cb", "lr_weight_ent": 0.25},
     "CRST's label regularisation: entropy-regularised soft pseudo-labels (the authors' alpha)",
+)
+
+
+DACS = Method(
+    "DACS",
+    {"mode": "online", "kc_policy": "fixed"},
+    "online: a mean teacher's pseudo-labels weighted by their confidence, ClassMix (DACS/DAFormer)",
+)
+CBST_ONLINE = Method(
+    "CBST-online",
+    {"mode": "online", "kc_policy": "cb"},
+    "online, with class-balanced thresholds from the recent target batches",
 )
 
 

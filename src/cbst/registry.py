@@ -133,6 +133,7 @@ DATASETS.register_lazy("folder", "cbst.datasets:folder")  # classes from its dat
 
 SELECTION_POLICIES.register_lazy("cb", "cbst.thresholds:ClassBalancedPolicy")
 SELECTION_POLICIES.register_lazy("global", "cbst.thresholds:GlobalPolicy")
+SELECTION_POLICIES.register_lazy("fixed", "cbst.online_selection:FixedSelector", modes=("online",))
 
 LOSSES.register_lazy("cross_entropy", "cbst.losses:CrossEntropyLoss")
 
@@ -141,6 +142,8 @@ METHODS.register_lazy("CBST", "cbst.methods:CBST")
 METHODS.register_lazy("CBST-SP", "cbst.methods:CBST_SP")
 METHODS.register_lazy("MRKLD", "cbst.methods:MRKLD")
 METHODS.register_lazy("LRENT", "cbst.methods:LRENT")
+METHODS.register_lazy("DACS", "cbst.methods:DACS")
+METHODS.register_lazy("CBST-online", "cbst.methods:CBST_ONLINE")
 
 LOGGERS.register_lazy("jsonl", "cbst.loggers:JsonlLogger")
 LOGGERS.register_lazy("tensorboard", "cbst.loggers:TensorBoardLogger")

@@ -145,12 +145,15 @@ class TrainTransform:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Augment one dataset sample into a uint8 3 x H x W image and a uint8 H x W label."""
+        return self.apply(sample, self.rng(sample["index"]))
+
+    def apply(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """``__call__`` with the caller's random stream (online training draws its own)."""
         image, label = sample["image"], sample["label"]
         if image.shape[:2] != label.shape:
             raise ValueError(
                 f"{sample.get('name')}: image {image.shape[:2]} and label {label.shape} sizes differ"
             )
-        rng = self.rng(sample["index"])
         factor = scale_factor(rng, label.shape, self.scale_range, self.reference_long_side)
         image, label = resize_pair(image, label, factor)
         y0, x0 = self._window(rng, label)

@@ -8,6 +8,12 @@ regularisers (crst_seg.py) add a confidence penalty to the loss (--mr-weight-kld
 the pseudo-labels soft (--lr-weight-ent, LRENT). A killed run continues from its last finished
 stage with --resume.
 
+--mode online instead trains one run of --max-iters iterations in which a mean teacher labels
+each target batch (DACS/DAFormer: ClassMix, rare class sampling), the pseudo-labels selected
+by --kc-policy (fixed: DAFormer's confidence weight; cb/global: thresholds from the recent
+batches). Its learning rate, weight decay, crop, scale range, optimiser and warm-up default to
+DAFormer's values (see --help) wherever the command line and the config leave them unset.
+
 Examples (the original README's GTA5 -> Cityscapes CBST-SP, and SYNTHIA -> Cityscapes CBST):
   cbst self-train --config configs/gta2city_cbst_sp.yaml --data-root GTA5 --data-root-tgt CITYSCAPES \\
       --weights gta_source.pt --output runs/gta2city_cbst_sp
@@ -37,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SelfTrainConfig:
-    """The run configuration from parsed flags."""
-    return options.from_args(OPTIONS, args)
+    """The run configuration from parsed flags, the unset mode-dependent options given the
+    values of ``--mode``."""
+    return options.from_args(OPTIONS, args).with_mode_defaults()
 
 
 def results_table(output: str) -> str | None:
@@ -61,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
     from cbst.selftrain import self_train  # torch: loaded to run, not for --help
 
     config = config_from_args(args)
+    if config.mode == "online":
+        from cbst.online import OnlineConfig, online_self_train  # torch, as above
+
+        results = online_self_train(OnlineConfig.from_self_train(config))
+        for iteration, metrics in results["iterations"].items():
+            print(f"iteration {iteration}: mIoU {100 * metrics['miou']:.1f}")
+        return 0
     self_train(config)
     table = results_table(config.output) if distributed.is_main() else None  # it alone writes it
     if table:

@@ -1,0 +1,109 @@
+"""Rare Class Sampling (DAFormer, Hoyer et al. 2022): source images of rare classes drawn more often.
+
+The source labels are counted once (``OUTPUT/rcs_pixel_counts.npy``, one row of per-class pixel
+counts per source image). With f_c the share of class c among all labelled source pixels, a
+class is drawn with probability
+
+    P(c) = softmax_c((1 − f_c) / T)
+
+over the classes that some source image holds more than ``min_pixels`` pixels of (a class no
+image holds enough of cannot be sampled; DAFormer would fail on it). Then one of those images
+is drawn uniformly, and its random crop is retried up to ``CROP_ATTEMPTS`` times until it holds
+more than ``CROP_RATIO · min_pixels`` pixels of c (the last attempt is kept otherwise). The
+probabilities go to ``OUTPUT/rcs_class_probs.json`` (class name -> probability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cbst import io
+from cbst.labels import IGNORE_INDEX
+
+CROP_ATTEMPTS = 10
+CROP_RATIO = 0.5
+COUNTS_FILE = "rcs_pixel_counts.npy"
+PROBS_FILE = "rcs_class_probs.json"
+
+
+def count_class_pixels(
+    labels: Callable[[int], np.ndarray], count: int, num_classes: int, *, progress: bool = False
+) -> np.ndarray:
+    """int64 ``count × num_classes``: pixels of each class in each label ``labels(i)`` (255 ignored)."""
+    out = np.zeros((count, num_classes), dtype=np.int64)
+    for i in tqdm(range(count), desc="counting source classes", disable=not progress, leave=False):
+        label = labels(i).ravel()
+        out[i] = np.bincount(label[label != IGNORE_INDEX], minlength=num_classes)[:num_classes]
+    return out
+
+
+def load_pixel_counts(path: Path, count: int, num_classes: int) -> np.ndarray:
+    """Counts saved by an earlier start of the run, checked against the dataset's size."""
+    try:
+        counts = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise io.DataError(f"{path}: unreadable class counts ({exc}); delete it to count again") from None
+    if counts.shape != (count, num_classes):
+        raise io.DataError(
+            f"{path}: holds counts of {counts.shape} (images × classes), the source has "
+            f"{count} images of {num_classes} classes; delete it to count again"
+        )
+    return counts
+
+
+def class_probabilities(counts: np.ndarray, temperature: float, min_pixels: int) -> np.ndarray:
+    """P(c) = softmax((1 − f_c)/T) over the classes some image holds > ``min_pixels`` of; 0 elsewhere."""
+    if temperature <= 0:
+        raise ValueError(f"the RCS temperature must be positive, got {temperature}")
+    total = counts.sum()
+    freq = counts.sum(0) / max(total, 1)
+    eligible = (counts > min_pixels).any(0)
+    if not eligible.any():
+        raise io.DataError(
+            f"no source image holds more than {min_pixels} pixels of any class; lower --rcs-min-pixels"
+        )
+    logits = np.where(eligible, (1.0 - freq) / temperature, -np.inf)
+    logits -= logits[eligible].max()
+    probs = np.exp(logits)
+    return probs / probs.sum()
+
+
+class RareClassSampler:
+    """Draws (class, source image index) pairs as Rare Class Sampling does."""
+
+    def __init__(self, counts: np.ndarray, temperature: float, min_pixels: int) -> None:
+        self.probs = class_probabilities(counts, temperature, min_pixels)
+        self.min_pixels = int(min_pixels)
+        self.images = [np.flatnonzero(counts[:, c] > min_pixels) for c in range(counts.shape[1])]
+
+    def draw(self, rng: np.random.Generator) -> tuple[int, int]:
+        """A class c ~ P, then uniformly an image holding more than ``min_pixels`` of it."""
+        c = int(rng.choice(len(self.probs), p=self.probs))
+        return c, int(rng.choice(self.images[c]))
+
+    def write_probabilities(self, path: Path, class_names: Sequence[str]) -> None:
+        """``rcs_class_probs.json``: class name -> probability (every class, 0 for the ineligible)."""
+        io.write_json(path, {name: float(p) for name, p in zip(class_names, self.probs)})
+
+
+def crop_with_class(
+    crop: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]],
+    sample: dict[str, Any],
+    cls: int,
+    min_pixels: int,
+    rngs: Callable[[int], np.random.Generator],
+) -> dict[str, Any]:
+    """``crop(sample, rngs(attempt))`` retried until the crop holds > CROP_RATIO·min_pixels of ``cls``.
+
+    At most ``CROP_ATTEMPTS`` crops; the last is returned when none holds enough.
+    """
+    for attempt in range(CROP_ATTEMPTS):
+        out = crop(sample, rngs(attempt))
+        if int((out["label"] == cls).sum()) > CROP_RATIO * min_pixels:
+            break
+    return out
