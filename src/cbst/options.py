@@ -421,7 +421,7 @@ def _add_one(group: argparse._ActionsContainer, name: str, opt: Option, cls: typ
         kwargs.update(
             type=_argparse_type(opt),
             default=None if default is MISSING else default,
-            metavar=opt.metavar or opt.type.metavar or (None if choices else opt.dest.upper()),
+            metavar=opt.metavar or (None if choices else opt.type.metavar or opt.dest.upper()),
         )
         if choices is not None:
             kwargs["choices"] = _Choices(choices, opt.none)
@@ -732,3 +732,11 @@ def _one_line(message: str) -> str:
 def iter_options(cls: type) -> Iterator[tuple[str, Option]]:
     """(field name, option) of ``cls`` in declaration order."""
     return iter(options_of(cls).items())
+
+
+def class_counts() -> tuple[int, ...]:
+    """The class counts the registered datasets read their labels in, for ``--num-classes``
+    choices (a user's ``--import``ed dataset adds its own)."""
+    from cbst.labels import class_count_choices  # label tables and image I/O: only to list them
+
+    return class_count_choices()

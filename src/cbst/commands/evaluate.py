@@ -23,7 +23,7 @@ from typing import Any
 from cbst import __version__, options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
-from cbst.options import INTEGER, TEXT, Numbers, option
+from cbst.options import INTEGER, TEXT, Numbers, class_counts, option
 from cbst.registry import DATASETS
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
@@ -55,9 +55,9 @@ class EvaluateOptions:
     num_classes: int | None = option(
         None,
         "19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's cityscapes16); "
-        "default: the checkpoint's, else 16 for synthia, 19 otherwise",
+        "default: the checkpoint's, else the dataset's own (16 for synthia, 19 otherwise)",
         type=INTEGER,
-        range="positive",
+        choices=class_counts,
         section="data",
     )
     checkpoint: str | None = option(

@@ -15,7 +15,7 @@ import numpy as np
 from cbst import options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
-from cbst.options import NUMBER, TEXT, Size, option
+from cbst.options import NUMBER, TEXT, Size, class_counts, option
 from cbst.registry import DATASETS
 
 HELP = "compute (or convert) the class-wise spatial prior used by CBST-SP"
@@ -48,7 +48,7 @@ class PriorOptions:
         metavar="FILE",
         path=True,
     )
-    num_classes: int = option(19, "number of classes of the label protocol", range="positive")
+    num_classes: int = option(19, "number of classes of the label protocol", choices=class_counts)
     size: tuple[int, int] = option(
         (2048, 1024),
         "target resolution of the prior, WIDTHxHEIGHT (the older HEIGHT,WIDTH is read too)",
