@@ -9,30 +9,38 @@ and ``lr_groups()`` (parameter groups with ``lr_mult``/``wd_mult`` in its family
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from cbst.errors import ConfigError
 from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, load_strict, read_state_dict
 from cbst.models.deeplabv2 import DeepLabV2
 from cbst.models.resnet38 import ResNet38
 from cbst.models.small import SmallSegNet
+from cbst.registry import ARCHITECTURES
 
-ARCHS: tuple[str, ...] = ("deeplabv2_resnet101", "resnet38", "small")
+ARCHS: tuple[str, ...] = ARCHITECTURES.names()
 
 
 def build_model(
-    name: str, num_classes: int, *, pretrained: str | Path | None = None, freeze_bn: bool | None = None
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | Path | None = None,
+    freeze_bn: bool | None = None,
+    **options: Any,
 ) -> SegmentationNet:
     """Build ``name`` with ``num_classes`` outputs, optionally initialised from ``pretrained``.
 
     ``pretrained``: ``"imagenet"`` (DeepLab-v2: torchvision weights) or a file: a torchvision or
     CRST ``.pth`` for DeepLab-v2, an MXNet ``.params`` (ImageNet or full model) for ResNet-38, a
     bare state_dict for any model. ``freeze_bn=None`` takes the family default (frozen for the
-    two published networks, trainable for ``small``).
+    two published networks, trainable for ``small``). ``options`` go to the architecture's constructor
+    (the transformers' ``drop_path_rate``, ``grad_checkpointing``).
     """
-    builders = {"deeplabv2_resnet101": DeepLabV2, "resnet38": ResNet38, "small": SmallSegNet}
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
-    cls = builders[name]
-    model = cls(num_classes, freeze_bn=cls.default_freeze_bn if freeze_bn is None else freeze_bn)
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES.names())}")
+    cls = ARCHITECTURES.get(name)
+    model = cls(num_classes, freeze_bn=cls.default_freeze_bn if freeze_bn is None else freeze_bn, **options)
     if pretrained is not None:
         model.load_pretrained(pretrained)
     return model
