@@ -22,6 +22,7 @@ from cbst.cli import CLIError
 from cbst.io import check_output_file
 from cbst.labels import PROTOCOLS
 from cbst.models import ARCHS, SegmentationNet, build_model, load_strict, read_state_dict
+from cbst.models.layouts import layouts_fit, load_weights
 
 HELP = "convert MXNet .params / PyTorch state_dict weights into a cbst checkpoint"
 DEFAULT_PROTOCOL = {19: "cityscapes19", 16: "cityscapes16"}
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument(
+        "--uda-model",
+        choices=("student", "teacher"),
+        default="student",
+        help="which network of a UDA checkpoint (DAFormer's model./ema_model.) to read (default: student)",
+    )
     parser.add_argument(
         "--imagenet",
         action="store_true",
@@ -78,6 +85,11 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
             model = build_model(args.arch, args.num_classes)
         model.load_state_dict(state, assign=True)
         return model, len(params)
+    if layouts_fit(args.arch):
+        model = build_model(args.arch, args.num_classes)
+        layout, tensors = load_weights(model, path, uda_model=args.uda_model)
+        print(f"{path}: {layout} layout")
+        return model, tensors
     state = read_state_dict(path)
     if args.imagenet and args.arch != "deeplabv2_resnet101":
         raise CLIError(

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from cbst.models.mit import DEFAULT_DROP_PATH, MitEncoder
-from cbst.models.segformer import DROPOUT, ConvBNReLU, MLPEmbedding, resize_to
-from cbst.models.transformer import TransformerSegNet
+from cbst.models.segformer import MLPEmbedding
+from cbst.models.transformer import DROPOUT, ConvBNReLU, TransformerSegNet, resize_to
 
 EMBED_DIM = 256
 ASPP_DILATIONS: tuple[int, ...] = (1, 6, 12, 18)

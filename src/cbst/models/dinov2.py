@@ -21,12 +21,12 @@ to a multiple of 14.
 
 from __future__ import annotations
 
+import timm
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cbst.models.segformer import DROPOUT, ConvBNReLU, resize_to
-from cbst.models.transformer import TransformerSegNet
+from cbst.models.transformer import DROPOUT, ConvBNReLU, TransformerSegNet, resize_to
 
 PATCH = 14
 DECODER_WIDTH = 256
@@ -43,10 +43,11 @@ def block_indices(depth: int, count: int = 4) -> tuple[int, ...]:
 class Dinov2Encoder(nn.Module):
     """A timm DINOv2 ViT returning four blocks' normalised patch features (NCHW, stride 14)."""
 
+    weights_family = "dinov2"
+    """The weights layouts (:mod:`cbst.models.layouts`) of this family fit it."""
+
     def __init__(self, timm_name: str, *, drop_path_rate: float, img_size: int) -> None:
         super().__init__()
-        import timm  # heavy: only the DINOv2 family needs it
-
         self.vit = timm.create_model(
             timm_name,
             pretrained=False,

@@ -30,9 +30,8 @@ import torch
 
 from cbst.errors import DataError, WeightsError
 from cbst.io import read_torch_file
-from cbst.models.dinov2 import Dinov2Encoder
-from cbst.models.mit import MitEncoder
 from cbst.models.transformer import TransformerSegNet
+from cbst.registry import ARCHITECTURES
 
 UDA_MODELS: dict[str, str] = {"student": "model.", "teacher": "ema_model."}
 """The branch of a UDA checkpoint each ``uda_model`` choice reads (DAFormer's test script: student)."""
@@ -44,12 +43,13 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Layout:
-    """A file layout: how to recognise it, which encoder it fits, how to rename it to cbst's keys."""
+    """A file layout: how to recognise it, which encoder family it fits (the encoder class's
+    ``weights_family``; None: any), how to rename it to cbst's keys."""
 
     name: str
     what: str
     detect: Callable[[set[str]], bool]
-    encoder: type | None
+    family: str | None
     rename: Callable[[State], State]
     encoder_only: bool
 
@@ -90,7 +90,7 @@ LAYOUTS: tuple[Layout, ...] = (
         "mmseg",
         "an mmsegmentation model (DAFormer's backbone./decode_head.)",
         lambda keys: _has_prefix(keys, "backbone.") and _has_prefix(keys, "decode_head."),
-        MitEncoder,
+        "mit",
         _from_mmseg,
         False,
     ),
@@ -98,7 +98,7 @@ LAYOUTS: tuple[Layout, ...] = (
         "mit-imagenet",
         "MiT ImageNet weights (NVlabs mit_b*.pth / smp hub model.safetensors)",
         lambda keys: "patch_embed1.proj.weight" in keys and "block1.0.attn.q.weight" in keys,
-        MitEncoder,
+        "mit",
         lambda state: _prefixed(state, "encoder.", drop=("head.",)),
         True,
     ),
@@ -106,7 +106,7 @@ LAYOUTS: tuple[Layout, ...] = (
         "dinov2-hub",
         "DINOv2 torch.hub weights (dinov2_vit*14_pretrain.pth)",
         lambda keys: "mask_token" in keys and "blocks.0.ls1.gamma" in keys,
-        Dinov2Encoder,
+        "dinov2",
         lambda state: _prefixed({k: v for k, v in state.items() if k != "mask_token"}, "encoder.vit."),
         True,
     ),
@@ -116,7 +116,7 @@ LAYOUTS: tuple[Layout, ...] = (
         lambda keys: (
             "cls_token" in keys and "patch_embed.proj.weight" in keys and "blocks.0.ls1.gamma" in keys
         ),
-        Dinov2Encoder,
+        "dinov2",
         lambda state: _prefixed(state, "encoder.vit."),
         True,
     ),
@@ -189,6 +189,11 @@ def misfit(own: State, state: State) -> list[str]:
     return [_listed(kind, items) for kind, items in found if items]
 
 
+def layouts_fit(arch: str) -> bool:
+    """Whether architecture ``arch`` reads its weights through these layouts (the transformer families)."""
+    return issubclass(ARCHITECTURES.get(arch), TransformerSegNet)
+
+
 def load_weights(model: TransformerSegNet, path: Path, *, uda_model: str = "student") -> tuple[str, int]:
     """Fill ``model`` from ``path`` strictly; returns (layout name, number of tensors read).
 
@@ -197,7 +202,7 @@ def load_weights(model: TransformerSegNet, path: Path, *, uda_model: str = "stud
     path = Path(path)
     state = select_uda_model(read_weights_file(path), uda_model, path)
     layout = detect_layout(state, path)
-    if layout.encoder is not None and not isinstance(model.encoder, layout.encoder):
+    if layout.family is not None and getattr(model.encoder, "weights_family", None) != layout.family:
         raise WeightsError(
             f"{path}: holds {layout.what}, which does not fit {type(model).__name__} "
             f"(its encoder is {type(model.encoder).__name__})"

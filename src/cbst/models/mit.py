@@ -34,6 +34,9 @@ def drop_path_rates(rate: float, blocks: int) -> list[float]:
 class MitEncoder(nn.Module):
     """MiT-B0 ... B5: four stages (patch embedding, transformer blocks, layer norm), strides 4 to 32."""
 
+    weights_family = "mit"
+    """The weights layouts (:mod:`cbst.models.layouts`) of this family fit it."""
+
     def __init__(self, variant: str, *, drop_path_rate: float = DEFAULT_DROP_PATH) -> None:
         super().__init__()
         if variant not in MIT_VARIANTS:

@@ -10,13 +10,10 @@ names follow mmsegmentation's ``SegFormerHead`` (``linear_c4.proj``, ``linear_fu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cbst.models.mit import DEFAULT_DROP_PATH, MitEncoder
-from cbst.models.transformer import TransformerSegNet
-
-DROPOUT = 0.1
+from cbst.models.transformer import DROPOUT, ConvBNReLU, TransformerSegNet, resize_to
 
 
 class MLPEmbedding(nn.Module):
@@ -31,26 +28,6 @@ class MLPEmbedding(nn.Module):
         n, _, h, w = x.shape
         tokens = self.proj(x.flatten(2).transpose(1, 2))
         return tokens.transpose(1, 2).reshape(n, -1, h, w)
-
-
-class ConvBNReLU(nn.Module):
-    """Conv (no bias) + BN + ReLU, named as mmcv's ``ConvModule`` (``conv``, ``bn``)."""
-
-    def __init__(self, inp: int, out: int, kernel: int = 1, *, dilation: int = 1, groups: int = 1) -> None:
-        super().__init__()
-        padding = dilation * (kernel - 1) // 2
-        self.conv = nn.Conv2d(inp, out, kernel, padding=padding, dilation=dilation, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out)
-        self.activate = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """relu(bn(conv(x)))."""
-        return self.activate(self.bn(self.conv(x)))
-
-
-def resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``) to ``size``; a no-op when already that size."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear")
 
 
 class SegFormerHead(nn.Module):

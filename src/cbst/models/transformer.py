@@ -19,6 +19,8 @@ from torch import nn
 
 from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, lr_group
 
+DROPOUT = 0.1
+"""Dropout (``Dropout2d``) before every decoder's classifier, as in SegFormer and DAFormer."""
 DECODER_LR_MULT = 10.0
 """Learning-rate multiplier of the decoder (DAFormer: ``decode_head`` lr x10)."""
 
@@ -43,6 +45,26 @@ def split_decay(module: nn.Module, no_decay_names: frozenset[str] = frozenset())
         skip = param.ndim <= 1 or name.rsplit(".", 1)[-1] in no_decay_names
         (no_decay if skip else decay).append(param)
     return decay, no_decay
+
+
+class ConvBNReLU(nn.Module):
+    """Conv (no bias) + BN + ReLU, named as mmcv's ``ConvModule`` (``conv``, ``bn``)."""
+
+    def __init__(self, inp: int, out: int, kernel: int = 1, *, dilation: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        padding = dilation * (kernel - 1) // 2
+        self.conv = nn.Conv2d(inp, out, kernel, padding=padding, dilation=dilation, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn(conv(x)))."""
+        return self.activate(self.bn(self.conv(x)))
+
+
+def resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (``align_corners=False``) to ``size``; a no-op when already that size."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear")
 
 
 class TransformerSegNet(SegmentationNet):
