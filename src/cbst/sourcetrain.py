@@ -60,12 +60,16 @@ class SourceTrainConfig:
     eval_long_side: int | None = None
     tensorboard: bool = False
     sync_bn: bool = False
+    drop_path_rate: float | None = None
+    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         """Reject invalid options before anything is read or written; errors name the flag."""
         checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr")
         checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
         checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
+        if self.drop_path_rate is not None:
+            checks.require_fraction(self, "drop_path_rate")
         checks.require_scale_range(self, "scale_range")
         checks.require_split_batch(self, "batch_images")
         if self.lr_type not in LR_POLICIES:
@@ -84,7 +88,16 @@ class SourceTrainConfig:
 _SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
 # Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
 # the lr policy does not span the whole run.
-_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "progress", "tensorboard", "compile")
+_SOURCE_RESUME_FREE = (
+    "output",
+    "resume",
+    "device",
+    "num_workers",
+    "progress",
+    "tensorboard",
+    "compile",
+    "grad_checkpointing",
+)
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
@@ -106,7 +119,22 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
     """The initial model: from a cbst checkpoint (*.pt) or built with pretrained weights."""
     from cbst.checkpoints import load_checkpoint
     from cbst.models import build_model
+    from cbst.models.transformer import TransformerSegNet
+    from cbst.registry import ARCHITECTURES
 
+    if not issubclass(ARCHITECTURES.get(config.model), TransformerSegNet):
+        asked = [
+            flag
+            for flag, on in (
+                ("--drop-path-rate", config.drop_path_rate is not None),
+                ("--grad-checkpointing", config.grad_checkpointing),
+            )
+            if on
+        ]
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)}: only for the transformer architectures, not {config.model}"
+            )
     if config.weights and config.weights.endswith(".pt"):
         model, meta = load_checkpoint(config.weights)
         if meta.get("arch") != config.model or meta.get("num_classes") != config.num_classes:
@@ -115,8 +143,14 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
                 f"{meta.get('num_classes')} classes, but --model {config.model} "
                 f"--num-classes {config.num_classes} was asked for"
             )
-        return model
-    return build_model(config.model, config.num_classes, pretrained=config.weights)
+        if config.drop_path_rate is not None:
+            raise ConfigError("--drop-path-rate: set when the model is built, not for a checkpoint's (*.pt)")
+    else:
+        options = {} if config.drop_path_rate is None else {"drop_path_rate": config.drop_path_rate}
+        model = build_model(config.model, config.num_classes, pretrained=config.weights, **options)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -233,6 +267,8 @@ def train_source(config: SourceTrainConfig) -> Path:
     if start_epoch:
         _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
+        if config.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         model.to(device)  # before the optimizer, so its restored state lands on the device
         optimizer = build_optimizer(
             model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay

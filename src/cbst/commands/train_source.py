@@ -58,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="initialisation: ImageNet weights (.params/.pth, or 'imagenet' to "
         "use the architecture's default) or a cbst checkpoint (*.pt)",
     )
+    model.add_argument(
+        "--drop-path-rate",
+        type=float,
+        default=None,
+        help="stochastic depth at the encoder's last block, for the transformers (default: the "
+        "architecture's, 0.1 for MiT as in SegFormer/DAFormer, 0 for DINOv2)",
+    )
+    model.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute the encoder's blocks in the backward pass (transformers): less activation "
+        "memory for larger crops or batches, about a third more time per step",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(
@@ -183,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         compile=args.compile,
         sync_bn=args.sync_bn,
+        drop_path_rate=args.drop_path_rate,
+        grad_checkpointing=args.grad_checkpointing,
     )
     last = train_source(config)
     print(f"trained {config.model} on {config.dataset}: {last}")
