@@ -3,10 +3,11 @@
 For want of a GPU, this counts the bytes autograd keeps for the backward pass: every tensor a
 train-mode forward saves (``torch.autograd.graph.saved_tensors_hooks``), each storage once, the
 parameters and their views excluded, in fp32. The count is made at the real crop sizes (512x512
-and 1024x1024, batch 1) on the meta device, where shapes propagate without memory or compute; on
-the CPU at 128x128 the same count agreed with a storage-deduplicated count of real tensors to
-within 1 % (DAFormer-B0) and 4 % (DINOv2-S). Under bf16 autocast (the training default) most saved
-tensors are half as large, so these fp32 figures are an upper bound for it. With gradient
+and 1024x1024, batch 1) on the meta device, where shapes propagate without memory or compute. As a
+cross-check at 128x128, this count (parameters included) agreed with a storage-deduplicated count
+of the CPU's real tensors to 1 % for DAFormer-B0 and 4 % for DINOv2-S. Under bf16 autocast
+(the training default) most saved tensors are half as large, so these fp32 figures are an upper
+bound for it. With gradient
 checkpointing the encoder keeps only each block's input (not counted); the recomputation in the
 backward pass then holds one block's activations at a time, not counted either.
 
