@@ -17,18 +17,13 @@ from typing import Any
 
 import yaml
 
+from cbst import options
 from cbst.errors import ConfigError, DataError
 from cbst.io import read_text
 
-# Fields whose command-line flag is not simply the field name with dashes.
-_FLAGS = {"list_file": "--list", "scale_range": "--scale-rate-range"}
-# Boolean fields switched off by their flag.
-_NEGATED = {"amp": "--no-amp", "test_flipping": "--no-test-flipping"}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of configuration field ``name``."""
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+flag = options.flag
+"""The command-line flag of configuration field ``name`` (declared with the option)."""
+resolved_paths = options.resolved_paths
 
 
 def _number(config: Any, name: str) -> float:
@@ -88,7 +83,7 @@ def require_batch_fits(batch: int, samples: int, what: str) -> None:
 def require_split_batch(config: Any, name: str) -> None:
     """Under torchrun ``name`` (a batch size) is the global batch: it must split evenly over
     the job's processes."""
-    from cbst import distributed
+    from cbst import distributed  # torch: imported when a run starts, so --help never loads it
 
     world, value = distributed.world_size(), getattr(config, name)
     if value % world:
@@ -96,16 +91,6 @@ def require_split_batch(config: Any, name: str) -> None:
             f"{flag(name)} {value} is the global batch, split over the {world} processes of this "
             f"torchrun job; make it a multiple of {world}"
         )
-
-
-def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """``values`` with the named path fields made absolute and normalised (None and keywords kept)."""
-    out = dict(values)
-    for name in names:
-        value = out.get(name)
-        if value is not None and value not in ("source", "imagenet"):
-            out[name] = str(Path(value).expanduser().resolve())
-    return out
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
@@ -144,8 +129,9 @@ def resume_refusal(
 def _as_flag(name: str, value: Any) -> str:
     """Field ``name`` set to ``value``, written as command-line flags."""
     if isinstance(value, bool):
-        switch = _NEGATED.get(name, flag(name))
-        return switch if value != (name in _NEGATED) else f"no {switch}"
+        negated = options.negated_flag(name)
+        switch = negated or flag(name)
+        return switch if value != (negated is not None) else f"no {switch}"
     if value is None:
         return f"no {flag(name)}"
     if isinstance(value, (list, tuple)):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, lr_group
+from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, Conversion, SegmentationNet, lr_group
 
 DROPOUT = 0.1
 """Dropout (``Dropout2d``) before every decoder's classifier, as in SegFormer and DAFormer."""
@@ -117,3 +117,20 @@ class TransformerSegNet(SegmentationNet):
         from cbst.models.layouts import load_weights  # layouts imports the families: avoid a cycle
 
         load_weights(self, Path(source))
+
+    @classmethod
+    def convert(
+        cls, path: Path, num_classes: int, *, imagenet: bool = False, uda_model: str = "student"
+    ) -> Conversion:
+        """A network of ``num_classes`` outputs filled from a weights file of any layout
+        :mod:`cbst.models.layouts` recognises (``cbst convert``), strictly.
+
+        ``imagenet`` needs no special handling: ImageNet/DINOv2 encoder files are recognised by
+        their keys and leave the decoder as initialised. ``uda_model`` chooses the student or
+        the teacher of a UDA checkpoint.
+        """
+        from cbst.models.layouts import load_weights  # layouts imports the families: avoid a cycle
+
+        model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
+        layout, tensors = load_weights(model, Path(path), uda_model=uda_model)
+        return Conversion(model, tensors, f" ({layout} layout)")
