@@ -8,19 +8,26 @@ One line per measurement (printed, and appended to ``--out`` as soon as it is ma
   warms up (cuDNN autotuning, compilation); the second is timed.
 - ``pseudo_labels`` and ``evaluate``: img/s of the pseudo-label pass (thresholds and PNG writing
   included) and of ``evaluate_model``, on 2048x1024 frames with flip, DeepLab-v2.
+- the transformer families (DAFormer MiT-B5, SegFormer MiT-B5, DINOv2 ViT-S/14 and ViT-L/14):
+  ``train`` in the default mode at batch 2 and 8 on 512x512 and 1024x1024 crops, and the
+  pseudo-label pass and evaluation as above. A shape that does not fit is a line with
+  ``"error": "out of memory"``.
 
 Each line carries the peak GPU memory of the measurement and the device's name. The data are
 synthetic PNG frames in the Cityscapes layout, written to a temporary folder, so decoding costs
 what it costs on real frames. ``--smoke`` runs everything tiny on the CPU (the small model,
-256x128 frames, no compilation) in well under a minute; the test suite runs it.
+256x128 frames, no compilation) in well under a minute; the test suite runs it, and runs
+``--smoke --archs daformer_mit_b0,dinov2_vit_s14`` for the transformer measurements (``--archs``
+replaces the transformer architectures measured).
 
-Usage: ``python benchmarks/gpu_bench.py [--out results.jsonl] [--num-workers N] [--smoke]``.
+Usage: ``python benchmarks/gpu_bench.py [--out results.jsonl] [--num-workers N] [--smoke] [--archs A,B]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -63,6 +70,9 @@ class Sizes:
     train_iters: int
     infer_images: int
     modes: tuple[str, ...]
+    transformer_archs: tuple[str, ...] = ()
+    transformer_shapes: tuple[tuple[int, int], ...] = ()
+    """(batch, square crop side) of each transformer training measurement."""
 
 
 FULL = Sizes(
@@ -74,8 +84,10 @@ FULL = Sizes(
     6,
     16,
     TRAIN_MODES,
+    ("daformer_mit_b5", "segformer_mit_b5", "dinov2_vit_s14", "dinov2_vit_l14"),
+    ((2, 512), (8, 512), (2, 1024), (8, 1024)),
 )
-SMOKE = Sizes(("small",), "small", (128, 256), (64, 128), 2, 2, 4, ("default", "fp32_strict"))
+SMOKE = Sizes(("small",), "small", (128, 256), (64, 128), 2, 2, 4, ("default", "fp32_strict"), (), ((2, 64),))
 
 
 def write_frames(root: Path, split: str, count: int, frame_hw: tuple[int, int], seed: int) -> None:
@@ -135,9 +147,9 @@ def set_strict_fp32(device: torch.device, strict: bool) -> None:
 
 
 def measure_training(
-    arch: str, mode: str, data: Any, sizes: Sizes, device: torch.device, num_workers: int
+    arch: str, mode: str, data: Any, batch: int, device: torch.device, num_workers: int
 ) -> dict:
-    """img/s of the second of two epochs of ``train_epochs``."""
+    """img/s of the second of two epochs of ``train_epochs`` (``data`` yields the crops)."""
     set_strict_fp32(device, mode == "fp32_strict")
     torch.manual_seed(0)
     model = build_model(arch, 19).to(device)
@@ -147,15 +159,15 @@ def measure_training(
         "measure": "train",
         "arch": arch,
         "mode": mode,
-        "batch": sizes.batch,
-        "crop": list(sizes.crop_hw),
+        "batch": batch,
+        "crop": list(data[0]["image"].shape[-2:]),
     }
     with peak_memory(device, record):
         train_epochs(
             net,
             data,
             epochs=2,
-            batch_size=sizes.batch,
+            batch_size=batch,
             base_lr=1e-4,
             device=device,
             num_workers=num_workers,
@@ -163,7 +175,7 @@ def measure_training(
             progress=False,
             on_epoch_end=lambda epoch, stats: seconds.append(stats["seconds"]),
         )
-    record["img_per_s"] = round(sizes.train_iters * sizes.batch / seconds[-1], 2)
+    record["img_per_s"] = round(len(data) // batch * batch / seconds[-1], 2)
     return record
 
 
@@ -220,27 +232,68 @@ def guarded(label: dict, measure: Callable[..., dict], *args: Any) -> dict:
 
 
 def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | None, root: Path) -> None:
-    """Write the frames, then make and emit every measurement (DeepLab-v2's first)."""
-    write_frames(root, "train", sizes.train_iters * sizes.batch, sizes.frame_hw, seed=0)
+    """Write the frames, then make and emit every measurement (DeepLab-v2's first, then the
+    transformers')."""
+    most = max([sizes.batch, *(batch for batch, _ in sizes.transformer_shapes)])
+    write_frames(root, "train", sizes.train_iters * most, sizes.frame_hw, seed=0)
     write_frames(root, "val", sizes.infer_images, sizes.frame_hw, seed=1)
     frames = build_dataset("cityscapes", root, split="val", num_classes=19)
-    for kind in ("pseudo_labels", "evaluate"):
-        label = {"measure": kind, "arch": sizes.infer_arch}
-        emit(
-            guarded(
-                label, measure_inference, kind, sizes.infer_arch, frames, root / kind, device, num_workers
-            ),
-            device,
-            out,
+    train = build_dataset("cityscapes", root, split="train", num_classes=19)
+
+    def crops(crop_hw: tuple[int, int], batch: int) -> Any:
+        """``train_iters`` batches of random crops."""
+        return train.subset(range(sizes.train_iters * batch)).with_transform(
+            TrainTransform(crop_hw, scale_range=(0.7, 1.3), seed=0)
         )
-    crops = TrainTransform(sizes.crop_hw, scale_range=(0.7, 1.3), seed=0)
-    data = build_dataset("cityscapes", root, split="train", num_classes=19).with_transform(crops)
+
+    _inference(sizes.infer_arch, frames, root, device, num_workers, out)
     for arch in sizes.train_archs:
         for mode in sizes.modes:
             label = {"measure": "train", "arch": arch, "mode": mode}
-            emit(guarded(label, measure_training, arch, mode, data, sizes, device, num_workers), device, out)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            data = crops(sizes.crop_hw, sizes.batch)
+            emit(
+                guarded(label, measure_training, arch, mode, data, sizes.batch, device, num_workers),
+                device,
+                out,
+            )
+            free_cache(device)
+    for arch in sizes.transformer_archs:
+        _inference(arch, frames, root, device, num_workers, out)
+        for batch, side in sizes.transformer_shapes:
+            label = {
+                "measure": "train",
+                "arch": arch,
+                "mode": "default",
+                "batch": batch,
+                "crop": [side, side],
+            }
+            data = crops((side, side), batch)
+            emit(
+                guarded(label, measure_training, arch, "default", data, batch, device, num_workers),
+                device,
+                out,
+            )
+            free_cache(device)
+
+
+def _inference(
+    arch: str, frames: Any, root: Path, device: torch.device, num_workers: int, out: Path | None
+) -> None:
+    """Emit the pseudo-label pass's and the evaluation's measurements of ``arch``."""
+    for kind in ("pseudo_labels", "evaluate"):
+        label = {"measure": kind, "arch": arch}
+        emit(
+            guarded(label, measure_inference, kind, arch, frames, root / kind, device, num_workers),
+            device,
+            out,
+        )
+        free_cache(device)
+
+
+def free_cache(device: torch.device) -> None:
+    """Return cached GPU memory between measurements, so each peak is its own."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,13 +307,22 @@ def main(argv: list[str] | None = None) -> None:
         "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loader worker processes"
     )
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file too")
+    parser.add_argument(
+        "--archs",
+        type=lambda text: tuple(name for name in text.split(",") if name),
+        default=None,
+        help="comma list of transformer architectures to measure instead of the default ones",
+    )
     args = parser.parse_args(argv)
     device = select_device("cpu" if args.smoke else args.device)
     workers = 0 if args.smoke else args.num_workers
     if args.smoke:
         torch.set_num_threads(1)  # quick and steady on a busy machine, whatever its cores
     with tempfile.TemporaryDirectory(prefix="cbst-gpu-bench-") as tmp:
-        run_all(SMOKE if args.smoke else FULL, device, workers, args.out, Path(tmp))
+        sizes = SMOKE if args.smoke else FULL
+        if args.archs is not None:
+            sizes = dataclasses.replace(sizes, transformer_archs=args.archs)
+        run_all(sizes, device, workers, args.out, Path(tmp))
 
 
 if __name__ == "__main__":

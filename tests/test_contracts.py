@@ -32,8 +32,16 @@ from cbst.registry import ARCHITECTURES, DATASETS, LOSSES, SELECTION_POLICIES
 from cbst.thresholds import ThresholdEstimator
 
 NUM_CLASSES = 3
-_HEAVY = {"deeplabv2_resnet101", "resnet38"}
-"""Architectures whose CPU build and forward take seconds (marked slow)."""
+_HEAVY = {
+    "deeplabv2_resnet101",
+    "resnet38",
+    *(f"segformer_mit_b{i}" for i in range(1, 6)),
+    "daformer_mit_b5",
+    "dinov2_vit_b14",
+    "dinov2_vit_l14",
+}
+"""Architectures whose CPU build and forward take seconds (marked slow): the not-slow suite keeps
+the small transformers (MiT-B0 SegFormer and DAFormer, DINOv2 ViT-S)."""
 
 
 class PatchNet(SegmentationNet):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,18 @@ def test_gpu_check_dry_run_lists_its_steps(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "gpu_bench.py --out" in done.stdout and "pytest" in done.stdout
     assert (tmp_path / "gpu_check.log").is_file()
+
+
+@pytest.mark.slow
+def test_smoke_run_covers_the_transformers(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    archs = "daformer_mit_b0,dinov2_vit_s14"
+    try:
+        _bench_module(monkeypatch).main(["--smoke", "--archs", archs, "--out", str(tmp_path / "bench.jsonl")])
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    for arch in archs.split(","):
+        mine = [(r["measure"], r.get("batch"), r.get("crop")) for r in lines if r["arch"] == arch]
+        assert mine == [("pseudo_labels", None, None), ("evaluate", None, None), ("train", 2, [64, 64])]
+    assert all(r["img_per_s"] > 0 for r in lines)

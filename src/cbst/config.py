@@ -804,6 +804,22 @@ class SourceTrainConfig:
         stages=TRAIN,
         section="model",
     )
+    drop_path_rate: float | None = option(
+        None,
+        "stochastic depth at the encoder's last block, for the transformers; default: the "
+        "architecture's own (0.1 for MiT as in SegFormer/DAFormer, 0 for DINOv2)",
+        type=NUMBER,
+        range="fraction",
+        metavar="X",
+        stages=TRAIN,
+        section="model",
+    )
+    grad_checkpointing: bool = option(
+        False,
+        "recompute the encoder's blocks in the backward pass (transformers): less activation "
+        "memory for larger crops or batches, about a third more time per step",
+        section="model",
+    )
     batch_images: int = TrainingSection.batch_images(16, " (the original: 16 over 4 GPUs)")
     crop_size: int = TrainingSection.crop_size()
     scale_range: tuple[float, float] = TrainingSection.scale_rate_range()

@@ -32,8 +32,9 @@ from cbst.io import check_output_dir, make_dirs, write_text
 from cbst.loggers import logger_names, open_loggers
 from cbst.models import build_model
 from cbst.models.base import geometry, round_to_stride
+from cbst.models.transformer import TransformerSegNet
 from cbst.optim import build_optimizer
-from cbst.registry import LOSSES
+from cbst.registry import ARCHITECTURES, LOSSES
 from cbst.training import train_epochs
 from cbst.transforms import TrainTransform
 
@@ -90,8 +91,25 @@ def _optimizer(model: nn.Module, config: SourceTrainConfig) -> torch.optim.Optim
     )
 
 
+def _check_transformer_options(config: SourceTrainConfig) -> None:
+    """Refuse ``--drop-path-rate``/``--grad-checkpointing`` for an architecture without them."""
+    if issubclass(ARCHITECTURES.get(config.model), TransformerSegNet):
+        return
+    asked = [
+        flag
+        for flag, on in (
+            ("--drop-path-rate", config.drop_path_rate is not None),
+            ("--grad-checkpointing", config.grad_checkpointing),
+        )
+        if on
+    ]
+    if asked:
+        raise ConfigError(f"{', '.join(asked)}: only for the transformer architectures, not {config.model}")
+
+
 def _init_model(config: SourceTrainConfig) -> nn.Module:
     """The initial model: from a cbst checkpoint (*.pt) or built with pretrained weights."""
+    _check_transformer_options(config)
     if config.weights and config.weights.endswith(".pt"):
         model, meta = load_checkpoint(config.weights)
         if meta.get("arch") != config.model or meta.get("num_classes") != config.num_classes:
@@ -100,8 +118,14 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
                 f"{meta.get('num_classes')} classes, but --model {config.model} "
                 f"--num-classes {config.num_classes} was asked for"
             )
-        return model
-    return build_model(config.model, config.num_classes, pretrained=config.weights)
+        if config.drop_path_rate is not None:
+            raise ConfigError("--drop-path-rate: set when the model is built, not for a checkpoint's (*.pt)")
+    else:
+        extra = {} if config.drop_path_rate is None else {"drop_path_rate": config.drop_path_rate}
+        model = build_model(config.model, config.num_classes, pretrained=config.weights, **extra)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
@@ -195,6 +219,9 @@ def train_source(config: SourceTrainConfig) -> Path:
     if start_epoch:
         _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(output / "last.pt", expect_protocol=protocol.name)
+        _check_transformer_options(config)
+        if config.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         model.to(device)  # before the optimizer, so its restored state lands on the device
         optimizer = _optimizer(model, config)
         optimizer.load_state_dict(meta["extra"]["optimizer"])

@@ -21,6 +21,8 @@ from cbst.registry import ARCHITECTURES
 
 HELP = "convert MXNet .params / PyTorch state_dict weights into a cbst checkpoint"
 DEFAULT_PROTOCOL = {19: "cityscapes19", 16: "cityscapes16"}
+UDA_CHOICES = ("student", "teacher")
+"""The networks of a UDA checkpoint ``--uda-model`` chooses between (``cbst.models.layouts``)."""
 
 
 def _protocol_names() -> list[str]:
@@ -52,8 +54,12 @@ class ConvertOptions:
     )
     overwrite: bool = option(False, "replace an existing --output file")
     imagenet: bool = option(False, "INPUT is an ImageNet classifier: drop its FC and initialise the head")
-    verbose: bool = option(
-        False, "when the weights do not fit --arch, list every differing key (default: the first few)"
+    uda_model: str | None = option(
+        None,
+        "which network of a UDA checkpoint (DAFormer's model./ema_model.) to read, for the "
+        "transformer architectures (default: student)",
+        type=TEXT,
+        choices=UDA_CHOICES,
     )
 
 
@@ -81,6 +87,7 @@ def run(parsed: argparse.Namespace) -> int:
     """Convert INPUT and write the checkpoint."""
     from cbst.checkpoints import save_checkpoint  # torch: only when the command runs
     from cbst.io import check_output_file
+    from cbst.models.transformer import TransformerSegNet
 
     args = options.from_args(OPTIONS, parsed)
     path = Path(args.input)
@@ -88,11 +95,15 @@ def run(parsed: argparse.Namespace) -> int:
         raise CLIError(f"{path}: file not found")
     check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(path,))
     protocol = _protocol(args)
-    # --verbose: a does-not-fit error names every differing key, not the first few
-    every_key = {"limit": None} if args.verbose else {}
-    converted = ARCHITECTURES.get(args.arch).convert(
-        path, args.num_classes, imagenet=args.imagenet, **every_key
-    )
+    cls = ARCHITECTURES.get(args.arch)
+    if issubclass(cls, TransformerSegNet):
+        converted = cls.convert(
+            path, args.num_classes, imagenet=args.imagenet, uda_model=args.uda_model or "student"
+        )
+    elif args.uda_model is not None:
+        raise CLIError(f"--uda-model: only for the transformer architectures, not {args.arch}")
+    else:
+        converted = cls.convert(path, args.num_classes, imagenet=args.imagenet)
     model = converted.model
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(

@@ -12,6 +12,7 @@ docs/method.md §10.3; both original codes feed RGB with these), and returns log
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cbst.models.base import (
     IMAGENET_MEAN,
@@ -29,7 +30,12 @@ from cbst.registry import ARCHITECTURES
 
 
 def build_model(
-    name: str, num_classes: int, *, pretrained: str | Path | None = None, freeze_bn: bool | None = None
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | Path | None = None,
+    freeze_bn: bool | None = None,
+    **options: Any,
 ) -> SegmentationNet:
     """Build the architecture registered as ``name`` with ``num_classes`` outputs, optionally
     initialised from ``pretrained``.
@@ -37,10 +43,11 @@ def build_model(
     ``pretrained``: ``"imagenet"`` (DeepLab-v2: torchvision weights) or a file: a torchvision or
     CRST ``.pth`` for DeepLab-v2, an MXNet ``.params`` (ImageNet or full model) for ResNet-38, a
     bare state_dict for any model. ``freeze_bn=None`` takes the family default (frozen for the
-    two published networks, trainable for ``small``).
+    two published networks, trainable for ``small``). ``options`` go to the architecture's
+    constructor (the transformers' ``drop_path_rate``, ``grad_checkpointing``, ``img_size``).
     """
     cls = ARCHITECTURES.get(name)
-    model = cls(num_classes, freeze_bn=cls.default_freeze_bn if freeze_bn is None else freeze_bn)
+    model = cls(num_classes, freeze_bn=cls.default_freeze_bn if freeze_bn is None else freeze_bn, **options)
     if pretrained is not None:
         model.load_pretrained(pretrained)
     return model
