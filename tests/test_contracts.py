@@ -329,7 +329,13 @@ _NUMPY_REFERENCE = {
 """Each built-in policy's thresholds written with numpy (a new policy brings its own here)."""
 
 
-@pytest.mark.parametrize("name", SELECTION_POLICIES.names())
+_ROUNDS_POLICIES = [
+    n for n in SELECTION_POLICIES.names() if "rounds" in SELECTION_POLICIES.meta(n).get("modes", ("rounds",))
+]
+"""The policies the rounds mode's estimator takes (``fixed`` is online-only: tests/test_online_selection.py)."""
+
+
+@pytest.mark.parametrize("name", _ROUNDS_POLICIES)
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "histogram"])
 def test_selection_policy_thresholds_on_a_known_histogram(name: str, exact: bool) -> None:
     conf, pred = _known_confidences()

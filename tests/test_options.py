@@ -93,6 +93,9 @@ def test_the_resume_rules_are_those_written_by_hand_before():
         "tensorboard",
         "compile",
         "grad_checkpointing",  # added with the transformer architectures: the same weights, less memory
+        "keep_checkpoints",
+        "save_interval",
+        "loggers",
     }
 
 

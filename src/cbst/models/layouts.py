@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cbst.errors import DataError, WeightsError
 from cbst.io import read_torch_file
-from cbst.models.transformer import TransformerSegNet
-from cbst.registry import ARCHITECTURES
 
 UDA_MODELS: dict[str, str] = {"student": "model.", "teacher": "ema_model."}
 """The branch of a UDA checkpoint each ``uda_model`` choice reads (DAFormer's test script: student)."""
@@ -189,12 +188,7 @@ def misfit(own: State, state: State) -> list[str]:
     return [_listed(kind, items) for kind, items in found if items]
 
 
-def layouts_fit(arch: str) -> bool:
-    """Whether architecture ``arch`` reads its weights through these layouts (the transformer families)."""
-    return issubclass(ARCHITECTURES.get(arch), TransformerSegNet)
-
-
-def load_weights(model: TransformerSegNet, path: Path, *, uda_model: str = "student") -> tuple[str, int]:
+def load_weights(model: nn.Module, path: Path, *, uda_model: str = "student") -> tuple[str, int]:
     """Fill ``model`` from ``path`` strictly; returns (layout name, number of tensors read).
 
     Encoder-only layouts (ImageNet/DINOv2 pre-training) leave the decoder as initialised.

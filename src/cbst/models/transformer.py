@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, Conversion, SegmentationNet, lr_group
+from cbst.models.layouts import load_weights
 
 DROPOUT = 0.1
 """Dropout (``Dropout2d``) before every decoder's classifier, as in SegFormer and DAFormer."""
@@ -114,8 +115,6 @@ class TransformerSegNet(SegmentationNet):
 
     def load_pretrained(self, source: str | Path) -> None:
         """Load a weights file of any layout :mod:`cbst.models.layouts` recognises, strictly."""
-        from cbst.models.layouts import load_weights  # layouts imports the families: avoid a cycle
-
         load_weights(self, Path(source))
 
     @classmethod
@@ -129,8 +128,6 @@ class TransformerSegNet(SegmentationNet):
         their keys and leave the decoder as initialised. ``uda_model`` chooses the student or
         the teacher of a UDA checkpoint.
         """
-        from cbst.models.layouts import load_weights  # layouts imports the families: avoid a cycle
-
         model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
         layout, tensors = load_weights(model, Path(path), uda_model=uda_model)
         return Conversion(model, tensors, f" ({layout} layout)")
