@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from cbst import signals
 from cbst.errors import CLIError
 
 COMMANDS: tuple[str, ...] = (
@@ -200,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cbst import distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    signals.install()
     parser, subparsers = build_parser()
     prefix, finished = "cbst", False
     try:
@@ -214,9 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = int(args._run(args) or 0)
         finished = True
         return status
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; rerun with --resume where supported", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cbst.signals)
+        return signals.report_stop(prefix, argv, exc)
     except distributed.COMMUNICATION_ERRORS as exc:
         detail = _one_line(str(exc))
         print(
@@ -225,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except Exception as exc:
+        if signals.stop_signal(exc) is not None:  # a DataLoader worker killed by the same SIGTERM
+            return signals.report_stop(prefix, argv, exc)
         message = _error_message(exc)
         if message is None:
             raise

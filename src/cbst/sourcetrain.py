@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbst import checks, distributed
+from cbst import checks, distributed, runlock
 from cbst.checks import ConfigError
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
-from cbst.io import atomic_path, check_output_dir, make_dirs, write_text
+from cbst.io import atomic_path, check_output_dir, check_run_folder, write_text
 from cbst.training import LR_POLICIES, build_optimizer, train_epochs
 
 
@@ -127,10 +127,11 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
-    """Create OUT and write the effective configuration as ``OUT/config.yaml``: the run starts."""
+    """Lock OUT (creating it) and write the effective configuration as ``OUT/config.yaml``: the
+    run starts."""
     import yaml
 
-    make_dirs(output)
+    runlock.start(output, "cbst train-source")
     write_text(output / "config.yaml", yaml.safe_dump(config.saved_form(), sort_keys=False))
 
 
@@ -190,6 +191,7 @@ def _evaluator(
     return evaluate
 
 
+@runlock.releasing
 def train_source(config: SourceTrainConfig) -> Path:
     """Train on labelled source images, checkpointing every epoch; returns ``OUT/last.pt``.
 
@@ -205,6 +207,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     config.validate()
     output = Path(config.output)
     check_output_dir(output)
+    check_run_folder(output, "train-source")
     device = select_device(config.device)
     distributed.check_sync_bn(config.sync_bn, device)
     configure_backends(device)

@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-mat", metavar="MAT", help="convert the original's prior_array.mat instead of counting labels"
     )
     parser.add_argument("--out", default="prior.npy", help="output .npy file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_runtime_arguments(parser, ("progress",))
 
 
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from cbst.io import check_output_file
     from cbst.priors import save_prior
 
-    check_output_file(args.out, overwrite=True, inputs=(args.from_mat,))
+    check_output_file(args.out, overwrite=args.overwrite, inputs=(args.from_mat,))
     prior, names = _convert(args) if args.from_mat else _compute(args)
     save_prior(args.out, prior)
     print(_summary(prior, names))

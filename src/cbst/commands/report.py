@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where to write the page (default: RUN_DIR/report.html for one folder, "
         "./report.html for several)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
         "--images", type=int, default=6, metavar="N", help="target images in the gallery (0 for none)"
     )
@@ -59,11 +60,18 @@ def default_out(runs: list[str]) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from cbst.cli import CLIError
+    from cbst.io import check_output_file
     from cbst.report import write_report
 
     if args.images < 0:
         raise CLIError(f"--images must be 0 or more, got {args.images}")
     out = Path(args.out) if args.out else default_out(args.runs)
+    check_output_file(
+        out,
+        overwrite=args.overwrite,
+        inputs=(args.source_metrics,),
+        replaceable=(default_out(args.runs[:1]).name,),
+    )
     write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device)
     print(f"report: {out}")
     return 0
