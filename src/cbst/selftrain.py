@@ -236,6 +236,7 @@ class SelfTrainConfig:
         )
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
+        checks.require_batch_memory(self, "batch_images", "crop_size", "pseudo_batch")
         if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():

@@ -68,6 +68,7 @@ class SourceTrainConfig:
         checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
         checks.require_scale_range(self, "scale_range")
         checks.require_split_batch(self, "batch_images")
+        checks.require_batch_memory(self, "batch_images", "crop_size")
         if self.lr_type not in LR_POLICIES:
             raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
         if any(step < 0 for step in self.lr_steps):
