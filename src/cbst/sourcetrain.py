@@ -8,7 +8,9 @@ checkpoint and ends with the same weights as an uninterrupted one. It mirrors
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -121,10 +123,18 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (the log survives a crash mid-run)."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
+    """Append one JSON line and flush it to disk (the log survives a crash mid-run).
+
+    A failed write (a full disk) is cut back off, so the log never ends in half a line.
+    """
+    with open(path, "ab", buffering=0) as fh:  # unbuffered: a failure surfaces here, not at close
+        size = fh.tell()
+        try:
+            fh.write((json.dumps(record) + "\n").encode())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise OSError(exc.errno, f"cannot write ({exc.strerror or exc})", str(path)) from exc
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
