@@ -130,7 +130,9 @@ def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "ab", buffering=0) as fh:  # unbuffered: a failure surfaces here, not at close
         size = fh.tell()
         try:
-            fh.write((json.dumps(record) + "\n").encode())
+            line = memoryview((json.dumps(record) + "\n").encode())
+            while line:  # a raw write may take part of the line, and fail on the rest
+                line = line[fh.write(line) :]
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.truncate(path, size)
