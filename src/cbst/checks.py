@@ -149,15 +149,23 @@ def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, An
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
-    """The mapping saved as a run's ``config.yaml``; anything else is a ``DataError`` naming it."""
+    """The mapping saved as a run's ``config.yaml``; anything else is a ``DataError`` naming it.
+
+    cbst writes the file whole (atomically) and ending in a newline, so one that does not is
+    truncated (an interrupted copy or a full disk); its hint says so rather than blaming the run.
+    """
+    text = read_text(path, "run configuration")
+    keep = "it records the options the finished stages used: restore it from a copy, or start a new run"
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path}: truncated (it does not end with a complete line); {keep} in a new --output")
     try:
-        data = yaml.safe_load(read_text(path, "run configuration"))
-    except yaml.YAMLError:
-        data = None
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise DataError(f"{path}: not valid YAML{where}; {keep} in a new --output") from None
     if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: not a run configuration (a YAML mapping); start the run again in a new --output"
-        )
+        raise DataError(f"{path}: not a run configuration (a YAML mapping); {keep} in a new --output")
     return data
 
 

@@ -39,6 +39,7 @@ from cbst import checks, distributed, io, runlock
 from cbst.checks import ConfigError
 from cbst.crst import CrstLoss
 from cbst.device import configure_backends, select_device
+from cbst.priors import load_prior
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
 from cbst.rounds import RoundPlan, round_schedule, source_subset
 from cbst.thresholds import POLICIES
@@ -243,6 +244,8 @@ class SelfTrainConfig:
             raise FileNotFoundError(f"{self.weights}: initial weights not found")
         if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
             raise FileNotFoundError(f"{self.with_prior}: spatial prior file not found")
+        if self.with_prior not in (None, "source"):
+            load_prior(self.with_prior, self.num_classes)  # its header, dtype, shape and range
         for plan in self.schedule():
             for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
                 if portion > 1:
@@ -471,7 +474,7 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
     ``OUTPUT/prior.npy`` (the main process does, the others wait for the file); otherwise it is
     read from a .npy or the original's .mat file.
     """
-    from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
+    from cbst.priors import save_prior, spatial_prior_from_dataset
 
     if cfg.with_prior is None:
         return None
