@@ -72,14 +72,19 @@ def _alive(pid: int) -> bool:
 def _link_new(path: Path, record: dict[str, Any]) -> bool:
     """Create ``path`` holding ``record``, complete, in one step; False if it already exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     try:
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
         os.link(tmp, path)
         return True
     except FileExistsError:
         return False
+    except OSError as exc:  # a full disk or a read-only folder
+        raise OSError(
+            exc.errno, f"cannot create the run's lock file ({exc.strerror or exc})", str(path)
+        ) from exc
     finally:
-        tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _holder_text(holder: dict[str, Any]) -> str:
