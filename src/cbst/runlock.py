@@ -92,6 +92,40 @@ def _holder_text(holder: dict[str, Any]) -> str:
     return f"process {holder['pid']} on {holder['host']}{command}, since {holder.get('started', '?')}"
 
 
+def _live_holder(path: Path) -> dict[str, Any] | None:
+    """The record of lock file ``path`` when it is stale; None when there is none.
+
+    Raises ``RunLockedError`` when a live process (or one on another host, whose liveness
+    cannot be told) holds it, or when the file cannot be read.
+    """
+    holder = _read_holder(path)
+    folder = path.parent
+    if holder is None:
+        if not path.exists():
+            return None
+        raise RunLockedError(
+            f"{path}: unreadable lock file; if no cbst process is using {folder}, delete it and rerun"
+        )
+    if holder["host"] != socket.gethostname():
+        raise RunLockedError(
+            f"{folder}: in use by {_holder_text(holder)}; wait for it to end, or if that run is "
+            f"gone, delete {path} and rerun"
+        )
+    if _alive(holder["pid"]) and holder["pid"] != os.getpid():
+        raise RunLockedError(
+            f"{folder}: in use by {_holder_text(holder)}; wait for it to end or stop it, "
+            "then rerun (with --resume to continue its run)"
+        )
+    return holder
+
+
+def check_free(folder: str | Path) -> None:
+    """Refuse, before any work, a folder that a live run holds (its lock is taken later)."""
+    path = Path(folder) / io.LOCK_NAME
+    if path.exists():
+        _live_holder(path)
+
+
 def acquire(folder: str | Path, command: str) -> Path:
     """Take ``folder``'s lock for ``command`` (creating the folder); returns the lock file.
 
@@ -105,23 +139,9 @@ def acquire(folder: str | Path, command: str) -> Path:
         if _link_new(path, _record(command)):
             _HELD.append(path)
             return path
-        holder = _read_holder(path)
+        holder = _live_holder(path)
         if holder is None:
-            if not path.exists():
-                continue  # released meanwhile
-            raise RunLockedError(
-                f"{path}: unreadable lock file; if no cbst process is using {folder}, delete it and rerun"
-            )
-        if holder["host"] != socket.gethostname():
-            raise RunLockedError(
-                f"{folder}: in use by {_holder_text(holder)}; wait for it to end, or if that run is "
-                f"gone, delete {path} and rerun"
-            )
-        if _alive(holder["pid"]):
-            raise RunLockedError(
-                f"{folder}: in use by {_holder_text(holder)}; wait for it to end or stop it, "
-                "then rerun (with --resume to continue its run)"
-            )
+            continue  # released meanwhile
         if _read_holder(path) == holder:  # still the same stale record: take it over
             print(
                 f"cbst: {path}: stale lock of {_holder_text(holder)}, which is no longer running; taking it over",

@@ -396,6 +396,7 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     out = Path(cfg.output)
     io.check_output_dir(out)
     io.check_run_folder(out, "self-train")
+    runlock.check_free(out)
     state = RunState(out)
     if state.finished and not cfg.resume:
         raise ValueError(
