@@ -135,6 +135,8 @@ def acquire(folder: str | Path, command: str) -> Path:
     folder = Path(folder)
     io.make_dirs(folder)
     path = folder / io.LOCK_NAME
+    if path in _HELD and path.exists():  # taken already by this process (a driver calling another)
+        return path
     for _ in range(3):
         if _link_new(path, _record(command)):
             _HELD.append(path)
