@@ -100,19 +100,28 @@ def test_lock_of_another_host_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_of_processes_racing_for_a_lock_exactly_one_wins(tmp_path):
+    # Each process tries once at the same moment, then waits until all have tried before it exits
+    # (and a winner releases the lock), so that no late starter finds the lock free again.
     code = (
         "import sys, time\n"
+        "from pathlib import Path\n"
         "from cbst import runlock\n"
-        "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-        "try:\n    runlock.acquire(sys.argv[2], 'race')\nexcept runlock.RunLockedError:\n    sys.exit(3)\n"
-        "time.sleep(1.0)\n"
+        "start, run, me = float(sys.argv[1]), sys.argv[2], Path(sys.argv[3])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "try:\n    runlock.acquire(run, 'race'); won = True\nexcept runlock.RunLockedError:\n    won = False\n"
+        "me.write_text('tried')\n"
+        "while len(list(me.parent.glob('tried_*'))) < 4:\n    time.sleep(0.05)\n"
+        "sys.exit(0 if won else 3)\n"
     )
-    start = time.time() + 3.0
+    start = time.time() + 5.0
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(start), str(tmp_path / "run")], env=_env())
-        for _ in range(4)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(start), str(tmp_path / "run"), str(tmp_path / f"tried_{i}")],
+            env=_env(),
+        )
+        for i in range(4)
     ]
-    codes = sorted(p.wait() for p in procs)
+    codes = sorted(p.wait(timeout=300) for p in procs)
     assert codes == [0, 3, 3, 3]
     assert not (tmp_path / "run" / "cbst.lock").exists()  # released at exit
 
@@ -640,9 +649,9 @@ def test_sigterm_stops_a_training_run_and_its_workers(bench, tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    deadline, workers = time.time() + 120, []
-    while time.time() < deadline and proc.poll() is None and not ((out / "log.jsonl").is_file() and workers):
-        workers = _children(proc.pid)
+    deadline, workers = time.time() + 600, []  # start-up takes long on a busy machine
+    while time.time() < deadline and proc.poll() is None and not workers:
+        workers = _children(proc.pid) if (out / "cbst.lock").is_file() else []
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]

@@ -202,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     signals.install()
-    parser, subparsers = build_parser()
     prefix, finished = "cbst", False
     try:
+        parser, subparsers = build_parser()  # in the try: a SIGTERM while importing is a stop too
         _apply_config(argv, subparsers)
         args = parser.parse_args(argv)
         if args.command is None:

@@ -10,6 +10,7 @@ the exact command that resumes it. Exit statuses follow the shell's 128 + signal
 
 from __future__ import annotations
 
+import _thread
 import re
 import shlex
 import signal
@@ -17,6 +18,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 RESUMABLE = ("self-train", "train-source")
 """The commands that continue a stopped run with ``--resume``."""
@@ -35,14 +37,26 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Stopped(signum)
+
+
+def _redeliver(unraisable: Any) -> None:
+    """``sys.unraisablehook``: a stop raised where Python drops exceptions (a ``__del__``, an
+    at-fork callback, as a DataLoader starts its workers) is delivered again, not lost."""
+    if isinstance(unraisable.exc_value, Stopped):
+        _thread.interrupt_main(unraisable.exc_value.signum)  # the handler runs again, in the main thread
+        return
+    _DROPPED_HOOK(unraisable)
+
+
+_DROPPED_HOOK = sys.unraisablehook
 
 
 def install() -> None:
     """Handle SIGTERM like SIGINT (from the main thread only, as Python requires)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stopped)
+        sys.unraisablehook = _redeliver
 
 
 def stop_signal(exc: BaseException) -> int | None:
