@@ -606,6 +606,23 @@ def test_sigterm_becomes_a_stop_with_the_resume_command(capsys):
     assert signals.stop_signal(worker) == signal.SIGTERM and signals.stop_signal(RuntimeError("x")) is None
 
 
+def test_a_stop_that_python_drops_is_delivered_again():
+    class Dropping:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler raises here, inside __del__, where Python drops it
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signals.install()
+        with pytest.raises(signals.Stopped):
+            Dropping()  # deleted at once
+            time.sleep(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = sys.__unraisablehook__
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -654,7 +671,7 @@ def test_sigterm_stops_a_training_run_and_its_workers(bench, tmp_path):
         workers = _children(proc.pid) if (out / "cbst.lock").is_file() else []
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1]
+    err = proc.communicate(timeout=600)[1]
     time.sleep(1.0)
     assert proc.returncode == 143, err
     lines = [line for line in err.splitlines() if line.strip()]

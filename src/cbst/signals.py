@@ -10,7 +10,7 @@ the exact command that resumes it. Exit statuses follow the shell's 128 + signal
 
 from __future__ import annotations
 
-import _thread
+import os
 import re
 import shlex
 import signal
@@ -44,12 +44,15 @@ def _redeliver(unraisable: Any) -> None:
     """``sys.unraisablehook``: a stop raised where Python drops exceptions (a ``__del__``, an
     at-fork callback, as a DataLoader starts its workers) is delivered again, not lost."""
     if isinstance(unraisable.exc_value, Stopped):
-        _thread.interrupt_main(unraisable.exc_value.signum)  # the handler runs again, in the main thread
+        # Sent again from another thread a moment later, so that the handler runs once the main
+        # thread has left the place that dropped it (raised here, it would be dropped again).
+        threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), unraisable.exc_value.signum)).start()
         return
     _DROPPED_HOOK(unraisable)
 
 
 _DROPPED_HOOK = sys.unraisablehook
+REDELIVERY_SECONDS = 0.05
 
 
 def install() -> None:
