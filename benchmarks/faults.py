@@ -546,7 +546,7 @@ def inputs(root: Path) -> None:
     expect_error(
         root,
         "convert a .params whose shape overflows",
-        ("convert", "overflow.params", "--arch", "small", "--num-classes", "19", "--out", "o.pt"),
+        ("convert", "overflow.params", "--arch", "resnet38", "--num-classes", "19", "--out", "o.pt"),
         ("overflow.params",),
         absent=("o.pt",),
     )
@@ -558,7 +558,7 @@ def memory(root: Path, kib: int, seconds: float) -> None:
     expect_error(
         root,
         "convert a 108-byte .params claiming ndim 2^31-1",
-        ("convert", "ndim.params", "--arch", "small", "--num-classes", "19", "--out", "n.pt"),
+        ("convert", "ndim.params", "--arch", "resnet38", "--num-classes", "19", "--out", "n.pt"),
         ("ndim.params",),
         absent=("n.pt",),
         **limits,
