@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from cbst.models import ARCHS, build_model
+from cbst.models import build_model
+from cbst.registry import ARCHITECTURES
 
 
 def forward_seconds(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
@@ -33,7 +34,7 @@ def main() -> None:
     h, w = (int(v) for v in args.size.split(","))
     x = torch.randn(1, 3, h, w)
     print(f"input 1x3x{h}x{w}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in ARCHS:
+    for name in ARCHITECTURES:
         model = build_model(name, 19).eval()
         params = sum(p.numel() for p in model.parameters())
         seconds = forward_seconds(model, x, args.runs)

@@ -580,7 +580,7 @@ def test_full_disk_through_the_cli_is_one_line(bench, tmp_path, monkeypatch, cap
         str(bench / "source.pt"),
     ]
     assert main([*argv, "--device", "cpu", "--no-progress", "--num-workers", "0", "--out", str(out)]) == 2
-    _one_line_error(capsys, str(out), "No space left on device")
+    _one_line_error(capsys, str(out), "no space left on the device")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -220,7 +220,7 @@ def test_prediction_values_outside_the_label_table_are_refused(bench, tmp_path):
 
 
 def test_convert_warns_about_stored_gammas(capsys):
-    from cbst.commands.convert import _warn_stored_gammas
+    from cbst.models.resnet38 import warn_stored_gammas as _warn_stored_gammas
 
     params = {
         "arg:bn2_gamma": np.ones(4, np.float32),

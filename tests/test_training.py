@@ -13,10 +13,12 @@ import yaml
 from torch import nn
 
 from cbst.labels import get_protocol
+from cbst.losses import segmentation_loss
 from cbst.models import IMAGENET_MEAN, IMAGENET_STD
 from cbst.models.base import round_to_stride
+from cbst.optim import build_optimizer, lr_at, set_lr
 from cbst.sourcetrain import SourceTrainConfig, train_source
-from cbst.training import build_optimizer, lr_at, segmentation_loss, set_lr, train_epochs, train_loader
+from cbst.training import train_epochs, train_loader
 from cbst.transforms import TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +269,7 @@ def test_command_rounds_the_crop_and_parses_ranges(monkeypatch, tmp_path):
     cfg = seen["c"]
     assert (cfg.crop_size, cfg.scale_range, cfg.lr_steps) == (500, (0.5, 1.5), (10, 20))
     assert cfg.dataset == "gta5"  # the default layout when --dataset is not given
-    assert [round_to_stride(size) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
+    assert [round_to_stride(size, 8) for size in (500, 504, 505, 1)] == [504, 504, 512, 8]
 
 
 @pytest.mark.parametrize("name", ["gta5_source_resnet38", "synthia_source_resnet38", "gta5_source_deeplabv2"])

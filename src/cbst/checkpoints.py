@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from cbst import __version__
-from cbst.errors import CheckpointError
+from cbst.errors import CheckpointError, ConfigError
 from cbst.io import DataError, atomic_path, is_torch_archive, read_torch_file, write_failure
-from cbst.labels import get_protocol
-from cbst.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD, SegmentationNet, build_model, load_strict
+from cbst.labels import PROTOCOLS
+from cbst.models import SegmentationNet, build_model, load_strict, unwrap
+from cbst.registry import ARCHITECTURES
 
 FORMAT = "cbst-checkpoint"
 
@@ -34,18 +35,18 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model``'s weights and metadata to ``path`` atomically."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if get_protocol(protocol).num_classes != num_classes:
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES.names())}")
+    if protocol in PROTOCOLS and PROTOCOLS[protocol].num_classes != num_classes:
         raise ValueError(
-            f"protocol {protocol} has {get_protocol(protocol).num_classes} classes, not {num_classes}"
+            f"protocol {protocol} has {PROTOCOLS[protocol].num_classes} classes, not {num_classes}"
         )
     meta = {
         "arch": arch,
         "num_classes": num_classes,
         "protocol": protocol,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(unwrap(model).input_mean),
+        "std": list(unwrap(model).input_std),
         "round": round,
         "epoch": epoch,
         "freeze_bn": getattr(model, "freeze_bn", None),

@@ -15,20 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cbst import options
 from cbst.errors import ConfigError, DataError
 from cbst.io import read_text
 
-# Fields whose command-line flag is not simply the field name with dashes.
-_FLAGS = {"list_file": "--list", "scale_range": "--scale-rate-range"}
-# Boolean fields switched off by their flag.
-_NEGATED = {"amp": "--no-amp", "test_flipping": "--no-test-flipping"}
-
-
-def flag(name: str) -> str:
-    """The command-line flag of configuration field ``name``."""
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+flag = options.flag
+"""The command-line flag of configuration field ``name`` (declared with the option)."""
+resolved_paths = options.resolved_paths
 
 
 def _number(config: Any, name: str) -> float:
@@ -128,7 +121,7 @@ def require_batch_fits(batch: int, samples: int, what: str) -> None:
 def require_split_batch(config: Any, name: str) -> None:
     """Under torchrun ``name`` (a batch size) is the global batch: it must split evenly over
     the job's processes."""
-    from cbst import distributed
+    from cbst import distributed  # torch: imported when a run starts, so --help never loads it
 
     world, value = distributed.world_size(), getattr(config, name)
     if value % world:
@@ -136,16 +129,6 @@ def require_split_batch(config: Any, name: str) -> None:
             f"{flag(name)} {value} is the global batch, split over the {world} processes of this "
             f"torchrun job; make it a multiple of {world}"
         )
-
-
-def resolved_paths(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """``values`` with the named path fields made absolute and normalised (None and keywords kept)."""
-    out = dict(values)
-    for name in names:
-        value = out.get(name)
-        if value is not None and value not in ("source", "imagenet"):
-            out[name] = str(Path(value).expanduser().resolve())
-    return out
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
@@ -159,11 +142,9 @@ def read_saved_config(path: Path) -> dict[str, Any]:
     if text and not text.endswith("\n"):
         raise DataError(f"{path}: truncated (it does not end with a complete line); {keep} in a new --output")
     try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise DataError(f"{path}: not valid YAML{where}; {keep} in a new --output") from None
+        data = options.load_yaml(text, str(path))  # bounded: no alias bombs, no deep nesting
+    except ConfigError as exc:
+        raise DataError(f"{exc}; {keep} in a new --output") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: not a run configuration (a YAML mapping); {keep} in a new --output")
     return data
@@ -192,8 +173,9 @@ def resume_refusal(
 def _as_flag(name: str, value: Any) -> str:
     """Field ``name`` set to ``value``, written as command-line flags."""
     if isinstance(value, bool):
-        switch = _NEGATED.get(name, flag(name))
-        return switch if value != (name in _NEGATED) else f"no {switch}"
+        negated = options.negated_flag(name)
+        switch = negated or flag(name)
+        return switch if value != (negated is not None) else f"no {switch}"
     if value is None:
         return f"no {flag(name)}"
     if isinstance(value, (list, tuple)):

@@ -9,7 +9,7 @@ Two options of ``cbst self-train`` (docs/method.md §13):
 - **LRENT** (label regularisation, ``--lr-weight-ent α``): soft pseudo-labels
   ``q_c ∝ (p_c / λ_c)^(1/α)`` with an entropy-based keep rule, :func:`soft_pseudo_labels`.
   They are never stored: the training step derives them for each crop from the round's
-  probability cache (:class:`cbst.probability_cache.ProbabilityCache`, stride 8) and λ, by
+  probability cache (:class:`cbst.probability_cache.ProbabilityCache`, at the output stride) and λ, by
   resampling the probabilities to the crop's geometry (:meth:`CrstLoss.crop_probabilities`).
 
 Everything is computed in float32 from logarithms (log-softmax, ``logsumexp``), so a zero
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cbst.labels import IGNORE_INDEX
+from cbst.losses import CrossEntropyLoss
+from cbst.priors import apply_prior
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -110,6 +111,8 @@ class CrstLoss:
     ``index`` and ``geometry`` (see :class:`cbst.transforms.TrainTransform`).
 
     Args:
+        cross_entropy: the cross-entropy, which also aligns logits and labels (cbst's
+            :class:`~cbst.losses.CrossEntropyLoss` by default).
         mr_weight_kld: MRKLD weight of target pixels (0: none).
         mr_weight_src: MRKLD weight of source pixels (0: none).
         alpha: LRENT's α (``None``: hard labels).
@@ -121,6 +124,7 @@ class CrstLoss:
     def __init__(
         self,
         *,
+        cross_entropy: CrossEntropyLoss | None = None,
         mr_weight_kld: float = 0.0,
         mr_weight_src: float = 0.0,
         alpha: float | None = None,
@@ -130,6 +134,7 @@ class CrstLoss:
     ) -> None:
         if alpha is not None and (cache is None or thresholds is None):
             raise ValueError("LRENT needs the round's probability cache and thresholds")
+        self.cross_entropy = cross_entropy or CrossEntropyLoss()
         self.weights = {1: float(mr_weight_kld), 0: float(mr_weight_src)}
         self.alpha, self.cache, self.thresholds, self.prior = alpha, cache, thresholds, prior
 
@@ -143,8 +148,6 @@ class CrstLoss:
         """
         probs = self.cache.get(index)
         if self.prior is not None:
-            from cbst.priors import apply_prior
-
             probs = apply_prior(probs, self.prior)
         grid, inside = _crop_grid(geometry, crop_hw, probs.device)
         sampled = F.grid_sample(
@@ -167,12 +170,10 @@ class CrstLoss:
 
     def __call__(self, logits: Tensor, labels: Tensor, batch: dict) -> Tensor:
         """The loss of one batch (logits N×C×h'×w' at the output stride, labels N×h×w)."""
-        logits = logits.float()
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits, labels = self.cross_entropy.aligned(logits, labels)
         target = batch["domain"].to(labels.device).bool()
-        used = labels != IGNORE_INDEX
-        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        used = labels != self.cross_entropy.ignore_index
+        per_pixel = self.cross_entropy.per_pixel(logits, labels)
         if self.alpha is not None and bool(batch["domain"].any()):
             soft, keep = self._soft_targets(batch, tuple(labels.shape[-2:]))
             soft_ce = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)

@@ -24,7 +24,16 @@ from tqdm import tqdm
 
 from . import distributed
 from .io import DataError, image_size, read_image, read_label, read_png_channel_16bit, read_text
-from .labels import CITYSCAPES_19, SYNTHIA_16, Protocol, folder_protocol, protocol_for, read_folder_config
+from .labels import (
+    CITYSCAPES_19,
+    SYNTHIA_16,
+    Protocol,
+    dataset_protocols,
+    folder_protocol,
+    protocol_for,
+    read_folder_config,
+)
+from .registry import DATASETS
 
 VERIFY_MODES = ("auto", "full", "headers")
 FULL_VERIFY_MAX_SAMPLES = 600
@@ -372,19 +381,24 @@ def _flat_samples(
 
 def gta5(
     root: str | Path,
+    split: str = "train",
     *,
     protocol: Protocol = CITYSCAPES_19,
     list_file: str | Path | None = None,
     with_labels: bool = True,
     verify: str = "auto",
 ) -> SegmentationDataset:
-    """GTA5 as shipped: ``images/NNNNN.png`` + palette ``labels/NNNNN.png`` holding Cityscapes labelIds."""
+    """GTA5 as shipped: ``images/NNNNN.png`` + palette ``labels/NNNNN.png`` holding Cityscapes labelIds.
+
+    GTA5 has no splits: every image, or those of ``list_file`` (``split`` is not used).
+    """
     samples = _flat_samples(Path(root), "images", "labels", "GTA5", with_labels, list_file)
     return _finish(samples, protocol, verify)
 
 
 def synthia(
     root: str | Path,
+    split: str = "train",
     *,
     protocol: Protocol = SYNTHIA_16,
     list_file: str | Path | None = None,
@@ -394,7 +408,8 @@ def synthia(
     """SYNTHIA-RAND-CITYSCAPES as shipped: ``RGB/NNNNNNN.png`` + 16-bit ``GT/LABELS`` (class id in R).
 
     A list file selects images; its label column (the original's 8-bit ``GT/labels`` conversions)
-    is not used, because labels are always read from the 16-bit originals.
+    is not used, because labels are always read from the 16-bit originals. No splits (``split`` is
+    not used).
     """
     samples = _flat_samples(
         Path(root), "RGB", "GT/LABELS", "SYNTHIA", with_labels, list_file, use_list_labels=False
@@ -462,11 +477,15 @@ def folder(
     config: str | Path = "dataset.yaml",
     verify: str = "auto",
     *,
+    split: str = "train",
     list_file: str | Path | None = None,
     with_labels: bool = True,
     num_classes: int | None = None,
 ) -> SegmentationDataset:
     """A user's own data described by a YAML file (relative to ``root`` unless absolute).
+
+    Its classes are the YAML's; ``num_classes``, when given, must be their number. No splits:
+    every image, or those of ``list_file`` (``split`` is not used).
 
     Keys: ``images`` and ``labels`` (folders relative to ``root``; labels optional),
     ``image_suffix`` / ``label_suffix`` (default ``.png``; the rest of the file name is the sample
@@ -515,31 +534,27 @@ def folder(
     return _finish(samples, protocol, verify)
 
 
-DATASETS: tuple[str, ...] = ("gta5", "synthia", "cityscapes", "folder")
-"""The dataset layouts ``build_dataset`` reads, by the name the ``--dataset`` options take."""
-
-
 def build_dataset(
     name: str,
     root: str | Path,
     *,
     split: str = "train",
-    num_classes: int = 19,
+    num_classes: int | None = None,
     list_file: str | Path | None = None,
     with_labels: bool = True,
     verify: str = "auto",
 ) -> SegmentationDataset:
-    """A dataset by name ("gta5", "synthia", "cityscapes" or "folder") with its label protocol."""
-    if name == "folder":
-        return folder(
-            root, verify=verify, list_file=list_file, with_labels=with_labels, num_classes=num_classes
-        )
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    protocol = protocol_for(name, num_classes)
-    options = dict(protocol=protocol, list_file=list_file, with_labels=with_labels, verify=verify)
-    if name == "gta5":
-        return gta5(root, **options)
-    if name == "synthia":
-        return synthia(root, **options)
-    return cityscapes(root, split, **options)
+    """The dataset registered as ``name`` in :data:`cbst.registry.DATASETS` ("gta5", "synthia",
+    "cityscapes", "folder", or a user's), its labels read in ``num_classes`` classes (None: the
+    dataset's own default).
+
+    A layout with a ``protocols`` table is read with the table's protocol for ``num_classes``
+    (``protocol=``); one whose files define its classes is given ``num_classes=`` to check.
+    """
+    reader = DATASETS.get(name)
+    options: dict[str, Any] = dict(split=split, list_file=list_file, with_labels=with_labels, verify=verify)
+    if dataset_protocols(name) is None:
+        options["num_classes"] = num_classes
+    else:
+        options["protocol"] = protocol_for(name, num_classes)
+    return reader(root, **options)

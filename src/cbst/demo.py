@@ -23,18 +23,21 @@ import numpy as np
 import torch
 
 from cbst import io
+from cbst.checkpoints import load_checkpoint
+from cbst.datasets import build_dataset
+from cbst.device import select_device
+from cbst.errors import ConfigError
+from cbst.evaluation import Metrics, evaluate_model, format_table
+from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
+from cbst.registry import METHODS
+from cbst.report import write_report
+from cbst.selftrain import SelfTrainConfig, self_train
+from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
+from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 BENCHMARK_SEED = 0
 RARE_CLASSES = ("pole", "traffic light", "traffic sign", "rider", "motorcycle", "bicycle")
-VARIANTS = {
-    "ST": {"kc_policy": "global"},
-    "CBST": {"kc_policy": "cb"},
-    "CBST-SP": {"kc_policy": "cb", "with_prior": "source"},
-    "MRKLD": {"kc_policy": "cb", "mr_weight_kld": 0.1},
-    "LRENT": {"kc_policy": "cb", "lr_weight_ent": 0.25},
-}
-"""Each self-training row's options; MRKLD and LRENT are CRST's, with the authors' weights."""
 DEFAULT_METHODS = ("ST", "CBST", "CBST-SP")
 """The rows ``cbst demo`` runs unless ``--methods`` asks for others (CRST's stay off: time)."""
 
@@ -62,13 +65,15 @@ class DemoSettings:
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """The self-training rows named by ``--methods``: a comma list of :data:`VARIANTS` or ``all``."""
-    methods = tuple(VARIANTS) if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
-    unknown = [m for m in methods if m not in VARIANTS]
+    """The self-training rows named by ``--methods``: a comma list of registered methods
+    (:data:`cbst.registry.METHODS`) or ``all``."""
+    names = METHODS.names()
+    methods = names if text.strip() == "all" else tuple(m.strip() for m in text.split(","))
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(
+        raise ConfigError(
             f"--methods: unknown method(s) {', '.join(unknown)!r}; give a comma list of "
-            f"{', '.join(VARIANTS)}, or all"
+            f"{', '.join(names)}, or all"
         )
     return methods
 
@@ -83,8 +88,6 @@ def _loader_workers(device: str) -> int:
 
     Decoding in the main process would starve a GPU; on the CPU the network keeps every core busy.
     """
-    from cbst.device import select_device
-
     return min(4, os.cpu_count() or 1) if select_device(device).type == "cuda" else 0
 
 
@@ -95,8 +98,6 @@ def source_config(
 
     ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
     """
-    from cbst.sourcetrain import SourceTrainConfig
-
     return SourceTrainConfig(
         dataset="gta5",
         data_root=str(source_root),
@@ -117,8 +118,6 @@ def source_config(
 
 def train_or_reuse(config) -> Path:
     """Run (or finish) the source training ``config``; returns its last checkpoint."""
-    from cbst.sourcetrain import last_finished_epoch, train_source
-
     finished = last_finished_epoch(Path(config.output))
     if finished < config.to_epoch:
         train_source(dataclasses.replace(config, resume=finished > 0))
@@ -127,8 +126,6 @@ def train_or_reuse(config) -> Path:
 
 def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, s: DemoSettings, device: str):
     """The self-training configuration of one row of the table."""
-    from cbst.selftrain import SelfTrainConfig
-
     run_dir = out / name.lower().replace("-", "_")
     return SelfTrainConfig(
         weights=str(weights),
@@ -157,7 +154,7 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         num_workers=_loader_workers(device),
         resume=(run_dir / "state.json").is_file(),
         score_pseudo_labels=True,
-        **VARIANTS[name],
+        **METHODS.get(name).options,
     )
 
 
@@ -165,9 +162,6 @@ def _write_examples(
     out: Path, checkpoints: dict[str, Path], val, device: torch.device, count: int = 3
 ) -> None:
     """Per val image: the image, its ground truth, then each row's prediction, stacked vertically."""
-    from cbst.checkpoints import load_checkpoint
-    from cbst.inference import predict_labels
-
     samples = [val[i] for i in range(min(count, len(val)))]
     panels = [[s["image"], val.protocol.colorize(s["label"])] for s in samples]
     for ckpt in checkpoints.values():
@@ -189,15 +183,10 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out``; returns the results written to ``out/results.json``.
 
-    ``methods`` names the self-training rows (keys of :data:`VARIANTS`), in table order.
+    ``methods`` names the self-training rows (methods of :data:`cbst.registry.METHODS`), in
+    table order.
     """
     total = 2 + len(parse_methods(",".join(methods)))
-    from cbst.checkpoints import load_checkpoint
-    from cbst.datasets import build_dataset
-    from cbst.device import select_device
-    from cbst.evaluation import Metrics, evaluate_model, format_table
-    from cbst.selftrain import self_train
-    from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
     started = time.time()
     out = Path(out)
@@ -241,7 +230,6 @@ def run_demo(
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
-    from cbst.report import write_report
 
     write_report([out], out / "report.html", device=device)
     return result

@@ -8,6 +8,10 @@ import random
 import numpy as np
 import torch
 
+from cbst import distributed
+from cbst.errors import ConfigError
+from cbst.options import DEVICE
+
 
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is passed to torch.
@@ -16,11 +20,13 @@ def select_device(name: str = "auto") -> torch.device:
     (:func:`cbst.distributed.init`), a GPU number is refused, and so is MPS (``auto`` skips it),
     whose tensors the job's collective operations cannot carry.
     """
-    from cbst import distributed
-
+    try:
+        DEVICE.parse(name)
+    except ValueError as exc:
+        raise ConfigError(f"--device: {exc}") from None
     several = distributed.world_size() > 1
     if several and (name.startswith("cuda:") or name == "mps"):
-        raise ValueError(
+        raise ConfigError(
             f"--device {name}: under torchrun every process uses the GPU of its LOCAL_RANK "
             "(CUDA only); pass --device cuda, cpu or auto, and choose GPUs with CUDA_VISIBLE_DEVICES"
         )
@@ -33,7 +39,7 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"--device {name}: requested but CUDA is not available")
     return device
 
 

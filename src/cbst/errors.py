@@ -31,3 +31,11 @@ class WeightsError(CbstError, ValueError):
 
 class CLIError(CbstError):
     """A command-line usage error found after parsing (e.g. a command not run under torchrun)."""
+
+
+class MissingInputError(ConfigError, FileNotFoundError):
+    """A file or folder named by an option does not exist; the message names it and the option."""
+
+
+class DivergedError(CbstError, FloatingPointError):
+    """A run's loss, weights or probabilities became NaN or infinite; the message says where."""

@@ -27,8 +27,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cbst import distributed
+from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
 from cbst.io import BackgroundWriter, DataError, read_label, write_png
-from cbst.labels import CLASSES_13, TABLE_HEADERS
+from cbst.labels import TABLE_HEADERS, SubsetMean, subset_means
 
 
 class ConfusionMatrix:
@@ -131,15 +133,16 @@ class Metrics:
         return _mean(self.iou[n] for n in names)
 
     @property
-    def has_miou13(self) -> bool:
-        """Whether this is a 16-class result, reported with the 13-class mIoU* as well."""
-        return len(self.class_names) == 16
+    def subset_means(self) -> tuple[SubsetMean, ...]:
+        """The class-subset means reported beside the mIoU: the label protocol's (16 classes:
+        the 13-class mIoU*, :data:`cbst.labels.MIOU13`)."""
+        return subset_means(self.class_names)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (fractions; NaN and absent classes become null)."""
         out: dict[str, Any] = {"miou": _finite(self.miou)}
-        if self.has_miou13:
-            out["miou13"] = _finite(self.miou_over(CLASSES_13))
+        for subset in self.subset_means:
+            out[subset.key] = _finite(self.miou_over(subset.classes))
         out.update(pixel_acc=_finite(self.pixel_acc), mean_acc=_finite(self.mean_acc), iou=dict(self.iou))
         return out
 
@@ -211,9 +214,6 @@ def evaluate_model(
     (:func:`cbst.distributed.shard`) and writes their predictions; the confusion matrices are
     summed, so every process returns the metrics of the whole dataset.
     """
-    from cbst import distributed
-    from cbst.inference import IMAGENET_MEAN, IMAGENET_STD, image_batches, predict_labels
-
     dataset = distributed.shard_dataset(dataset)
     progress = progress and distributed.is_main()
     device = torch.device(device)
@@ -299,8 +299,6 @@ def evaluate_predictions(pred_dir: str | Path, dataset: Any, *, progress: bool =
 
     Under torchrun each process reads its share of the files and the counts are summed.
     """
-    from cbst import distributed
-
     protocol = dataset.protocol
     files = find_predictions(pred_dir, [s.name for s in dataset.samples])
     confusion = ConfusionMatrix(protocol.num_classes)
@@ -332,12 +330,13 @@ def _percent(value: float | None) -> str:
 def format_table(rows: dict[str, Metrics], class_names: Sequence[str]) -> str:
     """A Markdown table in the original README's format, one row per case (values in %).
 
-    16-class tables get the 13-class ``mIoU*`` column after ``mIoU``.
+    The protocol's subset means follow ``mIoU`` (16-class tables: the 13-class ``mIoU*``);
+    classes without a header of the original's get their own name.
     """
-    with13 = len(class_names) == 16
-    header = ["Case", "mIoU"] + (["mIoU*"] if with13 else []) + [TABLE_HEADERS[c] for c in class_names]
+    subsets = subset_means(class_names)
+    header = ["Case", "mIoU"] + [s.header for s in subsets] + [TABLE_HEADERS.get(c, c) for c in class_names]
     lines = ["|".join(header), "|".join(["---"] * len(header))]
     for case, m in rows.items():
-        values = [m.miou] + ([m.miou_over(CLASSES_13)] if with13 else []) + [m.iou[c] for c in class_names]
+        values = [m.miou] + [m.miou_over(s.classes) for s in subsets] + [m.iou[c] for c in class_names]
         lines.append("|".join([case] + [_percent(v) for v in values]))
     return "\n".join(lines)

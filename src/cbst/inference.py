@@ -1,8 +1,9 @@
 """Model inference shared by evaluation and the pseudo-label pass.
 
 Follows the original CBST-MX test procedure (docs/method.md §4.1, §8.1): resize so the longer side equals
-``long_side``, normalise with the ImageNet RGB mean/std (docs/method.md §10.3), pad bottom/right with zeros
-(after normalisation, i.e. with the mean colour) to a multiple of 8, forward, softmax, optionally
+``long_side``, normalise with the model's RGB mean/std (ImageNet's, docs/method.md §10.3), pad bottom/right with
+zeros (after normalisation, i.e. with the mean colour) to a multiple of the model's
+``pad_multiple`` (8 for cbst's networks), forward, softmax, optionally
 average with the horizontally flipped pass, and bring the probabilities back to the original
 resolution. Deviations from the original, all deliberate:
 
@@ -32,11 +33,14 @@ from torch import Tensor, nn
 
 from cbst.device import autocast, prefers_channels_last
 from cbst.io import DataError
-from cbst.models import IMAGENET_MEAN, IMAGENET_STD
-from cbst.models.base import OUTPUT_STRIDE, round_to_stride
-
-PAD_MULTIPLE = OUTPUT_STRIDE
-"""The network's output stride: inputs are zero-padded to a multiple of it (docs/method.md §4.1, step 3)."""
+from cbst.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PLAIN_MODULE_GEOMETRY,
+    Geometry,
+    geometry,
+    round_to_stride,
+)
 
 
 def _identity(item: dict) -> dict:
@@ -155,32 +159,40 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def _input_stats(
+    geo: Geometry, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) to normalise with: those given, else the model's."""
+    return (geo.input_mean if mean is None else mean), (geo.input_std if std is None else std)
+
+
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     """The device of the model's first parameter (``fallback`` for a parameter-free model)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else fallback
 
 
-def _forward_padded(model: nn.Module, x: Tensor, amp: bool) -> Tensor:
+def _forward_padded(model: nn.Module, x: Tensor, amp: bool, multiple: int) -> Tensor:
     """Softmax probabilities (float32) at the network's output resolution of one forward pass
-    of ``x`` zero-padded bottom/right to a multiple of :data:`PAD_MULTIPLE`."""
+    of ``x`` zero-padded bottom/right to a multiple of ``multiple`` (the model's ``pad_multiple``,
+    docs/method.md §4.1, step 3)."""
     h, w = x.shape[-2:]
-    ph, pw = _padded_size(h, w)
+    ph, pw = _padded_size(h, w, multiple)
     padded = F.pad(x, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else x
     with autocast(x.device, enabled=amp):
         logits = model(padded)
     return logits.float().softmax(dim=1)
 
 
-def _padded_size(height: int, width: int) -> tuple[int, int]:
-    """(h, w) rounded up to a multiple of :data:`PAD_MULTIPLE`."""
-    return round_to_stride(height), round_to_stride(width)
+def _padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """(h, w) rounded up to a multiple of ``multiple``."""
+    return round_to_stride(height, multiple), round_to_stride(width, multiple)
 
 
-def _upsample_cropped(probs: Tensor, size: tuple[int, int]) -> Tensor:
-    """Output-stride probabilities of a padded pass, up-sampled to the padded size and cropped
-    back to the ``size`` (h, w) of the unpadded input."""
-    probs = F.interpolate(probs, size=_padded_size(*size), mode="bilinear", align_corners=False)
+def _upsample_cropped(probs: Tensor, size: tuple[int, int], multiple: int) -> Tensor:
+    """Output-stride probabilities of a pass padded to ``multiple``, up-sampled to the padded
+    size and cropped back to the ``size`` (h, w) of the unpadded input."""
+    probs = F.interpolate(probs, size=_padded_size(*size, multiple), mode="bilinear", align_corners=False)
     return probs[:, :, : size[0], : size[1]]
 
 
@@ -193,19 +205,19 @@ def _tile_starts(length: int, tile: int) -> list[int]:
     return starts + [length - tile]
 
 
-def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool) -> Tensor:
+def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool, multiple: int) -> Tensor:
     """Probabilities of ``x`` at its resolution, by sliding ``window``-px tiles when the longer
-    side exceeds it."""
+    side exceeds it (each padded to ``multiple``)."""
     h, w = x.shape[-2:]
     if window is None or max(h, w) <= window:
-        return _upsample_cropped(_forward_padded(model, x, amp), (h, w))
+        return _upsample_cropped(_forward_padded(model, x, amp, multiple), (h, w), multiple)
     th, tw = min(window, h), min(window, w)
     total: Tensor | None = None
     count = torch.zeros((1, 1, h, w), dtype=torch.float32, device=x.device)
     for top in _tile_starts(h, th):
         for left in _tile_starts(w, tw):
             tile = x[:, :, top : top + th, left : left + tw]
-            probs = _upsample_cropped(_forward_padded(model, tile, amp), (th, tw))
+            probs = _upsample_cropped(_forward_padded(model, tile, amp, multiple), (th, tw), multiple)
             if total is None:
                 total = x.new_zeros((x.shape[0], probs.shape[1], h, w), dtype=torch.float32)
             total[:, :, top : top + th, left : left + tw] += probs
@@ -216,17 +228,32 @@ def _forward_windowed(model: nn.Module, x: Tensor, window: int | None, amp: bool
 @dataclass(frozen=True)
 class InferencePlan:
     """Which forward passes test-time augmentation runs: the long-side resize, the scale
-    factors and the horizontal flip (see :func:`predict_probs`)."""
+    factors and the horizontal flip (see :func:`predict_probs`), and the multiple every pass is
+    padded to: the network's ``pad_multiple`` (:meth:`for_model` takes it from the model)."""
 
     long_side: int | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    pad_multiple: int = PLAIN_MODULE_GEOMETRY.pad_multiple
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        long_side: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+    ) -> InferencePlan:
+        """The plan of these passes for ``model``, padded to its ``pad_multiple``."""
+        return cls(long_side, tuple(scales), flip, geometry(model).pad_multiple)
 
     def __post_init__(self) -> None:
         if not self.scales:
             raise ValueError("scales must hold at least one factor")
         if any(s <= 0 for s in self.scales) or (self.long_side is not None and self.long_side <= 0):
             raise ValueError(f"scales and long_side must be positive (got {self.scales}, {self.long_side})")
+        if self.pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be positive, got {self.pad_multiple}")
 
     def base_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) after the long-side resize (unchanged without one)."""
@@ -268,8 +295,8 @@ def network_outputs(
     images: Tensor,
     plan: InferencePlan,
     *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     amp: bool = True,
 ) -> list[Tensor]:
     """The network half of :func:`predict_probs`: one float32 N×C×h×w softmax map at the
@@ -278,14 +305,19 @@ def network_outputs(
     :func:`combine_outputs` turns them into what ``predict_probs`` returns, bit for bit. Where
     :func:`~cbst.device.prefers_channels_last` says so, the model and its inputs are switched
     to channels-last (``images`` may be page-locked: its copy to the device does not block).
+    ``mean``/``std`` default to the model's ``input_mean``/``input_std``; ``plan`` must pad to
+    the model's ``pad_multiple`` (:meth:`InferencePlan.for_model`).
     """
+    geo = geometry(model)
+    if plan.pad_multiple != geo.pad_multiple:
+        raise ValueError(f"the plan pads to {plan.pad_multiple}, the model to {geo.pad_multiple}")
     model.eval()
     device = _model_device(model, images.device)
-    x = normalize(images.to(device, non_blocking=True), mean, std)
+    x = normalize(images.to(device, non_blocking=True), *_input_stats(geo, mean, std))
     if prefers_channels_last(device, amp):
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    return [_forward_padded(model, inputs, amp) for inputs in _pass_inputs(x, plan)]
+    return [_forward_padded(model, inputs, amp, plan.pad_multiple) for inputs in _pass_inputs(x, plan)]
 
 
 def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan, size: tuple[int, int]) -> Tensor:
@@ -294,7 +326,7 @@ def combine_outputs(outputs: Sequence[Tensor], plan: InferencePlan, size: tuple[
     sizes = plan.pass_sizes(*size)
     if len(outputs) != len(sizes):
         raise ValueError(f"{len(outputs)} network outputs for a plan of {len(sizes)} passes")
-    passes = (_upsample_cropped(out.float(), s) for out, s in zip(outputs, sizes))
+    passes = (_upsample_cropped(out.float(), s, plan.pad_multiple) for out, s in zip(outputs, sizes))
     return _merge_passes(passes, plan, size)
 
 
@@ -307,23 +339,27 @@ def predict_probs(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     window: int | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     amp: bool = True,
 ) -> Tensor:
     """Softmax probabilities (N,C,H,W float32, on the model's device) at the input resolution.
 
     ``images`` is a uint8 RGB batch of equal-size images. ``long_side`` resizes the longer side
     first (the original's ``--test-scales``); each factor in ``scales`` then rescales that,
-    and the per-scale probabilities, brought back to H x W, are averaged arithmetically.
+    and the per-scale probabilities, brought back to H x W, are averaged arithmetically. Inputs
+    are normalised with ``mean``/``std`` (the model's by default) and padded to the model's
+    ``pad_multiple``.
     """
-    plan = InferencePlan(long_side, tuple(scales), flip)
+    plan = InferencePlan.for_model(model, long_side, scales, flip)
     size = image_size(images)
     if window is None:
         return combine_outputs(network_outputs(model, images, plan, mean=mean, std=std, amp=amp), plan, size)
+    geo = geometry(model)
     model.eval()
-    x = normalize(images.to(_model_device(model, images.device)), mean, std)
-    passes = (_forward_windowed(model, inputs, window, amp) for inputs in _pass_inputs(x, plan))
+    x = normalize(images.to(_model_device(model, images.device)), *_input_stats(geo, mean, std))
+    multiple = plan.pad_multiple
+    passes = (_forward_windowed(model, inputs, window, amp, multiple) for inputs in _pass_inputs(x, plan))
     return _merge_passes(passes, plan, size)
 
 

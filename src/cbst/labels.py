@@ -16,7 +16,9 @@ import numpy as np
 import yaml
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
-from cbst.io import DataError, read_text
+from cbst.errors import ConfigError, DataError
+from cbst.io import read_text
+from cbst.registry import DATASETS
 
 IGNORE_INDEX = 255
 """TrainId of pixels that carry no label (loss and metrics skip them)."""
@@ -100,6 +102,21 @@ SYNTHIA_RAW_NAMES: dict[int, str] = {
 
 
 @dataclass(frozen=True)
+class SubsetMean:
+    """A mean IoU over some of a protocol's classes that results report beside the mIoU."""
+
+    header: str
+    """Its column header in result tables (``mIoU*``)."""
+    key: str
+    """Its key in metrics JSON (``miou13``)."""
+    classes: tuple[str, ...]
+
+
+MIOU13 = SubsetMean("mIoU*", "miou13", CLASSES_13)
+"""SYNTHIA -> Cityscapes results' mIoU over the 13 classes common to the papers (docs/method.md §8.3)."""
+
+
+@dataclass(frozen=True)
 class Protocol:
     """A label protocol: which raw ids map to which of ``num_classes`` training ids."""
 
@@ -111,6 +128,8 @@ class Protocol:
     """Every raw id the dataset may legitimately contain, mapped or ignored."""
     colors: tuple[tuple[int, int, int], ...]
     lut: np.ndarray = field(repr=False, compare=False)
+    subset_means: tuple[SubsetMean, ...] = ()
+    """Means over class subsets that results of this protocol report too (16 classes: mIoU*)."""
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +154,7 @@ class Protocol:
         bad = self.unknown_values(raw)
         if bad:
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-            raise ValueError(
+            raise DataError(
                 f"{path}: label values {shown} are not in the {self.name} label table "
                 f"(allowed raw ids: {min(self.known_raw_ids)}..{max(self.known_raw_ids)})"
             )
@@ -147,10 +166,16 @@ class Protocol:
         return table[np.asarray(train_ids, dtype=np.int64)]
 
 
-def _build(
-    name: str, raw_to_class: dict[int, str], classes: tuple[str, ...], colors: dict[str, tuple[int, int, int]]
+def build_protocol(
+    name: str,
+    raw_to_class: dict[int, str],
+    classes: tuple[str, ...],
+    colors: dict[str, tuple[int, int, int]],
+    subset_means: tuple[SubsetMean, ...] = (),
 ) -> Protocol:
-    """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``."""
+    """Build a protocol from a raw-id -> class-name table, ignoring names outside ``classes``
+    (the trainIds, in order); ``colors`` maps each class name to its RGB colour. A user's
+    dataset module builds its own label table with it (docs/extending.md)."""
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     raw_ids = [-1] * len(classes)
     for raw_id in sorted(raw_to_class):
@@ -162,7 +187,7 @@ def _build(
                 raw_ids[train_id] = raw_id
     missing = [c for c, r in zip(classes, raw_ids) if r < 0]
     if missing:
-        raise AssertionError(f"{name}: no raw id for classes {missing}")
+        raise ConfigError(f"label protocol {name}: no raw id for classes {missing}")
     return Protocol(
         name=name,
         class_names=classes,
@@ -170,6 +195,7 @@ def _build(
         known_raw_ids=frozenset(raw_to_class),
         lut=lut,
         colors=tuple(colors[c] for c in classes),
+        subset_means=subset_means,
     )
 
 
@@ -179,14 +205,14 @@ CLASSES_19: tuple[str, ...] = tuple(
     lab.name for lab in sorted((x for x in _CS_LABELS if 0 <= x.trainId < 255), key=lambda x: x.trainId)
 )
 
-CITYSCAPES_19 = _build("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
+CITYSCAPES_19 = build_protocol("cityscapes19", _CS_RAW_TO_NAME, CLASSES_19, _CS_COLORS)
 """Cityscapes (and GTA5) labelIds -> the 19 evaluation classes (docs/method.md §9.2)."""
-CITYSCAPES_16 = _build("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS)
+CITYSCAPES_16 = build_protocol("cityscapes16", _CS_RAW_TO_NAME, CLASSES_16, _CS_COLORS, (MIOU13,))
 """Cityscapes (and GTA5) labelIds -> the 16 SYNTHIA classes; terrain, truck, train ignored.
 
 See docs/method.md §9.2.
 """
-SYNTHIA_16 = _build("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS)
+SYNTHIA_16 = build_protocol("synthia16", SYNTHIA_RAW_NAMES, CLASSES_16, _CS_COLORS, (MIOU13,))
 """SYNTHIA-RAND-CITYSCAPES raw ids -> the 16 classes, in the same trainId order as CITYSCAPES_16."""
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (CITYSCAPES_19, CITYSCAPES_16, SYNTHIA_16)}
@@ -197,20 +223,67 @@ def get_protocol(name: str) -> Protocol:
     try:
         return PROTOCOLS[name]
     except KeyError:
-        raise KeyError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
+        raise ConfigError(f"unknown label protocol {name!r}; choose one of {sorted(PROTOCOLS)}") from None
 
 
-def protocol_for(dataset: str, num_classes: int) -> Protocol:
-    """The protocol that reads ``dataset``'s raw labels into ``num_classes`` classes."""
-    if num_classes not in (16, 19):
-        raise ValueError(f"num_classes must be 19 or 16, got {num_classes}")
-    if dataset == "synthia":
-        if num_classes != 16:
-            raise ValueError("SYNTHIA labels support the 16-class protocol only")
-        return SYNTHIA_16
-    if dataset in ("cityscapes", "gta5", "synthetic"):
-        return CITYSCAPES_19 if num_classes == 19 else CITYSCAPES_16
-    raise ValueError(f"unknown dataset {dataset!r}")
+def register_protocol(protocol: Protocol) -> Protocol:
+    """Make ``protocol`` known by name (checkpoints, ``cbst convert --protocol``, the datasets'
+    ``protocols`` tables); a user's dataset module calls it for its own label table."""
+    known = PROTOCOLS.get(protocol.name)
+    if known is not None and known is not protocol and known.class_names != protocol.class_names:
+        raise ConfigError(f"label protocol {protocol.name!r} is already registered with other classes")
+    PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def dataset_protocols(dataset: str) -> dict[int, Protocol] | None:
+    """The protocols a registered dataset's labels can be read in, by class count (the first is
+    its default), from its registration's ``protocols`` meta; None for a dataset that defines its
+    classes in its own files (the ``folder`` layout's YAML)."""
+    table = DATASETS.meta(dataset).get("protocols")
+    if table is None:
+        return None
+    return {int(n): p if isinstance(p, Protocol) else get_protocol(p) for n, p in table.items()}
+
+
+def protocol_for(dataset: str, num_classes: int | None = None) -> Protocol:
+    """The protocol that reads ``dataset``'s raw labels into ``num_classes`` classes (None: the
+    dataset's default count)."""
+    table = dataset_protocols(dataset)
+    if table is None:
+        raise ConfigError(f"dataset {dataset!r} defines its classes in its own files (no fixed protocol)")
+    if num_classes is None:
+        return next(iter(table.values()))
+    if num_classes not in table:
+        counts = " or ".join(map(str, table))
+        raise ConfigError(f"{dataset} labels support the {counts}-class protocol only, not {num_classes}")
+    return table[num_classes]
+
+
+def default_class_count(dataset: str) -> int | None:
+    """The class count a registered dataset is read in by default (None: its files define it)."""
+    table = DATASETS.meta(dataset).get("protocols")
+    return int(next(iter(table))) if table else None
+
+
+def class_count_choices() -> tuple[int, ...]:
+    """Every class count some registered dataset reads its labels in (for ``--num-classes``),
+    in registration order; datasets with classes of their own (``folder``) add none."""
+    counts: dict[int, None] = {}
+    for name in DATASETS:
+        for n in DATASETS.meta(name).get("protocols") or {}:
+            counts[int(n)] = None
+    return tuple(counts)
+
+
+def subset_means(class_names: tuple[str, ...] | list[str]) -> tuple[SubsetMean, ...]:
+    """The subset means results over these classes report: those of the registered protocols
+    with exactly these class names (mIoU* for the 16 SYNTHIA classes), none otherwise."""
+    names = tuple(class_names)
+    for protocol in PROTOCOLS.values():
+        if protocol.class_names == names and protocol.subset_means:
+            return protocol.subset_means
+    return ()
 
 
 def cityscapes_palette() -> list[int]:

@@ -15,6 +15,7 @@ Named files keep the ``arg:``/``aux:`` prefixes of their keys. ``save_params`` w
 
 from __future__ import annotations
 
+import errno
 import math
 import struct
 from pathlib import Path
@@ -126,7 +127,7 @@ def load_params(path: str | Path) -> dict[str, np.ndarray] | list[np.ndarray]:
     """Read an MXNet ``.params`` file: a name->array dict, or a list when the file has no names."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(errno.ENOENT, "file not found", str(path))
     r = _Reader(path, _read_writable(path))
     magic, _reserved = r.unpack("QQ", "list header")
     if magic != LIST_MAGIC:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cbst.errors import ConfigError
 from cbst.io import DataError, write_npy
 from cbst.labels import IGNORE_INDEX
 
@@ -90,7 +91,7 @@ def compute_spatial_prior(
 ) -> np.ndarray:
     """The spatial prior (float32 C×H×W, each class max 1, min > 0) of trainId label maps."""
     if eps <= 0:
-        raise ValueError(f"eps must be > 0 so that no location rules a class out, got {eps}")
+        raise ConfigError(f"eps must be > 0 so that no location rules a class out, got {eps}")
     height, width = size
     sigma = default_sigma(size) if sigma is None else sigma
     counts = np.zeros(num_classes * height * width, dtype=np.int32)

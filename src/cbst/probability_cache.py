@@ -1,8 +1,9 @@
 """The probability cache of a pseudo-label round: one network pass, labels assigned later.
 
 :class:`ProbabilityCache` keeps, per target image, the softmax maps of every forward pass of the
-round's test-time plan at the network's output resolution (stride 8, 1/64 of the pixels), in GPU
-memory, host memory or a memory-mapped file under the round folder, by the room available. It
+round's test-time plan at the network's output resolution (1/stride² of the pixels: 1/64 at
+stride 8), in GPU memory, host memory or a memory-mapped file under the round folder, by the
+room available. It
 gives back up-sampled probabilities on the device, exactly as :func:`cbst.inference.predict_probs`
 would compute them from the same maps. :mod:`cbst.pseudo_labels` fills it and assigns the
 round's pseudo-labels from it; CRST's soft labels can be computed from it the same way.
@@ -24,11 +25,7 @@ import torch
 from torch import Tensor
 
 from cbst import distributed, io
-from cbst.inference import (
-    PAD_MULTIPLE,
-    InferencePlan,
-    combine_outputs,
-)
+from cbst.inference import InferencePlan, combine_outputs
 
 CACHE_FOLDER = "probability_cache"
 """Sub-folder of the round folder holding the cache's file (and its index when kept)."""
@@ -172,7 +169,9 @@ class ProbabilityCache:
         if len(outputs) != len(sizes):
             raise ValueError(f"{len(outputs)} network outputs for a plan of {len(sizes)} passes")
         outputs = [out.to(self.dtype).contiguous() for out in outputs]
-        if not (self.plan.flip and self.merge_flip and all(w % PAD_MULTIPLE == 0 for _, w in sizes)):
+        if not (
+            self.plan.flip and self.merge_flip and all(w % self.plan.pad_multiple == 0 for _, w in sizes)
+        ):
             return outputs, self.plan.flip
         merged = [
             (plain.float() + mirror.float().flip(-1)) / 2
@@ -288,7 +287,7 @@ class ProbabilityCache:
             plan = index["plan"]
             cache = cls(
                 folder,
-                InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"]),
+                InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"], plan["pad_multiple"]),
                 device=device,
                 dtype=getattr(torch, index["dtype"]),
                 backend="disk",

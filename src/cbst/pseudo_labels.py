@@ -2,8 +2,8 @@
 
 One network pass per image per round: each batch of target images is forwarded once (every
 scale and mirror of the test-time plan), its softmax maps are kept at the network's output
-resolution (stride 8, 1/64 of the pixels) in a :class:`ProbabilityCache`, and their up-sampled
-probabilities (times the spatial prior for CBST-SP) feed the :class:`ThresholdEstimator`. Once
+resolution (1/stride² of the pixels: 1/64 at stride 8) in a :class:`ProbabilityCache`, and
+their up-sampled probabilities (times the spatial prior for CBST-SP) feed the :class:`ThresholdEstimator`. Once
 the round's thresholds are known, the pseudo-labels are assigned from the cache, up-sampled on
 the device, without decoding or forwarding any image again, and written as labelId PNGs
 (0 = not selected) plus colour PNGs by background threads, with ``stats.json``.
@@ -42,7 +42,7 @@ from cbst.inference import (
 from cbst.labels import IGNORE_INDEX
 from cbst.priors import apply_prior
 from cbst.probability_cache import CACHE_FOLDER, ProbabilityCache, ShardedCache
-from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels, rare_classes
+from cbst.thresholds import SelectionPolicy, ThresholdEstimator, rare_classes
 
 __all__ = [
     "CACHE_FOLDER",
@@ -125,6 +125,7 @@ def _write_labels(
     prior: Tensor | None,
     out_dir: Path,
     *,
+    policy: SelectionPolicy,
     num_workers: int,
     progress: bool,
     alpha: float | None = None,
@@ -145,7 +146,7 @@ def _write_labels(
         for indices in batches:
             probs = _with_prior(cache.get_batch(indices), prior)
             if alpha is None:
-                labels = assign_pseudo_labels(probs, thresholds)
+                labels = policy.assign(probs, thresholds)
             else:
                 soft, keep = soft_pseudo_labels(probs, thresholds, alpha)
                 labels = soft.argmax(dim=1)
@@ -180,7 +181,7 @@ def pseudo_label_pass(
     out_dir: str | Path,
     *,
     portion: float,
-    policy: str = "cb",
+    policy: str | SelectionPolicy = "cb",
     prior: Tensor | None = None,
     long_side: int | None = None,
     scales: tuple[float, ...] = (1.0,),
@@ -211,7 +212,8 @@ def pseudo_label_pass(
             only score the pseudo-labels (``pseudo_label_accuracy``).
         out_dir: the round folder.
         portion: share of the pixels per class (``cb``) or overall (``global``) to select.
-        policy: ``cb`` (CBST, class-wise thresholds) or ``global`` (ST).
+        policy: the selection policy, or its name in :data:`cbst.registry.SELECTION_POLICIES`
+            (``cb``: CBST, class-wise thresholds; ``global``: ST).
         prior: spatial prior C×H×W at the images' resolution (CBST-SP), or None.
         long_side, scales, flip: the test-time plan (see :func:`cbst.inference.predict_probs`).
         exact: exact thresholds by selection, and a float32 cache whose labels equal those of
@@ -238,7 +240,7 @@ def pseudo_label_pass(
     started = time.time()
     shard = distributed.shard_dataset(dataset)
     progress = progress and distributed.is_main()
-    plan = InferencePlan(long_side, tuple(scales), flip)
+    plan = InferencePlan.for_model(model, long_side, scales, flip)
     estimator = ThresholdEstimator(protocol.num_classes, policy, exact=exact, bins=bins, device=device)
     with ProbabilityCache(
         out_dir / cache_folder(),
@@ -269,6 +271,7 @@ def pseudo_label_pass(
             thresholds,
             prior,
             out_dir,
+            policy=estimator.selection,
             num_workers=num_workers,
             progress=progress,
             alpha=lrent_alpha,
@@ -278,7 +281,7 @@ def pseudo_label_pass(
     mine_id, priority = rare_classes(predicted, number=mine_id_number, thresh=mine_thresh)
     stats = {
         "portion": portion,
-        "policy": policy,
+        "policy": estimator.policy,
         "with_prior": prior is not None,
         "thresholds": dict(zip(protocol.class_names, thresholds.tolist())),
         "predicted_pixels": dict(zip(protocol.class_names, predicted.tolist())),

@@ -101,10 +101,15 @@ class Registry(Generic[T]):
 # listing them (``--help``, choices) imports neither torch nor the modules that define them;
 # adding one to cbst is its module plus one line here, and a user's module adds its own with
 # ``@REGISTRY.register("name")`` and ``--import``.
-ARCHITECTURES: Registry = Registry("architecture")
+ARCHITECTURES: Registry = Registry("model")
 """Segmentation networks: classes of :class:`cbst.models.base.SegmentationNet`."""
 DATASETS: Registry = Registry("dataset")
-"""Dataset layouts: functions ``(root, **options) -> SegmentationDataset``."""
+"""Dataset layouts: functions ``(root, *, split, protocol, list_file, with_labels, verify) ->
+SegmentationDataset`` (:func:`cbst.datasets.build_dataset` calls them). Meta ``protocols``: the
+label protocols the layout's labels can be read in, ``{class count: protocol or its name}``, the
+first the default (read by ``--num-classes``, evaluation and the report without importing the
+layout). A layout whose files define its classes (``folder``) has none and is called with
+``num_classes`` (None or the count asked for, to check) instead of ``protocol``."""
 SELECTION_POLICIES: Registry = Registry("selection policy")
 """Pseudo-label selection policies (class-balanced, global, ...)."""
 LOSSES: Registry = Registry("loss")
@@ -118,10 +123,12 @@ ARCHITECTURES.register_lazy("deeplabv2_resnet101", "cbst.models.deeplabv2:DeepLa
 ARCHITECTURES.register_lazy("resnet38", "cbst.models.resnet38:ResNet38")
 ARCHITECTURES.register_lazy("small", "cbst.models.small:SmallSegNet")
 
-DATASETS.register_lazy("gta5", "cbst.datasets:gta5")
-DATASETS.register_lazy("synthia", "cbst.datasets:synthia")
-DATASETS.register_lazy("cityscapes", "cbst.datasets:cityscapes")
-DATASETS.register_lazy("folder", "cbst.datasets:folder")
+DATASETS.register_lazy("gta5", "cbst.datasets:gta5", protocols={19: "cityscapes19", 16: "cityscapes16"})
+DATASETS.register_lazy("synthia", "cbst.datasets:synthia", protocols={16: "synthia16"})
+DATASETS.register_lazy(
+    "cityscapes", "cbst.datasets:cityscapes", protocols={19: "cityscapes19", 16: "cityscapes16"}
+)
+DATASETS.register_lazy("folder", "cbst.datasets:folder")  # classes from its dataset.yaml
 
 SELECTION_POLICIES.register_lazy("cb", "cbst.thresholds:ClassBalancedPolicy")
 SELECTION_POLICIES.register_lazy("global", "cbst.thresholds:GlobalPolicy")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cbst.errors import ConfigError
+
 SOURCE_SAMPLE_POLICIES = ("cumulative", "random")
 
 
@@ -51,11 +53,11 @@ def round_schedule(
 ) -> list[RoundPlan]:
     """The plan of every round; defaults are the original ``solve_AO.py`` defaults."""
     if source_sample_policy not in SOURCE_SAMPLE_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"source_sample_policy must be one of {SOURCE_SAMPLE_POLICIES}, got {source_sample_policy!r}"
         )
     if num_round < 1 or epoch_per_round < 1:
-        raise ValueError("num_round and epoch_per_round must be at least 1")
+        raise ConfigError("num_round and epoch_per_round must be at least 1")
     plans = []
     p, s = init_tgt_port, init_src_port
     for r in range(num_round):

@@ -26,258 +26,44 @@ for it where they read them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from cbst import checks, distributed, io, runlock
-from cbst.checks import ConfigError
+from cbst import checks, distributed, io, options, runlock
+from cbst.checkpoints import load_checkpoint, load_weights_into, read_meta, save_checkpoint
+from cbst.config import SelfTrainConfig
 from cbst.crst import CrstLoss
-from cbst.device import configure_backends, select_device
-from cbst.priors import load_prior
+from cbst.datasets import build_dataset
+from cbst.device import configure_backends, maybe_compile, select_device
+from cbst.errors import ConfigError
+from cbst.evaluation import evaluate_model
+from cbst.mining import MiningPlan
+from cbst.models.base import geometry, round_to_stride
+from cbst.optim import build_optimizer
+from cbst.priors import load_prior, save_prior, spatial_prior_from_dataset
 from cbst.pseudo_labels import open_kept_cache, pseudo_label_pass, remove_kept_caches
-from cbst.rounds import RoundPlan, round_schedule, source_subset
-from cbst.thresholds import POLICIES
+from cbst.registry import LOSSES
+from cbst.rounds import RoundPlan, source_subset
+from cbst.training import train_epochs
+from cbst.transforms import TrainTransform
 
 __all__ = ["SelfTrainConfig", "self_train", "pseudo_label_pass"]
 
-_INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior")
-_DATA = (
-    "weights",
-    "dataset",
-    "data_root",
-    "split",
-    "list_file",
-    "dataset_tgt",
-    "data_root_tgt",
-    "split_tgt",
-    "list_tgt",
-    "num_classes",
-)
-# The options each stage reads besides its round's plan: a run resumes only if every finished
-# stage would read the same values. Other options (the round count, --device, ...) may change.
-_STAGE_OPTIONS = {
-    "pseudo": _DATA
-    + (
-        "kc_policy",
-        "with_prior",
-        "test_scales",
-        "test_flipping",
-        "pseudo_scales",
-        "exact_thresholds",
-        "threshold_bins",
-        "pseudo_batch",
-        "mine_id_number",
-        "mine_thresh",
-        "amp",
-        "score_pseudo_labels",
-        "lr_weight_ent",
-    ),
-    "train": _DATA
-    + (
-        "seed",
-        "batch_images",
-        "crop_size",
-        "scale_rate_range",
-        "origin_size",
-        "origin_size_tgt",
-        "mine_port",
-        "momentum",
-        "weight_decay",
-        "amp",
-        "mr_weight_kld",
-        "mr_weight_src",
-        "lr_weight_ent",
-        "with_prior",
-        "sync_bn",
-    ),
-    "eval": ("dataset_tgt", "data_root_tgt", "num_classes", "eval_split", "eval_long_side", "eval_flipping"),
-}
+# The options each stage reads besides its round's plan (declared with the options, in
+# cbst.config): a run resumes only if every finished stage would read the same values. Other
+# options (the round count, --device, ...) may change.
+_STAGE_OPTIONS = options.stage_options(SelfTrainConfig)
 # The plan fields each stage reads, and the options each field is computed from.
 _STAGE_PLAN = {
     "pseudo": ("tgt_portion",),
     "train": ("src_portion", "lr", "start_epoch", "end_epoch", "source_seed"),
     "eval": (),
 }
-_PLAN_OPTIONS = {
-    "tgt_portion": ("init_tgt_port", "step_tgt_port", "max_tgt_port"),
-    "src_portion": ("init_src_port", "step_src_port", "max_src_port"),
-    "lr": ("base_lr", "lr_decay"),
-    "start_epoch": ("epoch_per_round",),
-    "end_epoch": ("epoch_per_round",),
-    "source_seed": ("source_sample_policy", "seed"),
-}
-
-
-@dataclass
-class SelfTrainConfig:
-    """Everything a self-training run depends on; saved as ``OUTPUT/config.yaml``."""
-
-    weights: str
-    output: str
-    data_root: str
-    data_root_tgt: str
-    dataset: str = "gta5"
-    split: str = "train"
-    list_file: str | None = None
-    dataset_tgt: str = "cityscapes"
-    split_tgt: str = "train"
-    list_tgt: str | None = None
-    eval_split: str | None = "val"
-    num_classes: int = 19
-    # schedule (the original solve_AO.py defaults)
-    num_round: int = 12
-    init_tgt_port: float = 0.3
-    step_tgt_port: float = 0.05
-    max_tgt_port: float = 0.5
-    init_src_port: float = 0.3
-    step_src_port: float = 0.0025
-    max_src_port: float = 0.06
-    epoch_per_round: int = 2
-    base_lr: float = 1e-4
-    lr_decay: float = math.sqrt(2.0)
-    source_sample_policy: str = "cumulative"
-    seed: int = 0
-    # pseudo-labels
-    kc_policy: str = "cb"
-    with_prior: str | None = None
-    test_scales: int | None = None
-    test_flipping: bool = True
-    pseudo_scales: tuple[float, ...] = (1.0,)
-    exact_thresholds: bool = False
-    threshold_bins: int = 65536
-    pseudo_batch: int = 1
-    # training
-    batch_images: int = 2
-    crop_size: int = 500
-    scale_rate_range: tuple[float, float] = (0.7, 1.3)
-    origin_size: int | None = None
-    origin_size_tgt: int | None = None
-    mine_port: float = 0.5
-    mine_id_number: int = 3
-    mine_thresh: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    sync_bn: bool = False
-    # CRST's regularisers (cbst.crst; 0 = off)
-    mr_weight_kld: float = 0.0
-    mr_weight_src: float = 0.0
-    lr_weight_ent: float = 0.0
-    # evaluation
-    eval_long_side: int | None = None
-    eval_flipping: bool = False
-    # runtime
-    device: str = "auto"
-    num_workers: int = 0
-    amp: bool = True
-    compile: bool = False
-    progress: bool = True
-    resume: bool = False
-    score_pseudo_labels: bool = False
-    """Score pseudo-labels against the target split's ground truth (a log only: oracle data)."""
-
-    def schedule(self) -> list[RoundPlan]:
-        """The per-round portions, learning rates and epochs of this run."""
-        return round_schedule(
-            self.num_round,
-            init_tgt_port=self.init_tgt_port,
-            step_tgt_port=self.step_tgt_port,
-            max_tgt_port=self.max_tgt_port,
-            init_src_port=self.init_src_port,
-            step_src_port=self.step_src_port,
-            max_src_port=self.max_src_port,
-            base_lr=self.base_lr,
-            lr_decay=self.lr_decay,
-            epoch_per_round=self.epoch_per_round,
-            source_sample_policy=self.source_sample_policy,
-            seed=self.seed,
-        )
-
-    def validate(self) -> None:
-        """Reject invalid or inconsistent options before anything is read or written.
-
-        Errors name the option as its flag. Portions must stay in [0, 1] in every round, not
-        only in the first: a portion grows by its step while below its maximum.
-        """
-        if self.kc_policy not in POLICIES:
-            raise ConfigError(f"--kc-policy must be 'cb' or 'global', got {self.kc_policy!r}")
-        checks.require_positive(
-            self,
-            "num_round",
-            "epoch_per_round",
-            "base_lr",
-            "lr_decay",
-            "batch_images",
-            "crop_size",
-            "pseudo_batch",
-            "threshold_bins",
-        )
-        checks.require_positive(
-            self, "test_scales", "origin_size", "origin_size_tgt", "eval_long_side", optional=True
-        )
-        checks.require_non_negative(
-            self,
-            "step_tgt_port",
-            "step_src_port",
-            "momentum",
-            "weight_decay",
-            "mine_id_number",
-            "num_workers",
-            "mr_weight_kld",
-            "mr_weight_src",
-            "lr_weight_ent",
-        )
-        checks.require_fraction(
-            self, "init_tgt_port", "max_tgt_port", "init_src_port", "max_src_port", "mine_port", "mine_thresh"
-        )
-        checks.require_scale_range(self, "scale_rate_range")
-        checks.require_split_batch(self, "batch_images")
-        checks.require_batch_memory(self, "batch_images", "crop_size", "pseudo_batch")
-        if not self.pseudo_scales or min(self.pseudo_scales) <= 0:
-            raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
-        if not Path(self.weights).is_file():
-            raise FileNotFoundError(f"{self.weights}: initial weights not found")
-        if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
-            raise FileNotFoundError(f"{self.with_prior}: spatial prior file not found")
-        if self.with_prior not in (None, "source"):
-            load_prior(self.with_prior, self.num_classes)  # its header, dtype, shape and range
-        for plan in self.schedule():
-            for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
-                if portion > 1:
-                    names = [f"{p}_{kind}_port" for p in ("init", "step", "max")]
-                    given = ", ".join(f"{checks.flag(n)} {getattr(self, n)}" for n in names)
-                    raise ConfigError(
-                        f"{given} give round {plan.index} a portion of {portion:g}, "
-                        "above 1 (the portion grows by the step while below the "
-                        "maximum)"
-                    )
-
-    @property
-    def lrent_alpha(self) -> float | None:
-        """LRENT's α when ``--lr-weight-ent`` is on, else None (hard pseudo-labels)."""
-        return self.lr_weight_ent if self.lr_weight_ent > 0 else None
-
-    def check_sizes(self, num_source: int, num_target: int) -> None:
-        """Every round must train on at least one full batch (incomplete batches are dropped)."""
-        for plan in self.schedule():
-            images = len(source_subset(num_source, plan.src_portion, plan.source_seed)) + num_target
-            checks.require_batch_fits(self.batch_images, images, f"round {plan.index}")
-
-    def to_dict(self) -> dict:
-        """Plain-type dict (YAML-safe)."""
-        d = dataclasses.asdict(self)
-        d["scale_rate_range"] = list(self.scale_rate_range)
-        d["pseudo_scales"] = list(self.pseudo_scales)
-        return d
-
-    def saved_form(self) -> dict:
-        """``to_dict`` with the input and output paths absolute: what ``config.yaml`` holds."""
-        return checks.resolved_paths(self.to_dict(), _INPUT_PATHS + ("output",))
+_PLAN_OPTIONS = options.plan_options(SelfTrainConfig)
 
 
 _STAGES = ("pseudo", "train", "eval")
@@ -399,7 +185,7 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     runlock.check_free(out)
     state = RunState(out)
     if state.finished and not cfg.resume:
-        raise ValueError(
+        raise ConfigError(
             f"{out}: holds a started run ({len(state.finished)} stages finished); "
             "pass --resume to continue it or choose another --output"
         )
@@ -463,8 +249,6 @@ def _write_config(out: Path, cfg: SelfTrainConfig) -> None:
 
 def _check_weights(cfg: SelfTrainConfig, protocol: str) -> None:
     """The initial weights must be a readable cbst checkpoint for the target's label protocol."""
-    from cbst.checkpoints import read_meta
-
     read_meta(cfg.weights, expect_protocol=protocol)
 
 
@@ -475,8 +259,6 @@ def _load_prior(cfg: SelfTrainConfig, out: Path, source, target, device: torch.d
     ``OUTPUT/prior.npy`` (the main process does, the others wait for the file); otherwise it is
     read from a .npy or the original's .mat file.
     """
-    from cbst.priors import save_prior, spatial_prior_from_dataset
-
     if cfg.with_prior is None:
         return None
     w, h = io.image_size(target.samples[0].image)
@@ -508,15 +290,10 @@ def _train_round(
 ) -> None:
     """Train the model for one round on the source subset plus the pseudo-labelled target
     (with CRST's loss ``loss_fn`` when given)."""
-    from cbst.mining import MiningPlan
-    from cbst.models.base import round_to_stride
-    from cbst.training import build_optimizer, train_epochs
-    from cbst.transforms import TrainTransform
-
     mining = (
         MiningPlan(cfg.mine_port, stats["mine_id"], stats["mine_id_priority"]) if cfg.mine_port > 0 else None
     )
-    crop = round_to_stride(cfg.crop_size)
+    crop = round_to_stride(cfg.crop_size, geometry(model).pad_multiple)
     seed = _round_seed(cfg, plan)
 
     def transform(reference: int | None, offset: int) -> TrainTransform:
@@ -535,7 +312,9 @@ def _train_round(
         target.with_transform(transform(cfg.origin_size_tgt, 1)),
     ]
     data = torch.utils.data.ConcatDataset([p for p in parts if len(p) > 0])
-    optimizer = build_optimizer(model, plan.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        model, plan.lr, name=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     train_epochs(
         model,
         data,
@@ -550,8 +329,10 @@ def _train_round(
         seed=seed,
         amp=cfg.amp,
         progress=cfg.progress,
-        loss_fn=loss_fn,
+        loss_fn=loss_fn or LOSSES.get(cfg.loss)(),
         sync_bn=cfg.sync_bn,
+        warmup_iters=cfg.warmup_iters,
+        clip_grad_norm=cfg.clip_grad_norm,
     )
 
 
@@ -595,9 +376,6 @@ class _RoundModel:
 
     def load(self, path: Path) -> torch.nn.Module:
         """The model holding the checkpoint's weights (compiled when asked); run it, not save it."""
-        from cbst.checkpoints import load_checkpoint, load_weights_into
-        from cbst.device import maybe_compile
-
         if self.model is None:
             self.model, self.meta = load_checkpoint(path, device=self.device, expect_protocol=self.protocol)
             self.net = maybe_compile(self.model, self.compile)
@@ -608,8 +386,6 @@ class _RoundModel:
 
 def _datasets(cfg: SelfTrainConfig):
     """(source, target train, target val or None), verified before any work starts."""
-    from cbst.datasets import build_dataset
-
     source = build_dataset(
         cfg.dataset, cfg.data_root, split=cfg.split, num_classes=cfg.num_classes, list_file=cfg.list_file
     )
@@ -632,9 +408,6 @@ def _datasets(cfg: SelfTrainConfig):
 @runlock.releasing
 def self_train(cfg: SelfTrainConfig) -> dict:
     """Run (or resume) every round; returns {round index: metrics json} of the evaluations."""
-    from cbst.checkpoints import save_checkpoint
-    from cbst.evaluation import evaluate_model
-
     cfg.validate()
     out, state = _prepare_output(cfg)
     source, target, val = _datasets(cfg)

@@ -13,81 +13,33 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from cbst import checks, distributed, runlock
-from cbst.checks import ConfigError
+from cbst import checks, distributed, options, runlock
+from cbst.checkpoints import load_checkpoint, save_checkpoint
+from cbst.config import SourceTrainConfig, resume_free
+from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
+from cbst.errors import CheckpointError, ConfigError
+from cbst.evaluation import evaluate_model
 from cbst.io import atomic_path, check_output_dir, check_run_folder, write_text
-from cbst.training import LR_POLICIES, build_optimizer, train_epochs
+from cbst.models import build_model
+from cbst.models.base import geometry, round_to_stride
+from cbst.optim import build_optimizer
+from cbst.registry import LOSSES
+from cbst.training import train_epochs
+from cbst.transforms import TrainTransform
 
-
-@dataclass
-class SourceTrainConfig:
-    """Everything ``train_source`` needs; defaults are the original's GTA5 settings (docs/method.md §2.1)."""
-
-    dataset: str
-    data_root: str
-    output: str
-    split: str = "train"
-    list_file: str | None = None
-    num_classes: int = 19
-    model: str = "resnet38"
-    weights: str | None = None
-    batch_images: int = 16
-    crop_size: int = 500
-    scale_range: tuple[float, float] = (0.7, 1.3)
-    origin_size: int | None = None
-    lr_type: str = "fixed"
-    base_lr: float = 0.0016
-    lr_steps: tuple[int, ...] = ()
-    to_epoch: int = 30
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 4
-    amp: bool = True
-    progress: bool = True
-    compile: bool = False
-    resume: bool = False
-    eval_dataset: str | None = None
-    eval_root: str | None = None
-    eval_split: str = "val"
-    eval_long_side: int | None = None
-    tensorboard: bool = False
-    sync_bn: bool = False
-
-    def validate(self) -> None:
-        """Reject invalid options before anything is read or written; errors name the flag."""
-        checks.require_positive(self, "batch_images", "crop_size", "to_epoch", "base_lr")
-        checks.require_positive(self, "origin_size", "eval_long_side", optional=True)
-        checks.require_non_negative(self, "weight_decay", "momentum", "num_workers")
-        checks.require_scale_range(self, "scale_range")
-        checks.require_split_batch(self, "batch_images")
-        checks.require_batch_memory(self, "batch_images", "crop_size")
-        if self.lr_type not in LR_POLICIES:
-            raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
-        if any(step < 0 for step in self.lr_steps):
-            raise ConfigError(f"--lr-steps must be iteration numbers >= 0, got {list(self.lr_steps)}")
-        if self.eval_dataset and not self.eval_root:
-            raise ConfigError("--eval-dataset needs --eval-root")
-
-    def saved_form(self) -> dict:
-        """Plain-type dict with the paths absolute: what ``OUT/config.yaml`` holds."""
-        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return checks.resolved_paths(data, _SOURCE_INPUTS + ("output",))
-
-
-_SOURCE_INPUTS = ("data_root", "list_file", "weights", "eval_root")
-# Options that change no finished epoch, so a resumed run may change them; --to-epoch too when
-# the lr policy does not span the whole run.
-_SOURCE_RESUME_FREE = ("output", "resume", "device", "num_workers", "progress", "tensorboard", "compile")
+_SOURCE_INPUTS = options.path_fields(SourceTrainConfig)
+# Options that change no finished epoch, so a resumed run may change them (declared with the
+# options, in cbst.config); --to-epoch too when the lr policy does not span the whole run.
+_SOURCE_RESUME_FREE = resume_free(SourceTrainConfig)
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
@@ -105,15 +57,23 @@ def last_finished_epoch(output: Path) -> int:
     return max(epochs, default=0)
 
 
+def _optimizer(model: nn.Module, config: SourceTrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser over the model's parameter groups."""
+    return build_optimizer(
+        model,
+        config.base_lr,
+        name=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
 def _init_model(config: SourceTrainConfig) -> nn.Module:
     """The initial model: from a cbst checkpoint (*.pt) or built with pretrained weights."""
-    from cbst.checkpoints import load_checkpoint
-    from cbst.models import build_model
-
     if config.weights and config.weights.endswith(".pt"):
         model, meta = load_checkpoint(config.weights)
         if meta.get("arch") != config.model or meta.get("num_classes") != config.num_classes:
-            raise ValueError(
+            raise CheckpointError(
                 f"{config.weights}: checkpoint is {meta.get('arch')} with "
                 f"{meta.get('num_classes')} classes, but --model {config.model} "
                 f"--num-classes {config.num_classes} was asked for"
@@ -142,8 +102,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
     """Lock OUT (creating it) and write the effective configuration as ``OUT/config.yaml``: the
     run starts."""
-    import yaml
-
     runlock.start(output, "cbst train-source")
     write_text(output / "config.yaml", yaml.safe_dump(config.saved_form(), sort_keys=False))
 
@@ -177,14 +135,12 @@ def _evaluator(
     """A function returning target-val metrics for a model, or None when no eval set is given."""
     if not config.eval_dataset:
         return None
-    from cbst.datasets import build_dataset
-    from cbst.evaluation import evaluate_model
 
     val = build_dataset(
         config.eval_dataset, config.eval_root, split=config.eval_split, num_classes=config.num_classes
     )
     if val.protocol.name != protocol.name:
-        raise ValueError(
+        raise ConfigError(
             f"evaluation set protocol {val.protocol.name!r} differs from the "
             f"training protocol {protocol.name!r}"
         )
@@ -212,11 +168,6 @@ def train_source(config: SourceTrainConfig) -> Path:
     evaluation images; the main process alone writes the configuration, checkpoints, log and
     TensorBoard events.
     """
-    from cbst.checkpoints import load_checkpoint, save_checkpoint
-    from cbst.datasets import build_dataset
-    from cbst.models.base import round_to_stride
-    from cbst.transforms import TrainTransform
-
     config.validate()
     output = Path(config.output)
     check_output_dir(output)
@@ -233,34 +184,30 @@ def train_source(config: SourceTrainConfig) -> Path:
         list_file=config.list_file,
     )
     checks.require_batch_fits(config.batch_images, len(data), config.data_root)
-    transform = TrainTransform(
-        round_to_stride(config.crop_size),
-        scale_range=config.scale_range,
-        reference_long_side=config.origin_size,
-        seed=config.seed,
-    )
-    data = data.with_transform(transform)
     protocol = data.protocol
 
     start_epoch = last_finished_epoch(output)
     if start_epoch and not config.resume:
-        raise ValueError(
+        raise ConfigError(
             f"{output}: already holds checkpoints; pass --resume to continue or choose another --output"
         )
     if start_epoch:
         _check_resume(output, config, start_epoch)
         model, meta = load_checkpoint(checkpoint_path(output, start_epoch), expect_protocol=protocol.name)
         model.to(device)  # before the optimizer, so its restored state lands on the device
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
         optimizer.load_state_dict(meta["extra"]["optimizer"])
     else:
         seed_everything(config.seed)  # the random initialisation of new layers, too
         model = _init_model(config).to(device)
-        optimizer = build_optimizer(
-            model, config.base_lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        optimizer = _optimizer(model, config)
+    transform = TrainTransform(
+        round_to_stride(config.crop_size, geometry(model).pad_multiple),
+        scale_range=config.scale_range,
+        reference_long_side=config.origin_size,
+        seed=config.seed,
+    )
+    data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
@@ -313,6 +260,10 @@ def train_source(config: SourceTrainConfig) -> Path:
             writer=writer,
             progress=config.progress,
             sync_bn=config.sync_bn,
+            loss_fn=LOSSES.get(config.loss)(),
+            lr_power=config.lr_power,
+            warmup_iters=config.warmup_iters,
+            clip_grad_norm=config.clip_grad_norm,
         )
     finally:
         if writer is not None:
@@ -325,7 +276,7 @@ def _tensorboard(output: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             "--tensorboard needs the 'tensorboard' package (pip install 'cbst[tensorboard]')"
         ) from None
     return SummaryWriter(str(output / "tensorboard"))

@@ -1,6 +1,10 @@
-"""Class-balanced thresholds λ_c, pseudo-label assignment and rare-class statistics.
+"""Pseudo-label selection policies, the thresholds λ_c they compute, assignment and rare classes.
 
-docs/method.md §4 and §6.1 describe them.
+docs/method.md §4 and §6.1 describe them. A selection policy is an object of
+:data:`cbst.registry.SELECTION_POLICIES` (``--kc-policy``): :class:`SelectionPolicy` turns the
+round's per-class confidence statistics (:class:`ConfidenceStats`) and the portion to select
+into one threshold per class, and assigns labels with them. cbst's own are
+:class:`ClassBalancedPolicy` (``cb``, CBST) and :class:`GlobalPolicy` (``global``, ST).
 
 The original pooled (every 4th) confidence of every target pixel in per-class Python lists and
 sorted them: gigabytes of host memory per round. ``ThresholdEstimator`` keeps, by default, one
@@ -23,16 +27,132 @@ prior, possibly a little above 1 after bicubic up-sampling).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from cbst.errors import DivergedError
 from cbst.labels import IGNORE_INDEX
+from cbst.registry import SELECTION_POLICIES
 
-POLICIES = ("cb", "global")
 MAX_BINS = 2**24  # keeps conf·bins exact in float64, so every value lands in its true bin
+
+
+@dataclass(frozen=True)
+class ConfidenceStats:
+    """Confidence statistics of a set of pixels, one row per group (per class, or pooled).
+
+    Row r describes the pixels whose argmax class is r: their number ``counts[r]``, their
+    smallest confidence ``minimum[r]``, and either a histogram of their confidences
+    (``histogram``, R × (bins + 1), the last bin holding every value ≥ 1; see
+    :class:`ThresholdEstimator`) or, in exact mode, the confidences themselves (``values``).
+    """
+
+    counts: Tensor
+    minimum: Tensor
+    bins: int
+    histogram: Tensor | None = None
+    values: list[Tensor] | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.values is not None
+
+    def pooled(self) -> ConfidenceStats:
+        """One row over every pixel, whatever its class."""
+        if self.exact:
+            pool = torch.cat(self.values) if self.values else torch.empty(0, device=self.counts.device)
+            return ConfidenceStats(
+                self.counts.sum().reshape(1), self.minimum.min().reshape(1), self.bins, None, [pool]
+            )
+        return ConfidenceStats(
+            self.counts.sum().reshape(1),
+            self.minimum.min().reshape(1),
+            self.bins,
+            self.histogram.sum(0, keepdim=True),
+        )
+
+    def top_portion(self, portion: float) -> Tensor:
+        """Per row (float32 [R]): the ⌊n·portion⌋-th largest confidence of its n pixels, the λ that
+        selects its most confident ``portion``; 1.0 where that is undefined (no pixel, or
+        ⌊n·portion⌋ = 0). Approximate from the histogram (see :class:`ThresholdEstimator`'s
+        guarantees), exact from the values."""
+        return self._exact_top(portion) if self.exact else self._approx_top(portion)
+
+    def _approx_top(self, portion: float) -> Tensor:
+        """Lower edge of the bin holding the k-th largest value, raised to the row's minimum."""
+        hist = self.histogram
+        k = torch.floor(hist.sum(1).double() * portion).long()
+        from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
+        b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
+        edge = (b.double() / self.bins).float()
+        lam = torch.maximum(edge, self.minimum)
+        return torch.where(k > 0, lam, torch.ones_like(lam))
+
+    def _exact_top(self, portion: float) -> Tensor:
+        """The k-th largest value per row, by selection on the device."""
+        lam = torch.ones(len(self.values), dtype=torch.float32, device=self.counts.device)
+        for i, pool in enumerate(self.values):
+            n = pool.numel()
+            k = math.floor(n * portion)
+            if k > 0:
+                lam[i] = torch.kthvalue(pool, n - k + 1).values
+        return lam
+
+
+class SelectionPolicy:
+    """How pseudo-labels are selected: thresholds λ from confidence statistics, then labels.
+
+    A policy implements :meth:`thresholds` (and may override :meth:`assign`). cbst builds one
+    object per run, ``SELECTION_POLICIES.get(name)()``, so a policy may keep state between
+    calls: the offline rounds call ``thresholds`` once per round on the whole target set's
+    statistics; an online variant may call it on each batch's statistics (a
+    :class:`ThresholdEstimator` fed with one batch) and, say, keep a running average of λ.
+    """
+
+    name: str = ""
+    """The name it is registered under (``--kc-policy``), written to the round's ``stats.json``."""
+
+    def thresholds(self, stats: ConfidenceStats, portion: float) -> Tensor:
+        """λ per class (float32 [C], on the statistics' device) for selecting ``portion``."""
+        raise NotImplementedError
+
+    def assign(self, probs: Tensor, thresholds: Tensor) -> Tensor:
+        """Pseudo-labels of ``probs`` (N×C×H×W) under ``thresholds``; ``IGNORE_INDEX`` where a pixel
+        is not selected. By default :func:`assign_pseudo_labels`: argmax p/λ where max p/λ ≥ 1."""
+        return assign_pseudo_labels(probs, thresholds)
+
+
+class ClassBalancedPolicy(SelectionPolicy):
+    """CBST (``cb``): among the n_c pixels predicted as class c, λ_c is the ⌊n_c·p⌋-th largest
+    confidence, so every class contributes its own most confident portion."""
+
+    name = "cb"
+
+    def thresholds(self, stats: ConfidenceStats, portion: float) -> Tensor:
+        return stats.top_portion(portion)
+
+
+class GlobalPolicy(SelectionPolicy):
+    """ST (``global``): one λ for every class, the ⌊n·p⌋-th largest confidence of all n pixels."""
+
+    name = "global"
+
+    def thresholds(self, stats: ConfidenceStats, portion: float) -> Tensor:
+        return stats.pooled().top_portion(portion).expand(len(stats.counts))
+
+
+def build_policy(policy: str | SelectionPolicy) -> SelectionPolicy:
+    """The policy object of a registered name (an object is returned as it is)."""
+    if isinstance(policy, SelectionPolicy):
+        return policy
+    built = SELECTION_POLICIES.get(policy)()
+    if not built.name:
+        built.name = policy
+    return built
 
 
 class ThresholdEstimator:
@@ -67,7 +187,7 @@ class ThresholdEstimator:
     def __init__(
         self,
         num_classes: int,
-        policy: str = "cb",
+        policy: str | SelectionPolicy = "cb",
         *,
         exact: bool = False,
         bins: int = 65536,
@@ -76,14 +196,13 @@ class ThresholdEstimator:
     ):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown threshold policy {policy!r}; choose one of {POLICIES}")
         if not 2 <= bins <= MAX_BINS:
             raise ValueError(f"bins must be in [2, {MAX_BINS}], got {bins}")
         if subsample < 1:
             raise ValueError(f"subsample must be >= 1, got {subsample}")
         self.num_classes = num_classes
-        self.policy = policy
+        self.selection = build_policy(policy)
+        self.policy = self.selection.name
         self.exact = exact
         self.bins = bins
         self.subsample = subsample
@@ -182,48 +301,19 @@ class ThresholdEstimator:
             raise ValueError(f"portion must be in [0, 1], got {portion}")
         self._ensure_state(self.device or torch.device("cpu"))
         if not bool(self._min.isfinite()[self._counts > 0].all()):  # amin keeps any NaN seen
-            raise FloatingPointError(
+            raise DivergedError(
                 "the model's probabilities are not finite (NaN or inf): its "
                 "weights have diverged or are corrupt"
             )
+        return self.selection.thresholds(self.statistics(), portion).clone()
+
+    def statistics(self) -> ConfidenceStats:
+        """The accumulated statistics, one row per class (the tensors themselves, not copies)."""
+        self._ensure_state(self.device or torch.device("cpu"))
         if self.exact:
-            lam = self._exact_thresholds(portion)
-        else:
-            lam = self._approx_thresholds(portion)
-        if self.policy == "global":
-            lam = lam.expand(self.num_classes)
-        return lam.clone()
-
-    def _ranks(self, counts: Tensor, portion: float) -> Tensor:
-        """k = ⌊n·p⌋ for each row of counts (int64)."""
-        return torch.floor(counts.double() * portion).long()
-
-    def _approx_thresholds(self, portion: float) -> Tensor:
-        """Lower edge of the bin holding the k-th largest value, per row (class or global)."""
-        hist, low = self._hist, self._min
-        if self.policy == "global":
-            hist, low = hist.sum(0, keepdim=True), low.min().reshape(1)
-        k = self._ranks(hist.sum(1), portion)
-        from_top = hist.flip(1).cumsum(1).flip(1)  # values in bins ≥ b
-        b = (from_top >= k.unsqueeze(1)).sum(1) - 1  # last bin with ≥ k values above it
-        edge = (b.double() / self.bins).float()
-        lam = torch.maximum(edge, low)
-        return torch.where(k > 0, lam, torch.ones_like(lam))
-
-    def _exact_thresholds(self, portion: float) -> Tensor:
-        """The k-th largest kept value per row, by selection on the device."""
-        pools = [
-            torch.cat(chunks) if chunks else torch.empty(0, device=self.device) for chunks in self._values
-        ]
-        if self.policy == "global":
-            pools = [torch.cat(pools)]
-        lam = torch.ones(len(pools), dtype=torch.float32, device=self.device)
-        for i, pool in enumerate(pools):
-            n = pool.numel()
-            k = math.floor(n * portion)
-            if k > 0:
-                lam[i] = torch.kthvalue(pool, n - k + 1).values
-        return lam
+            pools = [torch.cat(v) if v else torch.empty(0, device=self.device) for v in self._values]
+            return ConfidenceStats(self._counts, self._min, self.bins, values=pools)
+        return ConfidenceStats(self._counts, self._min, self.bins, histogram=self._hist)
 
     # ----------------------------------------------------------------- persistence / DDP
     def state_dict(self) -> dict[str, Any]:
@@ -262,7 +352,7 @@ class ThresholdEstimator:
     def merge_state_dict(self, state: dict[str, Any]) -> None:
         """Add another estimator's statistics (e.g. another rank's) to this one."""
         other = ThresholdEstimator(
-            self.num_classes, self.policy, exact=self.exact, bins=self.bins, subsample=self.subsample
+            self.num_classes, self.selection, exact=self.exact, bins=self.bins, subsample=self.subsample
         )
         other.load_state_dict(state)
         device = self._ensure_state(other.device)

@@ -1,4 +1,5 @@
-"""Supervised training: optimiser, learning-rate policies, loss and the epoch loop.
+"""Supervised training: the epoch loop (optimisers and lr schedules: :mod:`cbst.optim`; losses:
+:mod:`cbst.losses`).
 
 ``train_epochs`` is the loop shared by source training (``cbst.sourcetrain``) and each
 self-training round (docs/method.md §7,
@@ -22,77 +23,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from cbst import distributed
 from cbst.device import autocast, mixed_precision, prefers_channels_last
+from cbst.errors import ConfigError, DivergedError
 from cbst.inference import normalize
-from cbst.labels import IGNORE_INDEX
+from cbst.losses import CrossEntropyLoss
+from cbst.models.base import geometry
+from cbst.optim import build_optimizer, lr_at, set_lr
 
-LR_POLICIES: tuple[str, ...] = ("fixed", "poly", "linear", "step")
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 """A training loss ``(logits, labels on the device, the loader's batch) -> scalar``."""
-
-
-def build_optimizer(
-    model: nn.Module, base_lr: float, *, momentum: float = 0.9, weight_decay: float = 5e-4
-) -> torch.optim.SGD:
-    """SGD with one group per ``model.lr_groups()`` entry, scaled by its lr/wd multipliers."""
-    groups = []
-    for group in model.lr_groups():
-        params = [p for p in group["params"] if p.requires_grad]
-        if not params:
-            continue
-        lr_mult, wd_mult = float(group.get("lr_mult", 1.0)), float(group.get("wd_mult", 1.0))
-        groups.append(
-            {
-                "params": params,
-                "lr": base_lr * lr_mult,
-                "weight_decay": weight_decay * wd_mult,
-                "lr_mult": lr_mult,
-                "wd_mult": wd_mult,
-            }
-        )
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def lr_at(
-    policy: str, base_lr: float, it: int, total: int, *, steps: Sequence[int] = (), power: float = 0.9
-) -> float:
-    """The learning rate of iteration ``it`` of ``total`` under one of the original's policies."""
-    progress = min(max(it, 0) / max(total, 1), 1.0)
-    if policy == "fixed":
-        return base_lr
-    if policy == "poly":
-        return max(base_lr * (1.0 - progress) ** power, min(base_lr / 100, 1e-8))
-    if policy == "linear":
-        return max(base_lr * (1.0 - progress), min(base_lr / 100, 1e-6))
-    if policy == "step":
-        return base_lr * 0.1 ** sum(1 for s in steps if it >= s)
-    raise ValueError(f"unknown lr policy {policy!r}; expected one of {', '.join(LR_POLICIES)}")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr`` times the group's stored multiplier."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-
-
-def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Mean cross-entropy over valid pixels of logits up-sampled to the label size; 0 if none."""
-    logits = logits.float()  # up-sample and reduce in float32 even when the net ran in bf16
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    valid = (labels != ignore_index).sum().clamp(min=1)
-    return total / valid
 
 
 def set_dataset_epoch(dataset: Any, epoch: int) -> None:
@@ -250,21 +194,27 @@ def train_epochs(
     progress: bool = True,
     loss_fn: LossFn | None = None,
     sync_bn: bool = False,
+    lr_power: float = 0.9,
+    warmup_iters: int = 0,
+    clip_grad_norm: float | None = None,
 ) -> dict:
     """Train epochs ``start_epoch .. epochs-1``; the lr schedule spans all ``epochs`` epochs.
 
     ``on_epoch_end(epoch, stats)`` receives the 0-based index of the finished epoch; callers
-    checkpoint there. ``loss_fn(logits, labels, batch)`` replaces :func:`segmentation_loss`
-    (CRST's regularised loss, :class:`cbst.crst.CrstLoss`). Returns the last epoch's mean loss
-    and the global iteration count. Under torchrun ``batch_size`` is the global batch, the model
-    is trained through DistributedDataParallel (with SyncBatchNorm layers when ``sync_bn``),
-    every process holds the same weights and buffers at each epoch's end, and the logged loss
-    is the mean over all.
+    checkpoint there. ``loss_fn(logits, labels, batch)`` is the loss (:mod:`cbst.losses`;
+    :class:`~cbst.losses.CrossEntropyLoss` when None; CRST's is :class:`cbst.crst.CrstLoss`).
+    ``lr_power`` is the poly policy's power and ``warmup_iters`` a linear warm-up over the first
+    iterations (:func:`cbst.optim.lr_at`); ``clip_grad_norm`` clips the gradients' global L2
+    norm before each step (None: no clipping). Inputs are normalised with the model's
+    ``input_mean``/``input_std``. Returns the last epoch's mean loss and the global iteration count. Under torchrun
+    ``batch_size`` is the global batch, the model is trained through DistributedDataParallel
+    (with SyncBatchNorm layers when ``sync_bn``), every process holds the same weights and
+    buffers at each epoch's end, and the logged loss is the mean over all.
     """
     device = torch.device(device)
     iters = len(dataset) // batch_size
     if iters == 0:
-        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
+        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of {batch_size}")
     lr_at(lr_policy, base_lr, 0, 1)  # reject an unknown policy before any work
     model.to(device)
     memory_format = (
@@ -276,6 +226,8 @@ def train_epochs(
         model.to(memory_format=memory_format)
     if optimizer is None:
         optimizer = build_optimizer(model, base_lr)
+    if loss_fn is None:
+        loss_fn = CrossEntropyLoss()
     scaler = _grad_scaler(device, amp)
     net = distributed.data_parallel(model, device, sync_bn=sync_bn)
     progress = progress and distributed.is_main()
@@ -313,6 +265,8 @@ def train_epochs(
             writer=writer,
             progress=progress,
             loss_fn=loss_fn,
+            schedule={"power": lr_power, "warmup_iters": warmup_iters},
+            clip_grad_norm=clip_grad_norm,
         )
         distributed.broadcast_buffers(model)
         _check_finite_weights(model, epoch)
@@ -340,13 +294,18 @@ def _run_epoch(
     log_every: int,
     writer: Any,
     progress: bool = True,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn,
+    schedule: dict[str, Any],
+    clip_grad_norm: float | None,
 ) -> dict:
     """``steps`` batches of ``loader``; the running loss stays on the device between log points.
 
-    Batches hold uint8 images and labels; images are normalised here, on the device.
+    Batches hold uint8 images and labels; images are normalised here, on the device, with the
+    model's statistics. ``schedule`` holds :func:`cbst.optim.lr_at`'s ``power`` and
+    ``warmup_iters``.
     """
     model.train()
+    geo = geometry(model)
     loss_sum = torch.zeros((), device=device)
     start, it, lr = time.perf_counter(), first_it, base_lr
     bar = tqdm(
@@ -354,20 +313,24 @@ def _run_epoch(
     )
     for step, batch in enumerate(bar, 1):
         it = first_it + step - 1
-        lr = lr_at(lr_policy, base_lr, it, total, steps=lr_steps)
+        lr = lr_at(lr_policy, base_lr, it, total, steps=lr_steps, **schedule)
         set_lr(optimizer, lr)
-        images = normalize(batch["image"].to(device, non_blocking=True))
+        images = normalize(batch["image"].to(device, non_blocking=True), geo.input_mean, geo.input_std)
         images = images.contiguous(memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True).long()
         with autocast(device, enabled=amp):
             logits = model(images)
-        loss = segmentation_loss(logits, labels) if loss_fn is None else loss_fn(logits, labels, batch)
+        loss = loss_fn(logits, labels, batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
+            _clip(model, clip_grad_norm)
             optimizer.step()
         else:
             scaler.scale(loss).backward()
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            _clip(model, clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         loss_sum += loss.detach()
@@ -387,12 +350,18 @@ def _run_epoch(
     }
 
 
+def _clip(model: nn.Module, max_norm: float | None) -> None:
+    """Scale the gradients down to a global L2 norm of at most ``max_norm`` (None: leave them)."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, it: int) -> float:
     """The running mean loss (over all processes); a non-finite value stops training with the
     iteration named."""
     mean = distributed.all_reduce_mean(loss_sum.clone()).item() / steps
     if not math.isfinite(mean):
-        raise FloatingPointError(
+        raise DivergedError(
             f"non-finite training loss at epoch {epoch + 1}, "
             f"iteration {it + 1}; lower the learning rate or disable AMP"
         )
@@ -403,6 +372,6 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
     """Stop before a checkpoint is written if the last step left NaN or infinite weights."""
     finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
     if not bool(finite):  # one device sync per epoch
-        raise FloatingPointError(
+        raise DivergedError(
             f"non-finite weights after epoch {epoch + 1}; lower the learning rate or disable AMP"
         )

@@ -16,17 +16,15 @@ instead kept the stride-8 logits and sampled the label at the cell centres 4 + 8
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from cbst.labels import IGNORE_INDEX
+from cbst.mining import MiningPlan, choose_mined_center, crop_window
 from cbst.models import IMAGENET_MEAN
-
-if TYPE_CHECKING:
-    from cbst.mining import MiningPlan
 
 cv2.setNumThreads(0)  # OpenCV's pool competes with PyTorch's and the loader workers'
 
@@ -139,8 +137,6 @@ class TrainTransform:
     def _window(self, rng: np.random.Generator, label: np.ndarray) -> tuple[int, int]:
         """A mined window with probability ``mining.port`` when a candidate exists, else random."""
         if self.mining is not None and rng.random() < self.mining.port:
-            from cbst.mining import choose_mined_center, crop_window
-
             center = choose_mined_center(label, self.mining, rng)
             if center is not None:
                 y0, x0 = crop_window(center, self.crop_hw, label.shape)

@@ -11,44 +11,61 @@ deeplabv2_resnet101, loaded strictly; with --imagenet a torchvision ResNet-101 f
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from cbst.checkpoints import save_checkpoint
-from cbst.cli import CLIError
-from cbst.io import check_output_file
-from cbst.labels import PROTOCOLS
-from cbst.models import ARCHS, SegmentationNet, build_model, load_strict, read_state_dict
+from cbst import options
+from cbst.errors import CLIError
+from cbst.options import INTEGER, TEXT, option
+from cbst.registry import ARCHITECTURES
 
 HELP = "convert MXNet .params / PyTorch state_dict weights into a cbst checkpoint"
 DEFAULT_PROTOCOL = {19: "cityscapes19", 16: "cityscapes16"}
 
 
+def _protocol_names() -> list[str]:
+    from cbst.labels import PROTOCOLS  # the label tables: read when the parser is built
+
+    return sorted(PROTOCOLS)
+
+
+@options.declared
+@dataclass
+class ConvertOptions:
+    """The options of ``cbst convert``."""
+
+    input: str = option(
+        help=".params (MXNet) or .pth/.pt (state_dict) file", metavar="INPUT", positional=True, path=True
+    )
+    arch: str = option(
+        help="network the weights belong to", flags=("--arch", "--model"), choices=ARCHITECTURES.names
+    )
+    num_classes: int = option(help="number of output classes", type=INTEGER, range="positive")
+    output: str = option(
+        help="checkpoint to write", flags=("--output", "--out"), metavar="MODEL.pt", path=True
+    )
+    protocol: str | None = option(
+        None,
+        "label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)",
+        type=TEXT,
+        choices=_protocol_names,
+    )
+    overwrite: bool = option(False, "replace an existing --output file")
+    imagenet: bool = option(False, "INPUT is an ImageNet classifier: drop its FC and initialise the head")
+
+
+OPTIONS = ConvertOptions
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cbst convert``."""
-    parser.add_argument("input", metavar="INPUT", help=".params (MXNet) or .pth/.pt (state_dict) file")
-    parser.add_argument("--arch", required=True, choices=ARCHS, help="network the weights belong to")
-    parser.add_argument("--num-classes", type=int, required=True, help="number of output classes")
-    parser.add_argument(
-        "--protocol",
-        choices=sorted(PROTOCOLS),
-        default=None,
-        help="label protocol (default: cityscapes19 for 19 classes, cityscapes16 for 16)",
-    )
-    parser.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    parser.add_argument(
-        "--imagenet",
-        action="store_true",
-        help="INPUT is an ImageNet classifier: drop its FC and initialise the head",
-    )
+    options.add_arguments(parser, OPTIONS)
 
 
-def _protocol(args: argparse.Namespace) -> str:
+def _protocol(args: ConvertOptions) -> str:
     """The protocol given, or the default for the class count, checked against it."""
+    from cbst.labels import PROTOCOLS
+
     name = args.protocol or DEFAULT_PROTOCOL.get(args.num_classes)
     if name is None:
         raise CLIError(f"no default protocol for {args.num_classes} classes; pass --protocol")
@@ -57,83 +74,30 @@ def _protocol(args: argparse.Namespace) -> str:
     return name
 
 
-def _load(args: argparse.Namespace, path: Path) -> tuple[SegmentationNet, int]:
-    """Build the model and fill it from ``path``; returns (model, number of tensors read)."""
-    if path.suffix == ".params":
-        if args.arch != "resnet38":
-            raise CLIError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
-        from cbst.models.resnet38 import resnet38_state_dict_from_params
-        from cbst.mxnet import load_params
-
-        params = load_params(path)
-        if not isinstance(params, dict):
-            raise CLIError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
-        if not args.imagenet and any(k.endswith("linear1000_weight") for k in params):
-            raise CLIError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
-        _warn_stored_gammas(path, params)
-        state = resnet38_state_dict_from_params(
-            params, args.num_classes, imagenet=args.imagenet, source=str(path)
-        )
-        with torch.device("meta"):  # every tensor comes from the file: skip the random init
-            model = build_model(args.arch, args.num_classes)
-        model.load_state_dict(state, assign=True)
-        return model, len(params)
-    state = read_state_dict(path)
-    if args.imagenet and args.arch != "deeplabv2_resnet101":
-        raise CLIError(
-            "--imagenet with a PyTorch file is only for deeplabv2_resnet101 (torchvision ResNet-101)"
-        )
-    model = build_model(args.arch, args.num_classes)
-    if args.imagenet:
-        model.load_pretrained(path)
-    else:
-        load_strict(model, state, str(path))
-    return model, len(state)
-
-
-def _warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
-    """Warn, naming the layers, when BN gammas differ from 1: the converted model ignores them.
-
-    ResNet-38 A1 is built with ``fix_gamma=True``. MXNet's plain CPU and cuDNN kernels then use
-    1 (cuDNN also writes 1 back, so released files hold 1), but its oneDNN CPU kernel applies the
-    stored value, so such a file may have been meant either way.
-    """
-    layers = [
-        name.split(":", 1)[-1][: -len("_gamma")]
-        for name, value in params.items()
-        if name.endswith("_gamma") and not np.all(value == 1)
-    ]
-    if layers:
-        print(
-            f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
-            f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
-            "and cuDNN kernels do), so these values are ignored",
-            file=sys.stderr,
-        )
-
-
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     """Convert INPUT and write the checkpoint."""
+    from cbst.checkpoints import save_checkpoint  # torch: only when the command runs
+    from cbst.io import check_output_file
+
+    args = options.from_args(OPTIONS, parsed)
     path = Path(args.input)
     if not path.is_file():
         raise CLIError(f"{path}: file not found")
-    check_output_file(args.out, overwrite=args.overwrite, inputs=(path,))
+    check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(path,))
     protocol = _protocol(args)
-    model, tensors = _load(args, path)
+    converted = ARCHITECTURES.get(args.arch).convert(path, args.num_classes, imagenet=args.imagenet)
+    model = converted.model
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(
-        args.out,
+        args.output,
         model,
         arch=args.arch,
         num_classes=args.num_classes,
         protocol=protocol,
         extra={"converted_from": str(path), "imagenet_init": args.imagenet},
     )
-    head = (
-        "; head (conv6a, classifier) initialised He-normal"
-        if args.imagenet and args.arch == "resnet38"
-        else ""
+    print(f"loaded {converted.tensors} tensors from {path}{converted.note}")
+    print(
+        f"wrote {args.output}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters"
     )
-    print(f"loaded {tensors} tensors from {path}{head}")
-    print(f"wrote {args.out}: {args.arch}, {args.num_classes} classes ({protocol}), {n_params:,} parameters")
     return 0

@@ -7,176 +7,219 @@ PNGs. With --predictions DIR, PNGs that already hold raw ids (Cityscapes labelId
 they are found recursively by frame name, as the official cityscapesscripts evaluator finds them
 (e.g. frankfurt_000000_000294*.png). IoU is TP/(TP+FP+FN) accumulated over the whole split, as in
 the official evaluator; 16-class (SYNTHIA protocol) results also report mIoU* over the 13 common
-classes. The result is printed as a Markdown row in the original README's format and, with --out,
-saved as JSON (fractions, not percent). Example: cbst evaluate --dataset cityscapes --data-root
-data/cityscapes --checkpoint cbst.pt --test-flipping --out results.json
+classes. The result is printed as a Markdown row in the original README's format and, with --metrics
+(or --out), saved as JSON (fractions, not percent). Example: cbst evaluate --dataset cityscapes --data-root
+data/cityscapes --checkpoint cbst.pt --test-flipping --metrics results.json
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cbst.cli import CLIError
-from cbst.commands.options import add_runtime_arguments, float_list
-from cbst.datasets import DATASETS
+from cbst import options
+from cbst.config import RuntimeSection
+from cbst.errors import CLIError
+from cbst.options import INTEGER, TEXT, Numbers, option
+from cbst.registry import DATASETS
 
 HELP = "evaluate a checkpoint or a folder of labelId predictions (mIoU table, JSON)"
 
 
+@options.declared
+@dataclass
+class EvaluateOptions:
+    """The options of ``cbst evaluate``."""
+
+    data_root: str = option(help="dataset root folder", metavar="DIR", path=True, section="data")
+    dataset: str = option(
+        "cityscapes",
+        "dataset whose labels are the ground truth (the original's --dataset cityscapes / "
+        "cityscapes16 / gta / synthia)",
+        choices=DATASETS.names,
+        section="data",
+    )
+    split: str = option("val", "split to evaluate (the original's --split)", section="data")
+    list_file: str | None = option(
+        None,
+        "list file selecting the images (the original's data_list/*.lst); default: the split's images",
+        flags="--list",
+        type=TEXT,
+        metavar="FILE",
+        path=True,
+        section="data",
+    )
+    num_classes: int | None = option(
+        None,
+        "19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's cityscapes16); "
+        "default: the checkpoint's, else 16 for synthia, 19 otherwise",
+        type=INTEGER,
+        range="positive",
+        section="data",
+    )
+    checkpoint: str | None = option(
+        None,
+        "model to run (the original's --weights); give it or --predictions (default: none)",
+        type=TEXT,
+        metavar="FILE",
+        path=True,
+        section="what to score (exactly one)",
+    )
+    predictions: str | None = option(
+        None,
+        "folder of prediction PNGs holding raw ids (Cityscapes labelIds) (default: none)",
+        type=TEXT,
+        metavar="DIR",
+        path=True,
+        section="what to score (exactly one)",
+    )
+    test_scales: int | None = option(
+        None,
+        "resize so the longer side is L px, like the original's --test-scales (2048 for "
+        "Cityscapes = keep size); default: keep the size",
+        type=INTEGER,
+        range="positive",
+        metavar="L",
+        section="inference (with --checkpoint)",
+    )
+    scales: tuple[float, ...] = option(
+        (1.0,),
+        "multi-scale factors applied after --test-scales, e.g. 0.75,1.0,1.25 (probabilities "
+        "averaged; the original allows one scale only)",
+        flags=("--scales", "--pseudo-scales"),
+        type=Numbers(),
+        section="inference (with --checkpoint)",
+    )
+    test_flipping: bool = option(
+        False,
+        "average with the horizontally flipped image (the original's flag)",
+        flags=("--test-flipping", "--eval-flipping"),
+        section="inference (with --checkpoint)",
+    )
+    window: int | None = option(
+        None,
+        "sliding-window inference with N-px tiles (1/3 overlap) when the longer side exceeds N; "
+        "default: whole image at once",
+        type=INTEGER,
+        range="positive",
+        metavar="N",
+        section="inference (with --checkpoint)",
+    )
+    batch_images: int = option(
+        1,
+        "images per forward pass",
+        flags=("--batch-images", "--batch-size"),
+        range="positive",
+        section="inference (with --checkpoint)",
+    )
+    output: str | None = option(
+        None,
+        "write labelIds/NAME.png (input for the official evaluator) and color/NAME.png (the "
+        "original's --output); default: none",
+        type=TEXT,
+        metavar="DIR",
+        path=True,
+        section="output",
+    )
+    metrics: str | None = option(
+        None,
+        "write the metrics as JSON (default: none)",
+        flags=("--metrics", "--out"),
+        type=TEXT,
+        metavar="FILE",
+        path=True,
+        section="output",
+    )
+    overwrite: bool = option(False, "replace an existing --metrics file", section="output")
+    case: str | None = option(
+        None,
+        "row name in the table (default: checkpoint or prediction folder stem)",
+        type=TEXT,
+        metavar="NAME",
+        section="output",
+    )
+    device: str = RuntimeSection.device()
+    num_workers: int = RuntimeSection.num_workers(0)
+    amp: bool = RuntimeSection.amp()
+    progress: bool = RuntimeSection.progress()
+    compile: bool = RuntimeSection.compile()
+
+
+OPTIONS = EvaluateOptions
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the options of ``cbst evaluate``."""
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="cityscapes",
-        help="dataset whose labels are the ground truth "
-        "(the original's --dataset cityscapes / cityscapes16 / gta / synthia)",
-    )
-    data.add_argument("--data-root", required=True, metavar="DIR", help="dataset root folder")
-    data.add_argument("--split", default="val", help="split to evaluate (the original's --split)")
-    data.add_argument(
-        "--list",
-        dest="list_file",
-        metavar="FILE",
-        help="list file selecting the images (the original's data_list/*.lst)",
-    )
-    data.add_argument(
-        "--num-classes",
-        type=int,
-        choices=(19, 16),
-        default=None,
-        help="19 (GTA5->Cityscapes) or 16 (SYNTHIA->Cityscapes, the original's "
-        "cityscapes16); default: the checkpoint's, else 16 for synthia, 19 otherwise",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="FILE", help="model to run (the original's --weights)")
-    source.add_argument(
-        "--predictions", metavar="DIR", help="folder of prediction PNGs holding raw ids (Cityscapes labelIds)"
-    )
-    model = parser.add_argument_group("inference (with --checkpoint)")
-    model.add_argument(
-        "--test-scales",
-        type=int,
-        default=None,
-        metavar="L",
-        help="resize so the longer side is L px, like the original's --test-scales "
-        "(2048 for Cityscapes = keep size); default: keep the size",
-    )
-    model.add_argument(
-        "--scales",
-        type=float_list,
-        default=(1.0,),
-        metavar="F[,F...]",
-        help="multi-scale factors applied after --test-scales, e.g. 0.75,1.0,1.25 "
-        "(probabilities averaged; the original allows one scale only)",
-    )
-    model.add_argument(
-        "--test-flipping",
-        action="store_true",
-        help="average with the horizontally flipped image (the original's flag)",
-    )
-    model.add_argument(
-        "--window",
-        type=int,
-        default=None,
-        metavar="N",
-        help="sliding-window inference with N-px tiles (1/3 overlap) when the "
-        "longer side exceeds N; default: whole image at once",
-    )
-    model.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--output",
-        metavar="DIR",
-        help="write labelIds/NAME.png (input for the official evaluator) and "
-        "color/NAME.png (the original's --output)",
-    )
-    out.add_argument("--out", metavar="FILE", help="write the metrics as JSON")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    out.add_argument(
-        "--case", metavar="NAME", help="row name in the table (default: checkpoint or prediction folder stem)"
-    )
-    add_runtime_arguments(parser, ("device", "num_workers", "amp", "progress", "compile"))
+    options.add_arguments(parser, OPTIONS)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check(o: EvaluateOptions) -> None:
     """Reject option combinations that make no sense and unusable outputs, before any loading."""
-    from cbst.io import check_output_dir, check_output_file
+    from cbst.io import check_output_dir, check_output_file  # image libraries: only to run
 
-    if args.predictions and args.output:
+    if (o.checkpoint is None) == (o.predictions is None):
+        raise CLIError("give exactly one of --checkpoint FILE or --predictions DIR")
+    if o.predictions and o.output:
         raise CLIError("--output writes model predictions; it needs --checkpoint")
-    if args.out:
-        check_output_file(args.out, overwrite=args.overwrite, inputs=(args.checkpoint,))
-    if args.output:
-        check_output_dir(args.output)
-    for flag, value in (
-        ("--test-scales", args.test_scales),
-        ("--window", args.window),
-        ("--batch-size", args.batch_size),
-    ):
-        if value is not None and value <= 0:
-            raise CLIError(f"{flag} must be positive, got {value}")
-    if args.num_workers < 0:
-        raise CLIError(f"--num-workers must be >= 0, got {args.num_workers}")
+    options.check_ranges(o)
+    if o.metrics:
+        check_output_file(
+            o.metrics, overwrite=o.overwrite, option="--metrics (--out)", inputs=(o.checkpoint,)
+        )
+    if o.output:
+        check_output_dir(o.output)
 
 
-def _build_dataset(args: argparse.Namespace, num_classes: int) -> Any:
+def _build_dataset(o: EvaluateOptions, num_classes: int) -> Any:
     """The labelled dataset to score against."""
-    from cbst.datasets import build_dataset
+    from cbst.datasets import build_dataset  # torch: only when the command runs, not for --help
 
     dataset = build_dataset(
-        args.dataset,
-        args.data_root,
-        split=args.split,
+        o.dataset,
+        o.data_root,
+        split=o.split,
         num_classes=num_classes,
-        list_file=args.list_file,
+        list_file=o.list_file,
         with_labels=True,
     )
     if len(dataset) == 0:
-        raise CLIError(f"{args.data_root}: no images in split {args.split!r}")
+        raise CLIError(f"{o.data_root}: no images in split {o.split!r}")
     return dataset
 
 
-def _default_num_classes(dataset: str) -> int:
-    """16 for SYNTHIA (its only protocol), 19 for everything else."""
-    return 16 if dataset == "synthia" else 19
-
-
-def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
+def _evaluate_checkpoint(o: EvaluateOptions) -> tuple[Any, Any]:
     """Load the model, check its protocol against the dataset's and run it; (metrics, dataset)."""
-    from cbst.checkpoints import load_checkpoint
+    from cbst.checkpoints import load_checkpoint  # torch: only when the command runs
     from cbst.device import maybe_compile, select_device
     from cbst.evaluation import evaluate_model
 
-    scales = args.scales
-    device = select_device(args.device)
-    if args.num_classes is None:
-        model, meta = load_checkpoint(args.checkpoint, device=device)
-        dataset = _build_dataset(args, int(meta["num_classes"]))
+    device = select_device(o.device)
+    if o.num_classes is None:
+        model, meta = load_checkpoint(o.checkpoint, device=device)
+        dataset = _build_dataset(o, int(meta["num_classes"]))
         if meta.get("protocol") != dataset.protocol.name:
             raise CLIError(
-                f"{args.checkpoint}: model was trained for label protocol "
+                f"{o.checkpoint}: model was trained for label protocol "
                 f"{meta.get('protocol')!r}, the dataset uses {dataset.protocol.name!r}"
             )
     else:
-        dataset = _build_dataset(args, args.num_classes)
-        model, meta = load_checkpoint(args.checkpoint, device=device, expect_protocol=dataset.protocol.name)
+        dataset = _build_dataset(o, o.num_classes)
+        model, meta = load_checkpoint(o.checkpoint, device=device, expect_protocol=dataset.protocol.name)
     metrics = evaluate_model(
-        maybe_compile(model, args.compile),
+        maybe_compile(model, o.compile),
         dataset,
         device=device,
-        long_side=args.test_scales,
-        scales=scales,
-        flip=args.test_flipping,
-        window=args.window,
-        batch_size=args.batch_size,
-        output_dir=args.output,
-        num_workers=args.num_workers,
-        progress=args.progress,
-        amp=args.amp,
+        long_side=o.test_scales,
+        scales=o.scales,
+        flip=o.test_flipping,
+        window=o.window,
+        batch_size=o.batch_images,
+        output_dir=o.output,
+        num_workers=o.num_workers,
+        progress=o.progress,
+        amp=o.amp,
         mean=meta.get("mean"),
         std=meta.get("std"),
     )
@@ -185,25 +228,27 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the Markdown row and optionally save JSON."""
-    from cbst.evaluation import evaluate_predictions, format_table
+    from cbst.evaluation import evaluate_predictions, format_table  # torch: only to run
     from cbst.io import write_json
+    from cbst.labels import default_class_count
 
-    _check_args(args)
-    if args.checkpoint:
-        metrics, dataset = _evaluate_checkpoint(args)
-        case = args.case or Path(args.checkpoint).stem
+    o = options.from_args(OPTIONS, args)
+    _check(o)
+    if o.checkpoint:
+        metrics, dataset = _evaluate_checkpoint(o)
+        case = o.case or Path(o.checkpoint).stem
     else:
-        dataset = _build_dataset(args, args.num_classes or _default_num_classes(args.dataset))
-        metrics = evaluate_predictions(args.predictions, dataset, progress=args.progress)
-        case = args.case or Path(args.predictions).resolve().name
+        dataset = _build_dataset(o, o.num_classes or default_class_count(o.dataset))
+        metrics = evaluate_predictions(o.predictions, dataset, progress=o.progress)
+        case = o.case or Path(o.predictions).resolve().name
     print(format_table({case: metrics}, dataset.protocol.class_names))
-    if args.out:
+    if o.metrics:
         write_json(
-            args.out,
+            o.metrics,
             {
                 "case": case,
-                "dataset": args.dataset,
-                "split": args.split,
+                "dataset": o.dataset,
+                "split": o.split,
                 "protocol": dataset.protocol.name,
                 "images": len(dataset),
                 **metrics.to_json(),

@@ -13,88 +13,75 @@ refused. The default set takes well under a minute (about 20 s on 2 CPU cores). 
 from __future__ import annotations
 
 import argparse
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from cbst.cli import CLIError
+from cbst import options
+from cbst.config import RuntimeSection
+from cbst.errors import CLIError
+from cbst.options import Size, option
 
 HELP = "render the embedded synthetic GTA5->Cityscapes-like benchmark (no download needed)"
 
 
-def _size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 256x128, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+@options.declared
+@dataclass
+class MakeSyntheticOptions:
+    """The options of ``cbst make-synthetic``."""
+
+    output: str = option(
+        help="output folder (created; must be empty or hold this same benchmark)",
+        metavar="OUT",
+        positional=True,
+        path=True,
+    )
+    seed: int = option(0, "random seed of the whole set", flags=("--seed", "--seed-int"))
+    num_source: int = option(
+        400, "number of source (game, GTA5-layout) images", range="non_negative", metavar="N"
+    )
+    num_train: int = option(
+        200, "number of target (camera, Cityscapes-layout) train images", range="non_negative", metavar="N"
+    )
+    num_val: int = option(100, "number of target val images", range="non_negative", metavar="N")
+    size: tuple[int, int] = option((256, 128), "image size, WIDTHxHEIGHT", type=Size())
+    progress: bool = RuntimeSection.progress()
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
-    return n
+OPTIONS = MakeSyntheticOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "out", metavar="OUT", help="output folder (created; must be empty or hold this same benchmark)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the whole set")
-    parser.add_argument(
-        "--num-source",
-        type=_count,
-        default=400,
-        metavar="N",
-        help="number of source (game, GTA5-layout) images",
-    )
-    parser.add_argument(
-        "--num-train",
-        type=_count,
-        default=200,
-        metavar="N",
-        help="number of target (camera, Cityscapes-layout) train images",
-    )
-    parser.add_argument(
-        "--num-val", type=_count, default=100, metavar="N", help="number of target val images"
-    )
-    parser.add_argument(
-        "--size", type=_size, default=(256, 128), metavar="WxH", help="image size, width x height"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    options.add_arguments(parser, OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbst.synthetic import SYNTHETIC_VERSION, SyntheticExistsError, frequency_table, make_synthetic
+    from cbst.synthetic import (  # the renderer: only when the command runs, never for --help
+        SYNTHETIC_VERSION,
+        SyntheticExistsError,
+        frequency_table,
+        make_synthetic,
+    )
 
-    size = args.size
-    if isinstance(size, list) and len(size) == 2:  # from a YAML --config
-        size = (int(size[0]), int(size[1]))
-    if not isinstance(size, tuple):
-        try:
-            size = _size(str(size))
-        except argparse.ArgumentTypeError as exc:
-            raise CLIError(f"--size: {exc}") from None
+    o = options.from_args(OPTIONS, args)
+    options.check_ranges(o)
     start = time.perf_counter()
     try:
         summary = make_synthetic(
-            Path(args.out),
-            args.seed,
-            num_source=args.num_source,
-            num_train=args.num_train,
-            num_val=args.num_val,
-            size=size,
-            progress=not args.quiet,
+            Path(o.output),
+            o.seed,
+            num_source=o.num_source,
+            num_train=o.num_train,
+            num_val=o.num_val,
+            size=o.size,
+            progress=o.progress,
         )
     except SyntheticExistsError as exc:
         raise CLIError(str(exc)) from None
     took = time.perf_counter() - start
     c = summary["counts"]
     w, h = summary["size"]
-    print(f"synthetic benchmark v{SYNTHETIC_VERSION} (seed {summary['seed']}) in {args.out}")
+    print(f"synthetic benchmark v{SYNTHETIC_VERSION} (seed {summary['seed']}) in {o.output}")
     print(
         f"  size {w}x{h}; source {c['source']} images (gta5/), target train {c['train']} and "
         f"val {c['val']} images (cityscapes/)"

@@ -8,55 +8,89 @@ so each class map peaks at 1; it is saved as a float32 C×H×W .npy (see cbst.pr
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
-from cbst.cli import CLIError
-from cbst.commands.options import add_runtime_arguments
-from cbst.datasets import DATASETS
+from cbst import options
+from cbst.config import RuntimeSection
+from cbst.errors import CLIError
+from cbst.options import NUMBER, TEXT, Size, option
+from cbst.registry import DATASETS
 
 HELP = "compute (or convert) the class-wise spatial prior used by CBST-SP"
 
 
-def _size(text: str) -> tuple[int, int]:
-    """Parse 'H,W' into a pair of positive ints."""
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 1024,2048), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
+@options.declared
+@dataclass
+class PriorOptions:
+    """The options of ``cbst prior``."""
+
+    dataset: str | None = option(
+        None,
+        "source dataset whose labels are counted (needed unless --from-mat; default: none)",
+        type=TEXT,
+        choices=DATASETS.names,
+    )
+    data_root: str | None = option(
+        None,
+        "root folder of the dataset (needed unless --from-mat; default: none)",
+        type=TEXT,
+        metavar="DIR",
+        path=True,
+    )
+    split: str = option("train", "dataset split")
+    list_file: str | None = option(
+        None,
+        "list file selecting the images; default: the split's images",
+        flags="--list",
+        type=TEXT,
+        metavar="FILE",
+        path=True,
+    )
+    num_classes: int = option(19, "number of classes of the label protocol", range="positive")
+    size: tuple[int, int] = option(
+        (2048, 1024),
+        "target resolution of the prior, WIDTHxHEIGHT (the older HEIGHT,WIDTH is read too)",
+        type=Size(comma_height_first=True),
+    )
+    sigma: float | None = option(
+        None,
+        "Gaussian standard deviation in pixels (default: shorter side / 30)",
+        type=NUMBER,
+        range="positive",
+    )
+    eps: float = option(1.0, "additive floor on the smoothed counts, in images", range="non_negative")
+    from_mat: str | None = option(
+        None,
+        "convert the original's prior_array.mat instead of counting labels (default: none)",
+        type=TEXT,
+        metavar="MAT",
+        path=True,
+    )
+    output: str = option(
+        "prior.npy", "output .npy file", flags=("--output", "--out"), metavar="FILE", path=True
+    )
+    overwrite: bool = option(False, "replace an existing --output file")
+    progress: bool = RuntimeSection.progress()
+
+
+OPTIONS = PriorOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cbst prior``."""
-    parser.add_argument("--dataset", choices=DATASETS, help="source dataset whose labels are counted")
-    parser.add_argument("--data-root", help="root folder of the dataset")
-    parser.add_argument("--split", default="train", help="dataset split")
-    parser.add_argument("--list", dest="list_file", help="list file selecting the images")
-    parser.add_argument("--num-classes", type=int, default=19, choices=(19, 16))
-    parser.add_argument("--size", type=_size, default=(1024, 2048), help="target resolution H,W of the prior")
-    parser.add_argument(
-        "--sigma",
-        type=float,
-        default=None,
-        help="Gaussian standard deviation in pixels (default: shorter side / 30)",
-    )
-    parser.add_argument(
-        "--eps", type=float, default=1.0, help="additive floor on the smoothed counts, in images"
-    )
-    parser.add_argument(
-        "--from-mat", metavar="MAT", help="convert the original's prior_array.mat instead of counting labels"
-    )
-    parser.add_argument("--out", default="prior.npy", help="output .npy file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    add_runtime_arguments(parser, ("progress",))
+    options.add_arguments(parser, OPTIONS)
 
 
-def _compute(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
+def _hw(args: PriorOptions) -> tuple[int, int]:
+    """The prior's (height, width)."""
+    return args.size[1], args.size[0]
+
+
+def _compute(args: PriorOptions) -> tuple[np.ndarray, tuple[str, ...]]:
     """Count the prior on the dataset's labels."""
-    from cbst.datasets import build_dataset
+    from cbst.datasets import build_dataset  # torch: only when the command runs, never for --help
     from cbst.priors import spatial_prior_from_dataset
 
     if not args.dataset or not args.data_root:
@@ -67,18 +101,18 @@ def _compute(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
     if len(dataset) == 0:
         raise CLIError(f"{args.data_root}: no labelled images in split {args.split!r}")
     prior = spatial_prior_from_dataset(
-        dataset, args.size, sigma=args.sigma, eps=args.eps, progress=args.progress
+        dataset, _hw(args), sigma=args.sigma, eps=args.eps, progress=args.progress
     )
     return prior, dataset.protocol.class_names
 
 
-def _convert(args: argparse.Namespace) -> tuple[np.ndarray, tuple[str, ...]]:
+def _convert(args: PriorOptions) -> tuple[np.ndarray, tuple[str, ...]]:
     """Read the original's .mat prior (resized to --size if it differs)."""
-    from cbst.labels import protocol_for
+    from cbst.labels import protocol_for  # torch: only when the command runs, never for --help
     from cbst.priors import load_prior
 
     return (
-        load_prior(args.from_mat, args.num_classes, args.size),
+        load_prior(args.from_mat, args.num_classes, _hw(args)),
         protocol_for("cityscapes", args.num_classes).class_names,
     )
 
@@ -95,14 +129,16 @@ def _summary(prior: np.ndarray, names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     """Compute or convert the prior, save it and print a per-class summary."""
-    from cbst.io import check_output_file
+    from cbst.io import check_output_file  # torch: only when the command runs, never for --help
     from cbst.priors import save_prior
 
-    check_output_file(args.out, overwrite=args.overwrite, inputs=(args.from_mat,))
+    args = options.from_args(OPTIONS, parsed)
+    options.check_ranges(args)
+    check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(args.from_mat,))
     prior, names = _convert(args) if args.from_mat else _compute(args)
-    save_prior(args.out, prior)
+    save_prior(args.output, prior)
     print(_summary(prior, names))
-    print(f"wrote {args.out}: {prior.shape[0]}×{prior.shape[1]}×{prior.shape[2]} float32")
+    print(f"wrote {args.output}: {prior.shape[0]}×{prior.shape[1]}×{prior.shape[2]} float32")
     return 0

@@ -12,45 +12,69 @@ the rounds it finished.
 
 Examples:
   cbst report cbst-demo                        # writes cbst-demo/report.html
-  cbst report runs/gta2city_st runs/gta2city_cbst --source-metrics source.json --out cmp.html
+  cbst report runs/gta2city_st runs/gta2city_cbst --source-metrics source.json --output cmp.html
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+
+from cbst import options
+from cbst.config import RuntimeSection
+from cbst.errors import CLIError
+from cbst.options import TEXT, Text, option
 
 HELP = "an HTML report of self-training runs (mIoU per round, class shares, pseudo-labels, gallery)"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN_DIR",
+class _Folders(Text):
+    """One or more run folders (a YAML list, or one name)."""
+
+    def parse(self, value: object) -> list[str]:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [super(_Folders, self).parse(v) for v in values]
+
+
+@options.declared
+@dataclass
+class ReportOptions:
+    """The options of ``cbst report``."""
+
+    runs: list[str] = option(
         help="'cbst self-train' output folders and/or 'cbst demo' folders",
+        type=_Folders(),
+        metavar="RUN_DIR",
+        positional=True,
+        nargs="+",
     )
-    p.add_argument(
-        "--out",
+    output: str | None = option(
+        None,
+        "where to write the page (default: RUN_DIR/report.html for one folder, ./report.html for several)",
+        flags=("--output", "--out"),
+        type=TEXT,
         metavar="FILE.html",
-        default=None,
-        help="where to write the page (default: RUN_DIR/report.html for one folder, "
-        "./report.html for several)",
+        path=True,
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--images", type=int, default=6, metavar="N", help="target images in the gallery (0 for none)"
-    )
-    p.add_argument(
-        "--source-metrics",
+    overwrite: bool = option(False, "replace an existing --output file")
+    images: int = option(6, "target images in the gallery (0 for none)", range="non_negative", metavar="N")
+    source_metrics: str | None = option(
+        None,
+        "the source model's val metrics ('cbst evaluate --metrics'), the baseline of the colours "
+        "and the first point of the mIoU plot (default: none)",
+        type=TEXT,
         metavar="FILE.json",
-        default=None,
-        help="the source model's val metrics ('cbst evaluate --out'), the baseline of "
-        "the colours and the first point of the mIoU plot",
+        path=True,
     )
-    p.add_argument(
-        "--device", default="auto", help="where the gallery's predictions run: auto, cpu, cuda, mps"
-    )
+    device: str = RuntimeSection.device()
+
+
+OPTIONS = ReportOptions
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    options.add_arguments(p, OPTIONS)
 
 
 def default_out(runs: list[str]) -> Path:
@@ -59,19 +83,20 @@ def default_out(runs: list[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbst.cli import CLIError
     from cbst.io import check_output_file
-    from cbst.report import write_report
+    from cbst.report import write_report  # torch: only when the command runs, never for --help
 
-    if args.images < 0:
-        raise CLIError(f"--images must be 0 or more, got {args.images}")
-    out = Path(args.out) if args.out else default_out(args.runs)
+    o = options.from_args(OPTIONS, args)
+    if o.images < 0:
+        raise CLIError(f"--images must be 0 or more, got {o.images}")
+    out = Path(o.output) if o.output else default_out(o.runs)
     check_output_file(
         out,
-        overwrite=args.overwrite,
-        inputs=(args.source_metrics,),
-        replaceable=(default_out(args.runs[:1]).name,),
+        overwrite=o.overwrite,
+        option="--output",
+        inputs=(o.source_metrics,),
+        replaceable=(default_out(o.runs[:1]).name,),
     )
-    write_report(args.runs, out, images=args.images, source_metrics=args.source_metrics, device=args.device)
+    write_report(o.runs, out, images=o.images, source_metrics=o.source_metrics, device=o.device)
     print(f"report: {out}")
     return 0

@@ -18,167 +18,33 @@ Examples (the original README's GTA5 -> Cityscapes CBST-SP, and SYNTHIA -> Citys
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from cbst.commands.options import add_runtime_arguments, add_sync_bn_argument, float_list, float_range
-from cbst.datasets import DATASETS
-from cbst.selftrain import SelfTrainConfig, self_train
-from cbst.thresholds import POLICIES
+from cbst import options
+from cbst.config import SelfTrainConfig
 
 HELP = (
     "self-training rounds: ST (--kc-policy global), CBST (cb), CBST-SP (cb + --with-prior), "
     "CRST (+ --mr-weight-kld or --lr-weight-ent)"
 )
+OPTIONS = SelfTrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = SelfTrainConfig.__dataclass_fields__
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"].default, help="source dataset")
-    g.add_argument("--data-root", required=True, help="source dataset root, in its own layout")
-    g.add_argument("--split", default="train", help="source split")
-    g.add_argument("--list", dest="list_file", help="source list file (image [TAB label] per line)")
-    g.add_argument("--dataset-tgt", choices=DATASETS, default="cityscapes", help="target dataset")
-    g.add_argument("--data-root-tgt", required=True, help="target dataset root")
-    g.add_argument("--split-tgt", default="train", help="target split to pseudo-label")
-    g.add_argument("--list-tgt", help="target list file, e.g. the original's 505-image train.lst")
-    g.add_argument(
-        "--eval-split", default="val", help="target split evaluated after every round ('none' to skip)"
-    )
-    g.add_argument("--num-classes", type=int, choices=(19, 16), default=19)
-    g.add_argument("--weights", required=True, help="source model: a cbst checkpoint (see cbst convert)")
-    g.add_argument("--output", required=True, help="run folder (config, state, rounds)")
-    g = p.add_argument_group("round schedule (solve_AO.py flags and defaults)")
-    for name in ("num_round", "epoch_per_round"):
-        g.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
-    for name in (
-        "init_tgt_port",
-        "step_tgt_port",
-        "max_tgt_port",
-        "init_src_port",
-        "step_src_port",
-        "max_src_port",
-        "base_lr",
-        "lr_decay",
-    ):
-        g.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
-    g.add_argument(
-        "--source-sample-policy",
-        choices=("cumulative", "random"),
-        default="cumulative",
-        help="cumulative: nested source subsets (constant seed); random: a new draw each round",
-    )
-    g.add_argument("--seed", "--seed-int", dest="seed", type=int, default=0)
-    g = p.add_argument_group("pseudo-labels")
-    g.add_argument(
-        "--kc-policy",
-        choices=POLICIES,
-        default=d["kc_policy"].default,
-        help="cb = class-balanced thresholds (CBST); global = one threshold (ST)",
-    )
-    g.add_argument(
-        "--with-prior",
-        default=None,
-        help="spatial prior for CBST-SP: a .npy from "
-        "'cbst prior', the original's prior_array.mat, or 'source' to count it on the "
-        "source labels now; 'False'/'none' for none",
-    )
-    g.add_argument(
-        "--test-scales",
-        type=int,
-        default=None,
-        help="longer side the target images are resized to for pseudo-labelling (1850 in the README)",
-    )
-    g.add_argument(
-        "--pseudo-scales",
-        type=float_list,
-        default=(1.0,),
-        help="scale factors (after --test-scales) whose probabilities are averaged, "
-        "e.g. 0.75,1.0,1.25 (the original allowed one scale)",
-    )
-    g.add_argument(
-        "--no-test-flipping",
-        dest="test_flipping",
-        action="store_false",
-        help="do not average with the horizontally flipped image",
-    )
-    g.add_argument(
-        "--exact-thresholds",
-        action="store_true",
-        help="exact thresholds (memory grows with pixels) instead of 65536-bin histograms",
-    )
-    g.add_argument("--pseudo-batch", type=int, default=1, help="images per inference batch")
-    g.add_argument(
-        "--score-pseudo-labels",
-        action="store_true",
-        help="log the pseudo-labels' accuracy against the target split's ground truth "
-        "(oracle information, as the original's val-phase log; needs labels)",
-    )
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--batch-images", type=int, default=2, help="images per batch, over all processes under torchrun"
-    )
-    add_sync_bn_argument(g)
-    g.add_argument("--crop-size", type=int, default=500, help="rounded up to a multiple of 8")
-    g.add_argument("--scale-rate-range", type=float_range, default=(0.7, 1.3))
-    g.add_argument("--origin-size", type=int, default=None, help="source reference long side")
-    g.add_argument("--origin-size-tgt", type=int, default=None, help="target reference long side")
-    g.add_argument("--mine-port", type=float, default=0.5, help="probability of a rare-class crop (0 = off)")
-    g.add_argument("--mine-id-number", type=int, default=3, help="number of rarest classes to mine")
-    g.add_argument(
-        "--mine-thresh",
-        type=float,
-        default=0.001,
-        help="classes with a predicted share below this are mined first",
-    )
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g = p.add_argument_group("CRST regularisers (Zou et al., ICCV 2019; both may be combined)")
-    g.add_argument(
-        "--mr-weight-kld",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="MRKLD: add W times KL(uniform || prediction) on the pseudo-labelled target pixels "
-        "(the authors' scripts: 0.1; their code applied W squared); 0 = off",
-    )
-    g.add_argument(
-        "--mr-weight-src",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="MRKLD's weight on the labelled source pixels (default 0)",
-    )
-    g.add_argument(
-        "--lr-weight-ent",
-        type=float,
-        default=0.0,
-        metavar="ALPHA",
-        help="LRENT: soft pseudo-labels q ∝ (p/λ)^(1/ALPHA) with an entropy-based selection, "
-        "derived from the round's cached probabilities (the authors' scripts: 0.25); 0 = off",
-    )
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-long-side", type=int, default=None, help="resize val images to this longer side")
-    g.add_argument("--eval-flipping", action="store_true", help="flip-averaged evaluation")
-    add_runtime_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its last finished stage")
+    """The options of ``cbst self-train``, as ``SelfTrainConfig`` declares them."""
+    options.add_arguments(p, OPTIONS)
 
 
 def config_from_args(args: argparse.Namespace) -> SelfTrainConfig:
     """The run configuration from parsed flags."""
-    values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(SelfTrainConfig) if hasattr(args, f.name)
-    }
-    if str(values.get("with_prior")).lower() in ("false", "none", ""):
-        values["with_prior"] = None
-    if str(values.get("eval_split")).lower() == "none":
-        values["eval_split"] = None
-    return SelfTrainConfig(**values)
+    return options.from_args(OPTIONS, args)
 
 
 def run(args: argparse.Namespace) -> int:
-    results = self_train(config_from_args(args))
+    from cbst.selftrain import self_train  # torch: loaded to run, not for --help
+
+    config = config_from_args(args)
+    results = self_train(config)
     for index, metrics in results.items():
         print(f"round {index}: mIoU {100 * metrics['miou']:.1f}")
-    print(f"to see the rounds on one page: cbst report {args.output}")
+    print(f"to see the rounds on one page: cbst report {config.output}")
     return 0

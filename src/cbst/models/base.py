@@ -1,17 +1,23 @@
 """What every segmentation network shares: input normalisation, the base class, strict loading.
 
-``SegmentationNet`` fixes the contract (output stride 8, ``lr_groups()``, BN that stays frozen in
-train mode when asked); ``load_strict`` and ``read_state_dict`` load bare PyTorch state_dicts with
-errors that name the file and list every key that does not fit.
+``SegmentationNet`` fixes the contract every architecture of ``cbst.registry.ARCHITECTURES``
+keeps (tested for each by ``tests/test_contracts.py``): its geometry (``output_stride``,
+``pad_multiple``), its input statistics, ``lr_groups()``, BN that stays frozen in train mode
+when asked, and how it reads weights files (``load_pretrained``, ``convert``). ``load_strict``
+and ``read_state_dict`` load bare PyTorch state_dicts with errors that name the file and list
+every key that does not fit.
 """
 
 from __future__ import annotations
 
+import errno
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cbst.errors import ConfigError, WeightsError
 from cbst.io import read_torch_file
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -28,11 +34,11 @@ def lr_group(params: list[nn.Parameter], lr_mult: float, wd_mult: float) -> dict
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A bare state_dict from a torch file (a cbst checkpoint's ``state_dict`` is unwrapped)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights not found")
+        raise FileNotFoundError(errno.ENOENT, "pretrained weights not found", str(path))
     obj = read_torch_file(path)
     obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict (a mapping of names to tensors)")
+        raise WeightsError(f"{path}: expected a state_dict (a mapping of names to tensors)")
     return obj
 
 
@@ -62,27 +68,85 @@ def load_strict(
             )
             if items
         ]
-        raise ValueError(f"{label}: does not fit {type(model).__name__}; " + "; ".join(parts))
+        raise WeightsError(f"{label}: does not fit {type(model).__name__}; " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-OUTPUT_STRIDE = 8
-"""Every network's output stride: logits come out at 1/8 of the input's height and width."""
+def round_to_stride(size: int, multiple: int) -> int:
+    """``size`` rounded up to a multiple of ``multiple`` (500 -> 504 for 8).
 
-
-def round_to_stride(size: int) -> int:
-    """``size`` rounded up to a multiple of :data:`OUTPUT_STRIDE` (500 -> 504).
-
-    Training crops are rounded so (the original's --crop-size is in pixels), and inference pads
-    its inputs so, that the stride-8 output grid covers them exactly.
+    Training crops are rounded to the model's ``pad_multiple`` (the original's --crop-size is in
+    pixels), and inference pads its inputs so, that the model's output grid covers them exactly.
     """
-    return -(-int(size) // OUTPUT_STRIDE) * OUTPUT_STRIDE
+    return -(-int(size) // int(multiple)) * int(multiple)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``torch.compile`` and DistributedDataParallel wrappers (whose geometry
+    and parameter groups are the network's)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What inference, the probability cache and training crops need to know of a network."""
+
+    output_stride: int
+    pad_multiple: int
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+
+
+PLAIN_MODULE_GEOMETRY = Geometry(output_stride=8, pad_multiple=8)
+"""Assumed for a bare ``nn.Module`` that declares no geometry (a stand-in network in a test or a
+user's script): that of cbst's original networks. Every :class:`SegmentationNet` declares its own."""
+
+
+def geometry(model: nn.Module) -> Geometry:
+    """The geometry ``model`` declares (through compile/DDP wrappers; see :class:`SegmentationNet`)."""
+    net = unwrap(model)
+    if not hasattr(net, "output_stride"):
+        return PLAIN_MODULE_GEOMETRY
+    return Geometry(
+        int(net.output_stride),
+        int(net.pad_multiple),
+        tuple(getattr(net, "input_mean", IMAGENET_MEAN)),
+        tuple(getattr(net, "input_std", IMAGENET_STD)),
+    )
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A network filled from an external weights file by :meth:`SegmentationNet.convert`."""
+
+    model: SegmentationNet
+    tensors: int
+    """Number of tensors read from the file."""
+    note: str = ""
+    """What the conversion did beyond copying tensors (e.g. a head initialised), for the user."""
 
 
 class SegmentationNet(nn.Module):
-    """Base class: output stride 8 and batch-norm layers that stay in eval mode when frozen."""
+    """Base class of every architecture: its geometry, input statistics and parameter groups.
 
-    output_stride: int = OUTPUT_STRIDE
+    Subclasses set ``output_stride`` (logits come out at 1/stride of the padded input's height
+    and width), ``pad_multiple`` (inputs are zero-padded bottom/right to a multiple of it, and
+    training crops rounded up to it; a multiple of ``output_stride``), ``default_freeze_bn``,
+    and implement ``forward`` and ``_lr_groups``. ``input_mean``/``input_std`` are the RGB
+    statistics of the [0, 1]-scaled input that inference and training normalise with.
+    """
+
+    output_stride: int
+    pad_multiple: int
+    default_freeze_bn: bool = False
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
 
     def __init__(self, freeze_bn: bool) -> None:
         super().__init__()
@@ -107,5 +171,27 @@ class SegmentationNet(nn.Module):
     def load_pretrained(self, source: str | Path) -> None:
         """Load a bare state_dict file strictly (families override to add their formats)."""
         if str(source) == "imagenet":
-            raise ValueError(f"{type(self).__name__} has no ImageNet weights; give a file")
+            raise ConfigError(f"{type(self).__name__} has no ImageNet weights; give a file")
         load_strict(self, read_state_dict(Path(source)), str(source))
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the logits of a padded input of ``height`` x ``width`` (multiples of
+        ``pad_multiple``): 1/``output_stride`` of it, unless the family's arithmetic differs."""
+        return height // self.output_stride, width // self.output_stride
+
+    @classmethod
+    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+        """A network of ``num_classes`` outputs filled from an external weights file (``cbst
+        convert``): here a bare PyTorch state_dict of this network, loaded strictly.
+
+        ``imagenet``: the file is an ImageNet classifier of the backbone, its head initialised
+        here; families that can read one (or other formats) override this.
+        """
+        if path.suffix == ".params":
+            raise WeightsError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
+        if imagenet:
+            raise WeightsError(f"{path}: {cls.__name__} cannot be initialised from an ImageNet classifier")
+        state = read_state_dict(path)
+        model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
+        load_strict(model, state, str(path))
+        return Conversion(model, len(state))

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict
+from cbst.errors import WeightsError
+from cbst.models.base import Conversion, SegmentationNet, load_strict, lr_group, read_state_dict
 
 ASPP_DILATIONS: tuple[int, ...] = (6, 12, 18, 24)
 STAGES: tuple[tuple[int, int, int, int], ...] = (  # (blocks, width, stride, dilation)
@@ -75,6 +76,8 @@ class ASPP(nn.Module):
 class DeepLabV2(SegmentationNet):
     """DeepLab-v2 with a ResNet-101 backbone, output stride 8 (512x1024 -> 65x129)."""
 
+    output_stride = 8
+    pad_multiple = 8
     default_freeze_bn = True
 
     def __init__(self, num_classes: int, *, freeze_bn: bool = True) -> None:
@@ -101,6 +104,10 @@ class DeepLabV2(SegmentationNet):
         for name, module in self.named_modules():
             if isinstance(module, nn.Conv2d) and not name.startswith("layer5"):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Ceil-mode arithmetic: one more row and column than 1/8 of a padded input."""
+        return height // 8 + 1, width // 8 + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at stride 8 (ceil-mode arithmetic: H -> ceil-ish H/8 + 1)."""
@@ -129,3 +136,15 @@ class DeepLabV2(SegmentationNet):
             return
         head = {k: v for k, v in self.state_dict().items() if k.startswith("layer5.")}
         load_strict(self, {**head, **{k: v for k, v in state.items() if not k.startswith("fc.")}}, label)
+
+    @classmethod
+    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+        """A bare state_dict of this network, or with ``imagenet`` a torchvision ResNet-101
+        classifier (its ``fc`` dropped, the ASPP head initialised)."""
+        if not imagenet:
+            return super().convert(path, num_classes)
+        if path.suffix == ".params":
+            raise WeightsError(f"{path}: MXNet .params files hold ResNet-38 weights; use --arch resnet38")
+        model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
+        model.load_pretrained(path)
+        return Conversion(model, len(read_state_dict(path)))

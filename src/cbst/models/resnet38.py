@@ -17,6 +17,7 @@ still trains.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbst.models.base import SegmentationNet, load_strict, lr_group, read_state_dict
+from cbst.errors import ConfigError, WeightsError
+from cbst.models.base import Conversion, SegmentationNet, load_strict, lr_group, read_state_dict
 from cbst.mxnet import ParamsError, load_params
 
 BN_EPS = 1.001e-5
@@ -99,6 +101,8 @@ class MXBatchNorm2d(nn.BatchNorm2d):
 class ResNet38(SegmentationNet):
     """ResNet-38 A1 FCN with the CBST head: 504x504 -> 63x63, 1024x2048 -> 128x256."""
 
+    output_stride = 8
+    pad_multiple = 8
     default_freeze_bn = True
 
     def __init__(self, num_classes: int, *, freeze_bn: bool = True) -> None:
@@ -179,7 +183,7 @@ class ResNet38(SegmentationNet):
         """An MXNet ``.params`` (ImageNet classifier or full CBST model) or a bare state_dict."""
         path = Path(source)
         if str(source) == "imagenet":
-            raise ValueError(
+            raise ConfigError(
                 "ResNet-38 ImageNet weights are not downloadable: give the path of "
                 "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
             )
@@ -188,11 +192,56 @@ class ResNet38(SegmentationNet):
             return
         params = load_params(path)
         if not isinstance(params, dict):
-            raise ValueError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
+            raise WeightsError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
         imagenet = any(name.endswith("linear1000_weight") for name in params)
         num_classes = self.classifier.out_channels
         self.load_state_dict(
             resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet, source=str(path))
+        )
+
+    @classmethod
+    def convert(cls, path: Path, num_classes: int, *, imagenet: bool = False) -> Conversion:
+        """An MXNet ``.params`` file (a released CBST model, or with ``imagenet`` the ImageNet
+        classifier, whose head gets He-normal weights) or a bare state_dict of this network."""
+        if path.suffix != ".params":
+            if imagenet:
+                raise WeightsError(
+                    f"{path}: --imagenet with a PyTorch file is only for deeplabv2_resnet101 "
+                    "(torchvision ResNet-101)"
+                )
+            return super().convert(path, num_classes)
+        params = load_params(path)
+        if not isinstance(params, dict):
+            raise WeightsError(f"{path}: an unnamed NDArray list; expected named arg:/aux: arrays")
+        if not imagenet and any(k.endswith("linear1000_weight") for k in params):
+            raise WeightsError(f"{path}: holds the ImageNet classifier linear1000; add --imagenet")
+        warn_stored_gammas(path, params)
+        state = resnet38_state_dict_from_params(params, num_classes, imagenet=imagenet, source=str(path))
+        with torch.device("meta"):  # every tensor comes from the file: skip the random init
+            model = cls(num_classes, freeze_bn=cls.default_freeze_bn)
+        model.load_state_dict(state, assign=True)
+        note = "; head (conv6a, classifier) initialised He-normal" if imagenet else ""
+        return Conversion(model, len(params), note)
+
+
+def warn_stored_gammas(path: Path, params: dict[str, np.ndarray]) -> None:
+    """Warn, naming the layers, when BN gammas differ from 1: the converted model ignores them.
+
+    ResNet-38 A1 is built with ``fix_gamma=True``. MXNet's plain CPU and cuDNN kernels then use
+    1 (cuDNN also writes 1 back, so released files hold 1), but its oneDNN CPU kernel applies the
+    stored value, so such a file may have been meant either way.
+    """
+    layers = [
+        name.split(":", 1)[-1][: -len("_gamma")]
+        for name, value in params.items()
+        if name.endswith("_gamma") and not np.all(value == 1)
+    ]
+    if layers:
+        print(
+            f"cbst convert: warning: {path}: batch-norm gamma != 1 in {len(layers)} layers "
+            f"({', '.join(layers)}); ResNet-38 uses gamma = 1 (MXNet fix_gamma=True, as its CPU "
+            "and cuDNN kernels do), so these values are ignored",
+            file=sys.stderr,
         )
 
 

@@ -78,6 +78,8 @@ class LightASPP(nn.Module):
 class SmallSegNet(SegmentationNet):
     """Small dilated ResNet, output stride 8 (128x128 -> 16x16)."""
 
+    output_stride = 8
+    pad_multiple = 8
     default_freeze_bn = False
 
     def __init__(self, num_classes: int, *, freeze_bn: bool = False) -> None:

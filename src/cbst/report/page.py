@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cbst.labels import CLASSES_13, TABLE_HEADERS
+from cbst.labels import TABLE_HEADERS, subset_means
 from cbst.report.runs import Run
 from cbst.report.target import GalleryRow, prediction_model
 
@@ -140,14 +140,15 @@ def _change_cell(value: float | None, source: float | None) -> Cell:
 
 
 def score_table(runs: Sequence[Run], classes: Sequence[str]) -> str:
-    """The paper's table: mIoU (and mIoU* for 16 classes) and per-class IoU, per round."""
-    with13 = len(classes) == 16
+    """The paper's table: mIoU (and the protocol's subset means, mIoU* for 16 classes) and
+    per-class IoU, per round."""
+    subsets = subset_means(classes)
     headers = (
-        ["run", "model", "mIoU"] + (["mIoU*"] if with13 else []) + [TABLE_HEADERS.get(c, c) for c in classes]
+        ["run", "model", "mIoU"] + [s.header for s in subsets] + [TABLE_HEADERS.get(c, c) for c in classes]
     )
 
     def scores(m) -> list[float | None]:
-        return [m.miou] + ([m.miou_over(CLASSES_13)] if with13 else []) + [m.iou.get(c) for c in classes]
+        return [m.miou] + [m.miou_over(s.classes) for s in subsets] + [m.iou.get(c) for c in classes]
 
     rows = []
     for run in runs:

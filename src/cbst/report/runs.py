@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
+from cbst.errors import ConfigError
 from cbst.evaluation import Metrics
 from cbst.io import DataError
+from cbst.methods import method_of
+from cbst.registry import METHODS
 
 _ROUND_DIR = re.compile(r"round_(\d+)")
 
@@ -52,10 +55,9 @@ class Run:
 
     @property
     def method(self) -> str:
-        """ST, CBST or CBST-SP, from the thresholding policy and the spatial prior."""
-        if self.config.get("kc_policy") == "global":
-            return "ST"
-        return "CBST-SP" if self.config.get("with_prior") else "CBST"
+        """The registered method (ST, CBST, CBST-SP, MRKLD, LRENT, ...) whose options the run's
+        configuration has (:func:`cbst.methods.method_of`); else its selection policy."""
+        return method_of(self.config) or f"--kc-policy {self.config.get('kc_policy')}"
 
     @property
     def evaluated(self) -> tuple[Round, ...]:
@@ -198,20 +200,17 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
 
 def is_demo(path: Path) -> bool:
     """Whether ``path`` is a ``cbst demo`` output folder (finished or not)."""
-    from cbst.demo import VARIANTS
-
-    return path.is_dir() and any((path / demo_run_dir(n) / "state.json").is_file() for n in VARIANTS)
+    return path.is_dir() and any((path / demo_run_dir(n) / "state.json").is_file() for n in METHODS.names())
 
 
 def demo_run_dir(variant: str) -> str:
-    """The sub-folder of a demo folder that holds one variant's run (``CBST-SP`` -> ``cbst_sp``)."""
+    """The sub-folder of a demo folder that holds one method's run (``CBST-SP`` -> ``cbst_sp``)."""
     return variant.lower().replace("-", "_")
 
 
 def load_demo(path: Path) -> list[Run]:
-    """The ST, CBST and CBST-SP runs of a demo folder that have started, with the Source row."""
-    from cbst.demo import VARIANTS
-
+    """The runs of a demo folder that have started (one per method, cbst.registry.METHODS), with the
+    Source row."""
     results = path / "results.json"
     source = None
     if results.is_file():
@@ -219,7 +218,7 @@ def load_demo(path: Path) -> list[Run]:
         source = Metrics.from_json(rows["Source"]) if "Source" in rows else None
     return [
         load_run(path / demo_run_dir(name), name, source)
-        for name in VARIANTS
+        for name in METHODS.names()
         if (path / demo_run_dir(name) / "state.json").is_file()
     ]
 
@@ -252,7 +251,7 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
             whose source metrics are not otherwise known.
     """
     if not paths:
-        raise ValueError("no run folder given")
+        raise ConfigError("no run folder given")
     source = read_metrics(Path(source_metrics)) if source_metrics else None
     runs: list[Run] = []
     for path in map(Path, paths):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cbst.errors import CbstError
+from cbst.errors import CbstError, ConfigError
 from cbst.io import write_json, write_png, write_text
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX, Protocol, cityscapes_palette
 from cbst.synthetic.render import (
@@ -106,10 +106,10 @@ def make_synthetic(
     out = Path(out)
     width, height = int(size[0]), int(size[1])
     if width < 32 or height < 16:
-        raise ValueError(f"size must be at least 32x16, got {width}x{height}")
+        raise ConfigError(f"size must be at least 32x16, got {width}x{height}")
     for name, n in (("num_source", num_source), ("num_train", num_train), ("num_val", num_val)):
         if n < 0:
-            raise ValueError(f"{name} must be >= 0, got {n}")
+            raise ConfigError(f"{name} must be >= 0, got {n}")
     params = _params(seed, num_source, num_train, num_val, (width, height))
     summary_path = out / SUMMARY_NAME
     if out.exists() and not out.is_dir():

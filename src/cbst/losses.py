@@ -1,0 +1,67 @@
+"""Training losses on a network's logits and the batch's labels (:data:`cbst.registry.LOSSES`).
+
+A loss is called as ``loss(logits, labels, batch) -> scalar`` by the training loop
+(:func:`cbst.training.train_epochs`): ``logits`` N×C×h×w at the network's output stride (any
+float dtype), ``labels`` N×H×W int64 trainIds on the same device (``IGNORE_INDEX`` where
+unlabelled), ``batch`` the loader's batch (its ``domain``, ``index`` ... for losses that need
+them). Source training, self-training and CRST's regularised loss (:class:`cbst.crst.CrstLoss`)
+all use :class:`CrossEntropyLoss` for the cross-entropy itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from cbst.labels import IGNORE_INDEX
+from cbst.registry import LOSSES
+
+ALIGNMENTS = ("logits", "labels")
+
+
+class CrossEntropyLoss:
+    """Mean cross-entropy over the labelled pixels; 0 when no pixel is labelled.
+
+    Logits and labels are brought to one grid first: ``align="logits"`` (cbst's, the original
+    codes') up-samples the logits bilinearly to the labels' size, ``align="labels"`` takes the
+    label of each logit's pixel centre (nearest neighbour), which is cheaper for large crops.
+    Everything is computed in float32, even when the network ran in bf16.
+    """
+
+    def __init__(self, *, align: str = "logits", ignore_index: int = IGNORE_INDEX) -> None:
+        if align not in ALIGNMENTS:
+            raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+        self.align, self.ignore_index = align, ignore_index
+
+    def aligned(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(float32 logits, labels) on one grid, as ``align`` says."""
+        logits = logits.float()
+        if logits.shape[-2:] == labels.shape[-2:]:
+            return logits, labels
+        if self.align == "logits":
+            return F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False), labels
+        small = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")
+        return logits, small[:, 0].long()
+
+    def per_pixel(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-pixel cross-entropy (N×H×W float32, 0 at ignored pixels) of aligned inputs."""
+        return F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="none")
+
+    def __call__(self, logits: Tensor, labels: Tensor, batch: dict[str, Any] | None = None) -> Tensor:
+        """The batch's loss: the sum over labelled pixels divided by their number."""
+        logits, labels = self.aligned(logits, labels)
+        total = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+        valid = (labels != self.ignore_index).sum().clamp(min=1)
+        return total / valid
+
+
+def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy over valid pixels of logits up-sampled to the label size; 0 if none."""
+    return CrossEntropyLoss(ignore_index=ignore_index)(logits, labels)
+
+
+def build_loss(name: str, **options: Any) -> Any:
+    """The loss registered as ``name`` in :data:`cbst.registry.LOSSES`, built with ``options``."""
+    return LOSSES.get(name)(**options)

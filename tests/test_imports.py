@@ -1,0 +1,96 @@
+"""The import graph: no circles between cbst's modules, and every module imports on its own."""
+
+import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from cbst.cli import COMMANDS
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(_module_name(p) for p in (SRC / "cbst").rglob("*.py"))
+
+
+def _imports(name: str) -> set[str]:
+    """The cbst modules that module ``name`` imports anywhere in its code (at its top or in a
+    function), resolved to modules (``from cbst import io`` -> ``cbst.io``)."""
+    path = SRC / Path(*name.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + [base]
+                ).strip(".")
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    if name == "cbst.cli":  # loads its commands with importlib
+        found.update(f"cbst.commands.{c}" for c in COMMANDS)
+    # ``from cbst import io`` imports cbst.io; the package's own __init__ (a lazy public API)
+    # is not counted as imported by it
+    return {m for m in found if m in MODULES and m not in (name, "cbst")}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph``, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_circles():
+    graph = {m: _imports(m) for m in MODULES}
+    # A package importing its own submodules is no circle: drop parent -> child edges' reverse
+    for m in MODULES:
+        graph[m] = {d for d in graph[m] if not m.startswith(d + ".")}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _import_alone(name: str) -> tuple[str, int, str]:
+    run = subprocess.run(
+        [sys.executable, "-c", f"import {name}"], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)}
+    )
+    return name, run.returncode, run.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    with ThreadPoolExecutor(4) as pool:
+        failed = [(n, err) for n, code, err in pool.map(_import_alone, MODULES) if code]
+    assert not failed, failed
