@@ -92,5 +92,6 @@ def _import_alone(name: str) -> tuple[str, int, str]:
 @pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     with ThreadPoolExecutor(4) as pool:
-        failed = [(n, err) for n, code, err in pool.map(_import_alone, MODULES) if code]
+        modules = [m for m in MODULES if m != "cbst.__main__"]  # importing it runs the command line
+        failed = [(n, err) for n, code, err in pool.map(_import_alone, modules) if code]
     assert not failed, failed

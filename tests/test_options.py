@@ -316,6 +316,11 @@ def test_only_cbst_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch
     monkeypatch.setattr(demo, "run", fail(full))
     assert main(["demo"]) == 2
     assert f"{tmp_path / 'x.png'}: no space left" in capsys.readouterr().err
+    background = OSError(f"{tmp_path / 'y.png'}: cannot write (OSError: disk full)")
+    background.__cause__ = full
+    monkeypatch.setattr(demo, "run", fail(background))
+    assert main(["demo"]) == 2
+    assert f"{tmp_path / 'y.png'}: no space left" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["tpu", "meta", ""])

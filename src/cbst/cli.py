@@ -244,12 +244,18 @@ def _error_message(exc: BaseException) -> str | None:
     """
     if isinstance(exc, CbstError):
         return str(exc)
-    if isinstance(exc, OSError) and exc.filename is not None:
-        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
-        if exc.errno == errno.ENOSPC:
-            return f"{where}: no space left on the device"
-        return f"{where}: {exc.strerror or exc}"
-    return None
+    if not isinstance(exc, OSError):
+        return None
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if exc.filename is None:  # cbst's own, e.g. a background write: the path is in its message
+        if len(exc.args) != 1:
+            return None
+        full = cause.errno == errno.ENOSPC
+        return f"{str(exc).split(': ')[0]}: no space left on the device" if full else str(exc)
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    if exc.errno == errno.ENOSPC:
+        return f"{where}: no space left on the device"
+    return f"{where}: {exc.strerror or exc}"
 
 
 def _join_job(command: str, distributed: ModuleType) -> str:

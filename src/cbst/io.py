@@ -524,8 +524,7 @@ class BackgroundWriter:
         except Exception as exc:  # re-raised in the submitting thread, naming the file
             with self._lock:
                 if self._error is None:
-                    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-                    self._error = OSError(code, f"cannot write ({type(exc).__name__}: {exc})", path)
+                    self._error = OSError(f"{path}: cannot write ({type(exc).__name__}: {exc})")
                     self._error.__cause__ = exc
         finally:
             self._slots.release()
