@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cbst import selftrain
 from cbst.checkpoints import load_checkpoint, save_checkpoint
@@ -101,6 +102,9 @@ def test_started_run_needs_resume_and_same_config(bench, tmp_path):
     with pytest.raises(ValueError, match="--resume"):
         self_train(_config(bench, out))
     cfg = _config(bench, out, resume=True)
+    with pytest.raises(ValueError, match="config.yaml: missing"):  # a resume never runs without it
+        selftrain._prepare_output(cfg)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.saved_form()))
     selftrain._prepare_output(cfg)
     selftrain._write_config(out, cfg)
     with pytest.raises(ValueError, match="init-tgt-port"):

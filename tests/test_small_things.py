@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cbst.checkpoints import save_checkpoint
-from cbst.cli import build_parser, main, resume_hint
+from cbst.cli import build_parser, main
 from cbst.models import build_model
+from cbst.signals import stop_message
 
 
 def test_convert_names_a_few_keys_of_the_wrong_arch_and_all_with_verbose(tmp_path, capsys):
@@ -26,13 +27,13 @@ def test_convert_names_a_few_keys_of_the_wrong_arch_and_all_with_verbose(tmp_pat
 
 def test_an_interrupted_run_names_the_command_that_continues_it():
     argv = ["self-train", "--config", "my run.yaml", "--output", "runs/a"]
-    assert (
-        resume_hint(argv)
-        == "to continue, run: cbst self-train --config 'my run.yaml' --output runs/a --resume"
+    assert stop_message(2, "self-train", argv, False).endswith(
+        "resume with: cbst self-train --config 'my run.yaml' --output runs/a --resume"
     )
-    assert resume_hint([*argv, "--resume"]).endswith("--output runs/a --resume")
-    assert "cbst demo --out d" in resume_hint(["demo", "--out", "d"])
-    assert resume_hint(["evaluate", "--checkpoint", "x.pt"]) == "nothing to resume; run the command again"
+    assert stop_message(2, "self-train", [*argv, "--resume"], False).endswith("--output runs/a --resume")
+    assert stop_message(2, "evaluate", ["evaluate", "--checkpoint", "x.pt"], False).endswith(
+        "run the command again to redo it"
+    )
 
 
 def test_report_on_a_source_training_folder_says_what_it_is(tmp_path, capsys):

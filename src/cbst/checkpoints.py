@@ -15,7 +15,7 @@ from torch import nn
 
 from cbst import __version__
 from cbst.errors import CheckpointError, ConfigError
-from cbst.io import DataError, atomic_path, read_torch_file
+from cbst.io import DataError, atomic_path, is_torch_archive, read_torch_file, write_failure
 from cbst.labels import PROTOCOLS
 from cbst.models import SegmentationNet, build_model, load_strict, unwrap
 from cbst.registry import ARCHITECTURES
@@ -55,7 +55,10 @@ def save_checkpoint(
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)
+        try:
+            torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)
+        except RuntimeError as exc:  # PyTorch's archive writer: a full disk or a write error
+            raise write_failure(tmp, exc) from exc
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -65,6 +68,8 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         obj = read_torch_file(path, "PyTorch checkpoint")
     except DataError as exc:
+        if is_torch_archive(path):  # a damaged PyTorch file: converting would not help
+            raise CheckpointError(str(exc)) from None
         raise CheckpointError(
             f"{exc}; MXNet .params and other foreign weights must first go through 'cbst convert'"
         ) from None

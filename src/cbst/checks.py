@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cbst import options
 from cbst.errors import ConfigError, DataError
 from cbst.io import read_text
@@ -71,6 +69,46 @@ def require_scale_range(config: Any, name: str) -> None:
         raise ConfigError(f"{flag(name)} must be LO,HI with 0 < LO <= HI, got {lo},{hi}")
 
 
+MAX_CROP_SIZE = 8192
+"""Largest training crop side: four times a Cityscapes frame's long side."""
+MAX_BATCH = 4096
+"""Largest batch of images (training or pseudo-labelling) any option may ask for."""
+
+
+def _memory_limit() -> int:
+    """Bytes this process may still allocate: the smaller of the free memory and its address-space
+    limit (``ulimit -v``), or 0 when neither is known."""
+    import resource
+
+    from cbst.probability_cache import available_host_memory  # imports torch, as every run does
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    limits = [m for m in (available_host_memory(), soft if soft != resource.RLIM_INFINITY else 0) if m > 0]
+    return min(limits, default=0)
+
+
+def require_batch_memory(config: Any, batch: str, crop: str, *others: str) -> None:
+    """Options that fix the memory of a step must leave it possible, checked before any stage.
+
+    The crop side and batch sizes have sane maxima (``MAX_CROP_SIZE``, ``MAX_BATCH``); the
+    training batch's input tensor alone (``batch`` x 3 x ``crop``² float32, the network's
+    activations take many times more) must fit in the memory the process may allocate.
+    """
+    for name in (batch, *others):
+        if getattr(config, name) > MAX_BATCH:
+            raise ConfigError(f"{flag(name)} must be at most {MAX_BATCH}, got {getattr(config, name)}")
+    side = getattr(config, crop)
+    if side > MAX_CROP_SIZE:
+        raise ConfigError(f"{flag(crop)} must be at most {MAX_CROP_SIZE} pixels, got {side}")
+    needed, limit = getattr(config, batch) * 3 * side * side * 4, _memory_limit()
+    if limit and needed > limit:
+        raise ConfigError(
+            f"{flag(batch)} {getattr(config, batch)} with {flag(crop)} {side} needs {needed / 2**30:.1f} GiB "
+            f"for the input batch alone, more than the {limit / 2**30:.1f} GiB this process may use; "
+            f"lower {flag(crop)} or {flag(batch)}"
+        )
+
+
 def require_batch_fits(batch: int, samples: int, what: str) -> None:
     """A batch of ``batch`` images must fit in ``samples`` (incomplete batches are dropped)."""
     if samples < batch:
@@ -94,15 +132,21 @@ def require_split_batch(config: Any, name: str) -> None:
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:
-    """The mapping saved as a run's ``config.yaml``; anything else is a ``DataError`` naming it."""
+    """The mapping saved as a run's ``config.yaml``; anything else is a ``DataError`` naming it.
+
+    cbst writes the file whole (atomically) and ending in a newline, so one that does not is
+    truncated (an interrupted copy or a full disk); its hint says so rather than blaming the run.
+    """
+    text = read_text(path, "run configuration")
+    keep = "it records the options the finished stages used: restore it from a copy, or start a new run"
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path}: truncated (it does not end with a complete line); {keep} in a new --output")
     try:
-        data = yaml.safe_load(read_text(path, "run configuration"))
-    except yaml.YAMLError:
-        data = None
+        data = options.load_yaml(text, str(path))  # bounded: no alias bombs, no deep nesting
+    except ConfigError as exc:
+        raise DataError(f"{exc}; {keep} in a new --output") from None
     if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: not a run configuration (a YAML mapping); start the run again in a new --output"
-        )
+        raise DataError(f"{path}: not a run configuration (a YAML mapping); {keep} in a new --output")
     return data
 
 

@@ -22,13 +22,12 @@ import contextlib
 import errno
 import importlib
 import os
-import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from cbst import __version__, options
+from cbst import __version__, checks, options, signals
 from cbst.errors import CbstError, CLIError
 from cbst.extensions import import_extensions
 from cbst.io import read_text
@@ -151,9 +150,7 @@ def _saved_run_defaults(argv: list[str], parser: argparse.ArgumentParser) -> dic
     saved = Path(seen.output or "") / SAVED_CONFIG
     if not (seen.resume and seen.output and saved.is_file()):
         return {}
-    data = options.load_yaml(read_text(saved, "run configuration"), str(saved))
-    if not isinstance(data, dict):
-        raise CLIError(f"{saved}: not a run configuration (a YAML mapping)")
+    data = checks.read_saved_config(saved)  # a truncated or damaged file says so
     runtime = set(options.runtime_fields(cls))
     kept = {k: v for k, v in data.items() if str(k).replace("-", "_") not in runtime}
     return options.config_values(kept, cls, str(saved), nullable=False)
@@ -284,24 +281,6 @@ def _console_of_main(distributed: ModuleType) -> Iterator[None]:
         yield
 
 
-RESUMABLE_COMMANDS: tuple[str, ...] = ("train-source", "self-train")
-"""The commands that continue a killed run with --resume (``demo`` continues by itself)."""
-
-
-def resume_hint(argv: Sequence[str]) -> str:
-    """What to run to continue an interrupted command: the same command line, with --resume
-    where the command needs it."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    line = ["cbst", *argv]
-    if command in RESUMABLE_COMMANDS:
-        if "--resume" not in argv:
-            line.append("--resume")
-        return f"to continue, run: {shlex.join(line)}"
-    if command == "demo":
-        return f"to continue where it stopped, run the same command: {shlex.join(line)}"
-    return "nothing to resume; run the command again"
-
-
 def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
@@ -333,11 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     (and ``--help``) imports no torch; running a command does.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    signals.install()
     command = _command_of(argv)
-    try:
+    prefix = f"cbst {command}" if command else "cbst"
+    try:  # a SIGTERM while importing is a stop too
         parser, args = _parse(argv)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cbst.signals)
+        return signals.report_stop(prefix, argv, exc)
     except Exception as exc:  # noqa: BLE001 - a bug is re-raised by _report
-        return _report(f"cbst {command}" if command else "cbst", exc)
+        return _report(prefix, exc)
     if args.command is None:
         parser.print_help()
         return 2
@@ -356,9 +339,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             status = int(args._run(args) or 0)
         finished = True
         return status
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; {resume_hint(argv)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cbst.signals)
+        return signals.report_stop(prefix, argv, exc)
     except distributed.COMMUNICATION_ERRORS as exc:
         detail = _one_line(str(exc))
         print(
@@ -367,6 +349,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         )
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug is re-raised by _report
+        if signals.stop_signal(exc) is not None:  # a DataLoader worker killed by the same SIGTERM
+            return signals.report_stop(prefix, argv, exc)
         return _report(prefix, exc)
     finally:
         distributed.shutdown(finished=finished)

@@ -724,6 +724,7 @@ class SelfTrainConfig:
             raise ConfigError(f"--kc-policy {self.kc_policy!r} works with --mode online only")
         checks.require_scale_range(self, "scale_rate_range")
         checks.require_split_batch(self, "batch_images")
+        checks.require_batch_memory(self, "batch_images", "crop_size", "pseudo_batch")
         if self.loss != "cross_entropy" and (self.mr_weight_kld or self.mr_weight_src or self.lr_weight_ent):
             raise ConfigError(
                 f"CRST's regularisers extend the cross-entropy; they cannot be used with --loss {self.loss}"
@@ -734,6 +735,10 @@ class SelfTrainConfig:
             raise MissingInputError(f"{self.weights}: initial weights not found (--weights)")
         if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
             raise MissingInputError(f"{self.with_prior}: spatial prior file not found (--with-prior)")
+        if self.with_prior not in (None, "source"):
+            from cbst.priors import load_prior  # reads the file: only when a run is validated
+
+            load_prior(self.with_prior, self.num_classes)  # its header, dtype, shape and range
         for plan in self.schedule():
             for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
                 if portion > 1:
@@ -911,6 +916,7 @@ class SourceTrainConfig:
         options.check_ranges(self)
         checks.require_scale_range(self, "scale_range")
         checks.require_split_batch(self, "batch_images")
+        checks.require_batch_memory(self, "batch_images", "crop_size")
         if self.lr_type not in LR_POLICIES:
             raise ConfigError(f"--lr-type must be one of {', '.join(LR_POLICIES)}, got {self.lr_type!r}")
         if any(step < 0 for step in self.lr_steps):

@@ -239,7 +239,13 @@ def _strip(name: str, suffix: str) -> str:
 def _scan(folder: Path, suffix: str, recursive: bool = False) -> dict[str, Path]:
     """Files ``*suffix`` in ``folder`` keyed by file name minus ``suffix``; empty folder is an error."""
     pattern = f"*{suffix}"
-    found = sorted(p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file())
+    found = sorted(
+        p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if not p.is_dir()
+    )
+    for path in found:
+        if not path.is_file():  # a dangling symbolic link or a special file: not silently skipped
+            what = "a symbolic link to a missing file" if path.is_symlink() else "not a regular file"
+            raise DataError(f"{path}: {what}; fix or remove it")
     if not found:
         raise DataError(f"{folder}: no files matching {pattern!r} found (empty split or wrong folder)")
     files: dict[str, Path] = {}

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -31,32 +32,93 @@ from cbst.errors import DataError
 cv2.setNumThreads(0)  # OpenCV's own pool fights with PyTorch's and with data-loader workers
 
 
+Image.MAX_IMAGE_PIXELS = None  # cbst checks every image's size itself (max_image_pixels)
+
+MAX_PIXELS_VARIABLE = "CBST_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+"""Largest image (width x height) read unless ``CBST_MAX_IMAGE_PIXELS`` allows more: 32 times a
+2048 x 1024 Cityscapes frame, and small enough that a decompression bomb (a tiny PNG that
+declares 30000 x 30000 pixels) is refused from its header before any memory is taken."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``CBST_MAX_IMAGE_PIXELS`` when set (a positive integer), else the default."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_PIXELS_VARIABLE}={text!r}: expected a positive number of pixels")
+    return value
+
+
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    """Refuse an image whose header declares more pixels than ``max_image_pixels``."""
+    limit = max_image_pixels()
+    if size[0] * size[1] > limit:
+        raise DataError(
+            f"{path}: image of {size[0]} x {size[1]} pixels is larger than the limit of {limit} "
+            f"pixels (set the environment variable {MAX_PIXELS_VARIABLE} to allow more)"
+        )
+
+
 def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         img = Image.open(path)
+        _check_pixels(path, img.size)
         img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"{path}: cannot read image ({exc})") from None
     return img
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+    """(width, height) from the file header, without decoding the pixels (checked against the limit)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         with Image.open(path) as img:
-            return img.size
-    except (OSError, SyntaxError, ValueError) as exc:
+            size = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image header ({exc})") from None
+    _check_pixels(path, size)
+    return size
+
+
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _gray_to_uint8(path: Path, img: Image.Image) -> np.ndarray:
+    """A 16-bit (or 32-bit integer holding 16-bit) grayscale image scaled to 8 bits, as H x W x 3.
+
+    Pillow's own conversion to RGB clips such images at 255, which turns them all white.
+    """
+    gray = np.asarray(img).astype(np.int64)
+    if gray.size and (gray.min() < 0 or gray.max() > 65535):
+        raise DataError(
+            f"{path}: grayscale image of mode {img.mode} holds values outside 0..65535; "
+            "convert it to 8-bit RGB first"
+        )
+    scaled = (gray * 255 + 32767) // 65535  # 0 -> 0, 65535 -> 255, rounded
+    return np.repeat(scaled.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB image as H x W x 3 uint8."""
-    img = _open(Path(path))
+    """An RGB image as H x W x 3 uint8; 16-bit grayscale images are scaled to 8 bits."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in _WIDE_GRAY:
+        return _gray_to_uint8(path, img)
+    if img.mode == "F":
+        raise DataError(f"{path}: floating-point image (mode F) cannot be read as RGB; convert it first")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
@@ -80,8 +142,7 @@ def read_png_channel_16bit(path: str | Path, channel: int = 0) -> np.ndarray:
     stores channels in BGR(A) order, which this function hides.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    image_size(path)  # the header's size against the limit, before decoding
     data = np.fromfile(path, dtype=np.uint8)
     arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if arr is None:
@@ -101,9 +162,20 @@ def read_text(path: str | Path, what: str = "file") -> str:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a text {what} (byte {exc.start} is not UTF-8)") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """The parsed JSON of ``path``; a missing, truncated or non-JSON file is a ``DataError`` naming it."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        state = "truncated" if text.strip() and exc.pos >= len(text.rstrip()) else "not valid JSON"
+        raise DataError(f"{path}: {what} is {state} (line {exc.lineno}, column {exc.colno})") from None
 
 
 def read_torch_file(path: str | Path, what: str = "PyTorch weights file") -> Any:
@@ -126,9 +198,31 @@ def read_torch_file(path: str | Path, what: str = "PyTorch weights file") -> Any
                 "pickled model?); cbst reads tensors only, so that no file can run "
                 "code: save the model's state_dict instead"
             ) from None
-        raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
+        raise DataError(_unreadable(path, what)) from None
     except Exception:  # torch raises many types (EOFError, IndexError, RuntimeError) for garbage
-        raise DataError(f"{path}: not a readable {what} (corrupt or another format)") from None
+        raise DataError(_unreadable(path, what)) from None
+
+
+TORCH_ARCHIVE_MAGIC = b"PK\x03\x04"
+"""The first bytes of every file ``torch.save`` writes (a zip archive)."""
+
+
+def is_torch_archive(path: str | Path) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file (a zip archive), complete or not."""
+    with contextlib.suppress(OSError), open(path, "rb") as fh:
+        return fh.read(4) == TORCH_ARCHIVE_MAGIC
+    return False
+
+
+def _unreadable(path: Path, what: str) -> str:
+    """Why ``torch.load`` failed: a damaged PyTorch archive, or not a PyTorch file at all."""
+    if is_torch_archive(path):
+        return (
+            f"{path}: truncated or damaged {what} ({path.stat().st_size} bytes: a PyTorch archive "
+            "without its end, from an interrupted copy or a full disk); copy it again, or "
+            "delete it and rerun the stage that wrote it"
+        )
+    return f"{path}: not a readable {what} (corrupt or another format)"
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -156,16 +250,105 @@ def _check_folder_writable(folder: Path, target: Path) -> None:
         ) from None
 
 
+LOCK_NAME = "cbst.lock"
+"""The lock file of a run folder (:mod:`cbst.runlock`)."""
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp(\.[^./]+)?")
+"""The names ``_create_temporary`` gives: ``.NAME.XXXXXXXX.tmpSUFFIX``."""
+
+
+def _config_keys(folder: Path) -> set[str]:
+    """The top-level keys of ``folder/config.yaml`` (none when it is missing or not a mapping)."""
+    import yaml  # only for folders that hold a config.yaml
+
+    try:
+        data = yaml.safe_load(read_text(folder / "config.yaml", "run configuration"))
+    except (DataError, yaml.YAMLError, RecursionError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
+def run_kind(folder: str | Path) -> str | None:
+    """What kind of cbst folder ``folder`` is, judged by the files each kind writes.
+
+    Returns ``"self-train"`` (a ``state.json``, or a ``config.yaml`` with target-domain
+    options), ``"train-source"`` (``checkpoints/``, ``log.jsonl`` or a ``config.yaml`` with an
+    ``lr_type``), ``"demo"`` (sub-folders holding runs), ``"synthetic benchmark"``, ``"other"``
+    (anything else non-empty) or None (missing, or empty but for a lock and temporaries).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if (folder / "config.yaml").is_file() or (folder / "state.json").is_file():
+        keys = _config_keys(folder)
+        if (folder / "state.json").is_file() or "data_root_tgt" in keys:
+            return "self-train"
+        if "lr_type" in keys:
+            return "train-source"
+    if (folder / "checkpoints").is_dir() or (folder / "log.jsonl").is_file():
+        return "train-source"
+    if (folder / "synthetic.json").is_file() and (folder / "VERSION").is_file():
+        return "synthetic benchmark"
+    entries = [p for p in folder.iterdir() if p.name != LOCK_NAME and not _TEMPORARY.fullmatch(p.name)]
+    if any((p / "state.json").is_file() for p in entries if p.is_dir()):
+        return "demo"
+    return "other" if entries else None
+
+
+def check_run_folder(folder: str | Path, kind: str, option: str = "--output") -> None:
+    """Refuse ``folder`` as the output of a ``kind`` run when it holds anything else.
+
+    A missing or empty folder, or one holding a run of the same kind (resumed, or refused
+    later as a started run), passes.
+    """
+    folder = Path(folder)
+    found = run_kind(folder)
+    if found in (None, kind):
+        return
+    if found == "other":
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        what = f"{len(names)} files or folders that are not a cbst run ({shown})"
+    else:
+        what = f"a {found}" + (" run" if found in ("self-train", "train-source") else " folder")
+    raise FileExistsError(
+        errno.EEXIST, f"holds {what}, not a {kind} run; give {option} a new or empty folder", str(folder)
+    )
+
+
+_RUN_MARKERS = ("config.yaml", "state.json", "checkpoints", "log.jsonl", "synthetic.json")
+
+
+def _enclosing_run(path: Path) -> tuple[Path, str] | None:
+    """(folder, kind) of the nearest cbst run or benchmark folder above ``path``, if any."""
+    for folder in path.absolute().parents:
+        if any((folder / marker).exists() for marker in _RUN_MARKERS):
+            kind = run_kind(folder)
+            if kind not in (None, "other"):
+                return folder, kind
+    return None
+
+
 def check_output_file(
-    path: str | Path, *, overwrite: bool, option: str = "--out", inputs: tuple[str | Path | None, ...] = ()
+    path: str | Path,
+    *,
+    overwrite: bool,
+    option: str = "--out",
+    inputs: tuple[str | Path | None, ...] = (),
+    replaceable: tuple[str, ...] = (),
 ) -> None:
     """Check, before any work, that ``path`` can be written as a new file (or replace one).
+
+    The one rule of every command that writes a file: an existing file is replaced only with
+    ``--overwrite``, and never when it is an input of the command or a file of a run (or
+    benchmark) folder, whose other files depend on it.
 
     Args:
         path: the destination file.
         overwrite: whether an existing file may be replaced; otherwise it is refused.
         option: the command-line flag that named ``path``, for the messages.
         inputs: files the command reads; writing over one of them is always refused.
+        replaceable: names of files this command itself writes into run folders (``report.html``),
+            which ``overwrite`` may replace there.
     """
     path = Path(path)
     if path.is_dir():
@@ -175,6 +358,14 @@ def check_output_file(
             raise FileExistsError(
                 errno.EEXIST, f"is also an input of this command; give {option} another file name", str(path)
             )
+    run = _enclosing_run(path) if path.exists() or path.is_symlink() else None
+    if run is not None and not (path.name in replaceable and path.parent.absolute() == run[0]):
+        raise FileExistsError(
+            errno.EEXIST,
+            f"belongs to the {run[1]} folder {run[0]} and is never replaced, not even with "
+            f"--overwrite; give {option} another file name",
+            str(path),
+        )
     if path.exists() and not overwrite:
         raise FileExistsError(
             errno.EEXIST,
@@ -233,9 +424,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp), tmp):  # about another file (a copy's source)
+            raise
+        raise OSError(
+            exc.errno, f"cannot write ({exc.strerror or exc}); nothing was written there", str(path)
+        ) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+FULL_DISK_BYTES = 16 * 2**20
+"""Free space below which a failed write is reported as "no space left on device"."""
+
+
+def write_failure(path: str | Path, exc: Exception) -> OSError:
+    """The ``OSError`` naming ``path`` for a writer that fails without an errno (``torch.save``).
+
+    PyTorch's archive writer reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc...]``; the free space left beside the file tells a full disk apart.
+    """
+    path = Path(path)
+    try:
+        info = os.statvfs(path.parent)
+        full = info.f_bavail * info.f_frsize < FULL_DISK_BYTES
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OSError(errno.EIO, f"write failed ({detail})", str(path))
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files a killed run left under ``folder`` (``.NAME.XXXXXXXX.tmpSUFFIX``,
+    made by ``atomic_path``); returns how many. Only for a folder whose lock this process holds."""
+    count = 0
+    for path in Path(folder).rglob(".*.tmp*"):
+        if _TEMPORARY.fullmatch(path.name) and path.is_file():
+            path.unlink()
+            count += 1
+    return count
 
 
 def write_png(path: str | Path, array: np.ndarray, palette: list[int] | None = None) -> None:
@@ -316,3 +546,20 @@ class BackgroundWriter:
             self.close()
         else:  # an error is already on its way: finish what runs, drop the queue, keep that error
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line and flush it to disk (the log survives a crash mid-run).
+
+    A failed write (a full disk) is cut back off, so the log never ends in half a line.
+    """
+    with open(path, "ab", buffering=0) as fh:  # unbuffered: a failure surfaces here, not at close
+        size = fh.tell()
+        try:
+            line = memoryview((json.dumps(record) + "\n").encode())
+            while line:  # a raw write may take part of the line, and fail on the rest
+                line = line[fh.write(line) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise OSError(exc.errno, f"cannot write ({exc.strerror or exc})", str(path)) from exc

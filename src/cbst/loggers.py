@@ -17,13 +17,13 @@ in source training). A user module passed with ``--import`` adds a logger with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from cbst import distributed
 from cbst.errors import ConfigError
+from cbst.io import append_jsonl
 from cbst.registry import LOGGERS
 
 
@@ -56,9 +56,7 @@ class JsonlLogger:
         line = {"kind": kind, **context, **values}
         if self._steps:
             line["steps"], self._steps = self._steps, []
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-            fh.flush()
+        append_jsonl(self.path, line)
 
     def close(self) -> None:
         self._steps = []

@@ -16,6 +16,7 @@ Named files keep the ``arg:``/``aux:`` prefixes of their keys. ``save_params`` w
 from __future__ import annotations
 
 import errno
+import math
 import struct
 from pathlib import Path
 
@@ -42,6 +43,8 @@ DTYPES: dict[int, np.dtype] = {
     10: np.dtype("<u4"),
     11: np.dtype("<u8"),
 }
+MAX_NDIM = 32
+"""MXNet's (and numpy's) largest number of dimensions; a larger ndim is a damaged header."""
 TYPE_FLAGS: dict[np.dtype, int] = {dt: flag for flag, dt in DTYPES.items()}
 
 
@@ -77,6 +80,8 @@ def _read_shape(r: _Reader, dim_fmt: str) -> tuple[int, ...]:
     (ndim,) = r.unpack("i", "shape ndim")
     if ndim < 0:
         raise r.fail("NDArray with unknown shape (ndim -1) is not supported", r.pos - 4)
+    if ndim > MAX_NDIM:
+        raise r.fail(f"shape of {ndim} dimensions (at most {MAX_NDIM} exist; damaged file?)", r.pos - 4)
     return tuple(r.unpack(dim_fmt * ndim, "shape dims")) if ndim else ()
 
 
@@ -105,7 +110,7 @@ def _read_array(r: _Reader) -> np.ndarray:
     if flag not in DTYPES:
         raise r.fail(f"unsupported type flag {flag}", r.pos - 4)
     dtype = DTYPES[flag]
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python integers: a damaged shape cannot overflow to a small size
     raw = r.take(count * dtype.itemsize, f"data of a {dtype.name} array of shape {shape}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 

@@ -24,6 +24,7 @@ probabilities of any resolution. Choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,61 @@ def _read_array(path: Path) -> np.ndarray:
             names = sorted(k for k in data if not k.startswith("__"))
             raise DataError(f"{path}: no variable {MAT_VARIABLE!r} (found: {names})")
         return np.asarray(data[MAT_VARIABLE])
+    _check_npy_header(path)
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read .npy file ({exc})") from None
+
+
+def _check_npy_header(path: Path) -> None:
+    """Refuse a .npy file whose header declares more data than the file holds, before loading.
+
+    ``np.load`` allocates what the header declares first: a 100-byte file claiming 700 GiB
+    would exhaust memory.
+    """
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(fh, max_header_size=10000)
+            start = fh.tell()
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a .npy file ({exc})") from None
+    if dtype.kind not in "biuf":
+        raise DataError(f"{path}: prior of dtype {dtype} (expected float32 probabilities in [0, 1])")
+    needed = math.prod(shape) * dtype.itemsize
+    available = path.stat().st_size - start
+    if needed > available:
+        raise DataError(
+            f"{path}: header declares a {dtype} array of shape {shape} ({needed} bytes) but the file "
+            f"holds {available} bytes of data (truncated or damaged)"
+        )
+
+
+PRIOR_SLACK = 1e-3
+"""How far above 1 a prior value may lie (rounding in other tools' conversions)."""
+
+
+def _check_values(path: Path, prior: np.ndarray) -> None:
+    """A prior is a per-class map in [0, 1] with some mass in every class."""
+    if not np.isfinite(prior).all() or (prior < 0).any():
+        raise DataError(f"{path}: prior holds negative or non-finite values")
+    if prior.max() > 1 + PRIOR_SLACK:
+        raise DataError(
+            f"{path}: prior values reach {float(prior.max()):g}, above 1 (0-255 image values?); "
+            "a prior holds per-class weights in [0, 1]"
+        )
+    empty = [c for c in range(prior.shape[0]) if not prior[c].any()]
+    if empty:
+        raise DataError(
+            f"{path}: prior is zero everywhere for class(es) {empty}, which would never be "
+            "pseudo-labelled; recount it ('cbst prior') with --eps > 0"
+        )
 
 
 def _resize_prior(prior: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -182,9 +234,12 @@ def load_prior(path: str | Path, num_classes: int, size: tuple[int, int] | None 
                 f"classes first ({num_classes}×H×W) or last (H×W×{num_classes})"
             )
         array = array.transpose(2, 0, 1)
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: prior of dtype {array.dtype} (expected float32 probabilities in [0, 1])")
+    if 0 in array.shape:
+        raise DataError(f"{path}: empty prior of shape {array.shape}")
     prior = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(prior).all() or (prior < 0).any():
-        raise DataError(f"{path}: prior holds negative or non-finite values")
+    _check_values(path, prior)
     if size is not None and prior.shape[1:] != tuple(size):
         prior = _resize_prior(prior, tuple(size))
     return prior

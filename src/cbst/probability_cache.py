@@ -283,24 +283,39 @@ class ProbabilityCache:
             index = json.loads((folder / "index.json").read_text())
         except (OSError, ValueError) as exc:
             raise io.DataError(f"{folder / 'index.json'}: cannot read the cache index ({exc})") from None
-        plan = index["plan"]
-        cache = cls(
-            folder,
-            InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"], plan["pad_multiple"]),
-            device=device,
-            dtype=getattr(torch, index["dtype"]),
-            backend="disk",
-            keep=True,
-        )
-        for key, e in index["entries"].items():
-            cache._entries[int(key)] = _Entry(
-                size=tuple(e["size"]),
-                tier="disk",
-                offset=e["offset"],
-                shapes=[tuple(s) for s in e["shapes"]],
-                flip=e["flip"],
+        try:
+            plan = index["plan"]
+            cache = cls(
+                folder,
+                InferencePlan(plan["long_side"], tuple(plan["scales"]), plan["flip"], plan["pad_multiple"]),
+                device=device,
+                dtype=getattr(torch, index["dtype"]),
+                backend="disk",
+                keep=True,
             )
+            for key, e in index["entries"].items():
+                cache._entries[int(key)] = _Entry(
+                    size=tuple(e["size"]),
+                    tier="disk",
+                    offset=e["offset"],
+                    shapes=[tuple(s) for s in e["shapes"]],
+                    flip=e["flip"],
+                )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise io.DataError(f"{folder / 'index.json'}: not a probability cache index ({exc!r})") from None
+        cache._check_length()
         return cache
+
+    def _check_length(self) -> None:
+        """A kept cache's file must hold every entry its index lists (a killed copy is shorter)."""
+        itemsize = np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
+        needed = max((e.offset + e.numel for e in self._entries.values()), default=0) * itemsize
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        if size < needed:
+            raise io.DataError(
+                f"{self.path}: truncated probability cache ({size} of {needed} bytes); rerun with "
+                "--resume, which redoes the round's pseudo-label stage"
+            )
 
     def __enter__(self) -> ProbabilityCache:
         return self

@@ -32,13 +32,14 @@ for it where they read them.
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from cbst import checks, distributed, io, options
+from cbst import checks, distributed, io, options, runlock
 from cbst.checkpoints import load_checkpoint, load_weights_into, read_meta, save_checkpoint
 from cbst.config import SelfTrainConfig
 from cbst.crst import CrstLoss
@@ -77,29 +78,120 @@ _STAGE_PLAN = {
 _PLAN_OPTIONS = options.plan_options(SelfTrainConfig)
 
 
+_STAGES = ("pseudo", "train", "eval")
+_ENTRY = re.compile(rf"(\d+/(pseudo|train|eval)|{SOURCE}/eval)")
+
+
 class RunState:
-    """The finished stages of a run, persisted atomically after every stage."""
+    """The finished stages of a run and their durations, persisted atomically after every stage.
+
+    ``state.json`` holds ``{"finished": ["ROUND/STAGE", ...], "seconds": {"ROUND/STAGE": s}}``;
+    durations are measured with a monotonic clock (wall-clock changes and file times do not
+    affect them).
+    """
 
     def __init__(self, output: Path):
         self.path = output / "state.json"
         self.finished: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self._clock = time.monotonic()
         if self.path.is_file():
-            try:
-                self.finished = list(json.loads(io.read_text(self.path, "run state"))["finished"])
-            except (ValueError, KeyError, TypeError):
+            data = io.read_json(self.path, "run state")
+            finished = data.get("finished") if isinstance(data, dict) else None
+            seconds = data.get("seconds", {}) if isinstance(data, dict) else None
+            if (
+                not isinstance(finished, list)
+                or not all(isinstance(e, str) and _ENTRY.fullmatch(e) for e in finished)
+                or not isinstance(seconds, dict)
+            ):
                 raise io.DataError(
-                    f"{self.path}: unreadable run state; start the run again in a new --output"
-                ) from None
+                    f"{self.path}: not a run state (expected {{'finished': ['ROUND/STAGE', ...]}}); "
+                    "restore it, or start the run again in a new --output"
+                )
+            self.finished = list(finished)
+            self.seconds = {k: v for k, v in seconds.items() if k in finished}
 
     def done(self, round_index: int | str, stage: str) -> bool:
         """Whether stage ``stage`` of round ``round_index`` (or of :data:`SOURCE`) has finished."""
         return f"{round_index}/{stage}" in self.finished
 
+    def start_clock(self) -> None:
+        """Time the next stage from now."""
+        self._clock = time.monotonic()
+
     def mark(self, round_index: int | str, stage: str) -> None:
-        """Record a finished stage (the file is written by the main process only)."""
-        self.finished.append(f"{round_index}/{stage}")
+        """Record a finished stage and its duration (the file is written by the main process only)."""
+        entry = f"{round_index}/{stage}"
+        self.finished.append(entry)
+        self.seconds[entry] = round(time.monotonic() - self._clock, 3)
+        self._clock = time.monotonic()
         if distributed.is_main():
-            io.write_json(self.path, {"finished": self.finished})
+            io.write_json(self.path, {"finished": self.finished, "seconds": self.seconds})
+
+    def forget(self, entries: list[str]) -> None:
+        """Drop finished stages whose files are gone (they are redone); nothing is written yet."""
+        self.finished = [e for e in self.finished if e not in entries]
+        self.seconds = {k: v for k, v in self.seconds.items() if k not in entries}
+
+
+def _stage_problem(out: Path, index: int, stage: str, needs_cache: bool) -> str | None:
+    """Why a stage recorded as finished cannot be trusted (a file missing or incomplete), or None.
+
+    ``needs_cache``: the round's LRENT training is still to run, so its kept probability cache
+    belongs to the pseudo-label stage's files.
+    """
+    from zipfile import is_zipfile
+
+    rdir = out / f"round_{index}"
+    try:
+        if stage == "pseudo":
+            stats = io.read_json(rdir / "stats.json", "pseudo-label statistics")
+            if not isinstance(stats, dict) or "thresholds" not in stats:
+                return f"{rdir / 'stats.json'} is not the stage's statistics"
+            if not any((rdir / "pseudo_labelIds").glob("*.png")):
+                return f"{rdir / 'pseudo_labelIds'} holds no pseudo-labels"
+            if needs_cache:
+                open_kept_cache(rdir, device="cpu").close()  # LRENT's training reads it
+        elif stage == "train":
+            if not is_zipfile(rdir / "model.pt"):  # torch.save writes a zip; a cut one has no end
+                return f"{rdir / 'model.pt'} is missing or incomplete"
+        elif not isinstance(io.read_json(rdir / "metrics.json", "round metrics"), dict):
+            return f"{rdir / 'metrics.json'} is not the round's metrics"
+    except (io.DataError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _dependencies(index: int, stage: str) -> list[str]:
+    """The stages whose files ``stage`` of round ``index`` was computed from."""
+    previous = [f"{index - 1}/train"] if index > 0 else []
+    return {"pseudo": previous, "train": [f"{index}/pseudo", *previous], "eval": [f"{index}/train"]}[stage]
+
+
+def _check_finished_files(out: Path, cfg: SelfTrainConfig, state: RunState) -> None:
+    """Redo, saying so, every finished stage whose files are gone, and the stages built on them."""
+    rounds = [e for e in state.finished if not e.startswith(f"{SOURCE}/")]
+    entries = sorted(rounds, key=lambda e: (int(e.split("/")[0]), _STAGES.index(e.split("/")[1])))
+    redo: list[str] = []
+    if state.done(SOURCE, "eval") and not (out / "source_metrics.json").is_file():
+        print(
+            f"self-train: {out / 'source_metrics.json'} is missing: scoring the source model again",
+            flush=True,
+        )
+        redo.append(f"{SOURCE}/eval")
+    for entry in entries:
+        index, stage = int(entry.split("/")[0]), entry.split("/")[1]
+        if any(dep in redo or dep not in state.finished for dep in _dependencies(index, stage)):
+            redo.append(entry)
+            continue
+        needs_cache = cfg.lrent_alpha is not None and f"{index}/train" not in state.finished
+        problem = _stage_problem(out, index, stage, needs_cache)
+        if problem is not None:
+            print(f"self-train: {problem}: redoing round {index}'s {stage} stage", flush=True)
+            redo.append(entry)
+    if len(redo) > 1:
+        print(f"self-train: redoing {len(redo)} stages in all ({', '.join(redo)})", flush=True)
+    state.forget(redo)
 
 
 def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
@@ -109,6 +201,8 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     """
     out = Path(cfg.output)
     io.check_output_dir(out)
+    io.check_run_folder(out, "self-train")
+    runlock.check_free(out)
     state = RunState(out)
     saved = out / "config.yaml"
     if state.finished and not cfg.resume and _finished_run(saved, state):
@@ -120,8 +214,10 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
             f"{out}: holds a started run ({len(state.finished)} stages finished); "
             "pass --resume to continue it or choose another --output"
         )
-    if cfg.resume and state.finished and saved.is_file():
+    if cfg.resume and state.finished:
+        _check_resumable(out, cfg, state)
         _check_resume(saved, cfg, state.finished)
+        _check_finished_files(out, cfg, state)
     return out, state
 
 
@@ -136,6 +232,22 @@ def _finished_run(saved: Path, state: RunState) -> bool:
         return False
     stages = ("train", "eval") if config.get("eval_split") else ("train",)
     return rounds > 0 and all(state.done(i, stage) for i in range(rounds) for stage in stages)
+
+
+def _check_resumable(out: Path, cfg: SelfTrainConfig, state: RunState) -> None:
+    """A resume needs the saved options and may not drop rounds that the run already started."""
+    if not (out / "config.yaml").is_file():
+        raise io.DataError(
+            f"{out / 'config.yaml'}: missing, but {state.path.name} lists {len(state.finished)} finished "
+            "stages; without it the options they used cannot be checked: restore it, or start a new "
+            "run with another --output"
+        )
+    started = 1 + max((int(e.split("/")[0]) for e in state.finished if e[0].isdigit()), default=-1)
+    if cfg.num_round < started:
+        raise ConfigError(
+            f"--num-round {cfg.num_round} is below the {started} rounds that {out} already holds; "
+            f"resume with --num-round {started} or more (a resume never drops finished rounds)"
+        )
 
 
 def _check_resume(path: Path, cfg: SelfTrainConfig, finished: list[str]) -> None:
@@ -173,8 +285,8 @@ def _check_resume(path: Path, cfg: SelfTrainConfig, finished: list[str]) -> None
 
 
 def _write_config(out: Path, cfg: SelfTrainConfig) -> None:
-    """Create OUTPUT and save the run's configuration: the run starts."""
-    io.make_dirs(out)
+    """Lock OUTPUT (creating it) and save the run's configuration: the run starts."""
+    runlock.start(out, "cbst self-train")
     io.write_text(out / "config.yaml", yaml.safe_dump(cfg.saved_form(), sort_keys=False))
 
 
@@ -390,7 +502,7 @@ def _source_stage(
         state.mark(SOURCE, "eval")
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = io.read_json(path, "source-model metrics")
     _announce(f"source model: mIoU {100 * metrics['miou']:.1f}")
     return metrics
 
@@ -422,6 +534,7 @@ def _write_results(cfg: SelfTrainConfig, out: Path, source: dict | None, results
         )
 
 
+@runlock.releasing
 def self_train(cfg: SelfTrainConfig) -> dict:
     """Run (or resume) every round; returns {round index: metrics json} of the evaluations.
 
@@ -457,6 +570,7 @@ def _run_rounds(
     reused = _RoundModel(device, protocol_name, cfg.compile)
     source_metrics = _source_stage(cfg, out, state, reused, val, device, logger)
     results: dict[int, dict] = {}
+    state.start_clock()
     for plan in cfg.schedule():
         rdir = out / f"round_{plan.index}"
         ckpt = rdir / "model.pt"
@@ -493,7 +607,7 @@ def _run_rounds(
             round_logger.record("pseudo", _pseudo_record(stats), plan.index)
             state.mark(plan.index, "pseudo")
         if not state.done(plan.index, "train"):
-            stats = json.loads((rdir / "stats.json").read_text())
+            stats = io.read_json(rdir / "stats.json", "pseudo-label statistics")
             pseudo = target.with_labels(rdir / "pseudo_labelIds")
             loss_fn = _crst_loss(cfg, rdir, stats, prior, device)
             _train_round(cfg, plan, model, source, pseudo, stats, device, loss_fn, round_logger, label)
@@ -517,8 +631,8 @@ def _run_rounds(
             distributed.write_once(io.write_json, rdir / "metrics.json", metrics)
             round_logger.record("val", _loggable(metrics), plan.index)
             state.mark(plan.index, "eval")
-        if (rdir / "metrics.json").is_file():
-            results[plan.index] = json.loads((rdir / "metrics.json").read_text())
+        if state.done(plan.index, "eval"):
+            results[plan.index] = io.read_json(rdir / "metrics.json", "round metrics")
             _announce(f"round {plan.index}: mIoU {100 * results[plan.index]['miou']:.1f}")
     _write_results(cfg, out, source_metrics, results, device)
     return results

@@ -21,14 +21,14 @@ import torch
 import yaml
 from torch import nn
 
-from cbst import checks, distributed, options
+from cbst import checks, distributed, options, runlock
 from cbst.checkpoints import load_checkpoint, save_checkpoint
 from cbst.config import SourceTrainConfig, resume_free
 from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.errors import CheckpointError, ConfigError
 from cbst.evaluation import evaluate_model
-from cbst.io import check_output_dir, make_dirs, write_text
+from cbst.io import check_output_dir, check_run_folder, write_text
 from cbst.loggers import logger_names, open_loggers
 from cbst.models import build_model
 from cbst.models.base import geometry, round_to_stride
@@ -129,8 +129,9 @@ def _init_model(config: SourceTrainConfig) -> nn.Module:
 
 
 def _write_config(output: Path, config: SourceTrainConfig) -> None:
-    """Create OUT and write the effective configuration as ``OUT/config.yaml``: the run starts."""
-    make_dirs(output)
+    """Lock OUT (creating it) and write the effective configuration as ``OUT/config.yaml``: the
+    run starts."""
+    runlock.start(output, "cbst train-source")
     write_text(output / "config.yaml", yaml.safe_dump(config.saved_form(), sort_keys=False))
 
 
@@ -188,6 +189,7 @@ def _evaluator(
     return evaluate
 
 
+@runlock.releasing
 def train_source(config: SourceTrainConfig) -> Path:
     """Train on labelled source images, checkpointing every epoch; returns ``OUT/last.pt``.
 
@@ -198,6 +200,8 @@ def train_source(config: SourceTrainConfig) -> Path:
     config.validate()
     output = Path(config.output)
     check_output_dir(output)
+    check_run_folder(output, "train-source")
+    runlock.check_free(output)
     device = select_device(config.device)
     distributed.check_sync_bn(config.sync_bn, device)
     configure_backends(device)

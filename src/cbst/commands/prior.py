@@ -71,6 +71,7 @@ class PriorOptions:
     output: str = option(
         "prior.npy", "output .npy file", flags=("--output", "--out"), metavar="FILE", path=True
     )
+    overwrite: bool = option(False, "replace an existing --output file")
     progress: bool = RuntimeSection.progress()
 
 
@@ -135,7 +136,7 @@ def run(parsed: argparse.Namespace) -> int:
 
     args = options.from_args(OPTIONS, parsed)
     options.check_ranges(args)
-    check_output_file(args.output, overwrite=True, option="--output", inputs=(args.from_mat,))
+    check_output_file(args.output, overwrite=args.overwrite, option="--output", inputs=(args.from_mat,))
     prior, names = _convert(args) if args.from_mat else _compute(args)
     save_prior(args.output, prior)
     print(_summary(prior, names))

@@ -68,6 +68,7 @@ class ReportOptions:
         metavar="FILE.html",
         path=True,
     )
+    overwrite: bool = option(False, "replace an existing --output file")
     images: int = option(6, "target images in the gallery (0 for none)", range="non_negative", metavar="N")
     val_images: int | None = option(
         None,
@@ -108,6 +109,7 @@ def default_out(runs: list[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbst.io import check_output_file
     from cbst.report import final_scores, write_report  # torch: only when the command runs
     from cbst.report.tables import FORMATS
 
@@ -122,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
         print(FORMATS[o.table](final_scores(o.runs, o.source_metrics)), end="")
     if o.html:
         out = Path(o.output) if o.output else default_out(o.runs)
+        check_output_file(
+            out,
+            overwrite=o.overwrite,
+            option="--output",
+            inputs=(o.source_metrics,),
+            replaceable=(default_out(o.runs[:1]).name,),
+        )
         write_report(
             o.runs,
             out,

@@ -116,15 +116,14 @@ def read_metrics(path: Path) -> Metrics:
     return Metrics.from_json(data)
 
 
-def _mtime(path: Path) -> float | None:
-    return path.stat().st_mtime if path.is_file() else None
-
-
-def _between(start: float | None, end: float | None) -> float | None:
-    """Seconds from one file's write to the next one's, None when unknown or not increasing."""
-    if start is None or end is None or end < start:
-        return None
-    return round(end - start, 1)
+def _stage_seconds(run: Path) -> dict[str, float]:
+    """Each finished stage's duration, ``{"ROUND/STAGE": seconds}``, as ``state.json`` records it
+    (measured with a monotonic clock; runs from before these records have none)."""
+    state = read_json(run / "state.json")
+    seconds = state.get("seconds") if isinstance(state, dict) else None
+    if not isinstance(seconds, dict):
+        return {}
+    return {str(k): float(v) for k, v in seconds.items() if isinstance(v, (int, float))}
 
 
 def _round_dirs(run: Path) -> list[int]:
@@ -152,19 +151,21 @@ def _finished_rounds(run: Path) -> int:
         raise DataError(f"{run / 'state.json'}: expected {{'finished': ['ROUND/STAGE', ...]}}") from None
 
 
-def _read_round(run: Path, index: int) -> Round | None:
-    """One round's files, or None when its pseudo-labels are not finished yet."""
+def _read_round(run: Path, index: int, durations: dict[str, float]) -> Round | None:
+    """One round's files, or None when its pseudo-labels are not finished yet.
+
+    ``durations``: the run's stage times from ``state.json`` (the pseudo-label stage's own
+    timing in ``stats.json`` stands in for runs that predate them).
+    """
     rdir = run / f"round_{index}"
-    stats_file, model, metrics_file = rdir / "stats.json", rdir / "model.pt", rdir / "metrics.json"
+    stats_file, metrics_file = rdir / "stats.json", rdir / "metrics.json"
     if not stats_file.is_file():
         return None
     stats = read_json(stats_file)
     metrics = read_metrics(metrics_file) if metrics_file.is_file() else None
-    seconds = {
-        "pseudo": stats.get("seconds"),
-        "train": _between(_mtime(stats_file), _mtime(model)),
-        "eval": _between(_mtime(model), _mtime(metrics_file)),
-    }
+    seconds = {stage: durations.get(f"{index}/{stage}") for stage in ("pseudo", "train", "eval")}
+    if seconds["pseudo"] is None:
+        seconds["pseudo"] = stats.get("seconds")
     return Round(index, rdir, stats, metrics, seconds)
 
 
@@ -219,7 +220,8 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
         raise DataError(
             f"{run}: state.json lists round {listed - 1} as started but round_{listed - 1} is missing"
         )
-    rounds = _check_complete(run, [_read_round(run, i) for i in indices])
+    durations = _stage_seconds(run)
+    rounds = _check_complete(run, [_read_round(run, i, durations) for i in indices])
     if not rounds:
         raise DataError(f"{run}: no finished round yet (round_0/stats.json not written)")
     return Run(run, label or run.name, config, rounds, source)
