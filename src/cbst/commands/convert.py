@@ -61,6 +61,9 @@ class ConvertOptions:
         type=TEXT,
         choices=UDA_CHOICES,
     )
+    verbose: bool = option(
+        False, "when the weights do not fit --arch, list every differing key (default: the first few)"
+    )
 
 
 OPTIONS = ConvertOptions
@@ -97,13 +100,12 @@ def run(parsed: argparse.Namespace) -> int:
     protocol = _protocol(args)
     cls = ARCHITECTURES.get(args.arch)
     if issubclass(cls, TransformerSegNet):
-        converted = cls.convert(
-            path, args.num_classes, imagenet=args.imagenet, uda_model=args.uda_model or "student"
-        )
+        extra = {"uda_model": args.uda_model or "student"}
     elif args.uda_model is not None:
         raise CLIError(f"--uda-model: only for the transformer architectures, not {args.arch}")
-    else:
-        converted = cls.convert(path, args.num_classes, imagenet=args.imagenet)
+    else:  # --verbose: a does-not-fit error names every differing key, not the first few
+        extra = {"limit": None} if args.verbose else {}
+    converted = cls.convert(path, args.num_classes, imagenet=args.imagenet, **extra)
     model = converted.model
     n_params = sum(p.numel() for p in model.parameters())
     save_checkpoint(
