@@ -592,8 +592,8 @@ def check_ranges(config: Any) -> None:
         if opt.range is None:
             continue
         value = getattr(config, name)
-        if value is None and default_of(type(config), name) is None:
-            continue
+        if value is None and (opt.none or default_of(type(config), name) is None):
+            continue  # None is allowed: the default, or spelt by one of the option's words for it
         test, verb = RANGES[opt.range]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
@@ -608,8 +608,8 @@ def check_choices(config: Any) -> None:
         value = getattr(config, name)
         if choices is None or value in choices:
             continue
-        if value is None and default_of(type(config), name) is None:
-            continue
+        if value is None and (opt.none or default_of(type(config), name) is None):
+            continue  # None is allowed: the default, or spelt by one of the option's words for it
         raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
 
 
