@@ -13,12 +13,13 @@ The module names equal those of DAFormer's mmsegmentation code, so its released 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from cbst.models.mit import DEFAULT_DROP_PATH, MitEncoder
-from cbst.models.segformer import MLPEmbedding
-from cbst.models.transformer import DROPOUT, ConvBNReLU, TransformerSegNet, resize_to
+from cbst.models.segformer import MitSegNet, MLPEmbedding
+from cbst.models.transformer import DROPOUT, ConvBNReLU, resize_to
 
 EMBED_DIM = 256
 ASPP_DILATIONS: tuple[int, ...] = (1, 6, 12, 18)
@@ -71,25 +72,13 @@ class DAFormerHead(nn.Module):
         return self.conv_seg(self.dropout(self.fuse_layer(torch.cat(embedded, dim=1))))
 
 
-class DAFormer(TransformerSegNet):
+class DAFormer(MitSegNet):
     """MiT encoder + DAFormer's context-aware fusion decoder; subclasses fix the ``variant``."""
 
     variant: str = "mit_b5"
-    output_stride = 4
-    pad_multiple = 32
 
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        freeze_bn: bool = False,
-        drop_path_rate: float = DEFAULT_DROP_PATH,
-        grad_checkpointing: bool = False,
-    ) -> None:
-        super().__init__(freeze_bn)
-        self.encoder = MitEncoder(self.variant, drop_path_rate=drop_path_rate)
-        self.decoder = DAFormerHead(self.encoder.channels, num_classes)
-        self._finish_init(grad_checkpointing)
+    def _decoder(self, channels: Sequence[int], num_classes: int) -> nn.Module:
+        return DAFormerHead(channels, num_classes)
 
 
 class DAFormerB0(DAFormer):

@@ -9,6 +9,8 @@ names follow mmsegmentation's ``SegFormerHead`` (``linear_c4.proj``, ``linear_fu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -50,11 +52,10 @@ class SegFormerHead(nn.Module):
         return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(embedded[::-1], dim=1))))
 
 
-class SegFormer(TransformerSegNet):
-    """MiT encoder + all-MLP decoder; subclasses fix the ``variant`` and ``embed_dim``."""
+class MitSegNet(TransformerSegNet):
+    """A MiT encoder with the decoder ``_decoder`` builds; subclasses fix the ``variant``."""
 
     variant: str = "mit_b0"
-    embed_dim: int = 256
     output_stride = 4
     pad_multiple = 32
 
@@ -68,8 +69,21 @@ class SegFormer(TransformerSegNet):
     ) -> None:
         super().__init__(freeze_bn)
         self.encoder = MitEncoder(self.variant, drop_path_rate=drop_path_rate)
-        self.decoder = SegFormerHead(self.encoder.channels, self.embed_dim, num_classes)
+        self.decoder = self._decoder(self.encoder.channels, num_classes)
         self._finish_init(grad_checkpointing)
+
+    def _decoder(self, channels: Sequence[int], num_classes: int) -> nn.Module:
+        """The family's decoder over the encoder's four feature levels."""
+        raise NotImplementedError
+
+
+class SegFormer(MitSegNet):
+    """MiT encoder + all-MLP decoder; subclasses fix the ``variant`` and ``embed_dim``."""
+
+    embed_dim: int = 256
+
+    def _decoder(self, channels: Sequence[int], num_classes: int) -> nn.Module:
+        return SegFormerHead(channels, self.embed_dim, num_classes)
 
 
 class SegFormerB0(SegFormer):
