@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cbst.cli import main
 from cbst.online import OnlineConfig, lr_at
@@ -148,14 +149,52 @@ def test_fixed_and_global_runs_through_the_cli(bench, tmp_path, policy):
 def test_options_the_online_mode_cannot_use_are_refused(bench, tmp_path, capsys):
     _fails(
         capsys,
-        "--with-prior works with --mode rounds only",
-        _args(bench, tmp_path / "a", "cb", "--with-prior", "source"),
+        "--lr-weight-ent works with --mode rounds only",
+        _args(bench, tmp_path / "a", "cb", "--lr-weight-ent", "0.25"),
     )
     _fails(capsys, "--ema-alpha must be in", _args(bench, tmp_path / "b", "cb", "--ema-alpha", "1"))
     rounds = _args(bench, tmp_path / "c", "fixed")
     rounds[rounds.index("online")] = "rounds"
     _fails(capsys, "'fixed' .*--mode online", rounds[:13] + list(QUIET))
-    assert not any((tmp_path / name).exists() for name in "abc")
+    _fails(
+        capsys,
+        "--with-prior: .*--kc-policy cb or global",
+        _args(bench, tmp_path / "d", "fixed", "--with-prior", "source"),
+    )
+    _fails(
+        capsys,
+        "error: --fd-lambda 0.005 .*--pretrained FILE",
+        _args(bench, tmp_path / "e", "cb", "--fd-lambda", "0.005"),
+    )
+    _fails(
+        capsys,
+        "--fd-lambda needs the encoder's ImageNet weights: SmallSegNet has no ImageNet weights",
+        _args(bench, tmp_path / "f", "cb", "--fd-lambda", "0.005", "--pretrained", "imagenet"),
+    )
+    _fails(
+        capsys,
+        "--pretrained is read by --fd-lambda only",
+        _args(bench, tmp_path / "g", "cb", "--pretrained", "imagenet"),
+    )
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
+
+
+def test_feature_distance_and_spatial_prior_run_and_log(bench, tmp_path):
+    """CBST-SP-online with DAFormer's feature distance against the source model's own weights."""
+    from cbst.methods import method_of
+
+    out = tmp_path / "fd_prior"
+    extra = ("--with-prior", "source", "--fd-lambda", "0.005", "--pretrained", str(bench / "source.pt"))
+    assert main(_args(bench, out, "cb", *extra)) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["fd_lambda"] == 0.005 and config["pretrained"] == str(bench / "source.pt")
+    assert method_of(config) == "CBST-SP-online"
+    assert np.load(out / "prior.npy").shape[0] == 19
+    records = _log(out / "log.jsonl")
+    fd = [r["loss_feature_distance"] for r in records]
+    assert all(0 <= v < 1 for v in fd) and any(v > 0 for v in fd)
+    for r in records:
+        assert r["loss"] == pytest.approx(r["loss_source"] + r["loss_target"] + r["loss_feature_distance"])
 
 
 def test_lr_warms_up_linearly_then_decays_polynomially():
