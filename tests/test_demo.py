@@ -141,6 +141,10 @@ def test_demo_online_rows_come_from_online_runs(tmp_path):
             and result["rows"][{"dacs": "DACS"}.get(folder, "CBST-online")] == online["final"]
         )
         assert f"kc_policy: {policy}" in (tmp_path / folder / "config.yaml").read_text()
+    report = (tmp_path / "report.html").read_text()  # the online rows are in the demo's report
+    assert "<h2>mIoU over iterations (online runs)</h2>" in report
+    assert '>DACS</td><td class="name">DACS</td>' in report
+    assert '>CBST-online</td><td class="name">CBST-online</td>' in report
 
 
 def test_online_methods_are_names_of_the_demo():

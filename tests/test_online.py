@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -91,6 +92,34 @@ def test_a_cb_run_writes_its_folder_logs_and_metrics(straight):
     assert len(probs) == 19 and abs(sum(probs.values()) - 1) < 1e-9
     assert np.load(straight / "rcs_pixel_counts.npy").shape == (8, 19)
     assert [p.name for p in (straight / "checkpoints").iterdir()] == ["iter_000005.pt"]
+
+
+def test_report_of_an_online_run_draws_its_iterations(straight):
+    """``cbst report RUN``: the run's table, final score, and its three figures over the iterations."""
+    out = straight / "report.html"
+    assert main(["report", str(straight), "--out", str(out), "--val-images", "1"]) == 0
+    page = out.read_text()
+    for title in (
+        "Online runs",
+        "Final scores (%)",
+        "mIoU over iterations (online runs)",
+        "Share of pseudo-labelled pixels per class over iterations (online runs)",
+        "Confidence threshold λ per class over iterations (online runs)",
+        "Gallery: validation images",
+    ):
+        assert f"<h2>{title}</h2>" in page, title
+    figures = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
+    assert {alt for _, alt in figures} >= {"mIoU over iterations", "online class shares", "online thresholds"}
+    for data, _ in figures:
+        assert base64.b64decode(data).startswith(b"\x89PNG")
+    final = json.loads((straight / "results.json").read_text())["final"]
+    row = re.search(
+        r'<td class="name">straight</td><td class="name">iteration_5</td>'
+        r'<td class="name">[^<]*</td><td>([^<]+)</td>',
+        page,
+    )
+    assert row and row.group(1) == f"{100 * final['miou']:.1f}"
+    assert "<td>5 of 5</td>" in page and "CBST-online" in page
 
 
 def test_resumed_after_a_kill_ends_with_the_uninterrupted_weights_and_metrics(

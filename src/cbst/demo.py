@@ -241,6 +241,7 @@ def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s
         seed=seed,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
         resume=(run_dir / "config.yaml").is_file(),
         score_pseudo_labels=True,
         **{k: v for k, v in METHODS.get(name).options.items() if k != "mode"},
@@ -339,8 +340,7 @@ def run_demo(
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
-    if any(not is_online(name) for name in methods):  # the report draws the rounds runs only
-        write_report([out], out / "report.html", device=device, val_images=4)
+    write_report([out], out / "report.html", device=device, val_images=4)
     return result
 
 
