@@ -549,6 +549,62 @@ class OnlineStep:
         self.teacher.update(self.student, it + 1)
         return StepOutcome(loss_src, loss_tgt, loss_fd, sel, valid, tgt_gt)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs of the networks, the optimiser, the scaler and the selector."""
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "selector": self.selector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (the selector's histograms onto this device)."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        selector = state["selector"]
+        self.selector.load_state_dict(
+            {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in selector.items()}
+        )
+
+
+def build_step(
+    cfg: OnlineConfig,
+    student: nn.Module,
+    device: torch.device,
+    *,
+    feature_distance: FeatureDistance | None = None,
+    prior: torch.Tensor | None = None,
+) -> OnlineStep:
+    """The iteration of ``cfg`` over ``student`` (on ``device``), with a fresh teacher (a copy of
+    it), optimiser, loss scaler and selector of ``kc_policy``."""
+    selector = build_selector(
+        cfg.kc_policy,
+        cfg.num_classes,
+        threshold=cfg.pseudo_threshold,
+        ignore_top=cfg.pseudo_ignore_top,
+        ignore_bottom=cfg.pseudo_ignore_bottom,
+        portion=cfg.tgt_port,
+        window=cfg.cb_window,
+    )
+    return OnlineStep(
+        student,
+        distributed.data_parallel(student, device),
+        MeanTeacher(student, cfg.ema_alpha),
+        _optimizer(student, cfg),
+        _grad_scaler(device, cfg.amp),
+        selector,
+        cfg.num_classes,
+        device,
+        amp=cfg.amp,
+        feature_distance=feature_distance,
+        prior=prior,
+    )
+
 
 def _feature_distance(
     cfg: OnlineConfig, arch: str, class_names: list[str], device: torch.device
@@ -590,31 +646,13 @@ def online_self_train(cfg: OnlineConfig) -> dict:
 
     student, meta = load_checkpoint(cfg.weights, device=device, expect_protocol=protocol.name)
     prior = _load_prior(cfg, out, source, target, device)
-    teacher = MeanTeacher(student, cfg.ema_alpha)
-    optimizer = _optimizer(student, cfg)
-    scaler = _grad_scaler(device, cfg.amp)
-    selector = build_selector(
-        cfg.kc_policy,
-        cfg.num_classes,
-        threshold=cfg.pseudo_threshold,
-        ignore_top=cfg.pseudo_ignore_top,
-        ignore_bottom=cfg.pseudo_ignore_bottom,
-        portion=cfg.tgt_port,
-        window=cfg.cb_window,
-    )
+    step = build_step(cfg, student, device, feature_distance=feature_distance, prior=prior)
     start = 0
     if state_path is not None:
         state = io.read_torch_file(state_path, "online training state")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DataError(f"{state_path}: not an online training state; delete it to start over")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        selector.load_state_dict(
-            {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["selector"].items()}
-        )
+        step.load_state_dict(state)
         start = int(state["iteration"])
     distributed.write_once(_truncate_log, out / "log.jsonl", start)
 
@@ -638,19 +676,6 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
-    )
-    step = OnlineStep(
-        student,
-        distributed.data_parallel(student, device),
-        teacher,
-        optimizer,
-        scaler,
-        selector,
-        cfg.num_classes,
-        device,
-        amp=cfg.amp,
-        feature_distance=feature_distance,
-        prior=prior,
     )
     counters = _Counters(cfg.num_classes, device, feature_distance is not None)
     is_main = distributed.is_main()
@@ -677,15 +702,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         previous = _latest_state(out)
         path = out / "checkpoints" / f"iter_{iteration:06d}.pt"
         io.make_dirs(path.parent)
-        state = {
-            "format": STATE_FORMAT,
-            "iteration": iteration,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-            "selector": selector.state_dict(),
-        }
+        state = {"format": STATE_FORMAT, "iteration": iteration, **step.state_dict()}
         with io.atomic_path(path) as tmp:
             torch.save(state, tmp)
         if previous is not None and previous != path:
@@ -697,7 +714,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             record = {"iteration": done, "lr": lr_at(cfg, it)}
             record.update(counters.record(names, cfg.score_pseudo_labels))
-            record["lambda"] = dict(zip(names, _same_everywhere(selector.thresholds()).tolist()))
+            record["lambda"] = dict(zip(names, _same_everywhere(step.selector.thresholds()).tolist()))
             record["seconds"] = round(time.perf_counter() - clock, 3)
             if is_main:
                 _append_log(out / "log.jsonl", record)
@@ -707,7 +724,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
             distributed.write_once(save_state, done)
 
     extra = {"mode": "online", "iteration": cfg.max_iters}
-    for name, model in (("model.pt", student), ("teacher.pt", teacher.model)):
+    for name, model in (("model.pt", student), ("teacher.pt", step.teacher.model)):
         distributed.write_once(
             save_checkpoint,
             out / name,
@@ -720,7 +737,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     results = {"mode": "online", "iterations": {}}
     for path in sorted((out / "metrics").glob("iter_*.json")):
         results["iterations"][int(path.stem.split("_")[1])] = json.loads(path.read_text())
-    results["lambda"] = dict(zip(names, selector.thresholds().tolist()))
+    results["lambda"] = dict(zip(names, step.selector.thresholds().tolist()))
     if results["iterations"]:
         results["final"] = results["iterations"][max(results["iterations"])]
     distributed.write_once(io.write_json, out / "results.json", results)
