@@ -95,8 +95,8 @@ def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys)
     assert main(["demo", "--seeds", "0,2", "--methods", "ST,CBST", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 seeds (0,2), mean ± std; rare classes: pole, rider" in out
-    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 |" in out
-    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 |" in out
+    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 | 3.0, 3.0 |" in out
+    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 | 6.0, 6.0 |" in out
     assert "seconds per seed: 100, 102" in out
 
 

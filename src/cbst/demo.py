@@ -352,13 +352,16 @@ def _mean_std(values: list[float]) -> str:
 
 def seeds_table(results: list[dict]) -> str:
     """Markdown: per row, mean ± std over the seeds of the mIoU and of the rare-class IoU, and
-    the mIoU of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
-    lines = ["| row | mIoU | rare-class IoU | per seed |", "|---|---|---|---|"]
+    both of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
+    lines = [
+        "| row | mIoU | rare-class IoU | mIoU per seed | rare-class IoU per seed |",
+        "|---|---|---|---|---|",
+    ]
     for row in results[0]["rows"]:
         miou = [r["rows"][row]["miou"] for r in results]
         rare = [r["rare_miou"][row] for r in results]
-        per_seed = ", ".join(f"{100 * v:.1f}" for v in miou)
-        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed} |")
+        per_seed = [", ".join(f"{100 * v:.1f}" for v in values) for values in (miou, rare)]
+        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed[0]} | {per_seed[1]} |")
     return "\n".join(lines) + "\n"
 
 
