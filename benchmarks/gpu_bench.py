@@ -12,13 +12,20 @@ One line per measurement (printed, and appended to ``--out`` as soon as it is ma
   ``train`` in the default mode at batch 2 and 8 on 512x512 and 1024x1024 crops, and the
   pseudo-label pass and evaluation as above. A shape that does not fit is a line with
   ``"error": "out of memory"``.
+- ``online_step``: one online self-training iteration (:class:`cbst.online.OnlineStep`: the
+  student's source step, the mean teacher labelling the target crops, ``cb`` selection,
+  ClassMix and the strong augmentation, the student's mixed step, the optimiser and the EMA
+  update) at batch 2 + 2 on 512x512 crops, for the small model, DeepLab-v2 and DAFormer MiT-B5,
+  in the default mode (AdamW, bf16 autocast where supported). ``img_per_s`` counts source and
+  target crops (4 per iteration), after two warm-up iterations; ``step_s`` is the mean time of one.
 
 Each line carries the peak GPU memory of the measurement and the device's name. The data are
 synthetic PNG frames in the Cityscapes layout, written to a temporary folder, so decoding costs
 what it costs on real frames. ``--smoke`` runs everything tiny on the CPU (the small model,
 256x128 frames, no compilation) in well under a minute; the test suite runs it, and runs
 ``--smoke --archs daformer_mit_b0,dinov2_vit_s14`` for the transformer measurements (``--archs``
-replaces the transformer architectures measured).
+replaces the transformer architectures measured; the smoke's online step is the small model's,
+2 + 2 crops of 64x64).
 
 Usage: ``python benchmarks/gpu_bench.py [--out results.jsonl] [--num-workers N] [--smoke] [--archs A,B]``.
 """
@@ -47,7 +54,8 @@ from cbst.device import configure_backends, maybe_compile, select_device
 from cbst.evaluation import evaluate_model
 from cbst.labels import CITYSCAPES_19
 from cbst.models import build_model
-from cbst.training import train_epochs
+from cbst.online import OnlineConfig, build_step, lr_at
+from cbst.training import stack_batch, train_epochs
 from cbst.transforms import TrainTransform
 
 try:  # the pass moves to its own module (issue 7); either place works
@@ -73,6 +81,10 @@ class Sizes:
     transformer_archs: tuple[str, ...] = ()
     transformer_shapes: tuple[tuple[int, int], ...] = ()
     """(batch, square crop side) of each transformer training measurement."""
+    online_archs: tuple[str, ...] = ()
+    online_shape: tuple[int, int] = (2, 512)
+    """(crops per domain, square crop side) of the online-step measurements."""
+    online_steps: int = 10
 
 
 FULL = Sizes(
@@ -86,8 +98,23 @@ FULL = Sizes(
     TRAIN_MODES,
     ("daformer_mit_b5", "segformer_mit_b5", "dinov2_vit_s14", "dinov2_vit_l14"),
     ((2, 512), (8, 512), (2, 1024), (8, 1024)),
+    ("small", "deeplabv2_resnet101", "daformer_mit_b5"),
 )
-SMOKE = Sizes(("small",), "small", (128, 256), (64, 128), 2, 2, 4, ("default", "fp32_strict"), (), ((2, 64),))
+SMOKE = Sizes(
+    ("small",),
+    "small",
+    (128, 256),
+    (64, 128),
+    2,
+    2,
+    4,
+    ("default", "fp32_strict"),
+    (),
+    ((2, 64),),
+    ("small",),
+    (2, 64),
+    2,
+)
 
 
 def write_frames(root: Path, split: str, count: int, frame_hw: tuple[int, int], seed: int) -> None:
@@ -214,6 +241,61 @@ def measure_inference(
     return record
 
 
+def online_batches(train: Any, batch: int, side: int, count: int) -> list[dict]:
+    """``count`` online batches of ``batch`` source and ``batch`` target crops (random crops of the
+    frames, the targets with their crop geometry), as :class:`cbst.online.OnlinePairs` gives them."""
+    crops = train.with_transform(TrainTransform((side, side), scale_range=(1.0, 1.0), seed=0))
+    batches = []
+    for k in range(count):
+        src = [crops[(2 * k * batch + i) % len(crops)] for i in range(batch)]
+        tgt = [crops[((2 * k + 1) * batch + i) % len(crops)] for i in range(batch)]
+        batches.append(
+            stack_batch(
+                [
+                    {
+                        "src_image": s["image"],
+                        "src_label": s["label"],
+                        "tgt_image": t["image"],
+                        "tgt_label": t["label"],
+                        "tgt_geometry": t["geometry"],
+                    }
+                    for s, t in zip(src, tgt)
+                ]
+            )
+        )
+    return batches
+
+
+def measure_online_step(arch: str, batches: list[dict], steps: int, device: torch.device) -> dict:
+    """img/s (source + target crops) of ``steps`` online iterations after two warm-up ones."""
+    set_strict_fp32(device, False)
+    torch.manual_seed(0)
+    batch, side = batches[0]["src_image"].shape[0], batches[0]["src_image"].shape[-1]
+    cfg = OnlineConfig("-", "-", "-", "-", batch_images=batch, crop_size=side, kc_policy="cb")
+    step = build_step(cfg, build_model(arch, 19).to(device), device)
+    record: dict[str, Any] = {
+        "measure": "online_step",
+        "arch": arch,
+        "batch": [batch, batch],
+        "crop": [side, side],
+    }
+
+    def run(first: int, count: int) -> None:
+        for it in range(first, first + count):
+            step(batches[it % len(batches)], it, lr_at(cfg, it), seed=it)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run(0, 2)  # warm-up: cuDNN autotuning, allocator, the selector's histograms
+    with peak_memory(device, record):
+        start = time.perf_counter()
+        run(2, steps)
+        seconds = time.perf_counter() - start
+    record["step_s"] = round(seconds / steps, 4)
+    record["img_per_s"] = round(2 * batch * steps / seconds, 2)
+    return record
+
+
 def emit(record: dict, device: torch.device, out: Path | None) -> None:
     """Print one JSON line (and append it to ``out``), with the device and torch version."""
     line = json.dumps({**record, "device": device_name(device), "torch": torch.__version__})
@@ -234,7 +316,7 @@ def guarded(label: dict, measure: Callable[..., dict], *args: Any) -> dict:
 def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | None, root: Path) -> None:
     """Write the frames, then make and emit every measurement (DeepLab-v2's first, then the
     transformers')."""
-    most = max([sizes.batch, *(batch for batch, _ in sizes.transformer_shapes)])
+    most = max([sizes.batch, 2 * sizes.online_shape[0], *(batch for batch, _ in sizes.transformer_shapes)])
     write_frames(root, "train", sizes.train_iters * most, sizes.frame_hw, seed=0)
     write_frames(root, "val", sizes.infer_images, sizes.frame_hw, seed=1)
     frames = build_dataset("cityscapes", root, split="val", num_classes=19)
@@ -274,6 +356,12 @@ def run_all(sizes: Sizes, device: torch.device, num_workers: int, out: Path | No
                 out,
             )
             free_cache(device)
+    batch, side = sizes.online_shape
+    batches = online_batches(train, batch, side, 4)
+    for arch in sizes.online_archs:
+        label = {"measure": "online_step", "arch": arch, "batch": [batch, batch], "crop": [side, side]}
+        emit(guarded(label, measure_online_step, arch, batches, sizes.online_steps, device), device, out)
+        free_cache(device)
 
 
 def _inference(

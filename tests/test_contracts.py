@@ -142,6 +142,21 @@ def test_architecture_lr_groups_cover_every_trainable_parameter_once(name) -> No
 
 
 @pytest.mark.parametrize("name", [p for p in ARCH_PARAMS if isinstance(p.values[0], str)])
+def test_architecture_returns_its_encoder_features_with_the_same_logits(name) -> None:
+    """``forward(x, return_features=True)``: the plain pass's logits and ``encoder_features(x)``,
+    a feature map of the batch at the logits' scale or coarser."""
+    model = _build(name)
+    multiple = geometry(model).pad_multiple
+    x = torch.randn(2, 3, multiple, 2 * multiple, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, features = model(x, return_features=True)
+        assert torch.equal(logits, model(x))
+        assert torch.equal(features, model.encoder_features(x))
+    assert features.dim() == 4 and features.shape[0] == 2
+    assert features.shape[-1] <= logits.shape[-1] and features.shape[-2] <= logits.shape[-2]
+
+
+@pytest.mark.parametrize("name", [p for p in ARCH_PARAMS if isinstance(p.values[0], str)])
 def test_architecture_state_dict_round_trip(name, tmp_path: Path) -> None:
     """Its own state_dict loads strictly into a fresh network, and a checkpoint rebuilds it."""
     model = _build(name)

@@ -95,8 +95,8 @@ def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys)
     assert main(["demo", "--seeds", "0,2", "--methods", "ST,CBST", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 seeds (0,2), mean ± std; rare classes: pole, rider" in out
-    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 |" in out
-    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 |" in out
+    assert "| Source | 21.0 ± 1.4 | 3.0 ± 0.0 | 20.0, 22.0 | 3.0, 3.0 |" in out
+    assert "| CBST | 25.0 ± 1.4 | 6.0 ± 0.0 | 24.0, 26.0 | 6.0, 6.0 |" in out
     assert "seconds per seed: 100, 102" in out
 
 
@@ -141,6 +141,10 @@ def test_demo_online_rows_come_from_online_runs(tmp_path):
             and result["rows"][{"dacs": "DACS"}.get(folder, "CBST-online")] == online["final"]
         )
         assert f"kc_policy: {policy}" in (tmp_path / folder / "config.yaml").read_text()
+    report = (tmp_path / "report.html").read_text()  # the online rows are in the demo's report
+    assert "<h2>mIoU over iterations (online runs)</h2>" in report
+    assert '>DACS</td><td class="name">DACS</td>' in report
+    assert '>CBST-online</td><td class="name">CBST-online</td>' in report
 
 
 def test_online_methods_are_names_of_the_demo():

@@ -1,4 +1,6 @@
-"""benchmarks/gpu_bench.py --smoke and benchmarks/gpu_check.sh --dry-run: the GPU checks' logic on the CPU."""
+"""benchmarks/gpu_bench.py --smoke and benchmarks/gpu_check.sh --dry-run: the GPU checks' logic on the CPU.
+
+The smoke run's measurements (the online step's too) are the full run's code at tiny sizes."""
 
 from __future__ import annotations
 
@@ -35,8 +37,12 @@ def test_smoke_run_writes_one_line_per_measurement(tmp_path, monkeypatch):
         ("evaluate", None),
         ("train", "default"),
         ("train", "fp32_strict"),
+        ("online_step", None),
     ]
     assert all(r["img_per_s"] > 0 and "peak_mem_gib" in r and r["device"] for r in lines)
+    online = lines[-1]
+    assert online["arch"] == "small" and online["batch"] == [2, 2] and online["crop"] == [64, 64]
+    assert online["img_per_s"] == pytest.approx(4 / online["step_s"], rel=0.01)
 
 
 def test_gpu_check_dry_run_lists_its_steps(tmp_path):

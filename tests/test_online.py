@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cbst.cli import main
 from cbst.online import OnlineConfig, lr_at
@@ -92,6 +94,34 @@ def test_a_cb_run_writes_its_folder_logs_and_metrics(straight):
     assert [p.name for p in (straight / "checkpoints").iterdir()] == ["iter_000005.pt"]
 
 
+def test_report_of_an_online_run_draws_its_iterations(straight):
+    """``cbst report RUN``: the run's table, final score, and its three figures over the iterations."""
+    out = straight / "report.html"
+    assert main(["report", str(straight), "--out", str(out), "--val-images", "1"]) == 0
+    page = out.read_text()
+    for title in (
+        "Online runs",
+        "Final scores (%)",
+        "mIoU over iterations (online runs)",
+        "Share of pseudo-labelled pixels per class over iterations (online runs)",
+        "Confidence threshold λ per class over iterations (online runs)",
+        "Gallery: validation images",
+    ):
+        assert f"<h2>{title}</h2>" in page, title
+    figures = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page)
+    assert {alt for _, alt in figures} >= {"mIoU over iterations", "online class shares", "online thresholds"}
+    for data, _ in figures:
+        assert base64.b64decode(data).startswith(b"\x89PNG")
+    final = json.loads((straight / "results.json").read_text())["final"]
+    row = re.search(
+        r'<td class="name">straight</td><td class="name">iteration_5</td>'
+        r'<td class="name">[^<]*</td><td>([^<]+)</td>',
+        page,
+    )
+    assert row and row.group(1) == f"{100 * final['miou']:.1f}"
+    assert "<td>5 of 5</td>" in page and "CBST-online" in page
+
+
 def test_resumed_after_a_kill_ends_with_the_uninterrupted_weights_and_metrics(
     bench, straight, tmp_path, monkeypatch, capsys
 ):
@@ -148,14 +178,52 @@ def test_fixed_and_global_runs_through_the_cli(bench, tmp_path, policy):
 def test_options_the_online_mode_cannot_use_are_refused(bench, tmp_path, capsys):
     _fails(
         capsys,
-        "--with-prior works with --mode rounds only",
-        _args(bench, tmp_path / "a", "cb", "--with-prior", "source"),
+        "--lr-weight-ent works with --mode rounds only",
+        _args(bench, tmp_path / "a", "cb", "--lr-weight-ent", "0.25"),
     )
     _fails(capsys, "--ema-alpha must be in", _args(bench, tmp_path / "b", "cb", "--ema-alpha", "1"))
     rounds = _args(bench, tmp_path / "c", "fixed")
     rounds[rounds.index("online")] = "rounds"
     _fails(capsys, "'fixed' .*--mode online", rounds[:13] + list(QUIET))
-    assert not any((tmp_path / name).exists() for name in "abc")
+    _fails(
+        capsys,
+        "--with-prior: .*--kc-policy cb or global",
+        _args(bench, tmp_path / "d", "fixed", "--with-prior", "source"),
+    )
+    _fails(
+        capsys,
+        "error: --fd-lambda 0.005 .*--pretrained FILE",
+        _args(bench, tmp_path / "e", "cb", "--fd-lambda", "0.005"),
+    )
+    _fails(
+        capsys,
+        "--fd-lambda needs the encoder's ImageNet weights: SmallSegNet has no ImageNet weights",
+        _args(bench, tmp_path / "f", "cb", "--fd-lambda", "0.005", "--pretrained", "imagenet"),
+    )
+    _fails(
+        capsys,
+        "--pretrained is read by --fd-lambda only",
+        _args(bench, tmp_path / "g", "cb", "--pretrained", "imagenet"),
+    )
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
+
+
+def test_feature_distance_and_spatial_prior_run_and_log(bench, tmp_path):
+    """CBST-SP-online with DAFormer's feature distance against the source model's own weights."""
+    from cbst.methods import method_of
+
+    out = tmp_path / "fd_prior"
+    extra = ("--with-prior", "source", "--fd-lambda", "0.005", "--pretrained", str(bench / "source.pt"))
+    assert main(_args(bench, out, "cb", *extra)) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["fd_lambda"] == 0.005 and config["pretrained"] == str(bench / "source.pt")
+    assert method_of(config) == "CBST-SP-online"
+    assert np.load(out / "prior.npy").shape[0] == 19
+    records = _log(out / "log.jsonl")
+    fd = [r["loss_feature_distance"] for r in records]
+    assert all(0 <= v < 1 for v in fd) and any(v > 0 for v in fd)
+    for r in records:
+        assert r["loss"] == pytest.approx(r["loss_source"] + r["loss_target"] + r["loss_feature_distance"])
 
 
 def test_lr_warms_up_linearly_then_decays_polynomially():

@@ -116,3 +116,34 @@ def test_prior_command_converts_mat(tmp_path, capsys):
     assert command.run(args) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "prior.npy"), original)
     assert "road" in capsys.readouterr().out
+
+
+def _bilinear_border(image: np.ndarray, y: float, x: float) -> np.ndarray:
+    """C-vector of ``image`` (C×H×W) at (y, x) in pixel units, bilinear, clamped at the border."""
+    _, h, w = image.shape
+    y, x = min(max(y, 0.0), h - 1.0), min(max(x, 0.0), w - 1.0)
+    y0, x0 = int(np.floor(y)), int(np.floor(x))
+    y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+    dy, dx = y - y0, x - x0
+    top = (1 - dx) * image[:, y0, x0] + dx * image[:, y0, x1]
+    bottom = (1 - dx) * image[:, y1, x0] + dx * image[:, y1, x1]
+    return (1 - dy) * top + dy * bottom
+
+
+@pytest.mark.parametrize("geometry", [(40, 60, 5, 7, 0), (40, 60, 30, 50, 1), (20, 30, -3, -4, 1)])
+def test_prior_at_crops_samples_the_crops_pixels_of_the_scaled_image(geometry):
+    """Crop pixel (i, j) of an image scaled to sh×sw shows its pixel (top + i, left + j) (mirrored
+    when flipped); the prior of a coarser grid is read there, pixel centres aligned."""
+    from cbst.priors import prior_at_crops
+
+    prior = np.random.default_rng(0).random((3, 8, 12)).astype(np.float32)
+    sh, sw, top, left, flipped = geometry
+    crop = (6, 9)
+    got = prior_at_crops(torch.from_numpy(prior), torch.tensor([geometry, geometry]), crop).numpy()
+    assert got.shape == (2, 3, *crop)
+    for i in range(crop[0]):
+        for j in range(crop[1]):
+            x = left + (crop[1] - 1 - j if flipped else j)
+            y_prior = (top + i + 0.5) * prior.shape[1] / sh - 0.5
+            x_prior = (x + 0.5) * prior.shape[2] / sw - 0.5
+            np.testing.assert_allclose(got[1, :, i, j], _bilinear_border(prior, y_prior, x_prior), atol=1e-5)

@@ -9,6 +9,7 @@ left out (a run may be moved), and only the options a finished stage has used.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cbst import options
-from cbst.errors import ConfigError, DataError
+from cbst.errors import ConfigError, DataError, MissingInputError
 from cbst.io import read_text
 
 flag = options.flag
@@ -87,6 +88,18 @@ def _memory_limit() -> int:
     return min(limits, default=0)
 
 
+def require_prior_file(config: Any) -> None:
+    """``config.with_prior``, when a file, must exist and hold a valid prior of
+    ``config.num_classes`` classes (its header, dtype, shape and range are read)."""
+    if config.with_prior in (None, "source"):
+        return
+    if not Path(config.with_prior).is_file():
+        raise MissingInputError(f"{config.with_prior}: spatial prior file not found (--with-prior)")
+    from cbst.priors import load_prior  # reads the file (and numpy/torch): only when a run is validated
+
+    load_prior(config.with_prior, config.num_classes)
+
+
 def require_batch_memory(config: Any, batch: str, crop: str, *others: str) -> None:
     """Options that fix the memory of a step must leave it possible, checked before any stage.
 
@@ -129,6 +142,15 @@ def require_split_batch(config: Any, name: str) -> None:
             f"{flag(name)} {value} is the global batch, split over the {world} processes of this "
             f"torchrun job; make it a multiple of {world}"
         )
+
+
+def with_defaults(saved: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """A saved configuration with the options it lacks at their ``config_class`` defaults: an
+    option newer than the run, which the run therefore ran without (at its default)."""
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING
+    }
+    return {**defaults, **saved}
 
 
 def read_saved_config(path: Path) -> dict[str, Any]:

@@ -42,7 +42,7 @@ MODES: tuple[str, ...] = ("rounds", "online")
 """The forms of self-training: CBST's offline rounds, or one online run with a mean teacher."""
 ONLINE = "online mode (--mode online; docs/method.md §14)"
 """The ``--help`` section of the options only the online mode reads."""
-ROUNDS_ONLY: tuple[str, ...] = ("with_prior", "mr_weight_kld", "mr_weight_src", "lr_weight_ent")
+ROUNDS_ONLY: tuple[str, ...] = ("mr_weight_kld", "mr_weight_src", "lr_weight_ent")
 """Options the online mode has no form of yet: set with ``--mode online`` they are an error."""
 
 
@@ -481,7 +481,8 @@ class SelfTrainConfig:
     with_prior: str | None = option(
         None,
         "spatial prior for CBST-SP: a .npy from 'cbst prior', the original's prior_array.mat, or "
-        "'source' to count it on the source labels now; 'none' (default) for none",
+        "'source' to count it on the source labels now; 'none' (default) for none (--mode online: "
+        "with --kc-policy cb or global)",
         type=TEXT,
         none=("none", "false", ""),
         metavar="FILE|source",
@@ -621,6 +622,23 @@ class SelfTrainConfig:
         range="non_negative",
         section=ONLINE,
     )
+    fd_lambda: float = option(
+        0.0,
+        "weight of the ImageNet feature distance on the source crops' thing-class pixels "
+        "(DAFormer: 0.005); needs --pretrained; 0 = off (cbst's)",
+        range="non_negative",
+        metavar="W",
+        section=ONLINE,
+    )
+    pretrained: str | None = option(
+        None,
+        "--fd-lambda: the ImageNet weights the source model was initialised from, for the frozen "
+        "encoder (a file, or 'imagenet' for the architecture's download)",
+        type=TEXT,
+        metavar="FILE|imagenet",
+        path=True,
+        section=ONLINE,
+    )
     eval_interval: int = option(4000, "iterations between evaluations", range="positive", section=ONLINE)
     log_interval: int = option(50, "iterations between log.jsonl records", range="positive", section=ONLINE)
     checkpoint_interval: int = option(
@@ -733,12 +751,7 @@ class SelfTrainConfig:
             raise ConfigError(f"--pseudo-scales must be positive numbers, got {self.pseudo_scales}")
         if not Path(self.weights).is_file():
             raise MissingInputError(f"{self.weights}: initial weights not found (--weights)")
-        if self.with_prior not in (None, "source") and not Path(self.with_prior).is_file():
-            raise MissingInputError(f"{self.with_prior}: spatial prior file not found (--with-prior)")
-        if self.with_prior not in (None, "source"):
-            from cbst.priors import load_prior  # reads the file: only when a run is validated
-
-            load_prior(self.with_prior, self.num_classes)  # its header, dtype, shape and range
+        checks.require_prior_file(self)
         for plan in self.schedule():
             for kind, portion in (("tgt", plan.tgt_portion), ("src", plan.src_portion)):
                 if portion > 1:

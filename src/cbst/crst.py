@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cbst.losses import CrossEntropyLoss
 from cbst.priors import apply_prior
+from cbst.transforms import crop_grid
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -80,23 +81,6 @@ def kld_regularizer(logits: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, per_pixel, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-def _crop_grid(geometry: Tensor, crop_hw: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(grid 1×h×w×2 for ``grid_sample``, inside mask h×w) of one training crop.
-
-    ``geometry`` is the transform's (scaled height, scaled width, top, left, flipped): crop
-    pixel (i, j) shows pixel (top + i, left + j) of the image resized to the scaled size,
-    mirrored when flipped. Half-pixel centres, as the loader's resize uses.
-    """
-    sh, sw, top, left, flipped = (int(v) for v in geometry)
-    ys = torch.arange(top, top + crop_hw[0], device=device, dtype=torch.float32)
-    xs = torch.arange(left, left + crop_hw[1], device=device, dtype=torch.float32)
-    if flipped:
-        xs = xs.flip(0)
-    inside = ((ys >= 0) & (ys < sh))[:, None] & ((xs >= 0) & (xs < sw))[None, :]
-    gy, gx = torch.meshgrid((2 * ys + 1) / sh - 1, (2 * xs + 1) / sw - 1, indexing="ij")
-    return torch.stack((gx, gy), dim=-1)[None], inside
-
-
 class CrstLoss:
     """The training loss of a CRST round: ``loss(logits, labels, batch)`` for ``train_epochs``.
 
@@ -149,7 +133,7 @@ class CrstLoss:
         probs = self.cache.get(index)
         if self.prior is not None:
             probs = apply_prior(probs, self.prior)
-        grid, inside = _crop_grid(geometry, crop_hw, probs.device)
+        grid, inside = crop_grid(geometry, crop_hw, probs.device)
         sampled = F.grid_sample(
             probs[None], grid, mode="bilinear", padding_mode="border", align_corners=False
         )

@@ -241,6 +241,7 @@ def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s
         seed=seed,
         device=device,
         num_workers=_loader_workers(device),
+        amp=s.amp,
         resume=(run_dir / "config.yaml").is_file(),
         score_pseudo_labels=True,
         **{k: v for k, v in METHODS.get(name).options.items() if k != "mode"},
@@ -339,8 +340,7 @@ def run_demo(
     io.write_json(out / "results.json", result)
     io.write_text(out / "results.md", table + "\n")
     _write_examples(out, checkpoints, val, torch_device)
-    if any(not is_online(name) for name in methods):  # the report draws the rounds runs only
-        write_report([out], out / "report.html", device=device, val_images=4)
+    write_report([out], out / "report.html", device=device, val_images=4)
     return result
 
 
@@ -352,13 +352,16 @@ def _mean_std(values: list[float]) -> str:
 
 def seeds_table(results: list[dict]) -> str:
     """Markdown: per row, mean ± std over the seeds of the mIoU and of the rare-class IoU, and
-    the mIoU of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
-    lines = ["| row | mIoU | rare-class IoU | per seed |", "|---|---|---|---|"]
+    both of each seed (``results``: :func:`run_demo`'s, one per seed, same rows)."""
+    lines = [
+        "| row | mIoU | rare-class IoU | mIoU per seed | rare-class IoU per seed |",
+        "|---|---|---|---|---|",
+    ]
     for row in results[0]["rows"]:
         miou = [r["rows"][row]["miou"] for r in results]
         rare = [r["rare_miou"][row] for r in results]
-        per_seed = ", ".join(f"{100 * v:.1f}" for v in miou)
-        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed} |")
+        per_seed = [", ".join(f"{100 * v:.1f}" for v in values) for values in (miou, rare)]
+        lines.append(f"| {row} | {_mean_std(miou)} | {_mean_std(rare)} | {per_seed[0]} | {per_seed[1]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""The named methods (ST, CBST, CBST-SP, MRKLD, LRENT; online: DACS, CBST-online) as option values.
+"""The named methods (ST, CBST, CBST-SP, MRKLD, LRENT; online: DACS, CBST-online, CBST-SP-online)
+as option values.
 
 Each method is a :class:`Method` registered in :data:`cbst.registry.METHODS`: the values of
 :class:`cbst.selftrain.SelfTrainConfig` fields that make it, on top of the defaults. ``cbst
@@ -32,8 +33,12 @@ class Method:
         """Whether a run's configuration (``config.yaml``'s mapping) is this method.
 
         Every option must have the method's value, except :data:`SWITCHES`, which must be on
-        when the method sets them; a switch the method does not name must be off.
+        when the method sets them; a switch the method does not name must be off. The mode
+        must be the method's (a method that names none is a rounds one; so is a run whose
+        configuration names none, saved before the online mode existed).
         """
+        if config.get("mode", "rounds") != self.options.get("mode", "rounds"):
+            return False
         for key in SWITCHES:
             if _is_on(self.options.get(key)) != _is_on(config.get(key)):
                 return False
@@ -75,6 +80,11 @@ CBST_ONLINE = Method(
     "CBST-online",
     {"mode": "online", "kc_policy": "cb"},
     "online, with class-balanced thresholds from the recent target batches",
+)
+CBST_SP_ONLINE = Method(
+    "CBST-SP-online",
+    {"mode": "online", "kc_policy": "cb", "with_prior": "source"},
+    "CBST-online with the spatial prior of the source labels on the teacher's probabilities",
 )
 
 

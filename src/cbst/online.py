@@ -3,9 +3,11 @@
 One run of ``max_iters`` iterations. Each iteration takes a global batch of ``batch_images``
 source crops (drawn by Rare Class Sampling, :mod:`cbst.rcs`) and as many target crops:
 
-1. the student's cross-entropy on the source crops (backward);
-2. the teacher (:mod:`cbst.teacher`) labels the target crops, un-augmented, and the selector of
-   ``kc_policy`` (:mod:`cbst.online_selection`) turns its softmax into labels and weights;
+1. the student's cross-entropy on the source crops, plus with ``fd_lambda`` DAFormer's ImageNet
+   feature distance of its encoder (:mod:`cbst.feature_distance`) (backward);
+2. the teacher (:mod:`cbst.teacher`) labels the target crops, un-augmented; with ``with_prior``
+   its softmax is multiplied by the spatial prior sampled at the crop's pixels (CBST-SP); the
+   selector of ``kc_policy`` (:mod:`cbst.online_selection`) turns it into labels and weights;
 3. ClassMix pastes half of each source crop's classes onto its target crop, DACS's colour jitter
    and blur go on the mixed image (:mod:`cbst.classmix`), and the student's weighted
    cross-entropy on the mixed crops (Σ weight·CE over all crop pixels / their number) is
@@ -39,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,10 +53,12 @@ from cbst import checks, distributed, io, options
 from cbst.classmix import classmix, strong_augment
 from cbst.device import autocast, configure_backends, select_device
 from cbst.errors import ConfigError, DataError, MissingInputError
+from cbst.feature_distance import FeatureDistance, thing_class_ids
 from cbst.inference import normalize
 from cbst.labels import IGNORE_INDEX
-from cbst.online_selection import ONLINE_SELECTORS, build_selector
+from cbst.online_selection import ONLINE_SELECTORS, FixedSelector, Selection, WindowedSelector, build_selector
 from cbst.optim import OPTIMIZERS, WARMUP_RATIO, build_optimizer, set_lr
+from cbst.priors import prior_at_crops
 from cbst.rcs import (
     COUNTS_FILE,
     PROBS_FILE,
@@ -68,7 +72,7 @@ from cbst.teacher import MeanTeacher
 from cbst.training import _epoch_seed, _grad_scaler, stack_batch
 
 STATE_FORMAT = "cbst-online-state"
-_INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt")
+_INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior", "pretrained")
 # Options a resumed run may change: where and how it runs and what it logs, never what it computes.
 _RESUME_FREE = (
     "output",
@@ -126,6 +130,10 @@ class OnlineConfig:
     pseudo_ignore_bottom: int = 0  # DAFormer: 120
     tgt_port: float = 0.5  # cbst's: the original's maximum target portion
     cb_window: int = 100  # cbst's: iterations of histograms
+    with_prior: str | None = None  # cbst's: CBST-SP's spatial prior (a file or "source"), cb/global only
+    # ImageNet feature distance (uda/dacs.py; the DAFormer config: 0.005)
+    fd_lambda: float = 0.0  # cbst's default: off
+    pretrained: str | None = None  # the ImageNet weights of the frozen encoder (a file or "imagenet")
     # rare class sampling (uda_dataset.py, the DAFormer config)
     rcs_temperature: float = 0.01
     rcs_min_pixels: int = 3000
@@ -185,6 +193,7 @@ class OnlineConfig:
             "rcs_temperature",
             "rcs_min_pixels",
             "num_workers",
+            "fd_lambda",
         )
         checks.require_fraction(self, "tgt_port", "pseudo_threshold")
         checks.require_scale_range(self, "scale_rate_range")
@@ -193,6 +202,27 @@ class OnlineConfig:
             raise ConfigError(f"--ema-alpha must be in [0, 1), got {self.ema_alpha}")
         if not Path(self.weights).is_file():
             raise MissingInputError(f"{self.weights}: initial weights not found (--weights)")
+        if self.with_prior is not None and self.kc_policy == "fixed":
+            raise ConfigError(
+                "--with-prior: DAFormer's --kc-policy fixed weighs confidences against a fixed "
+                "threshold; the spatial prior goes with --kc-policy cb or global"
+            )
+        checks.require_prior_file(self)
+        self._check_feature_distance()
+
+    def _check_feature_distance(self) -> None:
+        """``fd_lambda`` needs ImageNet weights (``pretrained``), which nothing else reads."""
+        if self.fd_lambda > 0 and self.pretrained is None:
+            raise ConfigError(
+                f"--fd-lambda {self.fd_lambda:g} compares the encoder with its ImageNet weights: "
+                "give them with --pretrained FILE (or 'imagenet')"
+            )
+        if self.fd_lambda == 0 and self.pretrained is not None:
+            raise ConfigError("--pretrained is read by --fd-lambda only; set --fd-lambda (DAFormer: 0.005)")
+        if self.pretrained not in (None, "imagenet") and not Path(self.pretrained).is_file():
+            raise MissingInputError(
+                f"{self.pretrained}: ImageNet weights not found (--pretrained, --fd-lambda)"
+            )
 
     def saved_form(self) -> dict:
         """Plain-type dict with the paths absolute: what ``config.yaml`` holds."""
@@ -260,6 +290,7 @@ class OnlinePairs(Dataset):
             "src_label": src["label"],
             "tgt_image": tgt["image"],
             "tgt_label": tgt["label"],
+            "tgt_geometry": tgt["geometry"],
         }
 
 
@@ -297,7 +328,7 @@ def _prepare_output(cfg: OnlineConfig) -> tuple[Path, Path | None]:
         raise ConfigError(
             f"{out}: holds a started run; pass --resume to continue it or choose another --output"
         )
-    before, now = checks.read_saved_config(saved), cfg.saved_form()
+    before, now = checks.with_defaults(checks.read_saved_config(saved), OnlineConfig), cfg.saved_form()
     names = [n for n in now if n not in _RESUME_FREE]
     diff = checks.changed(before, now, names)
     if diff:
@@ -342,27 +373,39 @@ def _append_log(path: Path, record: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ step
+class StepOutcome(NamedTuple):
+    """What one iteration computed, for the logs (tensors on the device, not read back)."""
+
+    loss_source: torch.Tensor
+    loss_target: torch.Tensor
+    loss_feature_distance: torch.Tensor | None  # None without --fd-lambda
+    selection: Selection
+    valid: torch.Tensor  # the target crops' real pixels
+    target_truth: torch.Tensor  # their ground truth (0 where the target has none)
+
+
 class _Counters:
     """Per-log-interval sums on the device, read once per log record."""
 
-    def __init__(self, num_classes: int, device: torch.device) -> None:
-        self.c = num_classes
-        self.sums = torch.zeros(3, device=device)  # loss source, loss target, steps
+    def __init__(self, num_classes: int, device: torch.device, feature_distance: bool) -> None:
+        self.c, self.feature_distance = num_classes, feature_distance
+        self.sums = torch.zeros(4, device=device)  # loss source, target, feature distance; steps
         self.selected = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
         self.scored = torch.zeros(2, dtype=torch.int64, device=device)  # correct, scored
         self.valid = torch.zeros((), dtype=torch.int64, device=device)
 
-    def add(
-        self, loss_src: torch.Tensor, loss_tgt: torch.Tensor, sel, valid: torch.Tensor, gt: torch.Tensor
-    ) -> None:
+    def add(self, step: StepOutcome) -> None:
+        sel, gt = step.selection, step.target_truth
+        one = torch.ones_like(step.loss_source.float())
+        fd = one * 0 if step.loss_feature_distance is None else step.loss_feature_distance.detach().float()
         self.sums += torch.stack(
-            [loss_src.detach().float(), loss_tgt.detach().float(), torch.ones_like(loss_src.float())]
+            [step.loss_source.detach().float(), step.loss_target.detach().float(), fd, one]
         )
         index = torch.where(sel.selected, sel.labels, self.c).flatten()
         self.selected.scatter_add_(0, index, torch.ones_like(index))
         scored = sel.selected & (gt != IGNORE_INDEX)
         self.scored += torch.stack([(scored & (sel.labels == gt)).sum(), scored.sum()])
-        self.valid += valid.sum()
+        self.valid += step.valid.sum()
 
     def record(self, class_names: list[str], scoring: bool) -> dict[str, Any]:
         """Means and shares of the interval (all processes'), then reset."""
@@ -374,15 +417,16 @@ class _Counters:
             self.scored.tolist(),
             int(self.valid),
         )
-        steps = sums[2] or 1
-        loss_src, loss_tgt = sums[0] / steps, sums[1] / steps
-        if not (math.isfinite(loss_src) and math.isfinite(loss_tgt)):
+        steps = sums[3] or 1
+        loss_src, loss_tgt, loss_fd = (s / steps for s in sums[:3])
+        if not all(math.isfinite(v) for v in (loss_src, loss_tgt, loss_fd)):
             raise FloatingPointError("non-finite training loss; lower the learning rate or disable AMP")
         total = sum(selected)
         rec: dict[str, Any] = {
-            "loss": loss_src + loss_tgt,
+            "loss": loss_src + loss_tgt + loss_fd,
             "loss_source": loss_src,
             "loss_target": loss_tgt,
+            **({"loss_feature_distance": loss_fd} if self.feature_distance else {}),
             "selected_fraction": total / max(valid, 1),
             "selected_share": {n: s / max(total, 1) for n, s in zip(class_names, selected)},
         }
@@ -422,29 +466,122 @@ def _iteration_seed(seed: int, it: int) -> int:
     return _epoch_seed(seed, it, distributed.rank())
 
 
-# ------------------------------------------------------------------------------------ run
-def online_self_train(cfg: OnlineConfig) -> dict:
-    """Run (or resume) one online self-training run; returns ``results.json``'s content."""
-    from cbst.checkpoints import load_checkpoint, read_meta, save_checkpoint
-    from cbst.evaluation import evaluate_model
-    from cbst.models.base import geometry, round_to_stride
-    from cbst.selftrain import _datasets
-    from cbst.transforms import TrainTransform
+@dataclass
+class OnlineStep:
+    """One online iteration (the module docstring's steps 1 to 3) over the networks it updates.
 
-    cfg.validate()
-    out, state_path = _prepare_output(cfg)
-    source, target, val = _datasets(cfg)
-    protocol = target.protocol
-    read_meta(cfg.weights, expect_protocol=protocol.name)
-    device = select_device(cfg.device)
-    distributed.write_once(_write_config, out, cfg)
-    configure_backends(device)
-    sampler = _rare_class_sampler(cfg, out, source)
+    ``net`` is the student as trained (wrapped in DistributedDataParallel under torchrun);
+    ``feature_distance`` adds DAFormer's ImageNet feature distance to the source loss;
+    ``prior`` (C×H×W of the whole target image) multiplies the teacher's softmax, sampled at each
+    target crop's pixels, before the selection (CBST-SP).
+    """
 
-    student, meta = load_checkpoint(cfg.weights, device=device, expect_protocol=protocol.name)
-    teacher = MeanTeacher(student, cfg.ema_alpha)
-    optimizer = _optimizer(student, cfg)
-    scaler = _grad_scaler(device, cfg.amp)
+    student: nn.Module
+    net: nn.Module
+    teacher: MeanTeacher
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    selector: FixedSelector | WindowedSelector
+    num_classes: int
+    device: torch.device
+    amp: bool = True
+    feature_distance: FeatureDistance | None = None
+    prior: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.segmentation_loss = LOSSES.get("cross_entropy")()
+
+    def _source_losses(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cross-entropy, λ_FD·feature distance or None) of the source crops, from one pass."""
+        with autocast(self.device, enabled=self.amp):
+            if self.feature_distance is None:
+                return self.segmentation_loss(self.net(images), labels), None
+            logits, features = self.net(images, return_features=True)
+            fd = self.feature_distance.loss(images, labels, features)
+            return self.segmentation_loss(logits, labels), fd
+
+    def _teacher_probabilities(self, images: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """The teacher's softmax of the target crops, times the spatial prior when there is one."""
+        with autocast(self.device, enabled=self.amp):
+            probs = self.teacher.probabilities(images)
+        if self.prior is not None:
+            probs = probs * prior_at_crops(self.prior, geometry, tuple(probs.shape[-2:]))
+        return probs
+
+    def __call__(self, batch: dict[str, Any], it: int, lr: float, seed: int) -> StepOutcome:
+        """Train on one batch at iteration ``it`` with learning rate ``lr``; ``seed`` seeds every
+        random draw of the step (dropout, ClassMix, the augmentation)."""
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        set_lr(self.optimizer, lr)
+        src_u8 = batch["src_image"].to(self.device, non_blocking=True)
+        src_labels = batch["src_label"].to(self.device, non_blocking=True).long()
+        tgt_u8 = batch["tgt_image"].to(self.device, non_blocking=True)
+        tgt_gt = batch["tgt_label"].to(self.device, non_blocking=True).long()
+        valid = tgt_gt != IGNORE_INDEX
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_src, loss_fd = self._source_losses(normalize(src_u8), src_labels)
+        _backward(loss_src if loss_fd is None else loss_src + loss_fd, self.scaler)
+        probs = self._teacher_probabilities(normalize(tgt_u8), batch["tgt_geometry"])
+        sel = self.selector.select(probs, valid)
+        images, labels, weights = classmix(
+            src_u8.float() / 255,
+            src_labels,
+            tgt_u8.float() / 255,
+            sel.labels,
+            sel.weights,
+            self.num_classes,
+            generator,
+        )
+        mixed = normalize(strong_augment(images, generator).mul_(255))  # normalize reads 0..255 values
+        with autocast(self.device, enabled=self.amp):
+            loss_tgt = _weighted_loss(self.net(mixed), labels, weights)
+        _backward(loss_tgt, self.scaler)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        distributed.broadcast_buffers(self.student)
+        self.teacher.update(self.student, it + 1)
+        return StepOutcome(loss_src, loss_tgt, loss_fd, sel, valid, tgt_gt)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What an exact resume needs of the networks, the optimiser, the scaler and the selector."""
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "selector": self.selector.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (the selector's histograms onto this device)."""
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        selector = state["selector"]
+        self.selector.load_state_dict(
+            {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in selector.items()}
+        )
+
+
+def build_step(
+    cfg: OnlineConfig,
+    student: nn.Module,
+    device: torch.device,
+    *,
+    feature_distance: FeatureDistance | None = None,
+    prior: torch.Tensor | None = None,
+) -> OnlineStep:
+    """The iteration of ``cfg`` over ``student`` (on ``device``), with a fresh teacher (a copy of
+    it), optimiser, loss scaler and selector of ``kc_policy``."""
     selector = build_selector(
         cfg.kc_policy,
         cfg.num_classes,
@@ -454,24 +591,72 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         portion=cfg.tgt_port,
         window=cfg.cb_window,
     )
+    return OnlineStep(
+        student,
+        distributed.data_parallel(student, device),
+        MeanTeacher(student, cfg.ema_alpha),
+        _optimizer(student, cfg),
+        _grad_scaler(device, cfg.amp),
+        selector,
+        cfg.num_classes,
+        device,
+        amp=cfg.amp,
+        feature_distance=feature_distance,
+        prior=prior,
+    )
+
+
+def _feature_distance(
+    cfg: OnlineConfig, arch: str, class_names: list[str], device: torch.device
+) -> FeatureDistance | None:
+    """The ImageNet feature distance of ``fd_lambda`` (None when 0), its frozen network of
+    ``arch`` built from ``pretrained``; refuses in one line weights the architecture lacks."""
+    from cbst.models import build_model
+
+    if cfg.fd_lambda == 0:
+        return None
+    ids = thing_class_ids(class_names)
+    try:
+        imagenet = build_model(arch, cfg.num_classes, pretrained=cfg.pretrained)
+    except ConfigError as exc:
+        raise ConfigError(f"--fd-lambda needs the encoder's ImageNet weights: {exc}") from None
+    return FeatureDistance(imagenet.to(device), cfg.fd_lambda, ids, cfg.num_classes)
+
+
+# ------------------------------------------------------------------------------------ run
+def online_self_train(cfg: OnlineConfig) -> dict:
+    """Run (or resume) one online self-training run; returns ``results.json``'s content."""
+    from cbst.checkpoints import load_checkpoint, read_meta, save_checkpoint
+    from cbst.evaluation import evaluate_model
+    from cbst.models.base import geometry, round_to_stride
+    from cbst.selftrain import _datasets, _load_prior
+    from cbst.transforms import TrainTransform
+
+    cfg.validate()
+    out, state_path = _prepare_output(cfg)
+    source, target, val = _datasets(cfg)
+    protocol = target.protocol
+    names = list(protocol.class_names)
+    arch = read_meta(cfg.weights, expect_protocol=protocol.name)["arch"]
+    device = select_device(cfg.device)
+    feature_distance = _feature_distance(cfg, arch, names, device)  # its weights checked before writing
+    distributed.write_once(_write_config, out, cfg)
+    configure_backends(device)
+    sampler = _rare_class_sampler(cfg, out, source)
+
+    student, meta = load_checkpoint(cfg.weights, device=device, expect_protocol=protocol.name)
+    prior = _load_prior(cfg, out, source, target, device)
+    step = build_step(cfg, student, device, feature_distance=feature_distance, prior=prior)
     start = 0
     if state_path is not None:
         state = io.read_torch_file(state_path, "online training state")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DataError(f"{state_path}: not an online training state; delete it to start over")
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        selector.load_state_dict(
-            {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["selector"].items()}
-        )
+        step.load_state_dict(state)
         start = int(state["iteration"])
     distributed.write_once(_truncate_log, out / "log.jsonl", start)
 
     crop = round_to_stride(cfg.crop_size, geometry(student).pad_multiple)
-    segmentation_loss = LOSSES.get("cross_entropy")()
 
     def cropper(reference: int | None, domain: int) -> TrainTransform:
         return TrainTransform(
@@ -492,9 +677,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
     )
-    net = distributed.data_parallel(student, device)
-    counters = _Counters(cfg.num_classes, device)
-    names = list(protocol.class_names)
+    counters = _Counters(cfg.num_classes, device, feature_distance is not None)
     is_main = distributed.is_main()
     clock = time.perf_counter()
 
@@ -519,63 +702,19 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         previous = _latest_state(out)
         path = out / "checkpoints" / f"iter_{iteration:06d}.pt"
         io.make_dirs(path.parent)
-        state = {
-            "format": STATE_FORMAT,
-            "iteration": iteration,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-            "selector": selector.state_dict(),
-        }
+        state = {"format": STATE_FORMAT, "iteration": iteration, **step.state_dict()}
         with io.atomic_path(path) as tmp:
             torch.save(state, tmp)
         if previous is not None and previous != path:
             previous.unlink()
 
     for it, batch in zip(range(start, cfg.max_iters), loader):
-        torch.manual_seed(_iteration_seed(cfg.seed, it))
-        generator = torch.Generator().manual_seed(_iteration_seed(cfg.seed, it))
-        set_lr(optimizer, lr_at(cfg, it))
-        src_u8 = batch["src_image"].to(device, non_blocking=True)
-        src_labels = batch["src_label"].to(device, non_blocking=True).long()
-        tgt_u8 = batch["tgt_image"].to(device, non_blocking=True)
-        tgt_gt = batch["tgt_label"].to(device, non_blocking=True).long()
-        valid = tgt_gt != IGNORE_INDEX
-        student.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, enabled=cfg.amp):
-            loss_src = segmentation_loss(net(normalize(src_u8)), src_labels)
-        _backward(loss_src, scaler)
-        with autocast(device, enabled=cfg.amp):
-            probs = teacher.probabilities(normalize(tgt_u8))
-        sel = selector.select(probs, valid)
-        images, labels, weights = classmix(
-            src_u8.float() / 255,
-            src_labels,
-            tgt_u8.float() / 255,
-            sel.labels,
-            sel.weights,
-            cfg.num_classes,
-            generator,
-        )
-        mixed = normalize(strong_augment(images, generator).mul_(255))  # normalize reads 0..255 values
-        with autocast(device, enabled=cfg.amp):
-            loss_tgt = _weighted_loss(net(mixed), labels, weights)
-        _backward(loss_tgt, scaler)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        distributed.broadcast_buffers(student)
-        teacher.update(student, it + 1)
-        counters.add(loss_src, loss_tgt, sel, valid, tgt_gt)
+        counters.add(step(batch, it, lr_at(cfg, it), _iteration_seed(cfg.seed, it)))
         done = it + 1
         if done % cfg.log_interval == 0 or done == cfg.max_iters:
             record = {"iteration": done, "lr": lr_at(cfg, it)}
             record.update(counters.record(names, cfg.score_pseudo_labels))
-            record["lambda"] = dict(zip(names, _same_everywhere(selector.thresholds()).tolist()))
+            record["lambda"] = dict(zip(names, _same_everywhere(step.selector.thresholds()).tolist()))
             record["seconds"] = round(time.perf_counter() - clock, 3)
             if is_main:
                 _append_log(out / "log.jsonl", record)
@@ -585,7 +724,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
             distributed.write_once(save_state, done)
 
     extra = {"mode": "online", "iteration": cfg.max_iters}
-    for name, model in (("model.pt", student), ("teacher.pt", teacher.model)):
+    for name, model in (("model.pt", student), ("teacher.pt", step.teacher.model)):
         distributed.write_once(
             save_checkpoint,
             out / name,
@@ -598,7 +737,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     results = {"mode": "online", "iterations": {}}
     for path in sorted((out / "metrics").glob("iter_*.json")):
         results["iterations"][int(path.stem.split("_")[1])] = json.loads(path.read_text())
-    results["lambda"] = dict(zip(names, selector.thresholds().tolist()))
+    results["lambda"] = dict(zip(names, step.selector.thresholds().tolist()))
     if results["iterations"]:
         results["final"] = results["iterations"][max(results["iterations"])]
     distributed.write_once(io.write_json, out / "results.json", results)

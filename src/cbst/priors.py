@@ -38,6 +38,7 @@ from torch import Tensor
 from cbst.errors import ConfigError
 from cbst.io import DataError, write_npy
 from cbst.labels import IGNORE_INDEX
+from cbst.transforms import crop_grid
 
 MAT_VARIABLE = "prior_array"
 
@@ -263,3 +264,12 @@ def apply_prior(probs: Tensor, prior: Tensor | np.ndarray) -> Tensor:
             prior[None], size=tuple(probs.shape[-2:]), mode="bilinear", align_corners=False
         )[0]
     return probs * prior
+
+
+def prior_at_crops(prior: Tensor, geometries: Tensor, crop_hw: tuple[int, int]) -> Tensor:
+    """The prior (C×H×W, of the whole image at any resolution) sampled bilinearly at the pixels
+    of training crops: N×C×h×w for the crops' N geometries (:func:`cbst.transforms.crop_grid`;
+    pixels outside the image take the border's value)."""
+    grids = torch.cat([crop_grid(g, crop_hw, prior.device)[0] for g in geometries])
+    source = prior[None].expand(len(grids), -1, -1, -1)
+    return F.grid_sample(source, grids, mode="bilinear", padding_mode="border", align_corners=False)

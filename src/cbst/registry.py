@@ -155,6 +155,7 @@ METHODS.register_lazy("MRKLD", "cbst.methods:MRKLD")
 METHODS.register_lazy("LRENT", "cbst.methods:LRENT")
 METHODS.register_lazy("DACS", "cbst.methods:DACS")
 METHODS.register_lazy("CBST-online", "cbst.methods:CBST_ONLINE")
+METHODS.register_lazy("CBST-SP-online", "cbst.methods:CBST_SP_ONLINE")
 
 LOGGERS.register_lazy("jsonl", "cbst.loggers:JsonlLogger")
 LOGGERS.register_lazy("tensorboard", "cbst.loggers:TensorBoardLogger")

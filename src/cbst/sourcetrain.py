@@ -13,7 +13,7 @@ the self-training rounds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,8 @@ def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> Non
         )
     if not path.is_file():
         return
-    saved = checks.resolved_paths(checks.read_saved_config(path), _SOURCE_INPUTS)
-    for field in fields(SourceTrainConfig):  # an option newer than the run had its default
-        if field.name not in saved and field.default is not MISSING:
-            saved[field.name] = field.default
+    saved = checks.with_defaults(checks.read_saved_config(path), SourceTrainConfig)
+    saved = checks.resolved_paths(saved, _SOURCE_INPUTS)
     current = config.saved_form()
     free = _SOURCE_RESUME_FREE + (("to_epoch",) if config.lr_type in ("fixed", "step") else ())
     diff = checks.changed(saved, current, [k for k in current if k not in free])

@@ -86,6 +86,25 @@ def random_window(
     )
 
 
+def crop_grid(
+    geometry: torch.Tensor, crop_hw: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid 1×h×w×2 for ``grid_sample``, inside mask h×w) of one training crop.
+
+    ``geometry`` is the transform's (scaled height, scaled width, top, left, flipped): crop
+    pixel (i, j) shows pixel (top + i, left + j) of the image resized to the scaled size,
+    mirrored when flipped. Half-pixel centres, as the loader's resize uses.
+    """
+    sh, sw, top, left, flipped = (int(v) for v in geometry)
+    ys = torch.arange(top, top + crop_hw[0], device=device, dtype=torch.float32)
+    xs = torch.arange(left, left + crop_hw[1], device=device, dtype=torch.float32)
+    if flipped:
+        xs = xs.flip(0)
+    inside = ((ys >= 0) & (ys < sh))[:, None] & ((xs >= 0) & (xs < sw))[None, :]
+    gy, gx = torch.meshgrid((2 * ys + 1) / sh - 1, (2 * xs + 1) / sw - 1, indexing="ij")
+    return torch.stack((gx, gy), dim=-1)[None], inside
+
+
 class TrainTransform:
     """Random scale, crop (mined with probability ``mining.port``) and flip, as uint8 tensors.
 

@@ -81,7 +81,7 @@ class DemoOptions:
     methods: str | None = option(
         None,
         "self-training rows, a comma list of the methods or 'all' (the rounds rows; the online "
-        "DACS and CBST-online are named; CRST's MRKLD and LRENT add about half a minute each on 2 "
+        "DACS, CBST-online and CBST-SP-online are named; CRST's MRKLD and LRENT add about half a minute each on 2 "
         "CPU cores); default: ST,CBST,CBST-SP",
         type=TEXT,
         metavar="|".join(METHODS.names()) or "NAMES",

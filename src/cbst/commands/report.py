@@ -4,9 +4,11 @@ The page (plots and thumbnails embedded, no server, no JavaScript) shows each ru
 configuration and stage times, the paper's table per round coloured by the change against the
 source model, mIoU per round, per-class IoU as a heat map, per round the threshold λ and the
 share of pseudo-labelled pixels per class, the pseudo-labels' accuracy when it was scored, and
-a gallery of target images with their last pseudo-label, prediction and ground truth.
+a gallery of target images with their last pseudo-label, prediction and ground truth. An
+online run (--mode online) is drawn over its iterations: mIoU, λ per class and the class shares
+of the selected pixels, from its log.jsonl and evaluations.
 
-A 'cbst demo' folder stands for its ST, CBST and CBST-SP runs, with its Source row. Runs
+A 'cbst demo' folder stands for its runs (rounds and online), with its Source row. Runs
 compared together must evaluate on the same target val split. A run stopped part-way shows
 the rounds it finished.
 

@@ -152,8 +152,12 @@ class SegmentationNet(nn.Module):
     Subclasses set ``output_stride`` (logits come out at 1/stride of the padded input's height
     and width), ``pad_multiple`` (inputs are zero-padded bottom/right to a multiple of it, and
     training crops rounded up to it; a multiple of ``output_stride``), ``default_freeze_bn``,
-    and implement ``forward`` and ``_lr_groups``. ``input_mean``/``input_std`` are the RGB
-    statistics of the [0, 1]-scaled input that inference and training normalise with.
+    and implement ``forward``, ``encoder_features`` and ``_lr_groups``. ``input_mean``/``input_std``
+    are the RGB statistics of the [0, 1]-scaled input that inference and training normalise with.
+
+    ``forward(x)`` returns the logits; ``forward(x, return_features=True)`` returns (logits, the
+    encoder's last-stage features), one pass for both, through DistributedDataParallel too (the
+    ImageNet feature distance of online self-training compares these features).
     """
 
     output_stride: int
@@ -174,6 +178,11 @@ class SegmentationNet(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last-stage (bottleneck) features N×K×h×w of normalised images: what the
+        head reads, without running the head."""
+        raise NotImplementedError
 
     def lr_groups(self) -> list[dict]:
         """Parameter groups ``{"params", "lr_mult", "wd_mult"}``; empty groups are dropped."""

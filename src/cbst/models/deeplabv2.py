@@ -109,11 +109,19 @@ class DeepLabV2(SegmentationNet):
         """Ceil-mode arithmetic: one more row and column than 1/8 of a padded input."""
         return height // 8 + 1, width // 8 + 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at stride 8 (ceil-mode arithmetic: H -> ceil-ish H/8 + 1)."""
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """ResNet-101's ``layer4`` output (2048 channels, the logits' grid), what ASPP reads."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.layer5(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at stride 8 (ceil-mode arithmetic: H -> ceil-ish H/8 + 1); with
+        ``return_features`` also the encoder's features."""
+        features = self.encoder_features(x)
+        logits = self.layer5(features)
+        return (logits, features) if return_features else logits
 
     def _lr_groups(self) -> list[dict]:
         """CRST convention: backbone x1, ASPP ``layer5`` x10; weight decay everywhere."""

@@ -158,14 +158,20 @@ class ResNet38(SegmentationNet):
             h = getattr(self, f"res{block.name}_{branch}")(h)
         return shortcut + h
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at stride 8."""
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's output at stride 8 (4096 channels after ``bn7``), what the head reads."""
         x = self.conv1a(x)
         for block in BLOCKS:
             x = self._block(block, x)
-        x = F.relu(self.bn7(x))
-        x = F.relu(self.conv6a(x))
-        return self.classifier(x)
+        return F.relu(self.bn7(x))
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at stride 8 (with ``return_features``: and the encoder's features)."""
+        features = self.encoder_features(x)
+        logits = self.classifier(F.relu(self.conv6a(features)))
+        return (logits, features) if return_features else logits
 
     def _lr_groups(self) -> list[dict]:
         """CBST-MX 'alex' convention: weights and gammas x1/x1; biases and betas lr x2, wd x0."""

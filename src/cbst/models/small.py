@@ -111,10 +111,18 @@ class SmallSegNet(SegmentationNet):
                 if isinstance(module, nn.BatchNorm2d):
                     module.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at stride 8."""
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's features at stride 8, what the head reads."""
         x = self.layer2(self.layer1(self.stem(x)))
-        return self.head(self.layer4(self.layer3(x)))
+        return self.layer4(self.layer3(x))
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at stride 8 (with ``return_features``: and the encoder's features)."""
+        features = self.encoder_features(x)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
 
     def _lr_groups(self) -> list[dict]:
         """Backbone x1, head x10 (the DeepLab convention), weight decay everywhere."""

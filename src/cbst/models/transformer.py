@@ -84,11 +84,21 @@ class TransformerSegNet(SegmentationNet):
     encoder: nn.Module
     decoder: nn.Module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at ``1 / output_stride`` of the input, i.e. ``ceil(H / stride) x ceil(W / stride)``."""
+    def encoder_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's last feature level (MiT: stage 4 at stride 32; DINOv2: the last block)
+        of the input padded to ``pad_multiple``."""
+        return self.encoder(pad_to_multiple(x, self.pad_multiple))[-1]
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at ``1 / output_stride`` of the input, i.e. ``ceil(H / stride) x ceil(W / stride)``;
+        with ``return_features`` also the encoder's last feature level."""
         h, w = x.shape[-2:]
-        logits = self.decoder(self.encoder(pad_to_multiple(x, self.pad_multiple)))
-        return logits[..., : ceil_div(h, self.output_stride), : ceil_div(w, self.output_stride)]
+        features = self.encoder(pad_to_multiple(x, self.pad_multiple))
+        logits = self.decoder(features)
+        logits = logits[..., : ceil_div(h, self.output_stride), : ceil_div(w, self.output_stride)]
+        return (logits, features[-1]) if return_features else logits
 
     def _finish_init(self, grad_checkpointing: bool) -> None:
         """Apply the constructor's options once ``encoder``/``decoder`` exist: checkpointing, frozen BN."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cbst.labels import TABLE_HEADERS, subset_means
-from cbst.report.runs import Run
+from cbst.report.runs import AnyRun, OnlineRun, Run
 from cbst.report.seeds import ResultTable
 from cbst.report.tables import LEAD_COLUMNS, cell_text, lead_cells
 from cbst.report.target import GalleryRow, prediction_model
@@ -109,16 +109,20 @@ def _computed_with(run: Run) -> str:
     return describe(run.provenance) if run.provenance else "? (not recorded)"
 
 
+def _data(config: dict) -> str:
+    """A run's source, target split and val split."""
+    return (
+        f"{config.get('dataset')} -> {config.get('dataset_tgt')} {config.get('split_tgt')} "
+        f"(val: {config.get('eval_split') or 'none'})"
+    )
+
+
 def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
     """Per run: method, model, data, schedule (with CRST's weights), rounds finished and what
     the scores were computed with."""
     rows = []
     for run in runs:
         c = run.config
-        data = (
-            f"{c.get('dataset')} -> {c.get('dataset_tgt')} {c.get('split_tgt')} "
-            f"(val: {c.get('eval_split') or 'none'})"
-        )
         schedule = (
             f"target portion {c.get('init_tgt_port')} +{c.get('step_tgt_port')} "
             f"(max {c.get('max_tgt_port')}), source portion {c.get('init_src_port')} "
@@ -130,13 +134,61 @@ def config_table(runs: Sequence[Run], models: dict[str, str]) -> str:
                 Cell(run.label, "name", str(run.path)),
                 Cell(run.method, "name"),
                 Cell(models.get(run.label, "?"), "name"),
-                Cell(data, "name"),
+                Cell(_data(c), "name"),
                 Cell(schedule, "name"),
                 Cell(_computed_with(run), "name"),
                 Cell(f"{len(run.rounds)} of {c.get('num_round')}"),
             ]
         )
     return table(["run", "method", "model", "data", "schedule", "computed with", "rounds"], rows)
+
+
+def _online_schedule(config: dict) -> str:
+    """An online run's schedule and selection, as its table shows them."""
+    policy = config.get("kc_policy")
+    if policy == "fixed":
+        selection = f"--kc-policy fixed (threshold {config.get('pseudo_threshold')})"
+    else:
+        selection = (
+            f"--kc-policy {policy} (portion {config.get('tgt_port')}, window {config.get('cb_window')})"
+        )
+    extras = [f"prior {config['with_prior']}"] if config.get("with_prior") else []
+    extras += [f"feature distance λ {config['fd_lambda']}"] if config.get("fd_lambda") else []
+    batch = config.get("batch_images")
+    return ", ".join(
+        [
+            f"{config.get('max_iters')} iterations of {batch}+{batch} crops of {config.get('crop_size')}",
+            f"{config.get('optimizer')} lr {config.get('base_lr')}",
+            f"EMA {config.get('ema_alpha')}",
+            selection,
+            f"RCS T {config.get('rcs_temperature')}",
+            *extras,
+        ]
+    )
+
+
+def online_table(runs: Sequence[OnlineRun], models: dict[str, str]) -> str:
+    """Per online run: method, model, data, schedule, the iterations logged and evaluated and
+    the training seconds its log records."""
+    rows = []
+    for run in runs:
+        c = run.config
+        logged = run.log[-1]["iteration"] if run.log else 0
+        evaluated = ", ".join(str(e.iteration) for e in run.evaluations) or "none"
+        rows.append(
+            [
+                Cell(run.label, "name", str(run.path)),
+                Cell(run.method, "name"),
+                Cell(models.get(run.label, "?"), "name"),
+                Cell(_data(c), "name"),
+                Cell(_online_schedule(c), "name"),
+                Cell(f"{logged} of {c.get('max_iters')}"),
+                Cell(evaluated, "name"),
+                Cell(_seconds(run.seconds)),
+            ]
+        )
+    headers = ["run", "method", "model", "data", "schedule", "iterations", "evaluated at", "training (s)"]
+    return table(headers, rows)
 
 
 def time_table(runs: Sequence[Run]) -> str:
@@ -239,7 +291,7 @@ def legend(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> st
     return f'<div class="legend">{"".join(items)}</div>'
 
 
-def gallery_table(runs: Sequence[Run], rows: Sequence[GalleryRow], *, pseudo: bool = True) -> str:
+def gallery_table(runs: Sequence[AnyRun], rows: Sequence[GalleryRow], *, pseudo: bool = True) -> str:
     """Image | per run: last pseudo-label (with ``pseudo``), prediction | ground truth."""
     head = ["image"]
     for run in runs:

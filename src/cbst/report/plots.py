@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from cbst.report.runs import Round, Run
+from cbst.report.runs import OnlineRun, Round, Run
 
 Panel = tuple[str, list[str], np.ndarray]
 """One heat-map panel: title, column names, classes x columns values (NaN = no value)."""
@@ -153,4 +153,80 @@ def class_share_plot(
     ax.set_ylabel("share of pseudo-labelled pixels (%)")
     ax.set_ylim(0, 100)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(classes) // 20)
+    return figure_uri(fig)
+
+
+def iteration_miou_plot(runs: Sequence[OnlineRun]) -> str:
+    """Val mIoU (%) over the iterations of online runs, one line per run; the source model, when
+    its score is known, is iteration 0."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    for run in runs:
+        points = ([(0, run.source)] if run.source is not None else []) + [
+            (e.iteration, e.metrics) for e in run.evaluations
+        ]
+        ax.plot([i for i, _ in points], [100 * m.miou for _, m in points], marker="o", label=run.label)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return figure_uri(fig)
+
+
+def _run_panels(count: int, height: float) -> tuple[Figure, list]:
+    """A figure of ``count`` panels sharing their y axis, three per row."""
+    columns = min(count, 3)
+    rows = -(-count // columns)
+    fig = Figure(figsize=(2.5 + 4.2 * columns, height * rows))
+    axes = fig.subplots(rows, columns, squeeze=False, sharey=True).ravel().tolist()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _class_series(run: OnlineRun, key: str, classes: Sequence[str]) -> tuple[list[int], np.ndarray]:
+    """(logged iterations, classes x iterations values of the records' ``key`` mapping; NaN where
+    a record lacks a class)."""
+    iterations = [int(r["iteration"]) for r in run.log]
+    values = np.array([[_value(r.get(key, {}).get(c), 1.0) for r in run.log] for c in classes])
+    return iterations, values
+
+
+def online_share_plot(
+    runs: Sequence[OnlineRun], classes: Sequence[str], colors: Sequence[tuple[int, int, int]]
+) -> str:
+    """Per online run, the share (%) of each class among the pseudo-labelled pixels of each log
+    interval, stacked over the iterations."""
+    fig, axes = _run_panels(len(runs), 3.6)
+    for ax, run in zip(axes, runs):
+        iterations, shares = _class_series(run, "selected_share", classes)
+        ax.stackplot(
+            iterations,
+            100 * np.nan_to_num(shares),
+            colors=[np.array(c) / 255.0 for c in colors],
+            labels=classes,
+        )
+        ax.set_title(run.label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("share of pseudo-labelled pixels (%)")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(classes) // 20)
+    return figure_uri(fig)
+
+
+def online_lambda_plot(
+    runs: Sequence[OnlineRun], classes: Sequence[str], colors: Sequence[tuple[int, int, int]]
+) -> str:
+    """Per online run, the confidence threshold λ of each class over the logged iterations."""
+    fig, axes = _run_panels(len(runs), 3.6)
+    for ax, run in zip(axes, runs):
+        iterations, lam = _class_series(run, "lambda", classes)
+        for name, color, values in zip(classes, colors, lam):
+            ax.plot(iterations, values, color=np.array(color) / 255.0, label=name, linewidth=1.2)
+        ax.set_title(run.label, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("λ")
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=1 + len(classes) // 20)
     return figure_uri(fig)

@@ -6,13 +6,18 @@ and ``metrics.json`` (evaluation stage). A run killed part-way and not yet resum
 round that has only some of these; its finished rounds are reported. A round missing in the
 *middle* (``round_0`` and ``round_2`` without ``round_1``, or a round whose evaluation is gone
 while a later one has its own) means files were lost, and is refused.
+
+An online run (``--mode online``, :mod:`cbst.online`) has no rounds: its ``config.yaml`` says
+``mode: online``, ``log.jsonl`` holds a record every ``--log-interval`` iterations (losses, λ per
+class, the selected pixels' class shares) and ``metrics/iter_NNNNNN.json`` the evaluations; it
+is read as an :class:`OnlineRun`, with what has been written so far.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +45,12 @@ class Round:
 
 
 @dataclass(frozen=True)
-class Run:
-    """A self-training run: where it is, its name in the report, its configuration and rounds.
+class _RunInfo:
+    """What both kinds of run hold and derive: where the run is, its name in the report, its
+    configuration, and (keyword-only) its source model's metrics and names.
 
     ``source`` holds the source model's val metrics when known (a demo folder's ``Source``
-    row, or ``--source-metrics``), drawn as round "source" before the first round.
+    row, or ``--source-metrics``), drawn before the first round (iteration 0).
     ``seeded_weights`` says the initial weights were trained with the run's own seed (a demo
     folder's source model), so runs of other seeds may differ in them; ``name`` keeps the run's
     own name where ``label`` had to become its path to be unique.
@@ -53,16 +59,31 @@ class Run:
     path: Path
     label: str
     config: dict[str, Any]
-    rounds: tuple[Round, ...]
-    source: Metrics | None = None
-    seeded_weights: bool = False
-    name: str | None = None
+    source: Metrics | None = field(default=None, kw_only=True)
+    seeded_weights: bool = field(default=False, kw_only=True)
+    name: str | None = field(default=None, kw_only=True)
 
     @property
     def method(self) -> str:
-        """The registered method (ST, CBST, CBST-SP, MRKLD, LRENT, ...) whose options the run's
-        configuration has (:func:`cbst.methods.method_of`); else its selection policy."""
+        """The registered method (ST, CBST, CBST-SP, MRKLD, LRENT, DACS, ...) whose options the
+        run's configuration has (:func:`cbst.methods.method_of`); else its selection policy."""
         return method_of(self.config) or f"--kc-policy {self.config.get('kc_policy')}"
+
+    def val_split(self) -> tuple[str, str, str] | None:
+        """(dataset, resolved root, split) of the val split the run evaluates on, or None."""
+        split = self.config.get("eval_split")
+        if not split:
+            return None
+        root = Path(str(self.config.get("data_root_tgt", ""))).expanduser()
+        resolved = str(root.resolve()) if root.exists() else str(root)
+        return str(self.config.get("dataset_tgt")), resolved, str(split)
+
+
+@dataclass(frozen=True)
+class Run(_RunInfo):
+    """A self-training run of rounds: :class:`_RunInfo`'s and its rounds."""
+
+    rounds: tuple[Round, ...]
 
     @property
     def provenance(self) -> dict[str, Any] | None:
@@ -83,14 +104,58 @@ class Run:
         """The rounds that have val metrics."""
         return tuple(r for r in self.rounds if r.metrics is not None)
 
-    def val_split(self) -> tuple[str, str, str] | None:
-        """(dataset, resolved root, split) of the val split the run evaluates on, or None."""
-        split = self.config.get("eval_split")
-        if not split:
+    @property
+    def final(self) -> tuple[str, Metrics] | None:
+        """("round_N", its metrics) of the last evaluated round; None before any evaluation."""
+        return (f"round_{self.evaluated[-1].index}", self.evaluated[-1].metrics) if self.evaluated else None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes, as the first round's thresholds name them."""
+        return tuple(self.rounds[0].stats.get("thresholds", {}))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of an online run's student, after ``iteration`` iterations."""
+
+    iteration: int
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class OnlineRun(_RunInfo):
+    """An online self-training run: its configuration, log records and evaluations so far.
+
+    ``log`` holds the ``log.jsonl`` records in order (each with ``iteration``, ``lambda`` and
+    ``selected_share`` per class).
+    """
+
+    log: tuple[dict[str, Any], ...]
+    evaluations: tuple[Evaluation, ...]
+
+    @property
+    def final(self) -> tuple[str, Metrics] | None:
+        """("iteration_N", its metrics) of the last evaluation; None before any."""
+        if not self.evaluations:
             return None
-        root = Path(str(self.config.get("data_root_tgt", ""))).expanduser()
-        resolved = str(root.resolve()) if root.exists() else str(root)
-        return str(self.config.get("dataset_tgt")), resolved, str(split)
+        return f"iteration_{self.evaluations[-1].iteration}", self.evaluations[-1].metrics
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes, as the log's λ (or the first evaluation's IoU) names them."""
+        if self.log:
+            return tuple(self.log[0].get("lambda", {}))
+        return tuple(self.evaluations[0].metrics.iou) if self.evaluations else ()
+
+    @property
+    def seconds(self) -> float | None:
+        """Training seconds up to the last log record (the run's own clock), None without one."""
+        return float(self.log[-1]["seconds"]) if self.log and "seconds" in self.log[-1] else None
+
+
+AnyRun = Run | OnlineRun
+"""A run of either form, as :func:`load_runs` gives them."""
 
 
 def read_json(path: Path) -> Any:
@@ -183,8 +248,63 @@ def _check_complete(run: Path, rounds: list[Round | None]) -> tuple[Round, ...]:
     return tuple(r for r in rounds if r is not None)
 
 
-def load_run(path: str | Path, label: str | None = None, source: Metrics | None = None) -> Run:
-    """Read a ``cbst self-train`` output folder; DataError naming the folder if it is not one.
+def _read_config(run: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a mapping; DataError naming the file otherwise."""
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DataError(f"{run / 'config.yaml'}: not readable YAML ({exc})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{run / 'config.yaml'}: expected the run's options as a mapping")
+    return config
+
+
+def is_online_run(path: Path) -> bool:
+    """Whether ``path`` holds an online run (its ``config.yaml`` says ``mode: online``)."""
+    if not (path / "config.yaml").is_file() or (path / "state.json").is_file():
+        return False
+    try:
+        return _read_config(path).get("mode") == "online"
+    except DataError:
+        return False
+
+
+def _read_log(path: Path) -> tuple[dict[str, Any], ...]:
+    """The records of an online run's ``log.jsonl`` (none before the first is written)."""
+    if not path.is_file():
+        return ()
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise DataError(f"{path}: line {number} is not JSON ({exc})") from None
+        if not isinstance(record, dict) or "iteration" not in record:
+            raise DataError(f"{path}: line {number} is not a log record (no 'iteration')")
+        records.append(record)
+    return tuple(records)
+
+
+def load_online_run(path: str | Path, label: str | None = None, source: Metrics | None = None) -> OnlineRun:
+    """Read an online run folder: its config, log and evaluations; DataError when it has
+    neither a log record nor an evaluation yet."""
+    run = Path(path)
+    evaluations = tuple(
+        Evaluation(int(p.stem.split("_")[1]), read_metrics(p))
+        for p in sorted((run / "metrics").glob("iter_*.json"))
+        if p.stem.split("_")[1].isdigit()
+    )
+    log = _read_log(run / "log.jsonl")
+    if not log and not evaluations:
+        raise DataError(f"{run}: an online run with no logged iteration yet (log.jsonl not written)")
+    return OnlineRun(run, label or run.name, _read_config(run), log, evaluations, source=source)
+
+
+def load_run(path: str | Path, label: str | None = None, source: Metrics | None = None) -> AnyRun:
+    """Read a ``cbst self-train`` output folder (rounds or online); DataError naming the folder
+    if it is not one.
 
     Args:
         path: the run folder.
@@ -195,6 +315,8 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     run = Path(path)
     if not run.is_dir():
         raise DataError(f"{run}: folder not found")
+    if is_online_run(run):
+        return load_online_run(run, label, source)
     if (run / "last.pt").is_file() and not (run / "state.json").is_file():
         raise DataError(
             f"{run}: a 'cbst train-source' folder (source training: last.pt, checkpoints/); "
@@ -206,12 +328,7 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
             f"{run}: not a self-training run (no config.yaml and state.json; expected "
             "the --output folder of 'cbst self-train' or a 'cbst demo' folder)"
         )
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise DataError(f"{run / 'config.yaml'}: not readable YAML ({exc})") from None
-    if not isinstance(config, dict):
-        raise DataError(f"{run / 'config.yaml'}: expected the run's options as a mapping")
+    config = _read_config(run)
     if source is None and (run / "source_metrics.json").is_file():
         source = read_metrics(run / "source_metrics.json")
     indices = _round_dirs(run)
@@ -224,12 +341,22 @@ def load_run(path: str | Path, label: str | None = None, source: Metrics | None 
     rounds = _check_complete(run, [_read_round(run, i, durations) for i in indices])
     if not rounds:
         raise DataError(f"{run}: no finished round yet (round_0/stats.json not written)")
-    return Run(run, label or run.name, config, rounds, source)
+    return Run(run, label or run.name, config, rounds, source=source)
+
+
+def _demo_run_started(folder: Path) -> bool:
+    """Whether a demo row's folder holds a started run (rounds: ``state.json``; online: a log
+    record or an evaluation)."""
+    if (folder / "state.json").is_file():
+        return True
+    return is_online_run(folder) and (
+        (folder / "log.jsonl").is_file() or any(folder.glob("metrics/iter_*.json"))
+    )
 
 
 def is_demo(path: Path) -> bool:
     """Whether ``path`` is a ``cbst demo`` output folder (finished or not)."""
-    return path.is_dir() and any((path / demo_run_dir(n) / "state.json").is_file() for n in METHODS.names())
+    return path.is_dir() and any(_demo_run_started(path / demo_run_dir(n)) for n in METHODS.names())
 
 
 def demo_run_dir(variant: str) -> str:
@@ -237,7 +364,7 @@ def demo_run_dir(variant: str) -> str:
     return variant.lower().replace("-", "_")
 
 
-def load_demo(path: Path) -> list[Run]:
+def load_demo(path: Path) -> list[AnyRun]:
     """The runs of a demo folder that have started (one per method, cbst.registry.METHODS), with the
     Source row."""
     results = path / "results.json"
@@ -248,7 +375,7 @@ def load_demo(path: Path) -> list[Run]:
     return [
         replace(load_run(path / demo_run_dir(name), name, source), seeded_weights=True)
         for name in METHODS.names()
-        if (path / demo_run_dir(name) / "state.json").is_file()
+        if _demo_run_started(path / demo_run_dir(name))
     ]
 
 
@@ -259,13 +386,13 @@ def seed_folders(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _unique_labels(runs: list[Run]) -> list[Run]:
+def _unique_labels(runs: list[AnyRun]) -> list[AnyRun]:
     """Give runs that would share a name in the report their folder path as name instead."""
     labels = [r.label for r in runs]
     return [replace(r, label=str(r.path), name=r.label) if labels.count(r.label) > 1 else r for r in runs]
 
 
-def check_same_val_split(runs: list[Run]) -> None:
+def check_same_val_split(runs: list[AnyRun]) -> None:
     """Refuse to compare runs evaluated on different val splits, naming both folders."""
     first = runs[0]
     for other in runs[1:]:
@@ -278,9 +405,9 @@ def check_same_val_split(runs: list[Run]) -> None:
             )
 
 
-def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None) -> list[Run]:
-    """The runs to report: each path is a run folder, a demo folder (which gives several) or a
-    ``cbst demo --seeds`` folder (the demo folders of its seeds).
+def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None) -> list[AnyRun]:
+    """The runs to report: each path is a run folder (rounds or online), a demo folder (which
+    gives several) or a ``cbst demo --seeds`` folder (the demo folders of its seeds).
 
     Args:
         paths: run folders and/or ``cbst demo`` folders.
@@ -290,7 +417,7 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
     if not paths:
         raise ConfigError("no run folder given")
     source = read_metrics(Path(source_metrics)) if source_metrics else None
-    runs: list[Run] = []
+    runs: list[AnyRun] = []
     for path in map(Path, paths):
         found = []
         for folder in seed_folders(path) or [path]:
@@ -300,7 +427,7 @@ def load_runs(paths: list[str | Path], source_metrics: str | Path | None = None)
     return _unique_labels(_once_each(runs))
 
 
-def _once_each(runs: list[Run]) -> list[Run]:
+def _once_each(runs: list[AnyRun]) -> list[AnyRun]:
     """Each run folder once (a run given twice, or a demo folder and one of its runs), first
     occurrence kept."""
     seen: set[Path] = set()

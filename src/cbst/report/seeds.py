@@ -3,9 +3,10 @@
 Results move from seed to seed, so a method is reported as mean ± standard deviation over
 training seeds. Runs whose configurations are equal once the seed and the options that do not
 change a result (output folder, resume, loader workers, progress bars, pseudo-label scoring)
-are set aside form one group. A run's final score is its last evaluated round, never its best
-one: choosing the best round on the val split would be model selection on the test set
-(docs/method.md §8.4). Runs that stopped at different rounds are not grouped.
+are set aside form one group. A run's final score is its last evaluated round (an online run's
+last evaluation), never its best one: choosing the best round on the val split would be model
+selection on the test set (docs/method.md §8.4). Runs that stopped at different rounds (or
+iterations) are not grouped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from cbst.evaluation import Metrics
 from cbst.labels import CLASSES_13, TABLE_HEADERS
-from cbst.report.runs import Run
+from cbst.report.runs import AnyRun
 
 NOT_RESULT_KEYS = frozenset({"seed", "output", "resume", "num_workers", "progress", "score_pseudo_labels"})
 """Configuration keys in which runs of one group may differ."""
@@ -36,8 +37,8 @@ class Score:
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One row: its name, the round it reports ("round_N" or "source"), the seeds it covers and
-    one score per column of its table."""
+    """One row: its name, the round it reports ("round_N", "iteration_N" or "source"), the seeds it
+    covers and one score per column of its table."""
 
     name: str
     round: str
@@ -78,28 +79,28 @@ def aggregate(results: Sequence[Metrics], classes: Sequence[str]) -> tuple[Score
     return tuple(scores)
 
 
-def seed_key(run: Run) -> str:
+def seed_key(run: AnyRun) -> str:
     """What runs of one group share: their configuration without :data:`NOT_RESULT_KEYS` (and
     without the initial weights when the run's own seed trained them) and their last round."""
     config = {k: v for k, v in run.config.items() if k not in NOT_RESULT_KEYS}
     if run.seeded_weights:
         config.pop("weights", None)
-    return json.dumps([config, run.evaluated[-1].index], sort_keys=True, default=str)
+    return json.dumps([config, run.final[0]], sort_keys=True, default=str)
 
 
-def group_runs(runs: Sequence[Run]) -> list[list[Run]]:
+def group_runs(runs: Sequence[AnyRun]) -> list[list[AnyRun]]:
     """The evaluated runs gathered by :func:`seed_key`, groups in order of first appearance (a
     folder given twice counts once)."""
-    groups: dict[str, list[Run]] = {}
+    groups: dict[str, list[AnyRun]] = {}
     seen: set[Path] = set()
     for run in runs:
-        if run.evaluated and run.path.resolve() not in seen:
+        if run.final is not None and run.path.resolve() not in seen:
             seen.add(run.path.resolve())
             groups.setdefault(seed_key(run), []).append(run)
     return list(groups.values())
 
 
-def _group_name(group: Sequence[Run]) -> str:
+def _group_name(group: Sequence[AnyRun]) -> str:
     """A single run's label; a group's common name (a demo row's method), else its method."""
     if len(group) == 1:
         return group[0].label
@@ -107,11 +108,11 @@ def _group_name(group: Sequence[Run]) -> str:
     return names.pop() if len(names) == 1 else group[0].method
 
 
-def _seeds(group: Sequence[Run]) -> tuple[int | None, ...]:
+def _seeds(group: Sequence[AnyRun]) -> tuple[int | None, ...]:
     return tuple(r.config.get("seed") for r in group)
 
 
-def _disambiguate(rows: list[ResultRow], groups: list[list[Run]]) -> list[ResultRow]:
+def _disambiguate(rows: list[ResultRow], groups: list[list[AnyRun]]) -> list[ResultRow]:
     """Group rows that would share a name get their first run's folder in parentheses."""
     names = [r.name for r in rows]
     return [
@@ -120,7 +121,7 @@ def _disambiguate(rows: list[ResultRow], groups: list[list[Run]]) -> list[Result
     ]
 
 
-def results_table(runs: Sequence[Run], classes: Sequence[str]) -> ResultTable:
+def results_table(runs: Sequence[AnyRun], classes: Sequence[str]) -> ResultTable:
     """The final-score table: the source model's row(s) first, then one row per run or group.
 
     A source row averages the distinct source models of a group's runs: one model for runs
@@ -131,10 +132,10 @@ def results_table(runs: Sequence[Run], classes: Sequence[str]) -> ResultTable:
         ["mIoU"] + (["mIoU*"] if len(classes) == 16 else []) + [TABLE_HEADERS.get(c, c) for c in classes]
     )
     groups = group_runs(runs)
-    sources: dict[str, tuple[list[Run], list[Run]]] = {}  # distinct source models -> (group, runs)
+    sources: dict[str, tuple[list[AnyRun], list[AnyRun]]] = {}  # distinct source models -> (group, runs)
     for group in groups:
         if all(r.source is not None for r in group):
-            distinct: dict[str, Run] = {}
+            distinct: dict[str, AnyRun] = {}
             for run in group:
                 distinct.setdefault(json.dumps(run.source.to_json(), sort_keys=True), run)
             sources.setdefault(json.dumps(list(distinct)), (group, list(distinct.values())))
@@ -150,9 +151,9 @@ def results_table(runs: Sequence[Run], classes: Sequence[str]) -> ResultTable:
     finals = [
         ResultRow(
             _group_name(group),
-            f"round_{group[0].evaluated[-1].index}",
+            group[0].final[0],
             _seeds(group),
-            aggregate([r.evaluated[-1].metrics for r in group], classes),
+            aggregate([r.final[1] for r in group], classes),
         )
         for group in groups
     ]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cbst.io import DataError, read_image, read_label
 from cbst.report.plots import png_data_uri
-from cbst.report.runs import Round, Run
+from cbst.report.runs import AnyRun, OnlineRun, Round, Run
 
 THUMB_WIDTH = 320
 
@@ -142,7 +142,7 @@ class GalleryRow:
     truth: str | None
 
 
-def val_dataset(run: Run):
+def val_dataset(run: AnyRun):
     """The labelled split the run evaluates on, or (None, why not)."""
     from cbst.datasets import build_dataset
 
@@ -171,12 +171,17 @@ def label_presence(dataset) -> list[set[int]]:
     return presence
 
 
-def prediction_model(run: Run) -> tuple[Path | None, str]:
+def prediction_model(run: AnyRun) -> tuple[Path | None, str]:
     """The checkpoint whose predictions the gallery shows, and its name: the last trained
-    round's model, or the source model (the run's initial weights) before any round trained."""
-    trained = [r for r in run.rounds if (r.path / "model.pt").is_file()]
-    if trained:
-        return trained[-1].path / "model.pt", f"round_{trained[-1].index} model"
+    round's model (an online run's final student), or the source model (the run's initial
+    weights) before any round trained (before the online run ended)."""
+    if isinstance(run, OnlineRun):
+        if (run.path / "model.pt").is_file():
+            return run.path / "model.pt", "final student"
+    else:
+        trained = [r for r in run.rounds if (r.path / "model.pt").is_file()]
+        if trained:
+            return trained[-1].path / "model.pt", f"round_{trained[-1].index} model"
     weights = Path(str(run.config.get("weights")))
     return (weights, "source model") if weights.is_file() else (None, "no model")
 
