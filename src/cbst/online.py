@@ -65,7 +65,7 @@ from cbst.rcs import (
 )
 from cbst.registry import LOSSES
 from cbst.teacher import MeanTeacher
-from cbst.training import _epoch_seed, _grad_scaler, stack_batch
+from cbst.training import _epoch_seed, _grad_scaler, stack_batch, train_forward
 
 STATE_FORMAT = "cbst-online-state"
 _INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt")
@@ -545,7 +545,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         student.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, enabled=cfg.amp):
-            loss_src = segmentation_loss(net(normalize(src_u8)), src_labels)
+            loss_src = segmentation_loss(train_forward(net, normalize(src_u8)), src_labels)
         _backward(loss_src, scaler)
         with autocast(device, enabled=cfg.amp):
             probs = teacher.probabilities(normalize(tgt_u8))
@@ -561,7 +561,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         )
         mixed = normalize(strong_augment(images, generator).mul_(255))  # normalize reads 0..255 values
         with autocast(device, enabled=cfg.amp):
-            loss_tgt = _weighted_loss(net(mixed), labels, weights)
+            loss_tgt = _weighted_loss(train_forward(net, mixed), labels, weights)
         _backward(loss_tgt, scaler)
         if scaler is None:
             optimizer.step()
