@@ -1,14 +1,15 @@
 """What ``cbst demo`` computes: its FLOPs per kind of step times the counts it runs, and its times.
 
-Usage: python benchmarks/demo_budget.py [--demo-dir cbst-demo]
+Usage: python benchmarks/demo_budget.py [--model ARCH] [--demo-dir cbst-demo]
 
 Prints JSON lines. The FLOP lines need no data and no training: each kind of step (a training
 step of ``batch_images`` crops, forward and backward; one pseudo-label inference of a target
 image, with flipping when the demo flips; one evaluation of a val image) is counted once with
 ``torch.utils.flop_counter`` on the demo's network, through the code paths the demo runs, and
 multiplied by the number of such steps the demo's settings imply (source epochs, the round
-schedule's source portions, images per split). The count does not depend on the machine: a
-machine's time for the demo is about the total over its sustained FLOP rate on this network.
+schedule's source portions, images per split). ``--model`` counts ``cbst demo --model ARCH``
+instead. The count does not depend on the machine: a machine's time for the demo is about the
+total over its sustained FLOP rate on this network (a rate that differs between networks).
 ``--demo-dir`` adds the measured wall time of each stage of a finished ``cbst demo`` folder
 (rendering, source training, and per method the pseudo-label, training and evaluation stages of
 each round), read from the files the demo wrote and their write times.
@@ -23,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from cbst.demo import DEFAULT_METHODS, DemoSettings
+from cbst.demo import DEFAULT_METHODS, DemoSettings, settings_for
 from cbst.inference import InferencePlan, network_outputs
 from cbst.losses import CrossEntropyLoss
 from cbst.models import build_model
@@ -36,9 +37,37 @@ WIDTH, HEIGHT = inspect.signature(make_synthetic).parameters["size"].default
 """The benchmark's image size: ``make_synthetic``'s default, which the demo renders."""
 
 
+def conv_backward_flops(
+    grad_out_shape: list[int],
+    x_shape: list[int],
+    w_shape: list[int],
+    _bias: object,
+    _stride: object,
+    _padding: object,
+    _dilation: object,
+    transposed: bool,
+    _output_padding: object,
+    _groups: int,
+    output_mask: list[bool],
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``aten.convolution_backward``: each gradient it computes (input, weight) takes
+    the multiplications of the forward convolution.
+
+    torch's own formula counts the weight gradient of a grouped convolution as if it were dense,
+    ``groups`` times too many (1,024 times for DAFormer's depthwise ASPP convolutions).
+    """
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def flops(fn: Callable[[], object]) -> int:
-    """FLOPs that ``fn()`` computes, as ``torch.utils.flop_counter`` counts them."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs that ``fn()`` computes, as ``torch.utils.flop_counter`` counts them (with
+    :func:`conv_backward_flops` for the backward pass of convolutions)."""
+    counter = FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
+    )
     with counter:
         fn()
     return counter.get_total_flops()
@@ -149,8 +178,11 @@ def stage_times(demo_dir: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, help="a finished cbst demo folder: add its stage times")
+    parser.add_argument(
+        "--model", default=DemoSettings().model, help="the demo's --model (default: %(default)s)"
+    )
     args = parser.parse_args()
-    for record in budget(DemoSettings(), DEFAULT_METHODS):
+    for record in budget(settings_for(args.model, DemoSettings()), DEFAULT_METHODS):
         print(json.dumps(record))
     if args.demo_dir is not None:
         for record in stage_times(args.demo_dir):

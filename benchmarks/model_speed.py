@@ -20,6 +20,7 @@ from cbst.models import build_model
 
 CPU_ARCHS: tuple[str, ...] = (
     "small",
+    "small_demo",
     "deeplabv2_resnet101",
     "resnet38",
     "segformer_mit_b0",

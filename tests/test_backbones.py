@@ -6,10 +6,13 @@ where shapes propagate without memory or compute.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from timm.layers import LayerScale
 from torch import nn
 
@@ -53,6 +56,16 @@ def small_models() -> dict[str, nn.Module]:
 
 def family(name: str) -> str:
     return name.split("_", 1)[0]
+
+
+def test_the_families_declare_the_recipe_their_configs_use() -> None:
+    """``cbst demo --model`` trains with the declared recipe, ``configs/`` with the base file."""
+    base = Path(__file__).resolve().parents[1] / "configs" / "_base_" / "transformer_adamw.yaml"
+    settings = yaml.safe_load(base.read_text())
+    for name in SMALL + LARGE_NAMES:
+        recipe = dataclasses.asdict(ARCHITECTURES.get(name).training_recipe)
+        assert recipe == {key: settings[key] for key in recipe}
+    assert ARCHITECTURES.get("small_demo").training_recipe is None  # the demo's own SGD
 
 
 def test_every_name_is_registered() -> None:

@@ -1,5 +1,6 @@
 """``cbst demo`` end to end on a tiny benchmark: the table, the JSON and the example images."""
 
+import functools
 import json
 
 import numpy as np
@@ -100,7 +101,9 @@ def test_demo_seeds_prints_the_mean_and_std_table(monkeypatch, tmp_path, capsys)
     assert "seconds per seed: 100, 102" in out
 
 
-def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
+def _record_settings(monkeypatch, tmp_path) -> dict:
+    """Replace the demo by a stub that records the settings the command gives it (in the
+    returned dict, key ``settings``) and writes an empty table."""
     from cbst import demo
 
     seen = {}
@@ -111,6 +114,13 @@ def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
         return {"rare_miou": {}, "rare_classes": [], "seconds": 1.0, "device": "cpu"}
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)  # the command imports it when it runs
+    return seen
+
+
+def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
+    from cbst import demo
+
+    seen = _record_settings(monkeypatch, tmp_path)
     assert main(["demo", "--out", str(tmp_path), "--no-amp"]) == 0
     settings = seen["settings"]
     source = demo.source_config(tmp_path / "s", tmp_path, 0, settings, "cpu")
@@ -154,3 +164,69 @@ def test_online_methods_are_names_of_the_demo():
     assert "DACS" not in parse_methods("all")  # all: the rounds rows; online rows are named
     with pytest.raises(ValueError, match="CBST-online"):
         parse_methods("DAFormer")
+
+
+def test_demo_model_trains_with_its_familys_recipe(monkeypatch, tmp_path):
+    from cbst import demo
+
+    seen = _record_settings(monkeypatch, tmp_path)
+    assert main(["demo", "--out", str(tmp_path), "--model", "daformer_mit_b0"]) == 0
+    s = seen["settings"]
+    configs = [
+        demo.source_config(tmp_path / "s", tmp_path, 0, s, "cpu"),
+        demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, s, "cpu"),
+        demo._online_config("DACS", tmp_path, tmp_path, tmp_path / "w.pt", 0, s, "cpu"),
+    ]
+    assert configs[0].model == "daformer_mit_b0"
+    assert all((c.optimizer, c.base_lr, c.weight_decay) == ("adamw", 6e-5, 0.01) for c in configs)
+    assert main(["demo", "--out", str(tmp_path)]) == 0  # the default network keeps the demo's SGD
+    s = seen["settings"]
+    assert (s.model, s.optimizer, s.source_lr, s.round_lr) == ("small_demo", "sgd", 0.05, 0.005)
+
+
+def test_demo_option_default_is_the_settings_model():
+    from cbst.commands.demo import DemoOptions
+
+    assert DemoOptions().model == DemoSettings().model
+
+
+@pytest.mark.parametrize("seeds", [(), ("--seeds", "0,1")])
+def test_a_demo_folder_refuses_another_model_before_any_work(tmp_path, capsys, seeds):
+    folder = tmp_path / "seed_1" if seeds else tmp_path
+    (folder / "source").mkdir(parents=True)
+    (folder / "source" / "config.yaml").write_text("model: small_demo\n")
+    assert main(["demo", "--out", str(tmp_path), "--model", "dinov2_vit_s14", *seeds]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model dinov2_vit_s14: " in err
+    assert f"holds a demo of small_demo ({folder / 'source' / 'config.yaml'}); give another --out" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "seed_0").exists()
+
+
+@pytest.mark.slow
+def test_demo_of_a_transformer_reports_and_reuses_its_runs(monkeypatch, tmp_path, capsys):
+    from cbst import demo
+
+    tiny = functools.partial(
+        DemoSettings,
+        num_source=8,
+        num_train=4,
+        num_val=2,
+        source_epochs=1,
+        num_round=1,
+        batch_images=2,
+        crop_size=32,
+    )
+    monkeypatch.setattr(demo, "DemoSettings", tiny)  # the command builds its settings from it
+    args = ["demo", "--out", str(tmp_path), "--model", "daformer_mit_b0", "--methods", "CBST"]
+    assert main([*args, "--device", "cpu", "--no-amp"]) == 0
+    out = capsys.readouterr().out
+    assert "\nSource|" in out and "\nCBST|" in out and "report: " in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["settings"]["model"] == "daformer_mit_b0" and result["settings"]["optimizer"] == "adamw"
+    assert "optimizer: adamw" in (tmp_path / "cbst" / "config.yaml").read_text()
+    assert "CBST" in (tmp_path / "report.html").read_text()
+    trained = [tmp_path / "source" / "last.pt", tmp_path / "cbst" / "round_0" / "model.pt"]
+    mtimes = [p.stat().st_mtime for p in trained]
+    assert main([*args, "--device", "cpu", "--no-amp"]) == 0  # finished work is reused
+    assert [p.stat().st_mtime for p in trained] == mtimes
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]

@@ -55,6 +55,16 @@ def test_step_flops_match_the_convolutions_arithmetic(monkeypatch):
     assert budget.step_flops(dataclasses.replace(settings, pseudo_flip=False))["pseudo_label"] == infer
 
 
+def test_a_grouped_convolution_backward_counts_its_own_multiplications(monkeypatch):
+    """torch's formula counts a depthwise conv's weight gradient as a dense conv's (8x here)."""
+    budget = _budget_module(monkeypatch)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(1, 8, 16, 16, requires_grad=True)
+    forward = budget.flops(lambda: conv(x))
+    assert forward == 2 * 3 * 3 * 8 * 16 * 16
+    assert budget.flops(lambda: conv(x).sum().backward()) == 3 * forward  # forward, input and weight grads
+
+
 def test_step_counts_follow_the_round_schedule(monkeypatch):
     budget = _budget_module(monkeypatch)
     s = DemoSettings(num_source=400, num_train=200, num_val=100, source_epochs=40, batch_images=8)

@@ -1,9 +1,10 @@
 """``cbst demo``: the whole method on the embedded synthetic benchmark, on a laptop CPU.
 
-Renders the benchmark (once), trains the ``small_demo`` model on the "game" source domain, then runs
-ST, CBST and CBST-SP for three rounds each, all branching from the same source model, and
-prints the original README's table for the "camera" target domain's val split, and writes
-``report.html`` (``cbst report``) beside it.
+Renders the benchmark (once), trains the ``small_demo`` model (or another architecture, from
+scratch, with :func:`settings_for`) on the "game" source domain, then runs ST, CBST and CBST-SP
+for three rounds each, all branching from the same source model, and prints the original
+README's table for the "camera" target domain's val split, and writes ``report.html`` (``cbst
+report``) beside it. A folder keeps the architecture it was started with (:func:`require_same_model`).
 
 The benchmark itself is fixed (rendered with seed 0) so that ``--seed`` varies only the
 training: the spread over seeds is then the method's own variance. Each variant is reported
@@ -27,6 +28,7 @@ import torch
 
 from cbst import io
 from cbst.checkpoints import load_checkpoint
+from cbst.checks import read_saved_config
 from cbst.datasets import build_dataset
 from cbst.device import select_device
 from cbst.errors import ConfigError
@@ -35,7 +37,7 @@ from cbst.inference import predict_labels
 from cbst.labels import CITYSCAPES_19
 from cbst.online import OnlineConfig, online_self_train
 from cbst.provenance import provenance
-from cbst.registry import METHODS
+from cbst.registry import ARCHITECTURES, METHODS
 from cbst.report import write_report
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.sourcetrain import SourceTrainConfig, last_finished_epoch, train_source
@@ -67,6 +69,8 @@ class DemoSettings:
     num_round: int = 3
     epoch_per_round: int = 1
     round_lr: float = 0.005
+    optimizer: str = "sgd"  # source training, rounds and online rows alike; settings_for: the family's
+    weight_decay: float = 5e-4  # the command-line default of SGD
     init_tgt_port: float = 0.2
     init_src_port: float = 0.5
     step_src_port: float = 0.05
@@ -81,6 +85,39 @@ class DemoSettings:
     online_window: int = 25  # iterations: 200 target crops, the size of the target split
     online_eval_interval: int = 50
     rcs_min_pixels: int = 100
+
+
+def settings_for(model: str, settings: DemoSettings) -> DemoSettings:
+    """``settings`` training ``model`` instead, with its family's optimiser recipe where the
+    architecture declares one (:attr:`~cbst.models.base.SegmentationNet.training_recipe`; the
+    transformers: AdamW at 6e-5 with weight decay 0.01, for source training and rounds alike),
+    else with the demo's SGD. The benchmark, schedule and crops stay the demo's."""
+    recipe = ARCHITECTURES.get(model).training_recipe
+    settings = dataclasses.replace(settings, model=model)
+    if recipe is None:
+        return settings
+    return dataclasses.replace(
+        settings,
+        optimizer=recipe.optimizer,
+        source_lr=recipe.base_lr,
+        round_lr=recipe.base_lr,
+        weight_decay=recipe.weight_decay,
+    )
+
+
+def require_same_model(out: Path, model: str) -> None:
+    """Refuse to continue the demo folder ``out`` with another architecture than it was started
+    with (read from its source run's ``config.yaml``): its finished source model and rounds
+    would be reused as if they were ``model``'s."""
+    saved_config = out / "source" / "config.yaml"
+    if not saved_config.is_file():
+        return
+    saved = read_saved_config(saved_config).get("model")
+    if saved != model:
+        raise ConfigError(
+            f"--model {model}: {out} holds a demo of {saved} ({saved_config}); give another --out "
+            f"(or --model {saved} to continue that one)"
+        )
 
 
 def is_online(name: str) -> bool:
@@ -119,7 +156,7 @@ def _loader_workers(device: str) -> int:
 def source_config(
     output: Path, source_root: Path, seed: int, s: DemoSettings, device: str, list_file: Path | None = None
 ):
-    """The demo's source-only training run: the small model on the game domain.
+    """The demo's source-only training run: its model on the game domain.
 
     ``list_file`` restricts training to listed images (the calibration benchmark holds some out).
     """
@@ -133,7 +170,9 @@ def source_config(
         crop_size=s.crop_size,
         scale_range=(0.75, 1.25),
         lr_type="poly",
+        optimizer=s.optimizer,
         base_lr=s.source_lr,
+        weight_decay=s.weight_decay,
         to_epoch=s.source_epochs,
         seed=seed,
         device=device,
@@ -171,7 +210,9 @@ def _variant_config(name: str, out: Path, data: Path, weights: Path, seed: int, 
         epoch_per_round=s.epoch_per_round,
         pseudo_batch=s.pseudo_batch,
         test_flipping=s.pseudo_flip,
+        optimizer=s.optimizer,
         base_lr=s.round_lr,
+        weight_decay=s.weight_decay,
         seed=seed,
         batch_images=s.batch_images,
         crop_size=s.crop_size,
@@ -228,9 +269,9 @@ def _online_config(name: str, out: Path, data: Path, weights: Path, seed: int, s
         max_iters=s.online_iters,
         batch_images=s.batch_images,
         crop_size=s.crop_size,
-        optimizer="sgd",
+        optimizer=s.optimizer,
         base_lr=s.round_lr,
-        weight_decay=5e-4,
+        weight_decay=s.weight_decay,
         warmup_iters=0,
         tgt_port=s.init_tgt_port,
         cb_window=s.online_window,
@@ -291,6 +332,7 @@ def run_demo(
 
     started = time.time()
     out = Path(out)
+    require_same_model(out, settings.model)
     data = out / "data" if data is None else Path(data)
     _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(
@@ -380,6 +422,8 @@ def run_demo_seeds(
     final-score table shows each row as mean ± std over the seeds; returns each seed's results.
     """
     out = Path(out)
+    for seed in seeds:  # before any work, and before a seed's results are reused
+        require_same_model(out / f"seed_{seed}", settings.model)
     results = []
     for seed in seeds:
         folder = out / f"seed_{seed}"

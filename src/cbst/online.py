@@ -69,7 +69,7 @@ from cbst.rcs import (
 )
 from cbst.registry import LOSSES
 from cbst.teacher import MeanTeacher
-from cbst.training import _epoch_seed, _grad_scaler, stack_batch
+from cbst.training import _epoch_seed, _grad_scaler, stack_batch, train_forward
 
 STATE_FORMAT = "cbst-online-state"
 _INPUT_PATHS = ("weights", "data_root", "data_root_tgt", "list_file", "list_tgt", "with_prior", "pretrained")
@@ -497,8 +497,8 @@ class OnlineStep:
         """(cross-entropy, λ_FD·feature distance or None) of the source crops, from one pass."""
         with autocast(self.device, enabled=self.amp):
             if self.feature_distance is None:
-                return self.segmentation_loss(self.net(images), labels), None
-            logits, features = self.net(images, return_features=True)
+                return self.segmentation_loss(train_forward(self.net, images), labels), None
+            logits, features = train_forward(self.net, images, return_features=True)
             fd = self.feature_distance.loss(images, labels, features)
             return self.segmentation_loss(logits, labels), fd
 
@@ -538,7 +538,7 @@ class OnlineStep:
         )
         mixed = normalize(strong_augment(images, generator).mul_(255))  # normalize reads 0..255 values
         with autocast(self.device, enabled=self.amp):
-            loss_tgt = _weighted_loss(self.net(mixed), labels, weights)
+            loss_tgt = _weighted_loss(train_forward(self.net, mixed), labels, weights)
         _backward(loss_tgt, self.scaler)
         if self.scaler is None:
             self.optimizer.step()

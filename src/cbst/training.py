@@ -32,7 +32,7 @@ from cbst.device import autocast, mixed_precision, prefers_channels_last
 from cbst.errors import ConfigError, DivergedError
 from cbst.inference import normalize
 from cbst.losses import CrossEntropyLoss
-from cbst.models.base import geometry
+from cbst.models.base import geometry, unwrap
 from cbst.optim import build_optimizer, lr_at, set_lr
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -55,6 +55,27 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+BATCH_NORM_TOO_SMALL = "Expected more than 1 value per channel when training"
+"""The start of torch's message when a training batch norm sees one value per channel."""
+
+
+def train_forward(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> Any:
+    """``model(images, **kwargs)`` in a training step; a batch norm left with one value per channel (one
+    crop per process whose coarsest feature map is 1x1, e.g. DINOv2's stride-56 level for crops
+    up to 56 px) is a ``ConfigError`` naming the options that set the batch's shape."""
+    try:
+        return model(images, **kwargs)
+    except ValueError as exc:
+        if not str(exc).startswith(BATCH_NORM_TOO_SMALL):
+            raise
+        n, _, h, w = images.shape
+        raise ConfigError(
+            f"--crop-size/--batch-images: {n} crop(s) of {h}x{w} px per process leave a batch norm of "
+            f"{type(unwrap(model)).__name__} one value per channel; give a larger "
+            "--crop-size or more images per process"
+        ) from None
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -331,7 +352,7 @@ def _run_epoch(
         images = images.contiguous(memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True).long()
         with autocast(device, enabled=amp):
-            logits = model(images)
+            logits = train_forward(model, images)
         loss = loss_fn(logits, labels, batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:

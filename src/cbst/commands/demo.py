@@ -1,11 +1,12 @@
 """Run the whole method on the embedded synthetic benchmark and print the paper's table.
 
 Renders a small "game" source domain (GTA5 layout) and "camera" target domain (Cityscapes
-layout) if --out has none yet, trains the small_demo model on the source, runs ST, CBST and CBST-SP
-for three rounds each from that same source model, evaluates every round on the target val
-split and prints one row per method (each method's last round). --methods adds CRST's MRKLD and
-LRENT rows. A rerun with the same --out reuses finished work, so an interrupted demo continues
-where it stopped.
+layout) if --out has none yet, trains the small_demo model (or --model's, from scratch) on the
+source, runs ST, CBST and CBST-SP for three rounds each from that same source model, evaluates
+every round on the target val split and prints one row per method (each method's last round).
+--methods adds CRST's MRKLD and LRENT rows. A rerun with the same --out reuses finished work, so
+an interrupted demo continues where it stopped; a folder keeps its --model (a rerun with another
+one is refused: give another --out).
 
 --seeds 0,1,2 runs it once per training seed (in OUT/seed_N, sharing one rendered benchmark in
 OUT/data) and prints each row's mean ± std over the seeds; OUT/report.html then shows the
@@ -22,7 +23,7 @@ from cbst import options
 from cbst.config import RuntimeSection
 from cbst.errors import CLIError
 from cbst.options import TEXT, ValueType, option
-from cbst.registry import METHODS
+from cbst.registry import ARCHITECTURES, METHODS
 
 
 class Seeds(ValueType):
@@ -77,6 +78,15 @@ class DemoOptions:
         path=True,
     )
     seed: int = option(0, "training seed (the benchmark is fixed)", flags=("--seed", "--seed-int"))
+    model: str = option(
+        "small_demo",
+        "network trained from scratch (no weights are downloaded); the transformers train with "
+        "their family's AdamW recipe (lr 6e-5, weight decay 0.01), at 1.5 (segformer_mit_b0) to "
+        "13 (daformer_mit_b0) times small_demo's FLOPs (docs/models.md); an --out folder keeps "
+        "the model it was started with: a rerun with another --model is refused, so give each "
+        "model its own --out",
+        choices=ARCHITECTURES.names,
+    )
     device: str = RuntimeSection.device()
     methods: str | None = option(
         None,
@@ -104,13 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
     """``--seeds``: the demo per seed, then the mean ± std table."""
-    from cbst.demo import DemoSettings, run_demo_seeds, seeds_table  # torch: only to run
+    from cbst.demo import DemoSettings, run_demo_seeds, seeds_table, settings_for  # torch: only to run
 
     try:
         seeds = list(SEEDS.parse(o.seeds))
     except ValueError as exc:
         raise CLIError(f"--seeds: {exc}") from None
-    settings = DemoSettings(amp=o.amp)
+    settings = settings_for(o.model, DemoSettings(amp=o.amp))
     results = run_demo_seeds(o.output, seeds, device=o.device, settings=settings, methods=methods)
     named = ",".join(map(str, seeds))
     print(
@@ -124,14 +134,20 @@ def _run_seeds(o: DemoOptions, methods: tuple[str, ...]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbst.demo import DEFAULT_METHODS, DemoSettings, parse_methods, run_demo  # torch: only to run
+    from cbst.demo import (  # torch: only to run
+        DEFAULT_METHODS,
+        DemoSettings,
+        parse_methods,
+        run_demo,
+        settings_for,
+    )
     from cbst.provenance import describe
 
     o = options.from_args(OPTIONS, args)
     methods = parse_methods(o.methods) if o.methods else DEFAULT_METHODS
     if o.seeds is not None:
         return _run_seeds(o, methods)
-    settings = DemoSettings(amp=o.amp)
+    settings = settings_for(o.model, DemoSettings(amp=o.amp))
     result = run_demo(o.output, o.seed, device=o.device, settings=settings, methods=methods)
     print()
     print((Path(o.output) / "results.md").read_text(), end="")

@@ -136,6 +136,21 @@ def geometry(model: nn.Module) -> Geometry:
 
 
 @dataclass(frozen=True)
+class TrainingRecipe:
+    """The optimiser settings a family is trained with, under the names of the training options
+    (``--optimizer``, ``--base-lr``, ``--weight-decay``) that a run would set to follow it.
+
+    Only what does not depend on the schedule's length is declared (a warm-up of 1,500
+    iterations suits a 40,000-iteration run, not a short one): ``cbst demo --model`` trains with
+    it, and the family's configs in ``configs/`` carry the same values with their schedules.
+    """
+
+    optimizer: str
+    base_lr: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
 class Conversion:
     """A network filled from an external weights file by :meth:`SegmentationNet.convert`."""
 
@@ -154,6 +169,8 @@ class SegmentationNet(nn.Module):
     training crops rounded up to it; a multiple of ``output_stride``), ``default_freeze_bn``,
     and implement ``forward``, ``encoder_features`` and ``_lr_groups``. ``input_mean``/``input_std``
     are the RGB statistics of the [0, 1]-scaled input that inference and training normalise with.
+    ``training_recipe`` is the family's own optimiser recipe, None where the command-line
+    defaults (SGD, the original codes') are the family's.
 
     ``forward(x)`` returns the logits; ``forward(x, return_features=True)`` returns (logits, the
     encoder's last-stage features), one pass for both, through DistributedDataParallel too (the
@@ -163,6 +180,7 @@ class SegmentationNet(nn.Module):
     output_stride: int
     pad_multiple: int
     default_freeze_bn: bool = False
+    training_recipe: TrainingRecipe | None = None
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
 

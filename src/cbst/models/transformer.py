@@ -17,13 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbst.models.base import IMAGENET_MEAN, IMAGENET_STD, Conversion, SegmentationNet, lr_group
+from cbst.models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Conversion,
+    SegmentationNet,
+    TrainingRecipe,
+    lr_group,
+)
 from cbst.models.layouts import load_weights
 
 DROPOUT = 0.1
 """Dropout (``Dropout2d``) before every decoder's classifier, as in SegFormer and DAFormer."""
 DECODER_LR_MULT = 10.0
 """Learning-rate multiplier of the decoder (DAFormer: ``decode_head`` lr x10)."""
+DAFORMER_RECIPE = TrainingRecipe(optimizer="adamw", base_lr=6e-5, weight_decay=0.01)
+"""DAFormer's optimiser (lhoyer/DAFormer ``configs/_base_/schedules/adamw.py``), the transformer
+families' recipe; ``configs/_base_/transformer_adamw.yaml`` sets the same (a test checks it)."""
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -80,6 +90,7 @@ class TransformerSegNet(SegmentationNet):
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
     default_freeze_bn = False
+    training_recipe = DAFORMER_RECIPE
     no_decay_names: frozenset[str] = frozenset()
     encoder: nn.Module
     decoder: nn.Module
