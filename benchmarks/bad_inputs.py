@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +45,18 @@ class Case:
     cwd: str = "."
 
 
-def cbst(root: Path, argv: tuple[str, ...] | list[str], cwd: str = ".") -> subprocess.CompletedProcess:
-    """Run ``python -m cbst ARGV`` in ``root/cwd`` with this checkout's sources first on the path."""
-    env = dict(
+def child_env() -> dict[str, str]:
+    """This process's environment with this checkout's sources first on the path."""
+    return dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
     )
+
+
+def cbst(root: Path, argv: tuple[str, ...] | list[str], cwd: str = ".") -> subprocess.CompletedProcess:
+    """Run ``python -m cbst ARGV`` in ``root/cwd`` with this checkout's sources first on the path."""
     return subprocess.run(
-        [sys.executable, "-m", "cbst", *argv], cwd=root / cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cbst", *argv], cwd=root / cwd, env=child_env(), capture_output=True, text=True
     )
 
 
@@ -74,6 +79,50 @@ def snapshot(root: Path) -> dict[Path, tuple[int, int, int]]:
 def _identity(path: Path) -> tuple[int, int, int]:
     info = path.stat()
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a replayed command did: its result, its visible stderr lines, the files present
+    before that it replaced, rewrote or removed, and the outputs it must not create but did."""
+
+    done: subprocess.CompletedProcess
+    lines: list[str]
+    changed: list[str]
+    created: list[str]
+
+    @property
+    def traceback(self) -> bool:
+        return "Traceback" in self.done.stderr
+
+    def one_line(self, names: tuple[str, ...], forbid: tuple[str, ...] = ()) -> bool:
+        """Whether stderr is one line naming each of ``names`` and none of ``forbid``."""
+        return (
+            len(self.lines) == 1
+            and all(n in self.lines[0] for n in names)
+            and not any(f in self.done.stderr for f in forbid)
+        )
+
+    def refused(self, names: tuple[str, ...], forbid: tuple[str, ...] = (), status: int = 2) -> bool:
+        """Whether the command failed cleanly: ``status``, one line, no traceback, nothing touched."""
+        return (
+            self.done.returncode == status
+            and self.one_line(names, forbid)
+            and not self.traceback
+            and not self.changed
+            and not self.created
+        )
+
+
+def replay(
+    root: Path, run: Callable[[], subprocess.CompletedProcess], absent: tuple[str, ...] = ()
+) -> Outcome:
+    """Run ``run()`` (a command in ``root``) and see what it did to the files under ``root``."""
+    before = snapshot(root)
+    done = run()
+    changed = [str(p.relative_to(root)) for p, i in before.items() if not p.is_file() or _identity(p) != i]
+    created = [a for a in absent if (root / a).exists()]
+    return Outcome(done, visible_lines(done.stderr), changed, created)
 
 
 def setup(root: Path) -> None:
@@ -130,18 +179,7 @@ def setup(root: Path) -> None:
             "preds",
         ),
         ("convert", "source/last.pt", "--arch", "small", "--num-classes", "19", "--out", "converted.pt"),
-        (
-            "prior",
-            "--dataset",
-            "gta5",
-            "--data-root",
-            "data/gta5",
-            "--size",
-            "32,64",
-            "--no-progress",
-            "--out",
-            "prior.npy",
-        ),
+        (*PRIOR, "--out", "prior.npy"),
         ("self-train", *SELF_TRAIN, "--base-lr", "0.001", "--output", "st"),
     ]
     for argv in steps:
@@ -211,6 +249,7 @@ EVALUATE = (
     "--no-progress",
 )
 CONVERT = ("convert", "source/last.pt", "--arch", "small", "--num-classes", "19")
+PRIOR = ("prior", "--dataset", "gta5", "--data-root", "data/gta5", "--size", "32,64", "--no-progress")
 
 
 def unwritable_target(root: Path) -> str | None:
@@ -419,36 +458,27 @@ def cases(root: Path) -> list[Case]:
 
 def run_case(root: Path, case: Case) -> bool:
     """Run one case, print its line, and say whether it passed."""
-    before = snapshot(root)
-    done = cbst(root, case.argv, case.cwd)
-    lines = visible_lines(done.stderr)
-    traceback = "Traceback" in done.stderr
-    changed = [p for p, identity in before.items() if not p.is_file() or _identity(p) != identity]
-    created = [a for a in case.absent if (root / a).exists()]
+    outcome = replay(root, lambda: cbst(root, case.argv, case.cwd), case.absent)
     yes_no = {True: "yes", False: "no "}
     if case.status == 0:
-        ok = done.returncode == 0 and not traceback
-        checks = f"a recovery, must succeed   traceback: {yes_no[traceback]}"
+        ok = outcome.done.returncode == 0 and not outcome.traceback
+        checks = f"a recovery, must succeed   traceback: {yes_no[outcome.traceback]}"
     else:
-        one_line = (
-            len(lines) == 1
-            and all(n in lines[0] for n in case.names)
-            and not any(f in done.stderr for f in case.forbid)
-        )
-        ok = done.returncode == 2 and one_line and not traceback and not changed and not created
+        ok = outcome.refused(case.names, case.forbid)
         checks = (
-            f"one line naming it: {yes_no[one_line]}  traceback: {yes_no[traceback]}  "
-            f"unchanged: {yes_no[not changed and not created]}"
+            f"one line naming it: {yes_no[outcome.one_line(case.names, case.forbid)]}  "
+            f"traceback: {yes_no[outcome.traceback]}  "
+            f"unchanged: {yes_no[not outcome.changed and not outcome.created]}"
         )
-    print(f"{'ok  ' if ok else 'FAIL'} {case.name:<48} exit {done.returncode}  {checks}", flush=True)
+    print(f"{'ok  ' if ok else 'FAIL'} {case.name:<48} exit {outcome.done.returncode}  {checks}", flush=True)
     if not ok:
-        shown = lines if case.status else lines[-5:]
+        shown = outcome.lines if case.status else outcome.lines[-5:]
         print(
             "       stderr: "
             + " | ".join(shown)[:600]
             + (
-                f"\n       changed: {[str(p.relative_to(root)) for p in changed]} created: {created}"
-                if changed or created
+                f"\n       changed: {outcome.changed} created: {outcome.created}"
+                if outcome.changed or outcome.created
                 else ""
             )
         )
@@ -491,12 +521,17 @@ def main() -> int:
         )
         return 0 if all(results) else 1
     finally:
-        if (root / "read_only").exists():
-            (root / "read_only").chmod(0o755)
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, args.keep)
+
+
+def finish(root: Path, keep: bool) -> None:
+    """Keep the temporary folder ``root`` (saying where) or remove it."""
+    if (root / "read_only").exists():
+        (root / "read_only").chmod(0o755)
+    if keep:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -254,3 +255,77 @@ def test_under_torchrun_a_gpu_number_and_mps_are_refused(monkeypatch):
         with pytest.raises(ValueError, match=f"--device {name}: under torchrun every process uses the GPU"):
             select_device(name)
     assert select_device("cpu") == torch.device("cpu")
+
+
+def _cbst_lines(stderr: str) -> list[str]:
+    """cbst's own lines of a job's stderr (torchrun adds its log and a launcher traceback)."""
+    return [line for line in stderr.splitlines() if re.match(r"cbst [a-z-]+( \(rank \d+/\d+\))?: ", line)]
+
+
+def _rank_of(pid: int) -> tuple[int, str]:
+    """(parent pid, RANK) of a running process, from /proc."""
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    variables = dict(
+        v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v
+    )
+    return parent, variables.get("RANK", "")
+
+
+@pytest.fixture(scope="module")
+def stopped_job(bench, tmp_path_factory) -> dict:
+    """A long 2-process self-train job, a second job on its ``--output`` while it trains, then
+    SIGTERM to the first job's torchrun; returns what each did and what the lock held."""
+    out = tmp_path_factory.mktemp("locked") / "run"
+    args = [*_self_train_args(bench), "--epoch-per-round", "1000", "--output", str(out)]
+    first = subprocess.Popen(
+        _job("self-train", *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300  # two processes importing torch on a busy machine
+    while "0/pseudo" not in _read(out / "state.json") and first.poll() is None:
+        assert time.monotonic() < deadline, "the first job did not reach its training within 300 s"
+        time.sleep(0.1)
+    holder = json.loads((out / "cbst.lock").read_text())
+    seen = {"holder": holder, "holder_is": _rank_of(holder["pid"]), "torchrun": first.pid}
+    seen["second"] = _torchrun("self-train", *args, timeout=300)
+    seen["running_after_second"] = first.poll() is None
+    first.send_signal(signal.SIGTERM)  # as scancel or a preemption would
+    seen["stderr"] = first.communicate(timeout=120)[1]
+    seen["status"], seen["lock_left"] = first.returncode, (out / "cbst.lock").exists()
+    seen["out"] = out
+    return seen
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_a_job_takes_its_lock_once_and_a_second_job_is_refused_in_one_line(stopped_job):
+    holder = stopped_job["holder"]
+    assert stopped_job["holder_is"] == (stopped_job["torchrun"], "0")  # the main process of the job
+    second = stopped_job["second"]
+    assert second.returncode != 0 and stopped_job["running_after_second"]
+    lines = _cbst_lines(second.stderr)
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith("cbst self-train (rank 0/2): error: ")
+    assert f"{stopped_job['out']}: in use by process {holder['pid']} on" in lines[0]
+    assert not stopped_job["lock_left"]  # released when the first job stopped
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_each_rank_with_one_line(stopped_job):
+    lines = _cbst_lines(stopped_job["stderr"])
+    assert sorted(line.split(":")[0] for line in lines) == [
+        "cbst self-train (rank 0/2)",
+        "cbst self-train (rank 1/2)",
+    ], stopped_job["stderr"]
+    for line in lines:
+        assert (
+            "stopped by SIGTERM; finished stages are kept; rerun the torchrun job with the command cbst self-train"
+            in line
+        )
+        assert line.endswith(" --resume")
+    assert stopped_job["status"] == 1, stopped_job["stderr"]  # torchrun's own status after a signal

@@ -34,14 +34,6 @@ from cbst.probability_cache import ProbabilityCache
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
-    for name in names:
-        assert name in err, (name, err)
-    return err
-
-
 def _env() -> dict[str, str]:
     return dict(
         os.environ,
@@ -126,30 +118,16 @@ def test_of_processes_racing_for_a_lock_exactly_one_wins(tmp_path):
     assert not (tmp_path / "run" / "cbst.lock").exists()  # released at exit
 
 
-def test_self_train_refuses_a_folder_a_live_run_holds(bench, tmp_path, capsys):
+def test_self_train_refuses_a_folder_a_live_run_holds(self_train_argv, tmp_path, one_line_error):
     out = tmp_path / "run"
     out.mkdir()
     sleeper = _sleeper()
     try:
         (out / "cbst.lock").write_text(_lock_of(sleeper.pid))
-        argv = [
-            "self-train",
-            "--weights",
-            str(bench / "source.pt"),
-            "--data-root",
-            str(bench / "data" / "gta5"),
-        ]
-        argv += [
-            "--data-root-tgt",
-            str(bench / "data" / "cityscapes"),
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-        ]
+        argv = [*self_train_argv, "--device", "cpu", "--output", str(out)]
         for extra in ([], ["--resume"]):
             assert main(argv + extra) == 2
-            _one_line_error(capsys, str(out), f"in use by process {sleeper.pid}")
+            one_line_error(str(out), f"in use by process {sleeper.pid}")
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -241,31 +219,26 @@ def test_run_folders_hold_one_kind_of_run(runs, tmp_path):
     io.check_run_folder(tmp_path / "empty", "self-train")  # a lock alone is not a run
 
 
-def _cli_refuses(capsys, argv: list[str], path: Path, *names: str) -> None:
+def _cli_refuses(one_line_error, argv: list[str], path: Path, *names: str) -> None:
     before = path.read_bytes()
     assert main(argv) == 2
-    _one_line_error(capsys, str(path), *names)
+    one_line_error(str(path), *names)
     assert path.read_bytes() == before
 
 
-def test_every_command_that_writes_a_file_follows_the_rule(bench, runs, capsys):
-    evaluate = [
-        "evaluate",
-        "--data-root",
-        str(bench / "data" / "cityscapes"),
-        "--checkpoint",
-        str(bench / "source.pt"),
-    ]
-    evaluate += ["--device", "cpu", "--no-progress", "--num-workers", "0"]
+def test_every_command_that_writes_a_file_follows_the_rule(bench, evaluate_argv, runs, one_line_error):
+    evaluate = evaluate_argv
     convert = ["convert", str(bench / "source.pt"), "--arch", "small", "--num-classes", "19"]
     prior = ["prior", "--dataset", "gta5", "--data-root", str(bench / "data" / "gta5"), "--no-progress"]
     report = ["report", str(runs["st"]), "--images", "0"]
     for command in (evaluate, convert, prior, report):
-        _cli_refuses(capsys, [*command, "--out", str(runs["other"])], runs["other"], "--overwrite")
+        _cli_refuses(one_line_error, [*command, "--out", str(runs["other"])], runs["other"], "--overwrite")
         for target in (runs["st"] / "config.yaml", runs["src"] / "last.pt"):
-            _cli_refuses(capsys, [*command, "--out", str(target), "--overwrite"], target, "never replaced")
+            _cli_refuses(
+                one_line_error, [*command, "--out", str(target), "--overwrite"], target, "never replaced"
+            )
     argv = [*report, "--source-metrics", str(runs["other"]), "--out", str(runs["other"]), "--overwrite"]
-    _cli_refuses(capsys, argv, runs["other"], "input")
+    _cli_refuses(one_line_error, argv, runs["other"], "input")
 
 
 def test_make_synthetic_refuses_a_run_folder(runs, capsys):
@@ -278,32 +251,15 @@ def test_make_synthetic_refuses_a_run_folder(runs, capsys):
     assert (runs["st"] / "config.yaml").read_bytes() == before
 
 
-def test_self_train_output_of_another_kind_is_refused(bench, runs, capsys):
+def test_self_train_output_of_another_kind_is_refused(
+    self_train_argv, train_source_argv, runs, one_line_error
+):
     before = (runs["src"] / "config.yaml").read_bytes()
-    argv = ["self-train", "--weights", str(bench / "source.pt"), "--data-root", str(bench / "data" / "gta5")]
-    argv += [
-        "--data-root-tgt",
-        str(bench / "data" / "cityscapes"),
-        "--device",
-        "cpu",
-        "--output",
-        str(runs["src"]),
-    ]
-    assert main(argv) == 2
-    _one_line_error(capsys, str(runs["src"]), "train-source run")
+    assert main([*self_train_argv, "--device", "cpu", "--output", str(runs["src"])]) == 2
+    one_line_error(str(runs["src"]), "train-source run")
     assert (runs["src"] / "config.yaml").read_bytes() == before
-    argv = [
-        "train-source",
-        "--dataset",
-        "gta5",
-        "--data-root",
-        str(bench / "data" / "gta5"),
-        "--model",
-        "small",
-    ]
-    argv += ["--device", "cpu", "--output", str(runs["st"])]
-    assert main(argv) == 2
-    _one_line_error(capsys, str(runs["st"]), "self-train run")
+    assert main([*train_source_argv, "--device", "cpu", "--output", str(runs["st"])]) == 2
+    one_line_error(str(runs["st"]), "self-train run")
 
 
 # --------------------------------------------------------------------------------- resumes
@@ -522,6 +478,7 @@ def test_crop_and_batch_sizes_are_checked_before_the_first_stage(bench, tmp_path
     for options, flag in (
         ({"crop_size": 100000}, "--crop-size"),
         ({"pseudo_batch": 10**6}, "--pseudo-batch"),
+        ({"num_round": 10**9}, "--num-round"),  # a plan a round, made before any work
     ):
         with pytest.raises(ConfigError, match=flag):
             selftrain.SelfTrainConfig(**base, **options).validate()
@@ -562,7 +519,7 @@ def test_full_disk_during_torch_save_is_named(tmp_path, monkeypatch):
     assert list((tmp_path / "round_0").iterdir()) == []
 
 
-def test_full_disk_through_the_cli_is_one_line(bench, tmp_path, monkeypatch, capsys):
+def test_full_disk_through_the_cli_is_one_line(evaluate_argv, tmp_path, monkeypatch, one_line_error):
     real = Path.write_text
 
     def full_for_json(self, *args, **kwargs):
@@ -572,15 +529,8 @@ def test_full_disk_through_the_cli_is_one_line(bench, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(Path, "write_text", full_for_json)
     out = tmp_path / "m.json"
-    argv = [
-        "evaluate",
-        "--data-root",
-        str(bench / "data" / "cityscapes"),
-        "--checkpoint",
-        str(bench / "source.pt"),
-    ]
-    assert main([*argv, "--device", "cpu", "--no-progress", "--num-workers", "0", "--out", str(out)]) == 2
-    _one_line_error(capsys, str(out), "no space left on the device")
+    assert main([*evaluate_argv, "--out", str(out)]) == 2
+    one_line_error(str(out), "no space left on the device")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -604,6 +554,13 @@ def test_sigterm_becomes_a_stop_with_the_resume_command(capsys):
     assert signals.report_stop("cbst evaluate", ["evaluate"], KeyboardInterrupt()) == 130
     worker = RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated. ")
     assert signals.stop_signal(worker) == signal.SIGTERM and signals.stop_signal(RuntimeError("x")) is None
+    try:
+        try:
+            raise signals.Stopped(signal.SIGTERM)
+        finally:  # a collective operation while the stop unwinds; the peer has gone
+            raise RuntimeError("Connection closed by peer")
+    except RuntimeError as exc:
+        assert signals.stop_signal(exc) == signal.SIGTERM
 
 
 def test_a_stop_that_python_drops_is_delivered_again():
@@ -623,6 +580,15 @@ def test_a_stop_that_python_drops_is_delivered_again():
         sys.unraisablehook = sys.__unraisablehook__
 
 
+def test_a_loader_worker_keeps_quiet_when_the_main_process_is_gone(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    signals.quiet_worker(0)
+    for error in (ConnectionResetError(104, "Connection reset by peer"), EOFError(), KeyError("a bug")):
+        sys.excepthook(type(error), error, None)  # what multiprocessing's resource sharer calls
+    err = capsys.readouterr().err
+    assert "KeyError" in err and "Connection" not in err and "EOFError" not in err
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -635,18 +601,9 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_a_training_run_and_its_workers(bench, tmp_path):
+def test_sigterm_stops_a_training_run_and_its_workers(train_source_argv, tmp_path):
     out = tmp_path / "run"
-    argv = [
-        "train-source",
-        "--dataset",
-        "gta5",
-        "--data-root",
-        str(bench / "data" / "gta5"),
-        "--model",
-        "small",
-    ]
-    argv += [
+    argv = train_source_argv + [
         "--batch-images",
         "2",
         "--crop-size",

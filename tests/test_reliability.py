@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,62 +27,37 @@ from cbst.models import build_model
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.sourcetrain import SourceTrainConfig, train_source
 
-
-def _one_line_error(capsys, *names: str) -> str:
-    """The captured stderr, checked to be one error line naming each of ``names``."""
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
-    for name in names:
-        assert name in err, (name, err)
-    return err
-
-
 # ----------------------------------------------------------------------- output destinations
 
 
-def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path, capsys):
+def test_outputs_of_the_wrong_kind_are_refused_before_any_work(tmp_path, one_line_error):
     folder, file = tmp_path / "folder", tmp_path / "file.pt"
     folder.mkdir()
     file.write_bytes(b"not read")
     evaluate = ["evaluate", "--data-root", str(tmp_path / "nowhere"), "--checkpoint", str(file)]
     assert main(evaluate + ["--out", str(folder)]) == 2
-    _one_line_error(capsys, str(folder), "is a folder", "--out")
+    one_line_error(str(folder), "is a folder", "--out")
     assert main(evaluate + ["--output", str(file)]) == 2
-    _one_line_error(capsys, str(file), "is a file", "--output")
+    one_line_error(str(file), "is a file", "--output")
     assert main(evaluate + ["--out", str(file / "m.json")]) == 2
-    _one_line_error(capsys, str(file / "m.json"), "is a file, not a folder")
+    one_line_error(str(file / "m.json"), "is a file, not a folder")
     assert main(["convert", str(file), "--arch", "small", "--num-classes", "19", "--out", str(folder)]) == 2
-    _one_line_error(capsys, str(folder), "is a folder")
+    one_line_error(str(folder), "is a folder")
     assert (
         main(["prior", "--dataset", "gta5", "--data-root", str(tmp_path / "nowhere"), "--out", str(folder)])
         == 2
     )
-    _one_line_error(capsys, str(folder), "is a folder")
+    one_line_error(str(folder), "is a folder")
 
 
-def test_self_train_output_that_is_a_file_is_one_line(bench, tmp_path, capsys):
+def test_self_train_output_that_is_a_file_is_one_line(self_train_argv, tmp_path, one_line_error):
     file = tmp_path / "run"
     file.write_text("")
-    assert (
-        main(
-            [
-                "self-train",
-                "--data-root",
-                str(bench / "data" / "gta5"),
-                "--data-root-tgt",
-                str(bench / "data" / "cityscapes"),
-                "--weights",
-                str(bench / "source.pt"),
-                "--output",
-                str(file),
-            ]
-        )
-        == 2
-    )
-    _one_line_error(capsys, str(file), "--output needs a folder")
+    assert main([*self_train_argv, "--output", str(file)]) == 2
+    one_line_error(str(file), "--output needs a folder")
 
 
-def test_unwritable_output_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+def test_unwritable_output_is_named_before_any_work(tmp_path, one_line_error, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
@@ -90,10 +66,10 @@ def test_unwritable_output_is_named_before_any_work(tmp_path, capsys, monkeypatc
     file.write_bytes(b"not read")
     out = tmp_path / "out.pt"
     assert main(["convert", str(file), "--arch", "small", "--num-classes", "19", "--out", str(out)]) == 2
-    _one_line_error(capsys, str(out), "cannot be written", "Permission denied")
+    one_line_error(str(out), "cannot be written", "Permission denied")
 
 
-def test_os_errors_during_a_write_name_the_destination(tmp_path, capsys, monkeypatch):
+def test_os_errors_during_a_write_name_the_destination(tmp_path, one_line_error, monkeypatch):
     from cbst.commands import make_synthetic as command
 
     def fail(*args, **kwargs):
@@ -102,28 +78,15 @@ def test_os_errors_during_a_write_name_the_destination(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(command, "run", fail)
     assert main(["make-synthetic", str(tmp_path / "out")]) == 2
-    _one_line_error(capsys, str(tmp_path / "f"), "is a file where a folder is expected")
+    one_line_error(str(tmp_path / "f"), "is a file where a folder is expected")
 
 
-def test_existing_outputs_are_kept_unless_overwrite(bench, tmp_path, capsys):
+def test_existing_outputs_are_kept_unless_overwrite(bench, evaluate_argv, tmp_path, one_line_error):
     out = tmp_path / "metrics.json"
     out.write_text("keep me")
-    base = [
-        "evaluate",
-        "--data-root",
-        str(bench / "data" / "cityscapes"),
-        "--checkpoint",
-        str(bench / "source.pt"),
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--num-workers",
-        "0",
-        "--out",
-        str(out),
-    ]
+    base = [*evaluate_argv, "--out", str(out)]
     assert main(base) == 2
-    _one_line_error(capsys, str(out), "--overwrite")
+    one_line_error(str(out), "--overwrite")
     assert out.read_text() == "keep me"
     assert main(base + ["--overwrite"]) == 0
     assert json.loads(out.read_text())["images"] == 2
@@ -137,7 +100,7 @@ def test_existing_outputs_are_kept_unless_overwrite(bench, tmp_path, capsys):
             )
             == 2
         )
-        _one_line_error(capsys, str(source), "input")
+        one_line_error(str(source), "input")
     assert source.read_bytes() == before
 
 
@@ -165,7 +128,7 @@ def test_atomic_writes_end_with_the_umask_mode(tmp_path, umask):
 # ------------------------------------------------------------------------------ bad content
 
 
-def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
+def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, one_line_error):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match=f"{junk}: not a text list file"):
@@ -173,7 +136,7 @@ def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
     assert (
         main(["evaluate", "--data-root", str(bench / "data" / "cityscapes"), "--checkpoint", str(junk)]) == 2
     )
-    err = _one_line_error(capsys, str(junk), "not a readable PyTorch checkpoint")
+    err = one_line_error(str(junk), "not a readable PyTorch checkpoint")
     assert "weights_only" not in err
     assert (
         main(
@@ -190,11 +153,11 @@ def test_binary_list_file_and_random_weights_are_named(bench, tmp_path, capsys):
         )
         == 2
     )
-    err = _one_line_error(capsys, "junk.pth", "not a readable PyTorch weights file")
+    err = one_line_error("junk.pth", "not a readable PyTorch weights file")
     assert "weights_only" not in err
 
 
-def test_pickled_model_is_refused_without_torch_advice(tmp_path, capsys):
+def test_pickled_model_is_refused_without_torch_advice(tmp_path, one_line_error):
     path = tmp_path / "model.pth"
     torch.save(torch.nn.Linear(2, 2), path)
     assert (
@@ -203,7 +166,7 @@ def test_pickled_model_is_refused_without_torch_advice(tmp_path, capsys):
         )
         == 2
     )
-    err = _one_line_error(capsys, str(path), "pickled Python objects")
+    err = one_line_error(str(path), "pickled Python objects")
     assert "weights_only" not in err
 
 
@@ -239,25 +202,6 @@ def test_convert_warns_about_stored_gammas(capsys):
 # ------------------------------------------------------------------- validation and resume
 
 
-def _config(bench, output, **kw) -> SelfTrainConfig:
-    base = dict(
-        weights=str(bench / "source.pt"),
-        output=str(output),
-        data_root=str(bench / "data" / "gta5"),
-        data_root_tgt=str(bench / "data" / "cityscapes"),
-        num_round=2,
-        epoch_per_round=1,
-        batch_images=2,
-        crop_size=32,
-        device="cpu",
-        progress=False,
-        base_lr=0.01,
-        init_src_port=0.5,
-    )
-    base.update(kw)
-    return SelfTrainConfig(**base)
-
-
 @pytest.mark.parametrize(
     "options, flag",
     [
@@ -272,9 +216,11 @@ def _config(bench, output, **kw) -> SelfTrainConfig:
         ({"batch_images": 9}, "--batch-images"),
     ],
 )
-def test_self_train_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
+def test_self_train_options_are_checked_before_anything_is_written(
+    self_train_config, tmp_path, options, flag
+):
     with pytest.raises(ConfigError, match=flag):
-        self_train(_config(bench, tmp_path / "run", **options))
+        self_train(self_train_config(tmp_path / "run", **options))
     assert not (tmp_path / "run").exists()
 
 
@@ -289,37 +235,31 @@ def test_self_train_options_are_checked_before_anything_is_written(bench, tmp_pa
         ({"weight_decay": -1.0}, "--weight-decay"),
     ],
 )
-def test_source_options_are_checked_before_anything_is_written(bench, tmp_path, options, flag):
-    base = dict(
-        dataset="gta5",
-        data_root=str(bench / "data" / "gta5"),
-        output=str(tmp_path / "run"),
-        model="small",
-        batch_images=2,
-        crop_size=32,
-        to_epoch=1,
-        device="cpu",
-        num_workers=0,
-    )
-    config = SourceTrainConfig(**{**base, **options})
+def test_source_options_are_checked_before_anything_is_written(source_train_config, tmp_path, options, flag):
+    config = source_train_config(tmp_path / "run", **options)
     with pytest.raises(ConfigError, match=flag):
         train_source(config)
     assert not (tmp_path / "run").exists()
 
 
-def _started_run(bench, out: Path, finished: list[str], **kw) -> SelfTrainConfig:
-    """A run folder as a run that finished ``finished`` leaves it (config.yaml and state.json)."""
-    cfg = _config(bench, out, **kw)
+def _started_run(
+    make: Callable[..., SelfTrainConfig], out: Path, finished: list[str], **kw
+) -> SelfTrainConfig:
+    """A run folder as a run that finished ``finished`` leaves it (config.yaml and state.json);
+    ``make`` is the ``self_train_config`` fixture."""
+    cfg = make(out, **kw)
     selftrain._write_config(out, cfg)
     (out / "state.json").write_text(json.dumps({"finished": finished}))
     return cfg
 
 
-def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(bench, tmp_path, monkeypatch):
+def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(
+    bench, self_train_config, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     rel = Path(os.path.relpath(bench, tmp_path))
     cfg = dataclasses.replace(
-        _started_run(bench, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
+        _started_run(self_train_config, tmp_path / "runs" / "a", ["0/pseudo", "0/train"]),
         weights=str(rel / "source.pt"),
         data_root=f"./{rel}/data/gta5/",
         data_root_tgt=str(rel / "data" / "cityscapes"),
@@ -339,16 +279,16 @@ def test_resume_accepts_the_same_paths_written_differently_and_a_moved_run(bench
         )
     )
     (tmp_path / "runs" / "a").rename(tmp_path / "moved")
-    selftrain._prepare_output(_config(bench, tmp_path / "moved", resume=True))
+    selftrain._prepare_output(self_train_config(tmp_path / "moved", resume=True))
     with pytest.raises(ConfigError, match="--weights"):
         selftrain._prepare_output(
-            _config(bench, tmp_path / "moved", resume=True, weights=str(tmp_path / "other.pt"))
+            self_train_config(tmp_path / "moved", resume=True, weights=str(tmp_path / "other.pt"))
         )
 
 
-def test_a_failed_stage_can_be_resumed_with_a_corrected_option(bench, tmp_path):
+def test_a_failed_stage_can_be_resumed_with_a_corrected_option(self_train_config, tmp_path):
     out = tmp_path / "run"
-    cfg = _started_run(bench, out, ["0/pseudo"], base_lr=1e6)
+    cfg = _started_run(self_train_config, out, ["0/pseudo"], base_lr=1e6)
     fixed = dataclasses.replace(cfg, base_lr=0.01, resume=True)
     selftrain._prepare_output(fixed)  # round 0's training never finished: a new lr is fine
     with pytest.raises(ConfigError, match="init-tgt-port"):
@@ -361,15 +301,11 @@ def test_a_failed_stage_can_be_resumed_with_a_corrected_option(bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(bench, tmp_path, capsys):
+def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(
+    self_train_argv, tmp_path, one_line_error
+):
     argv = [
-        "self-train",
-        "--data-root",
-        str(bench / "data" / "gta5"),
-        "--data-root-tgt",
-        str(bench / "data" / "cityscapes"),
-        "--weights",
-        str(bench / "source.pt"),
+        *self_train_argv,
         "--output",
         str(tmp_path / "run"),
         "--num-round",
@@ -387,7 +323,7 @@ def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(b
         "none",
     ]
     assert main(argv + ["--base-lr", "1e30"]) == 2
-    _one_line_error(capsys, "non-finite", "epoch 1")
+    one_line_error("non-finite", "epoch 1")
     assert json.loads((tmp_path / "run" / "state.json").read_text())["finished"] == ["0/pseudo"]
     assert main(argv + ["--base-lr", "1e-3", "--resume"]) == 0
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
@@ -395,22 +331,11 @@ def test_diverging_self_training_stops_in_one_line_and_resumes_with_a_lower_lr(b
 
 
 @pytest.mark.slow
-def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(bench, tmp_path, monkeypatch):
+def test_train_source_resume_refuses_a_changed_lr_and_keeps_the_config(
+    bench, source_train_config, tmp_path, monkeypatch
+):
     def config(**kw) -> SourceTrainConfig:
-        base = dict(
-            dataset="gta5",
-            data_root=str(bench / "data" / "gta5"),
-            output=str(tmp_path / "run"),
-            model="small",
-            batch_images=2,
-            crop_size=32,
-            base_lr=0.01,
-            to_epoch=1,
-            device="cpu",
-            num_workers=0,
-            resume=True,
-        )
-        return SourceTrainConfig(**{**base, **kw})
+        return source_train_config(tmp_path / "run", **{"base_lr": 0.01, "resume": True, **kw})
 
     train_source(config())
     with pytest.raises(ConfigError, match=r"1 finished epochs .*--base-lr 0.01"):

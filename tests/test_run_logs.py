@@ -7,26 +7,7 @@ import json
 import pytest
 
 from cbst.report.runs import load_run
-from cbst.selftrain import SelfTrainConfig, self_train
-
-
-def _config(bench, output, **kw) -> SelfTrainConfig:
-    base = dict(
-        weights=str(bench / "source.pt"),
-        output=str(output),
-        data_root=str(bench / "data" / "gta5"),
-        data_root_tgt=str(bench / "data" / "cityscapes"),
-        num_round=2,
-        epoch_per_round=1,
-        init_src_port=0.5,
-        batch_images=2,
-        crop_size=32,
-        device="cpu",
-        progress=False,
-        base_lr=0.01,
-    )
-    base.update(kw)
-    return SelfTrainConfig(**base)
+from cbst.selftrain import self_train
 
 
 def _tensorboard_losses(folder) -> dict[str, list[float]]:
@@ -42,9 +23,9 @@ def _tensorboard_losses(folder) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow
-def test_a_quiet_run_prints_logs_and_records_its_source_baseline(bench, tmp_path, capsys):
+def test_a_quiet_run_prints_logs_and_records_its_source_baseline(self_train_config, tmp_path, capsys):
     out = tmp_path / "run"
-    results = self_train(_config(bench, out, tensorboard=True))
+    results = self_train(self_train_config(out, tensorboard=True))
     printed = capsys.readouterr().out.splitlines()
     lines = [line for line in printed if "mIoU" in line]
     assert [line.split(":")[0] for line in lines] == ["source model", "round 0", "round 1"]
@@ -82,29 +63,29 @@ def test_a_quiet_run_prints_logs_and_records_its_source_baseline(bench, tmp_path
         assert losses[f"round_{record['round']}/train/loss"] == pytest.approx([s[1] for s in record["steps"]])
 
 
-def test_progress_bars_name_the_round_and_a_finished_run_says_so(bench, tmp_path, capsys):
+def test_progress_bars_name_the_round_and_a_finished_run_says_so(self_train_config, tmp_path, capsys):
     out = tmp_path / "run"
-    self_train(_config(bench, out, num_round=1, progress=True, source_eval=False))
+    self_train(self_train_config(out, num_round=1, progress=True, source_eval=False))
     bars = capsys.readouterr().err
     for name in ("round 1/1 · pseudo-labels", "round 1/1 · train epoch 1/1", "round 1/1 · evaluate"):
         assert name in bars
     with pytest.raises(ValueError, match="finished; use --num-round N with --resume to add rounds"):
-        self_train(_config(bench, out, num_round=1))
+        self_train(self_train_config(out, num_round=1))
     assert not (out / "source_metrics.json").exists()  # --no-source-eval
 
 
-def test_the_source_stage_resumes_only_with_the_same_weights(bench, tmp_path):
+def test_the_source_stage_resumes_only_with_the_same_weights(bench, self_train_config, tmp_path):
     from cbst import selftrain
 
     out = tmp_path / "run"
-    cfg = _config(bench, out, num_round=1, resume=True)
+    cfg = self_train_config(out, num_round=1, resume=True)
     selftrain._prepare_output(cfg)
     selftrain._write_config(out, cfg)
     (out / "state.json").write_text(json.dumps({"finished": ["source/eval"]}))
     other = tmp_path / "other.pt"
     other.write_bytes((bench / "source.pt").read_bytes())
     with pytest.raises(ValueError, match="source model's evaluation.*--weights"):
-        selftrain._prepare_output(_config(bench, out, num_round=1, resume=True, weights=str(other)))
+        selftrain._prepare_output(self_train_config(out, num_round=1, resume=True, weights=str(other)))
 
 
 def test_a_user_logger_registers_and_receives_steps_and_records(tmp_path, monkeypatch):

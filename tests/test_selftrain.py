@@ -17,29 +17,8 @@ from cbst.io import read_label
 from cbst.labels import CITYSCAPES_19
 from cbst.models import build_model
 from cbst.pseudo_labels import pseudo_label_pass
-from cbst.selftrain import SelfTrainConfig, self_train
+from cbst.selftrain import self_train
 from cbst.thresholds import ThresholdEstimator, assign_pseudo_labels
-
-
-def _config(bench, output, **kw) -> SelfTrainConfig:
-    base = dict(
-        weights=str(bench / "source.pt"),
-        output=str(output),
-        data_root=str(bench / "data" / "gta5"),
-        data_root_tgt=str(bench / "data" / "cityscapes"),
-        num_round=2,
-        epoch_per_round=1,
-        init_tgt_port=0.3,
-        init_src_port=0.5,
-        batch_images=2,
-        crop_size=32,
-        mine_port=0.8,
-        device="cpu",
-        progress=False,
-        base_lr=0.01,
-    )
-    base.update(kw)
-    return SelfTrainConfig(**base)
 
 
 def test_pseudo_label_pass_writes_the_labels_of_the_direct_rule(bench, tmp_path):
@@ -69,8 +48,9 @@ def test_pseudo_label_pass_writes_the_labels_of_the_direct_rule(bench, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path, monkeypatch):
-    straight = self_train(_config(bench, tmp_path / "straight", source_eval=False))
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(self_train_config, tmp_path, monkeypatch):
+    mining = {"mine_port": 0.8, "source_eval": False}  # many rare-class crops: their draws resume too
+    straight = self_train(self_train_config(tmp_path / "straight", **mining))
     assert set(straight) == {0, 1}
 
     real_train = selftrain._train_round
@@ -82,12 +62,12 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path
 
     monkeypatch.setattr(selftrain, "_train_round", killed_in_round_1)
     with pytest.raises(KeyboardInterrupt):
-        self_train(_config(bench, tmp_path / "killed", source_eval=False))
+        self_train(self_train_config(tmp_path / "killed", **mining))
     finished = json.loads((tmp_path / "killed" / "state.json").read_text())["finished"]
     assert finished == ["0/pseudo", "0/train", "0/eval", "1/pseudo"]
 
     monkeypatch.setattr(selftrain, "_train_round", real_train)
-    resumed = self_train(_config(bench, tmp_path / "killed", resume=True, source_eval=False))
+    resumed = self_train(self_train_config(tmp_path / "killed", resume=True, **mining))
     a = torch.load(tmp_path / "straight" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
@@ -95,13 +75,13 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(bench, tmp_path
     assert resumed[1]["miou"] == straight[1]["miou"]
 
 
-def test_started_run_needs_resume_and_same_config(bench, tmp_path):
+def test_started_run_needs_resume_and_same_config(self_train_config, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "state.json").write_text(json.dumps({"finished": ["0/pseudo"]}))
     with pytest.raises(ValueError, match="--resume"):
-        self_train(_config(bench, out))
-    cfg = _config(bench, out, resume=True)
+        self_train(self_train_config(out))
+    cfg = self_train_config(out, resume=True)
     with pytest.raises(ValueError, match="config.yaml: missing"):  # a resume never runs without it
         selftrain._prepare_output(cfg)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.saved_form()))
@@ -111,11 +91,11 @@ def test_started_run_needs_resume_and_same_config(bench, tmp_path):
         selftrain._prepare_output(dataclasses.replace(cfg, init_tgt_port=0.5))
 
 
-def test_bad_options_fail_before_any_work(bench, tmp_path):
+def test_bad_options_fail_before_any_work(self_train_config, tmp_path):
     with pytest.raises(ValueError, match="kc-policy"):
-        self_train(_config(bench, tmp_path / "a", kc_policy="class"))
+        self_train(self_train_config(tmp_path / "a", kc_policy="class"))
     with pytest.raises(FileNotFoundError, match="nope.npy"):
-        self_train(_config(bench, tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))
+        self_train(self_train_config(tmp_path / "b", with_prior=str(tmp_path / "nope.npy")))
     assert not (tmp_path / "a").exists()
 
 
@@ -132,7 +112,7 @@ def test_rounds_load_their_weights_into_one_model(bench, tmp_path):
         selftrain._RoundModel(torch.device("cpu"), "synthia16", False).load(other)
 
 
-def test_compiled_self_training_saves_plain_checkpoints(bench, tmp_path, monkeypatch):
+def test_compiled_self_training_saves_plain_checkpoints(self_train_config, tmp_path, monkeypatch):
     """Every round runs one wrapper; checkpoints hold the plain module's keys."""
     compiled, compile_for_real = [], torch.compile
 
@@ -141,7 +121,7 @@ def test_compiled_self_training_saves_plain_checkpoints(bench, tmp_path, monkeyp
         return compile_for_real(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", compile_traced)
-    results = self_train(_config(bench, tmp_path / "run", num_round=2, compile=True))
+    results = self_train(self_train_config(tmp_path / "run", num_round=2, compile=True))
     assert sorted(results) == [0, 1] and len(compiled) == 1
     state = torch.load(tmp_path / "run" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     assert not any(key.startswith("_orig_mod") for key in state)

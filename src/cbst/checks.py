@@ -74,6 +74,8 @@ MAX_CROP_SIZE = 8192
 """Largest training crop side: four times a Cityscapes frame's long side."""
 MAX_BATCH = 4096
 """Largest batch of images (training or pseudo-labelling) any option may ask for."""
+MAX_ROUNDS = 1000
+"""Most self-training rounds a run may plan (CBST runs 2 to 12)."""
 
 
 def _memory_limit() -> int:

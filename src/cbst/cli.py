@@ -341,7 +341,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return status
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cbst.signals)
         return signals.report_stop(prefix, argv, exc)
+    except distributed.FailedOnMain:  # the main process has printed why
+        return 2
     except distributed.COMMUNICATION_ERRORS as exc:
+        if signals.stop_signal(exc) is not None:  # raised while a stop unwound: a peer went first
+            return signals.report_stop(prefix, argv, exc)
         detail = _one_line(str(exc))
         print(
             f"{prefix}: stopped: the job's communication failed, mostly because another process stopped ({detail})",

@@ -52,9 +52,9 @@ class Names(ValueType):
     metavar = "NAME[,NAME...]"
 
     def parse(self, value: Any) -> tuple[str, ...]:
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        if isinstance(value, bool) or not all(isinstance(v, str) for v in items):
-            raise ValueError(f"expected comma-separated names, got {value!r}")
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"expected comma-separated names, got {options.shown(value)}")
         return tuple(name.strip() for name in items if name.strip())
 
     def show(self, value: Any) -> str:
@@ -736,6 +736,8 @@ class SelfTrainConfig:
         """
         options.check_choices(self)
         options.check_ranges(self)
+        if self.num_round > checks.MAX_ROUNDS:  # every round's plan is made before any work
+            raise ConfigError(f"--num-round must be at most {checks.MAX_ROUNDS}, got {self.num_round}")
         if self.mode == "rounds" and "rounds" not in SELECTION_POLICIES.meta(self.kc_policy).get(
             "modes", MODES
         ):

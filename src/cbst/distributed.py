@@ -113,6 +113,34 @@ def write_once(write: Callable[..., object], *args: Any, **kwargs: Any) -> None:
     barrier()
 
 
+class FailedOnMain(Exception):
+    """Raised in the other processes of a job when a check that the main process alone runs
+    (:func:`checked_on_main`) failed there: the main process reports it, the others exit 2."""
+
+
+def checked_on_main(check: Callable[[], object]) -> None:
+    """Run ``check`` (which raises to refuse) on the main process only, then tell every process.
+
+    For what the main process alone owns, the run's lock: read by every process, the lock the
+    main one has just taken would stop the others, and a refusal would be printed once a process.
+    """
+    if world_size() == 1:
+        check()
+        return
+    failure: Exception | None = None
+    if is_main():
+        try:
+            check()
+        except Exception as exc:  # noqa: BLE001 - raised again below, once every process knows
+            failure = exc
+    failed = torch.tensor([int(failure is not None)])
+    dist.broadcast(failed, src=0)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise FailedOnMain()
+
+
 def shard(count: int) -> list[int]:
     """This process's share of ``count`` items: every ``world_size``-th index from its rank."""
     return list(range(rank(), count, world_size()))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cbst import signals
 from cbst.device import autocast, prefers_channels_last
 from cbst.io import DataError
 from cbst.models.base import (
@@ -78,7 +79,12 @@ def loaded_items(dataset: Any, num_workers: int = 0) -> Iterator[Any]:
     file, not wrapped in the loader's multi-line report.
     """
     loader = torch.utils.data.DataLoader(
-        _Guarded(dataset), batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity
+        _Guarded(dataset),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        worker_init_fn=signals.quiet_worker,
     )
     for item in loader:
         if isinstance(item, _Failure):

@@ -49,7 +49,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cbst import checks, distributed, io, options
+from cbst import checks, distributed, io, options, signals
 from cbst.classmix import classmix, strong_augment
 from cbst.device import autocast, configure_backends, select_device
 from cbst.errors import ConfigError, DataError, MissingInputError
@@ -676,6 +676,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None,
+        worker_init_fn=signals.quiet_worker,
     )
     counters = _Counters(cfg.num_classes, device, feature_distance is not None)
     is_main = distributed.is_main()

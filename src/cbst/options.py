@@ -25,6 +25,7 @@ import difflib
 import math
 import numbers
 import re
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -40,6 +41,29 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "fraction": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
 }
 """The ranges an option may declare: a name -> (test, the message's verb phrase)."""
+
+
+class _Shortened(reprlib.Repr):
+    """``repr`` cut short at every level; integers too long for ``repr`` are described."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 2, 40, 40
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 64:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORTENED = _Shortened()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters, for messages that quote a value read from
+    a file: YAML aliases can make a small file's value gigabytes long when written out."""
+    return _SHORTENED.repr(value)
 
 
 class ValueType:
@@ -63,7 +87,7 @@ class Text(ValueType):
     def parse(self, value: Any) -> str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"expected a string, got {value!r}")
+        raise ValueError(f"expected a string, got {shown(value)}")
 
 
 class Integer(ValueType):
@@ -71,7 +95,7 @@ class Integer(ValueType):
 
     def parse(self, value: Any) -> int:
         if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {shown(value)}")
         if isinstance(value, numbers.Integral):
             return int(value)
         if isinstance(value, str):
@@ -79,7 +103,7 @@ class Integer(ValueType):
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {shown(value)}")
 
 
 class Number(ValueType):
@@ -87,7 +111,7 @@ class Number(ValueType):
 
     def parse(self, value: Any) -> float:
         if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {shown(value)}")
         if isinstance(value, numbers.Real):
             return float(value)
         if isinstance(value, str):
@@ -95,7 +119,7 @@ class Number(ValueType):
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {shown(value)}")
 
 
 class Switch(ValueType):
@@ -104,7 +128,7 @@ class Switch(ValueType):
     def parse(self, value: Any) -> bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {shown(value)}")
 
     def show(self, value: Any) -> str:
         return "on" if value else "off"
@@ -122,6 +146,8 @@ class Numbers(ValueType):
         self.metavar = "LO,HI" if pair else ("N,N,..." if integers else "F,F,...")
 
     def parse(self, value: Any) -> tuple:
+        if not isinstance(value, (list, tuple, str, int, float)):
+            raise ValueError(self._expected(value))
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         if isinstance(value, bool) or (self.integers and isinstance(value, str) and not value.strip()):
             items = [] if not isinstance(value, bool) else [value]
@@ -135,14 +161,14 @@ class Numbers(ValueType):
                 raise ValueError(self._expected(value))
             return values
         if not values or min(values) <= 0 or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"expected positive numbers, got {value!r}")
+            raise ValueError(f"expected positive numbers, got {shown(value)}")
         if self.pair and (len(values) != 2 or values[0] > values[1]):
-            raise ValueError(f"expected LO,HI with 0 < LO <= HI, got {value!r}")
+            raise ValueError(f"expected LO,HI with 0 < LO <= HI, got {shown(value)}")
         return values
 
     def _expected(self, value: Any) -> str:
         what = "whole numbers >= 0" if self.integers else "numbers"
-        return f"expected comma-separated {what}, got {value!r}"
+        return f"expected comma-separated {what}, got {shown(value)}"
 
     def show(self, value: Any) -> str:
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
@@ -160,15 +186,21 @@ class Size(ValueType):
         self.comma_height_first = comma_height_first
 
     def parse(self, value: Any) -> tuple[int, int]:
-        if isinstance(value, (list, tuple)) and len(value) == 2:
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, (int, str)) for v in value)
+        ):
             value = f"{value[0]}x{value[1]}"
+        if not isinstance(value, (str, int)):
+            raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {shown(value)}")
         text = str(value)
-        if self.comma_height_first and re.fullmatch(r"\s*\d+\s*,\s*\d+\s*", text):
+        if self.comma_height_first and re.fullmatch(r"\s*\d{1,9}\s*,\s*\d{1,9}\s*", text):
             height, width = text.split(",")
             text = f"{width}x{height}"
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+        m = re.fullmatch(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*", text)
         if not m or min(int(m.group(1)), int(m.group(2))) <= 0:
-            raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {value!r}")
+            raise ValueError(f"expected WIDTHxHEIGHT such as 256x128, got {shown(value)}")
         return int(m.group(1)), int(m.group(2))
 
     def show(self, value: Any) -> str:
@@ -188,7 +220,7 @@ class DeviceName(ValueType):
     def parse(self, value: Any) -> str:
         if isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             return value
-        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {shown(value)}")
 
 
 TEXT, INTEGER, NUMBER, SWITCH, DEVICE = Text(), Integer(), Number(), Switch(), DeviceName()
@@ -499,11 +531,11 @@ def check_value(opt: Option, value: Any) -> Any:
     parsed = opt.type.parse(value)
     choices = opt.choice_list()
     if choices is not None and parsed not in choices:
-        raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {parsed!r}")
+        raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {shown(parsed)}")
     if opt.range is not None:
         test, verb = RANGES[opt.range]
         if not test(parsed) or (isinstance(parsed, float) and math.isnan(parsed)):
-            raise ValueError(f"{verb}, got {value!r}")
+            raise ValueError(f"{verb}, got {shown(value)}")
     return parsed
 
 
@@ -532,7 +564,7 @@ def config_values(
         where = f"{source}: {key}"
         if inverted:
             if not isinstance(value, bool):
-                raise ConfigError(f"{where}: expected true or false, got {value!r}")
+                raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
             value = not value
         required = default_of(cls, name) is MISSING
         if value is None and required and not nullable:
@@ -596,7 +628,7 @@ def check_ranges(config: Any) -> None:
             continue  # None is allowed: the default, or spelt by one of the option's words for it
         test, verb = RANGES[opt.range]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-            raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
+            raise ConfigError(f"{flag(name)} must be a number, got {shown(value)}")
         if not test(value):
             raise ConfigError(f"{flag(name)} {verb}, got {value}")
 
@@ -610,7 +642,7 @@ def check_choices(config: Any) -> None:
             continue
         if value is None and (opt.none or default_of(type(config), name) is None):
             continue  # None is allowed: the default, or spelt by one of the option's words for it
-        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def saved_form(config: Any) -> dict[str, Any]:
@@ -644,6 +676,8 @@ MAX_DEPTH = 16
 """Deepest nesting a configuration file may have (a config is a flat mapping of options)."""
 MAX_NODES = 100_000
 """Most YAML nodes a configuration file may expand to, aliases counted each time they are used."""
+MAX_INTEGER_CHARACTERS = 40
+"""Longest integer a configuration file may write (a 64-bit seed takes 20 digits)."""
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -675,6 +709,19 @@ class _BoundedLoader(yaml.SafeLoader):
         self._total += nodes
         if self._total > MAX_NODES:
             raise yaml.YAMLError(f"expands to more than {MAX_NODES} values (aliases counted where used)")
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer of at most ``MAX_INTEGER_CHARACTERS`` characters (``0x`` and ``1:20:30``
+        forms too): a longer one takes long to build and cannot be written out again."""
+        if len(node.value) > MAX_INTEGER_CHARACTERS:
+            raise yaml.YAMLError(
+                f"an integer of {len(node.value)} characters, more than {MAX_INTEGER_CHARACTERS} "
+                f"(line {node.start_mark.line + 1})"
+            )
+        return super().construct_yaml_int(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 MAX_CHARACTERS = 1_000_000
@@ -719,7 +766,7 @@ def load_yaml(text: str, source: str) -> Any:
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a value YAML cannot build (a date)
         raise ConfigError(f"{source}: not a valid configuration file: {_one_line(str(exc))}") from None
     finally:
         loader.dispose()

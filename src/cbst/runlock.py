@@ -7,8 +7,9 @@ temporary file and linked into place in one step (a hard link fails if the name 
 two processes exactly one wins). The lock is released when the run ends, however it ends
 (:func:`releasing` on the driver function, and at interpreter exit). A lock whose holder is a
 dead process on this host is stale (the run was killed): it is named and taken over. Under
-torchrun the job's main process takes it once, before the others go on (the driver calls
-:func:`acquire` through ``distributed.write_once``).
+torchrun the lock is the main process's: it alone checks it (the driver calls :func:`check_free`
+through ``distributed.checked_on_main``, so a refusal is one line for the job) and takes it once,
+before the others go on (:func:`acquire` through ``distributed.write_once``).
 """
 
 from __future__ import annotations

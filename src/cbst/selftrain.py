@@ -202,7 +202,7 @@ def _prepare_output(cfg: SelfTrainConfig) -> tuple[Path, RunState]:
     out = Path(cfg.output)
     io.check_output_dir(out)
     io.check_run_folder(out, "self-train")
-    runlock.check_free(out)
+    distributed.checked_on_main(lambda: runlock.check_free(out))
     state = RunState(out)
     saved = out / "config.yaml"
     if state.finished and not cfg.resume and _finished_run(saved, state):

@@ -62,15 +62,41 @@ def install() -> None:
         sys.unraisablehook = _redeliver
 
 
+def quiet_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of cbst's DataLoaders: a worker keeps quiet when the main process
+    stops in the middle of receiving a batch from it.
+
+    A worker hands each batch's tensors over a connection that multiprocessing's resource sharer
+    serves from a thread; when the main process stops (SIGTERM, Ctrl-C) during a hand-over, that
+    thread's error (the other end has gone) would print a traceback after the stop line.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def stop_signal(exc: BaseException) -> int | None:
-    """The signal that ``exc`` reports stopping the run (SIGINT or SIGTERM), or None."""
-    if isinstance(exc, Stopped):
-        return exc.signum
-    if isinstance(exc, KeyboardInterrupt):
-        return signal.SIGINT
-    match = _WORKER_KILLED.search(str(exc)) if isinstance(exc, RuntimeError) else None
-    if match:
-        return signal.SIGTERM if match.group(1) == "Terminated" else signal.SIGINT
+    """The signal that ``exc`` reports stopping the run (SIGINT or SIGTERM), or None.
+
+    A stop itself, a DataLoader worker killed by the signal, or an error raised while a stop
+    unwound (``exc.__context__``): under torchrun a collective operation in a ``finally`` block
+    fails when another process, stopped by the same signal, has already gone.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Stopped):
+            return exc.signum
+        if isinstance(exc, KeyboardInterrupt):
+            return signal.SIGINT
+        match = _WORKER_KILLED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        if match:
+            return signal.SIGTERM if match.group(1) == "Terminated" else signal.SIGINT
+        exc = exc.__context__
     return None
 
 

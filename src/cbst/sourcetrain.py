@@ -199,7 +199,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     output = Path(config.output)
     check_output_dir(output)
     check_run_folder(output, "train-source")
-    runlock.check_free(output)
+    distributed.checked_on_main(lambda: runlock.check_free(output))
     device = select_device(config.device)
     distributed.check_sync_bn(config.sync_bn, device)
     configure_backends(device)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from cbst import distributed
+from cbst import distributed, signals
 from cbst.device import autocast, mixed_precision, prefers_channels_last
 from cbst.errors import ConfigError, DivergedError
 from cbst.inference import normalize
@@ -51,7 +51,9 @@ def set_dataset_epoch(dataset: Any, epoch: int) -> None:
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and Python in a loader worker from torch's per-worker seed (base seed + id)."""
+    """Seed numpy and Python in a loader worker from torch's per-worker seed (base seed + id);
+    the worker keeps quiet if the main process stops (``signals.quiet_worker``)."""
+    signals.quiet_worker(worker_id)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
