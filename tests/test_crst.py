@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,6 @@ from cbst.probability_cache import CACHE_FOLDER
 from cbst.selftrain import SelfTrainConfig, self_train
 from cbst.thresholds import assign_pseudo_labels
 from cbst.transforms import TrainTransform
-from test_selftrain import _config as selftrain_config
 
 C = 5
 
@@ -210,9 +210,17 @@ def test_the_lrent_loss_averages_soft_target_and_hard_source_pixels():
     )
 
 
-def _config(bench, output, **kw) -> SelfTrainConfig:
-    """test_selftrain's tiny run, with LRENT on unless ``kw`` says otherwise."""
-    return selftrain_config(bench, output, **{"lr_weight_ent": 0.25, **kw})
+@pytest.fixture()
+def crst_config(self_train_config) -> Callable[..., SelfTrainConfig]:
+    """The suite's tiny self-training run (30 % target portion, mining 0.8), with LRENT on unless
+    the changes say otherwise: ``crst_config(output, **changes)``."""
+
+    def make(output, **kw) -> SelfTrainConfig:
+        return self_train_config(
+            output, **{"init_tgt_port": 0.3, "mine_port": 0.8, "lr_weight_ent": 0.25, **kw}
+        )
+
+    return make
 
 
 def test_crst_configs_are_the_shared_base_plus_one_weight():
@@ -230,17 +238,17 @@ def test_crst_configs_are_the_shared_base_plus_one_weight():
     assert (lrent["base_lr"], lrent["num_round"], lrent["init_tgt_port"]) == (5e-5, 3, 0.2)
 
 
-def test_bad_crst_options_fail_before_any_work(bench, tmp_path):
+def test_bad_crst_options_fail_before_any_work(crst_config, tmp_path):
     for name in ("mr_weight_kld", "mr_weight_src", "lr_weight_ent"):
         flag = "--" + name.replace("_", "-")
         with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
-            self_train(_config(bench, tmp_path / name, **{name: -0.1}))
+            self_train(crst_config(tmp_path / name, **{name: -0.1}))
         assert not (tmp_path / name).exists()
 
 
 @pytest.mark.slow
-def test_a_resumed_lrent_run_equals_an_uninterrupted_one(bench, tmp_path, monkeypatch):
-    straight = self_train(_config(bench, tmp_path / "straight", mr_weight_kld=0.1))
+def test_a_resumed_lrent_run_equals_an_uninterrupted_one(crst_config, tmp_path, monkeypatch):
+    straight = self_train(crst_config(tmp_path / "straight", mr_weight_kld=0.1))
     stats = json.loads((tmp_path / "straight" / "round_1" / "stats.json").read_text())
     assert stats["lrent_alpha"] == 0.25
     fractions = [f for f in stats["kept_fraction"].values() if f is not None]
@@ -256,18 +264,18 @@ def test_a_resumed_lrent_run_equals_an_uninterrupted_one(bench, tmp_path, monkey
 
     monkeypatch.setattr(selftrain, "_train_round", killed_in_round_1)
     with pytest.raises(KeyboardInterrupt):
-        self_train(_config(bench, tmp_path / "killed", mr_weight_kld=0.1))
+        self_train(crst_config(tmp_path / "killed", mr_weight_kld=0.1))
     assert (tmp_path / "killed" / "round_1" / CACHE_FOLDER / "index.json").is_file()  # kept to resume
     monkeypatch.setattr(selftrain, "_train_round", real_train)
     with pytest.raises(ValueError, match="--lr-weight-ent 0.25 before"):
-        self_train(_config(bench, tmp_path / "killed", resume=True, lr_weight_ent=0.5))
-    resumed = self_train(_config(bench, tmp_path / "killed", mr_weight_kld=0.1, resume=True))
+        self_train(crst_config(tmp_path / "killed", resume=True, lr_weight_ent=0.5))
+    resumed = self_train(crst_config(tmp_path / "killed", mr_weight_kld=0.1, resume=True))
     a = torch.load(tmp_path / "straight" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "round_1" / "model.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed[1]["miou"] == straight[1]["miou"]
     cbst = torch.load(tmp_path / "straight" / "round_0" / "model.pt", weights_only=False)["state_dict"]
-    self_train(_config(bench, tmp_path / "cbst", num_round=1, lr_weight_ent=0.0))
+    self_train(crst_config(tmp_path / "cbst", num_round=1, lr_weight_ent=0.0))
     plain = torch.load(tmp_path / "cbst" / "round_0" / "model.pt", weights_only=False)["state_dict"]
     assert not all(torch.equal(cbst[k], plain[k]) for k in cbst)  # the regularisers changed training
 
