@@ -165,13 +165,16 @@ def test_architecture_state_dict_round_trip(name, tmp_path: Path) -> None:
             if t.is_floating_point():
                 t.add_(0.01)
     fresh = _build(name)
-    load_strict(fresh, model.state_dict(), "own state_dict")
-    for key, value in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[key], value), key
+    expected = model.state_dict()
+    load_strict(fresh, expected, "own state_dict")
+    got = fresh.state_dict()  # once: state_dict() walks the whole network
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
     save_checkpoint(tmp_path / "m.pt", model, arch=name, num_classes=NUM_CLASSES, protocol="contract")
     loaded, meta = load_checkpoint(tmp_path / "m.pt")
     assert meta["arch"] == name and type(loaded) is type(model)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
 # ----------------------------------------------------------------------------- other geometries
