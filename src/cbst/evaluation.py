@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -187,6 +187,34 @@ def write_prediction(
     write_png(output_dir / f"{prefix}labelIds" / f"{name}.png", protocol.decode(train_ids))
     if color:
         write_png(output_dir / f"{prefix}color" / f"{name}.png", protocol.colorize(train_ids))
+
+
+class RunEvaluation(Protocol):
+    """The evaluation options a self-training run carries (rounds and online alike)."""
+
+    eval_long_side: int | None
+    eval_flipping: bool
+    num_workers: int
+    amp: bool
+    progress: bool
+
+
+def evaluate_run(
+    cfg: RunEvaluation, model: nn.Module, dataset: Any, device: torch.device | str, desc: str = "evaluate"
+) -> Metrics:
+    """:func:`evaluate_model` with a run's own evaluation options, so that every stage of a run
+    (the source model, each round, each online evaluation) is scored the same way."""
+    return evaluate_model(
+        model,
+        dataset,
+        device=device,
+        long_side=cfg.eval_long_side,
+        flip=cfg.eval_flipping,
+        num_workers=cfg.num_workers,
+        amp=cfg.amp,
+        progress=cfg.progress,
+        desc=desc,
+    )
 
 
 def evaluate_model(

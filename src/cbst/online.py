@@ -627,7 +627,7 @@ def _feature_distance(
 def online_self_train(cfg: OnlineConfig) -> dict:
     """Run (or resume) one online self-training run; returns ``results.json``'s content."""
     from cbst.checkpoints import load_checkpoint, read_meta, save_checkpoint
-    from cbst.evaluation import evaluate_model
+    from cbst.evaluation import evaluate_run
     from cbst.models.base import geometry, round_to_stride
     from cbst.selftrain import _datasets, _load_prior
     from cbst.transforms import TrainTransform
@@ -683,16 +683,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     clock = time.perf_counter()
 
     def evaluate(iteration: int) -> None:
-        metrics = evaluate_model(
-            student,
-            val,
-            device=device,
-            long_side=cfg.eval_long_side,
-            flip=cfg.eval_flipping,
-            num_workers=cfg.num_workers,
-            amp=cfg.amp,
-            progress=cfg.progress,
-        )
+        metrics = evaluate_run(cfg, student, val, device)
         distributed.write_once(
             io.write_json, out / "metrics" / f"iter_{iteration:06d}.json", metrics.to_json()
         )

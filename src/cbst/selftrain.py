@@ -46,7 +46,7 @@ from cbst.crst import CrstLoss
 from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, select_device
 from cbst.errors import ConfigError
-from cbst.evaluation import evaluate_model
+from cbst.evaluation import evaluate_run
 from cbst.loggers import LoggerGroup, logger_names, open_loggers
 from cbst.mining import MiningPlan
 from cbst.models.base import geometry, round_to_stride
@@ -473,17 +473,7 @@ def _announce(text: str) -> None:
 
 def _evaluate(cfg: SelfTrainConfig, model: torch.nn.Module, val, device: torch.device, desc: str) -> dict:
     """Val metrics of ``model`` with the run's evaluation options, as JSON with its provenance."""
-    metrics = evaluate_model(
-        model,
-        val,
-        device=device,
-        long_side=cfg.eval_long_side,
-        flip=cfg.eval_flipping,
-        num_workers=cfg.num_workers,
-        amp=cfg.amp,
-        progress=cfg.progress,
-        desc=desc,
-    )
+    metrics = evaluate_run(cfg, model, val, device, desc)
     return {**metrics.to_json(), "provenance": provenance(device, cfg.amp)}
 
 
