@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,23 @@ def test_deterministic_per_seed(tmp_path):
     assert set(da) == set(dc) and all(da[k] != dc[k] for k in da if "images" in k or "leftImg8bit" in k)
     sa, sb = json.loads((a / "synthetic.json").read_text()), json.loads((b / "synthetic.json").read_text())
     assert sa["class_frequencies"] == sb["class_frequencies"] and sa["version"] == SYNTHETIC_VERSION
+
+
+def test_worker_processes_draw_the_same_images(tmp_path, monkeypatch):
+    """Rendered by two forked workers or in this process, every file is the same, and each
+    image is ``render_image``'s for its (seed, domain, index)."""
+    import cbst.synthetic.writer as writer
+
+    if sys.platform != "linux":
+        pytest.skip("the workers are forked on Linux only")
+    monkeypatch.setattr(writer, "default_num_workers", lambda limit: 2)
+    make_synthetic(tmp_path / "pool", seed=5, **SMALL)
+    monkeypatch.setattr(writer, "_render_pool", lambda: None)
+    make_synthetic(tmp_path / "serial", seed=5, **SMALL)
+    assert _digest(tmp_path / "pool") == _digest(tmp_path / "serial")
+    image, label = render_image(5, 0, 2, SMALL["size"])
+    assert np.array_equal(np.array(Image.open(tmp_path / "pool" / "gta5" / "images" / "00003.png")), image)
+    assert np.array_equal(np.array(Image.open(tmp_path / "pool" / "gta5" / "labels" / "00003.png")), label)
 
 
 def test_rerun_skips_and_mismatch_is_refused(tmp_path):

@@ -35,6 +35,8 @@ def _install_mining_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """A minimal ``cbst.mining`` with the agreed interface, so the transform's use of it is tested."""
 
     def choose_mined_center(label, plan, rng):
+        if rng.random() >= plan.port:
+            return None
         for group in (plan.priority, plan.mine_id):
             present = [k for k in group if (label == k).any()]
             if present:
@@ -102,6 +104,19 @@ def test_mining_with_port_one_always_contains_the_rare_class(monkeypatch):
     assert all(hits) and not all(misses)
     plain.set_mining(_Plan(1.0, [9], []))
     assert (plain(_sample(image, label, 0))["label"] == 9).any()
+
+
+def test_crops_are_mined_with_probability_port():
+    """With the real mining module: a rare patch a random 16x16 crop almost never holds (about 1 %
+    of crops) is in about half of the crops at ``port`` 0.5, since the port is drawn once."""
+    from cbst.mining import MiningPlan
+
+    label = np.zeros((64, 64), dtype=np.uint8)
+    label[58:61, 2:5] = 9
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    mined = TrainTransform(16, scale_range=(1.0, 1.0), flip=False, mining=MiningPlan(0.5, [9]))
+    share = np.mean([(mined(_sample(image, label, i))["label"] == 9).any().item() for i in range(1000)])
+    assert 0.44 < share < 0.58
 
 
 def test_padding_when_the_image_is_smaller_than_the_crop():

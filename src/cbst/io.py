@@ -468,13 +468,19 @@ def remove_temporaries(folder: str | Path) -> int:
     return count
 
 
-def write_png(path: str | Path, array: np.ndarray, palette: list[int] | None = None) -> None:
-    """Write a uint8 (or uint16 single-channel) array as PNG, optionally as a palette image."""
+def write_png(
+    path: str | Path, array: np.ndarray, palette: list[int] | None = None, *, compress_level: int = 6
+) -> None:
+    """Write a uint8 (or uint16 single-channel) array as PNG, optionally as a palette image.
+
+    ``compress_level`` is zlib's (0-9, the same pixels at every level): 1 encodes a 256x128 RGB
+    image about 4x faster than the default 6 for files about 15 % larger.
+    """
     img = Image.fromarray(np.ascontiguousarray(array))
     if palette is not None:
         img.putpalette(palette)  # turns an L image into a P image with the same indices
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=compress_level)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

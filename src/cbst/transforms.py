@@ -155,7 +155,7 @@ class TrainTransform:
 
     def _window(self, rng: np.random.Generator, label: np.ndarray) -> tuple[int, int]:
         """A mined window with probability ``mining.port`` when a candidate exists, else random."""
-        if self.mining is not None and rng.random() < self.mining.port:
+        if self.mining is not None:  # it draws whether to mine, with probability ``mining.port``
             center = choose_mined_center(label, self.mining, rng)
             if center is not None:
                 y0, x0 = crop_window(center, self.crop_hw, label.shape)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cbst.config import default_num_workers
 from cbst.errors import CbstError, ConfigError
 from cbst.io import write_json, write_png, write_text
 from cbst.labels import CITYSCAPES_19, IGNORE_INDEX, Protocol, cityscapes_palette
@@ -26,6 +30,8 @@ TRAIN_CITIES: tuple[str, ...] = ("synthtown", "pixelburg")
 VAL_CITIES: tuple[str, ...] = ("renderdorf",)
 CITY_FRAME = 19  # Cityscapes annotates the 20th frame of each snippet: <city>_<seq>_000019
 SUMMARY_NAME = "synthetic.json"
+PNG_LEVEL = 1
+"""zlib level of the RGB images: about 4x faster to encode than level 6, for the same pixels."""
 
 
 class SyntheticExistsError(CbstError, ValueError):
@@ -85,6 +91,36 @@ def _all_paths(params: dict) -> list[str]:
     for split in ("train", "val"):
         paths += [p for i in range(c[split]) for p in _target_rel(split, i)]
     return paths
+
+
+def _render_pool() -> ProcessPoolExecutor | None:
+    """Forked worker processes for the usable cores (at most 4) on Linux; None elsewhere or on
+    one core (the images are then drawn in this process).
+
+    Every image has its own random stream, so drawing them in parallel changes no pixel, and
+    the drawing is Python-bound, so threads would share one core. Workers are forked: a fresh
+    interpreter (spawn, forkserver) would re-run a calling script's unguarded top level. They
+    run NumPy, OpenCV and zlib only, never torch.
+    """
+    workers = default_num_workers(limit=4)
+    if workers == 1 or sys.platform != "linux":
+        return None
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+Job = tuple[int, int, tuple[str, str], str]
+"""One image to draw: (domain, index, (image path, label path) in the layout, summary key)."""
+
+
+def _draw_pair(
+    out: Path, seed: int, size: tuple[int, int], palette: list[int], job: Job
+) -> tuple[str, np.ndarray]:
+    """Render and write one image and its label; returns its domain key and label histogram."""
+    domain, i, (img_rel, lab_rel), key = job
+    image, label = render_image(seed, domain, i, size)
+    write_png(out / img_rel, image, compress_level=PNG_LEVEL)
+    write_png(out / lab_rel, label, palette=palette if domain == DOMAIN_SOURCE else None)
+    return key, np.bincount(label.ravel(), minlength=256)
 
 
 def make_synthetic(
@@ -153,17 +189,22 @@ def make_synthetic(
     jobs += [(DOMAIN_TARGET_TRAIN, i, _target_rel("train", i), "target_train") for i in range(num_train)]
     jobs += [(DOMAIN_TARGET_VAL, i, _target_rel("val", i), "target_val") for i in range(num_val)]
     counts = {k: np.zeros(256, dtype=np.int64) for k in ("source", "target_train", "target_val")}
-    for n, (domain, i, (img_rel, lab_rel), key) in enumerate(jobs, 1):
-        image, label = render_image(seed, domain, i, (width, height))
-        write_png(out / img_rel, image)
-        write_png(out / lab_rel, label, palette=palette if domain == DOMAIN_SOURCE else None)
-        counts[key] += np.bincount(label.ravel(), minlength=256)
-        if progress and (n % 50 == 0 or n == len(jobs)):
-            print(
-                f"  rendered {n}/{len(jobs)} images ({time.perf_counter() - start:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+
+    draw = partial(_draw_pair, out, seed, (width, height), palette)
+    pool = _render_pool()
+    try:
+        pairs = pool.map(draw, jobs, chunksize=8) if pool else map(draw, jobs)
+        for n, (key, hist) in enumerate(pairs, 1):
+            counts[key] += hist
+            if progress and (n % 50 == 0 or n == len(jobs)):
+                print(
+                    f"  rendered {n}/{len(jobs)} images ({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - start
     summary = {
         **params,
