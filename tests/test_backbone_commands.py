@@ -3,14 +3,16 @@
 ``daformer_mit_b0`` (output stride 4, inputs padded to 32) and ``dinov2_vit_s14`` (stride 7,
 padded to 14) run ``train-source``, a CBST-SP round of ``self-train`` (prior, mining, the
 probability cache, pseudo-labels), ``evaluate`` and ``report`` from the command line, in one
-process and as two torchrun processes (CPU, gloo), with randomly initialised encoders (no
-weights offline). The 64x32 images are not multiples of DINOv2's 14, so padding and cropping
-back are exercised at both strides.
+process, and the round again as two torchrun processes (CPU, gloo; train-source under torchrun
+runs the same training loop, tested with the small model in test_distributed.py), with
+randomly initialised encoders (no weights offline). The 64x32 images are not multiples of
+DINOv2's 14, so padding and cropping back are exercised at both strides.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +77,29 @@ def _assert_round_is_real(run: Path, arch: str) -> dict:
     return stats
 
 
+@pytest.fixture(scope="module")
+def trained_source(bench, tmp_path_factory) -> Callable[[str], Path]:
+    """``trained_source(arch)``: the checkpoint of one ``train-source`` epoch of ``arch`` from
+    the command line (batches of 2), trained once per module."""
+    done: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in done:
+            out = tmp_path_factory.mktemp(f"source_{arch}")
+            assert main(["train-source", *_train_source_args(bench, arch, out, batch=2)]) == 0
+            done[arch] = out / "last.pt"
+        return done[arch]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_a_family_runs_every_command(bench, tmp_path, arch, capsys):
-    source, run = tmp_path / "source", tmp_path / "cbst_sp"
-    assert main(["train-source", *_train_source_args(bench, arch, source, batch=2)]) == 0
-    saved = read_meta(source / "last.pt")
+def test_a_family_runs_every_command(bench, trained_source, tmp_path, arch, capsys):
+    source, run = trained_source(arch), tmp_path / "cbst_sp"
+    saved = read_meta(source)
     assert saved["arch"] == arch and saved["epoch"] == 1
-    assert main(["self-train", *_self_train_args(bench, source / "last.pt", run, batch=2)]) == 0
+    assert main(["self-train", *_self_train_args(bench, source, run, batch=2)]) == 0
     _assert_round_is_real(run, arch)
     metrics = tmp_path / "metrics.json"
     assert main(["evaluate", *_evaluate_args(bench, run / "round_0" / "model.pt", metrics)]) == 0
@@ -95,15 +112,12 @@ def test_a_family_runs_every_command(bench, tmp_path, arch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_a_family_runs_as_two_processes(bench, tmp_path, arch):
-    """train-source and self-train under torchrun (4 images a step: 2 per process); the round's
-    sharded evaluation (``evaluate_model``, as ``cbst evaluate`` under torchrun) scores as one
-    process does."""
-    source, run = tmp_path / "source", tmp_path / "cbst_sp"
-    job = _torchrun("train-source", *_train_source_args(bench, arch, source, batch=4))
-    assert job.returncode == 0, job.stderr
-    assert read_meta(source / "last.pt")["arch"] == arch
-    job = _torchrun("self-train", *_self_train_args(bench, source / "last.pt", run, batch=4))
+def test_a_family_runs_as_two_processes(bench, trained_source, tmp_path, arch):
+    """self-train under torchrun (4 images a step: 2 per process); the round's sharded
+    evaluation (``evaluate_model``, as ``cbst evaluate`` under torchrun) scores as one process
+    does."""
+    run = tmp_path / "cbst_sp"
+    job = _torchrun("self-train", *_self_train_args(bench, trained_source(arch), run, batch=4))
     assert job.returncode == 0, job.stderr
     assert job.stdout.count("round 0: mIoU") == 1  # the main process alone prints
     _assert_round_is_real(run, arch)

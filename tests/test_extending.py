@@ -7,7 +7,6 @@ backbone, 7-class dataset, selection policy and loss were the ones used.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -68,11 +67,6 @@ def test_the_page_shows_four_modules_and_uses_each() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    importlib.util.find_spec("cbst.extensions") is None,
-    reason="--import (cbst.extensions) is built on another branch and not merged here yet",
-    strict=True,
-)
 def test_extending_doc_runs_as_written(tmp_path: Path) -> None:
     for name, source in _modules().items():
         (tmp_path / name).write_text(source)
