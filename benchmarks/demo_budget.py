@@ -156,11 +156,13 @@ def budget(s: DemoSettings, methods: tuple[str, ...]) -> list[dict]:
 
 
 def stage_times(demo_dir: Path) -> list[dict]:
-    """Measured seconds of each stage of a finished demo folder."""
+    """Measured seconds of each stage of a finished demo folder (a seed's folder of ``cbst demo
+    --seeds`` reads the benchmark its parent shares)."""
     from cbst.report.runs import load_run
 
     result = json.loads((demo_dir / "results.json").read_text())
-    render = json.loads((demo_dir / "data" / "synthetic.json").read_text())
+    data = demo_dir / "data" if (demo_dir / "data").is_dir() else demo_dir.parent / "data"
+    render = json.loads((data / "synthetic.json").read_text())
     source_log = [json.loads(line) for line in (demo_dir / "source" / "log.jsonl").read_text().splitlines()]
     records = [
         {"stage": "render benchmark", "seconds": render.get("render_seconds")},

@@ -23,8 +23,16 @@ from pathlib import Path
 
 from cbst import io
 from cbst.datasets import build_dataset
-from cbst.demo import BENCHMARK_SEED, RARE_CLASSES, DemoSettings, source_config, train_or_reuse
+from cbst.demo import (
+    BENCHMARK_SEED,
+    RARE_CLASSES,
+    DemoSettings,
+    override_settings,
+    source_config,
+    train_or_reuse,
+)
 from cbst.device import select_device
+from cbst.errors import ConfigError
 from cbst.evaluation import Metrics, evaluate_model, format_table
 from cbst.labels import CITYSCAPES_19
 from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
@@ -34,19 +42,6 @@ def _write_list(path: Path, names: list[str]) -> Path:
     """An original-format GTA5 list file (``images/N.png<TAB>labels/N.png``) of ``names``."""
     io.write_text(path, "".join(f"images/{n}\tlabels/{n}\n" for n in names))
     return path
-
-
-def _settings(overrides: list[str]) -> DemoSettings:
-    """The demo's settings with ``NAME=VALUE`` overrides, each converted to the field's type."""
-    types = {f.name: type(getattr(DemoSettings(), f.name)) for f in dataclasses.fields(DemoSettings)}
-    changes = {}
-    for item in overrides:
-        name, _, value = item.partition("=")
-        if name not in types or not value:
-            raise SystemExit(f"--setting {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
-        kind = types[name]
-        changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return dataclasses.replace(DemoSettings(), **changes)
 
 
 def main() -> None:
@@ -64,7 +59,10 @@ def main() -> None:
         help="override one DemoSettings field (e.g. source_epochs=20), to try a budget before changing the demo",
     )
     args = parser.parse_args()
-    settings = _settings(args.setting)
+    try:
+        settings = override_settings(DemoSettings(), args.setting)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     out, data = Path(args.out), Path(args.out) / "data"
     make_synthetic(
         data,

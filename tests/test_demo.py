@@ -124,7 +124,7 @@ def test_demo_no_amp_reaches_every_stage(monkeypatch, tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--no-amp"]) == 0
     settings = seen["settings"]
     source = demo.source_config(tmp_path / "s", tmp_path, 0, settings, "cpu")
-    row = demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, settings, "cpu")
+    row = demo.variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, settings, "cpu")
     assert settings.amp is False and source.amp is False and row.amp is False
     assert source.model == "small_demo" and not row.test_flipping  # the demo's network, one pass
     assert main(["demo", "--out", str(tmp_path)]) == 0 and seen["settings"].amp is True
@@ -174,7 +174,7 @@ def test_demo_model_trains_with_its_familys_recipe(monkeypatch, tmp_path):
     s = seen["settings"]
     configs = [
         demo.source_config(tmp_path / "s", tmp_path, 0, s, "cpu"),
-        demo._variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, s, "cpu"),
+        demo.variant_config("CBST", tmp_path, tmp_path, tmp_path / "w.pt", 0, s, "cpu"),
         demo._online_config("DACS", tmp_path, tmp_path, tmp_path / "w.pt", 0, s, "cpu"),
     ]
     assert configs[0].model == "daformer_mit_b0"
@@ -230,3 +230,16 @@ def test_demo_of_a_transformer_reports_and_reuses_its_runs(monkeypatch, tmp_path
     assert main([*args, "--device", "cpu", "--no-amp"]) == 0  # finished work is reused
     assert [p.stat().st_mtime for p in trained] == mtimes
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
+
+
+def test_settings_overrides_take_each_fields_type_and_name_bad_ones():
+    from cbst.demo import override_settings
+    from cbst.errors import ConfigError
+
+    s = override_settings(DemoSettings(), ["mine_port=0.25", "num_round=2", "pseudo_flip=yes", "model=small"])
+    assert (s.mine_port, s.num_round, s.pseudo_flip, s.model) == (0.25, 2, True, "small")
+    assert s.source_epochs == DemoSettings().source_epochs
+    with pytest.raises(ConfigError, match="'epochs=3'.*NAME one of num_source"):
+        override_settings(DemoSettings(), ["epochs=3"])
+    with pytest.raises(ConfigError, match="'x' is not of type int"):
+        override_settings(DemoSettings(), ["num_round=x"])
