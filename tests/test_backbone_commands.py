@@ -3,10 +3,11 @@
 ``daformer_mit_b0`` (output stride 4, inputs padded to 32) and ``dinov2_vit_s14`` (stride 7,
 padded to 14) run ``train-source``, a CBST-SP round of ``self-train`` (prior, mining, the
 probability cache, pseudo-labels), ``evaluate`` and ``report`` from the command line, in one
-process, and the round again as two torchrun processes (CPU, gloo; train-source under torchrun
-runs the same training loop, tested with the small model in test_distributed.py), with
-randomly initialised encoders (no weights offline). The 64x32 images are not multiples of
-DINOv2's 14, so padding and cropping back are exercised at both strides.
+process, and DINOv2's round (the family padded to its patch size) again as two torchrun
+processes (CPU, gloo; train-source under torchrun runs the same training loop, tested with the
+small model in test_distributed.py), with randomly initialised encoders (no weights offline).
+The 64x32 images are not multiples of DINOv2's 14, so padding and cropping back are exercised
+at both strides.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_a_family_runs_every_command(bench, trained_source, tmp_path, arch, caps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ["dinov2_vit_s14"])
 def test_a_family_runs_as_two_processes(bench, trained_source, tmp_path, arch):
     """self-train under torchrun (4 images a step: 2 per process); the round's sharded
     evaluation (``evaluate_model``, as ``cbst evaluate`` under torchrun) scores as one process
