@@ -71,6 +71,10 @@ def run_trial(
 ):
     """{(seed, row): Metrics on the selection split} for the source models and each method."""
     data_of = {s: demo / "data" if (demo / "data").is_dir() else demo / f"seed_{s}" / "data" for s in seeds}
+    for seed in seeds:
+        for needed in (demo / f"seed_{seed}" / "source" / "last.pt", data_of[seed] / "synthetic.json"):
+            if not needed.is_file():
+                raise SystemExit(f"{needed}: not found; --from takes a finished cbst demo --seeds folder")
     val = build_dataset("cityscapes", selection_split(out, data_of[seeds[0]]), split="val", num_classes=19)
     torch_device = select_device(device)
     tag = "_".join(f"{k}-{v}" for k, v in sorted(changed(settings).items())) or "demo"
