@@ -41,7 +41,9 @@ def selection_split(out: Path, data: Path) -> Path:
     in ``data`` (links into a rendering of its first ``LAST`` val images, at its size)."""
     summary = json.loads((data / "synthetic.json").read_text())
     if summary["counts"]["val"] > FIRST:
-        raise SystemExit(f"{data} holds {summary['num_val']} val images: they overlap the selection split")
+        raise SystemExit(
+            f"{data} holds {summary['counts']['val']} val images: they overlap the selection split"
+        )
     rendered, root = out / "val_rendered", out / "selection"
     make_synthetic(
         rendered,
