@@ -3,13 +3,15 @@ the rows of demo folders run before.
 
 Usage:
   python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo_seeds] [--methods all] [--no-amp]
+                                  [--setting NAME=VALUE ...]
   python benchmarks/demo_seeds.py --seeds 0 1 2 --from DIR [DIR ...] [--against ROW]
 
-The first form is ``cbst demo --seeds 0,1,2 --out runs/demo_seeds``: each seed gets its own
-folder ``OUT/seed_N`` (finished seeds are reused), all share the benchmark rendered once in
-``OUT/data``, and ``OUT/seeds.md`` holds the table of mean ± std of the mIoU and of the
+The first form runs what ``cbst demo --seeds 0,1,2 --out runs/demo_seeds`` runs: each seed gets
+its own folder ``OUT/seed_N`` (finished seeds are reused), all share the benchmark rendered once
+in ``OUT/data``, and ``OUT/seeds.md`` holds the table of mean ± std of the mIoU and of the
 rare-class IoU. Then it prints each row's gain over the source model per seed (mean ± std, and
-the mean over that std), read from ``OUT/seeds.json``.
+the mean over that std). ``--setting`` changes one field of the demo's ``DemoSettings`` (e.g.
+``source_class_weight_power=0.3``), to measure a setting over seeds before the demo adopts it.
 
 ``--from`` runs nothing: it reads ``DIR/seed_N/results.json`` of each folder (``cbst demo
 --out DIR/seed_N --seed N`` runs, e.g. the rounds rows in one folder and the online rows, from
@@ -25,11 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-from cbst.cli import main as cbst_main
-from cbst.demo import DEFAULT_METHODS, seeds_table
+from cbst.demo import (
+    DEFAULT_METHODS,
+    DemoSettings,
+    override_settings,
+    parse_methods,
+    run_demo_seeds,
+    seeds_table,
+    settings_for,
+)
+from cbst.errors import ConfigError
 from cbst.report.runs import is_online_run
 
 
@@ -98,6 +107,9 @@ def main() -> None:
         "--from", dest="folders", type=Path, nargs="+", help="tabulate these demo folders' seeds"
     )
     parser.add_argument("--against", default="Source", help="the row the differences are taken from")
+    parser.add_argument(
+        "--setting", action="append", default=[], metavar="NAME=VALUE", help="override one DemoSettings field"
+    )
     args = parser.parse_args()
     if args.folders:
         results = merged_results(args.folders, args.seeds)
@@ -106,12 +118,16 @@ def main() -> None:
         print_gains(results, args.against)
         print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
         return
-    seeds = ",".join(map(str, args.seeds))
-    argv = ["demo", "--seeds", seeds, "--out", args.out, "--methods", args.methods, "--device", args.device]
-    status = cbst_main(argv + (["--no-amp"] if args.no_amp else []))
-    if status == 0:
-        print_gains(json.loads((Path(args.out) / "seeds.json").read_text())["results"], args.against)
-    sys.exit(status)
+    try:
+        settings = settings_for(
+            DemoSettings.model, override_settings(DemoSettings(amp=not args.no_amp), args.setting)
+        )
+        methods = parse_methods(args.methods)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    results = run_demo_seeds(args.out, args.seeds, device=args.device, settings=settings, methods=methods)
+    print(seeds_table(results), end="")
+    print_gains(results, args.against)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Rare Class Sampling: counts, probabilities, draws and the retried crop."""
+"""Rare Class Sampling: probabilities, draws and the retried crop."""
 
 from __future__ import annotations
 
@@ -8,20 +8,7 @@ import numpy as np
 import pytest
 
 from cbst.errors import DataError
-from cbst.rcs import (
-    CROP_ATTEMPTS,
-    RareClassSampler,
-    class_probabilities,
-    count_class_pixels,
-    crop_with_class,
-    load_pixel_counts,
-)
-
-
-def test_pixel_counts_per_image_and_class_skip_the_ignore_index():
-    labels = [np.array([[0, 0, 2], [255, 2, 2]], np.uint8), np.array([[1, 255, 255]], np.uint8)]
-    counts = count_class_pixels(lambda i: labels[i], 2, 3)
-    np.testing.assert_array_equal(counts, [[2, 0, 3], [0, 1, 0]])
+from cbst.rcs import CROP_ATTEMPTS, RareClassSampler, class_probabilities, crop_with_class
 
 
 def test_probabilities_are_the_softmax_of_one_minus_frequency_over_temperature():
@@ -48,12 +35,9 @@ def test_draws_follow_the_probabilities_and_pick_images_holding_enough_of_the_cl
     assert {i for c, i in draws if c == 0} == {0, 1, 2}
 
 
-def test_no_eligible_class_and_a_stale_counts_file_are_data_errors(tmp_path):
+def test_no_eligible_class_is_a_data_error_naming_the_option():
     with pytest.raises(DataError, match="--rcs-min-pixels"):
         class_probabilities(np.ones((2, 3), np.int64), 0.01, 3000)
-    np.save(tmp_path / "c.npy", np.zeros((4, 19), np.int64))
-    with pytest.raises(DataError, match="c.npy"):
-        load_pixel_counts(tmp_path / "c.npy", 5, 19)
 
 
 def test_the_crop_is_retried_until_it_holds_enough_of_the_class_at_most_ten_times():

@@ -14,6 +14,7 @@ parser (and ``--help``) from these classes in a fraction of a second.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -876,6 +877,16 @@ class SourceTrainConfig:
     warmup_iters: int = TrainingSection.warmup_iters()
     clip_grad_norm: float | None = TrainingSection.clip_grad_norm()
     loss: str = TrainingSection.loss()
+    class_weight_power: float = option(
+        0.0,
+        "weight each class's pixels in the loss by f^-P, f the class's share of the source's "
+        "labelled pixels (counted once into OUT/class_pixel_counts.npy; the weights go to "
+        "OUT/class_weights.json): 0 is the plain loss, 0.5 the inverse square root of the frequency",
+        range="non_negative",
+        metavar="P",
+        stages=TRAIN,
+        section="training",
+    )
     seed: int = TrainingSection.seed("seed of the shuffle, crops, flips and dropout")
     device: str = RuntimeSection.device()
     num_workers: int = RuntimeSection.num_workers(4)
@@ -939,6 +950,13 @@ class SourceTrainConfig:
         if self.eval_dataset and not self.eval_root:
             raise ConfigError("--eval-dataset needs --eval-root")
         options.check_choices(self)
+        if (
+            self.class_weight_power
+            and "class_weights" not in inspect.signature(LOSSES.get(self.loss)).parameters
+        ):
+            raise ConfigError(
+                f"--class-weight-power needs a loss that takes class_weights; --loss {self.loss} does not"
+            )
 
     def saved_form(self) -> dict:
         """Plain-type dict with the paths absolute: what ``OUT/config.yaml`` holds."""

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cbst import checks, distributed, io, options, signals
+from cbst.class_counts import run_pixel_counts
 from cbst.classmix import classmix, strong_augment
 from cbst.device import autocast, configure_backends, select_device
 from cbst.errors import ConfigError, DataError, MissingInputError
@@ -59,14 +60,7 @@ from cbst.labels import IGNORE_INDEX
 from cbst.online_selection import ONLINE_SELECTORS, FixedSelector, Selection, WindowedSelector, build_selector
 from cbst.optim import OPTIMIZERS, WARMUP_RATIO, build_optimizer, set_lr
 from cbst.priors import prior_at_crops
-from cbst.rcs import (
-    COUNTS_FILE,
-    PROBS_FILE,
-    RareClassSampler,
-    count_class_pixels,
-    crop_with_class,
-    load_pixel_counts,
-)
+from cbst.rcs import COUNTS_FILE, PROBS_FILE, RareClassSampler, crop_with_class
 from cbst.registry import LOSSES
 from cbst.teacher import MeanTeacher
 from cbst.training import _epoch_seed, _grad_scaler, stack_batch, train_forward
@@ -345,15 +339,8 @@ def _rare_class_sampler(cfg: OnlineConfig, out: Path, source) -> RareClassSample
     """The RCS sampler from the source's class counts, counted on the first start (main process)."""
     if cfg.rcs_temperature == 0:
         return None
-    path = out / COUNTS_FILE
-    n, c = len(source), cfg.num_classes
-
-    def count_if_missing() -> None:
-        if not path.is_file():
-            io.write_npy(path, count_class_pixels(source.label, n, c, progress=cfg.progress))
-
-    distributed.write_once(count_if_missing)
-    sampler = RareClassSampler(load_pixel_counts(path, n, c), cfg.rcs_temperature, cfg.rcs_min_pixels)
+    counts = run_pixel_counts(out / COUNTS_FILE, source, cfg.num_classes, progress=cfg.progress)
+    sampler = RareClassSampler(counts, cfg.rcs_temperature, cfg.rcs_min_pixels)
     distributed.write_once(sampler.write_probabilities, out / PROBS_FILE, source.protocol.class_names)
     return sampler
 

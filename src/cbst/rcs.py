@@ -1,8 +1,8 @@
 """Rare Class Sampling (DAFormer, Hoyer et al. 2022): source images of rare classes drawn more often.
 
 The source labels are counted once (``OUTPUT/rcs_pixel_counts.npy``, one row of per-class pixel
-counts per source image). With f_c the share of class c among all labelled source pixels, a
-class is drawn with probability
+counts per source image, :mod:`cbst.class_counts`). With f_c the share of class c among all
+labelled source pixels, a class is drawn with probability
 
     P(c) = softmax_c((1 − f_c) / T)
 
@@ -20,40 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from cbst import io
-from cbst.labels import IGNORE_INDEX
 
 CROP_ATTEMPTS = 10
 CROP_RATIO = 0.5
 COUNTS_FILE = "rcs_pixel_counts.npy"
 PROBS_FILE = "rcs_class_probs.json"
-
-
-def count_class_pixels(
-    labels: Callable[[int], np.ndarray], count: int, num_classes: int, *, progress: bool = False
-) -> np.ndarray:
-    """int64 ``count × num_classes``: pixels of each class in each label ``labels(i)`` (255 ignored)."""
-    out = np.zeros((count, num_classes), dtype=np.int64)
-    for i in tqdm(range(count), desc="counting source classes", disable=not progress, leave=False):
-        label = labels(i).ravel()
-        out[i] = np.bincount(label[label != IGNORE_INDEX], minlength=num_classes)[:num_classes]
-    return out
-
-
-def load_pixel_counts(path: Path, count: int, num_classes: int) -> np.ndarray:
-    """Counts saved by an earlier start of the run, checked against the dataset's size."""
-    try:
-        counts = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise io.DataError(f"{path}: unreadable class counts ({exc}); delete it to count again") from None
-    if counts.shape != (count, num_classes):
-        raise io.DataError(
-            f"{path}: holds counts of {counts.shape} (images × classes), the source has "
-            f"{count} images of {num_classes} classes; delete it to count again"
-        )
-    return counts
 
 
 def class_probabilities(counts: np.ndarray, temperature: float, min_pixels: int) -> np.ndarray:

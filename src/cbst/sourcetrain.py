@@ -23,13 +23,15 @@ from torch import nn
 
 from cbst import checks, distributed, options, runlock
 from cbst.checkpoints import load_checkpoint, save_checkpoint
+from cbst.class_counts import run_pixel_counts
 from cbst.config import SourceTrainConfig, resume_free
 from cbst.datasets import build_dataset
 from cbst.device import configure_backends, maybe_compile, seed_everything, select_device
 from cbst.errors import CheckpointError, ConfigError
 from cbst.evaluation import evaluate_model
-from cbst.io import check_output_dir, check_run_folder, write_text
+from cbst.io import check_output_dir, check_run_folder, write_json, write_text
 from cbst.loggers import logger_names, open_loggers
+from cbst.losses import class_balance_weights
 from cbst.models import build_model
 from cbst.models.base import geometry, round_to_stride
 from cbst.models.transformer import TransformerSegNet
@@ -42,6 +44,8 @@ _SOURCE_INPUTS = options.path_fields(SourceTrainConfig)
 # Options that change no finished epoch, so a resumed run may change them (declared with the
 # options, in cbst.config); --to-epoch too when the lr policy does not span the whole run.
 _SOURCE_RESUME_FREE = resume_free(SourceTrainConfig)
+CLASS_COUNTS_FILE = "class_pixel_counts.npy"
+CLASS_WEIGHTS_FILE = "class_weights.json"
 
 
 def checkpoint_path(output: Path, epoch: int) -> Path:
@@ -156,6 +160,24 @@ def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> Non
         raise checks.resume_refusal(path, saved, current, diff, f"the {finished} finished epochs")
 
 
+def _loss(config: SourceTrainConfig, output: Path, data: Any) -> Any:
+    """``--loss``, weighted per class when ``--class-weight-power`` is above 0.
+
+    The weights come from the source labels' class counts (``OUT/class_pixel_counts.npy``,
+    counted on the first start) and are written to ``OUT/class_weights.json``.
+    """
+    loss = LOSSES.get(config.loss)
+    if config.class_weight_power == 0:
+        return loss()
+    counts = run_pixel_counts(output / CLASS_COUNTS_FILE, data, config.num_classes, progress=config.progress)
+    weights = class_balance_weights(counts, config.class_weight_power)
+    names = data.protocol.class_names
+    distributed.write_once(
+        write_json, output / CLASS_WEIGHTS_FILE, {name: float(w) for name, w in zip(names, weights)}
+    )
+    return loss(class_weights=weights.tolist())
+
+
 def _evaluator(
     config: SourceTrainConfig, protocol: Any, device: torch.device
 ) -> Callable[[nn.Module], dict] | None:
@@ -240,6 +262,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
+    loss_fn = _loss(config, output, data)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
     loggers = open_loggers(logger_names(config.loggers, config.tensorboard), output)
 
@@ -284,7 +307,7 @@ def train_source(config: SourceTrainConfig) -> Path:
             logger=loggers,
             progress=config.progress,
             sync_bn=config.sync_bn,
-            loss_fn=LOSSES.get(config.loss)(),
+            loss_fn=loss_fn,
             lr_power=config.lr_power,
             warmup_iters=config.warmup_iters,
             clip_grad_norm=config.clip_grad_norm,
