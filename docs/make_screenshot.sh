@@ -17,7 +17,7 @@ python="${PYTHON:-python}"
 browser="$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)"
 [ -n "$browser" ] || { echo "make_screenshot.sh: no Chromium found (apt-get install chromium)" >&2; exit 2; }
 
-"$python" -m cbst report "$demo" --output "$demo/report.html" "$@"
+"$python" -m cbst report "$demo" --output "$demo/report.html" --overwrite "$@"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
