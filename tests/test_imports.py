@@ -86,8 +86,19 @@ _FORK_EACH = """
 import importlib, os, sys, traceback
 {preload}
 assert not [m for m in sys.modules if m.split(".")[0] == "cbst"], "the parent imported cbst"
-failed = []
+failed, running = [], {{}}
+
+
+def reap():
+    pid, status = os.wait()
+    if os.waitstatus_to_exitcode(status):
+        failed.append(running[pid])
+    del running[pid]
+
+
 for name in sys.argv[1:]:
+    if len(running) == os.cpu_count():  # one child per core at a time
+        reap()
     pid = os.fork()
     if pid == 0:  # the child imports one cbst module, and nothing of cbst before it
         try:
@@ -96,8 +107,10 @@ for name in sys.argv[1:]:
             traceback.print_exc()
             os._exit(1)
         os._exit(0)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]):
-        failed.append(name)
+    running[pid] = name
+while running:
+    reap()
+failed.sort()
 print(",".join(failed))
 """
 _THIRD_PARTY = ("torch", "torchvision", "numpy", "PIL.Image", "yaml", "tqdm", "cv2", "timm")
