@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from cbst.demo import DEFAULT_METHODS, DemoSettings, settings_for
+from cbst.demo import DEFAULT_METHODS, DemoSettings, benchmark_of, settings_for
 from cbst.inference import InferencePlan, network_outputs
 from cbst.losses import CrossEntropyLoss
 from cbst.models import build_model
@@ -161,8 +161,7 @@ def stage_times(demo_dir: Path) -> list[dict]:
     from cbst.report.runs import load_run
 
     result = json.loads((demo_dir / "results.json").read_text())
-    data = demo_dir / "data" if (demo_dir / "data").is_dir() else demo_dir.parent / "data"
-    render = json.loads((data / "synthetic.json").read_text())
+    render = json.loads((benchmark_of(demo_dir) / "synthetic.json").read_text())
     source_log = [json.loads(line) for line in (demo_dir / "source" / "log.jsonl").read_text().splitlines()]
     records = [
         {"stage": "render benchmark", "seconds": render.get("render_seconds")},

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cbst.checkpoints import load_checkpoint
 from cbst.datasets import build_dataset
-from cbst.demo import RARE_CLASSES, DemoSettings, override_settings, variant_config
+from cbst.demo import RARE_CLASSES, DemoSettings, benchmark_of, override_settings, variant_config
 from cbst.device import select_device
 from cbst.errors import ConfigError
 from cbst.evaluation import Metrics, evaluate_model
@@ -72,7 +72,7 @@ def run_trial(
     demo: Path, out: Path, seeds: list[int], methods: list[str], settings: DemoSettings, device: str
 ):
     """{(seed, row): Metrics on the selection split} for the source models and each method."""
-    data_of = {s: demo / "data" if (demo / "data").is_dir() else demo / f"seed_{s}" / "data" for s in seeds}
+    data_of = {s: benchmark_of(demo / f"seed_{s}") for s in seeds}
     for seed in seeds:
         for needed in (demo / f"seed_{seed}" / "source" / "last.pt", data_of[seed] / "synthetic.json"):
             if not needed.is_file():

@@ -127,6 +127,12 @@ def settings_for(model: str, settings: DemoSettings) -> DemoSettings:
     )
 
 
+def benchmark_of(folder: Path) -> Path:
+    """The benchmark a demo folder ran on: its own ``data`` (``cbst demo``), else its parent's (a
+    ``seed_N`` folder of ``cbst demo --seeds``, whose seeds share one rendering)."""
+    return folder / "data" if (folder / "data").is_dir() else folder.parent / "data"
+
+
 def require_same_model(out: Path, model: str) -> None:
     """Refuse to continue the demo folder ``out`` with another architecture than it was started
     with (read from its source run's ``config.yaml``): its finished source model and rounds
