@@ -38,7 +38,7 @@ from cbst.demo import (
     seeds_table,
     settings_for,
 )
-from cbst.errors import ConfigError
+from cbst.errors import CbstError
 from cbst.report.runs import is_online_run
 
 
@@ -119,13 +119,12 @@ def main() -> None:
         print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
         return
     try:
-        settings = settings_for(
-            DemoSettings.model, override_settings(DemoSettings(amp=not args.no_amp), args.setting)
-        )
+        settings = override_settings(DemoSettings(amp=not args.no_amp), args.setting)
+        settings = settings_for(settings.model, settings)
         methods = parse_methods(args.methods)
-    except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
-    results = run_demo_seeds(args.out, args.seeds, device=args.device, settings=settings, methods=methods)
+        results = run_demo_seeds(args.out, args.seeds, device=args.device, settings=settings, methods=methods)
+    except CbstError as exc:  # a user error: one line, as the command line prints it
+        raise SystemExit(f"demo_seeds.py: error: {exc}") from None
     print(seeds_table(results), end="")
     print_gains(results, args.against)
 

@@ -41,6 +41,15 @@ def test_a_run_counts_once_and_reads_its_file_on_the_next_start(tmp_path):
     assert np.load(tmp_path / "c.npy").dtype == np.int64
 
 
+def test_a_first_start_counts_again_over_an_earlier_starts_file(tmp_path):
+    np.save(tmp_path / "c.npy", np.zeros((2, 3), np.int64))  # an interrupted start on other data
+    data = _Labels(LABELS)
+    counts = run_pixel_counts(tmp_path / "c.npy", data, 3, recount=True)
+    np.testing.assert_array_equal(counts, [[2, 0, 3], [0, 1, 0]])
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), counts)
+    assert data.decoded == 2
+
+
 def test_a_stale_or_unreadable_counts_file_is_a_data_error_naming_it(tmp_path):
     np.save(tmp_path / "c.npy", np.zeros((4, 19), np.int64))
     with pytest.raises(DataError, match=r"c\.npy.*delete it"):

@@ -243,3 +243,18 @@ def test_settings_overrides_take_each_fields_type_and_name_bad_ones():
         override_settings(DemoSettings(), ["epochs=3"])
     with pytest.raises(ConfigError, match="'x' is not of type int"):
         override_settings(DemoSettings(), ["num_round=x"])
+
+
+def test_a_finished_demo_is_not_reused_for_other_settings(tmp_path):
+    import dataclasses
+
+    from cbst.demo import require_same_settings
+    from cbst.errors import ConfigError
+
+    saved = dataclasses.asdict(DemoSettings())
+    del saved["source_class_weight_power"]  # results written before the field existed: its default
+    (tmp_path / "results.json").write_text(json.dumps({"settings": saved}))
+    require_same_settings(tmp_path, DemoSettings())
+    with pytest.raises(ConfigError, match=r"results\.json.*source_class_weight_power 0\.0 there, 0\.3 now"):
+        require_same_settings(tmp_path, DemoSettings(source_class_weight_power=0.3))
+    require_same_settings(tmp_path / "empty", DemoSettings(mine_port=0.8))  # nothing finished there

@@ -97,7 +97,7 @@ def reap():
 
 
 for name in sys.argv[1:]:
-    if len(running) == os.cpu_count():  # one child per core at a time
+    if len(running) >= (os.cpu_count() or 1):  # one child per core at a time
         reap()
     pid = os.fork()
     if pid == 0:  # the child imports one cbst module, and nothing of cbst before it

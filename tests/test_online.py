@@ -17,7 +17,9 @@ import pytest
 import torch
 import yaml
 
+from cbst.class_counts import count_class_pixels
 from cbst.cli import main
+from cbst.datasets import build_dataset
 from cbst.online import OnlineConfig, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +271,7 @@ def test_two_torchrun_processes_use_the_same_thresholds(bench, tmp_path):
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert min(records[-1]["lambda"].values()) < 1
     assert (out / "model.pt").is_file()
+    # the RCS counts: each process counted its share of the source labels, summed into one file
+    source = build_dataset("gta5", bench / "data" / "gta5", num_classes=19)
+    expected = count_class_pixels(source.label, len(source), 19)
+    np.testing.assert_array_equal(np.load(out / "rcs_pixel_counts.npy"), expected)

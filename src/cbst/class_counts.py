@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cbst import distributed, io
@@ -44,15 +45,24 @@ def load_pixel_counts(path: Path, count: int, num_classes: int) -> np.ndarray:
     return counts
 
 
-def run_pixel_counts(path: Path, dataset: Any, num_classes: int, *, progress: bool = False) -> np.ndarray:
-    """The counts of ``dataset`` (which has ``label(i)``) kept at ``path``: counted by the main
-    process on a run's first start, read from ``path`` by every process and on every resume."""
+def run_pixel_counts(
+    path: Path, dataset: Any, num_classes: int, *, recount: bool = False, progress: bool = False
+) -> np.ndarray:
+    """The counts of ``dataset`` (which has ``label(i)``) kept at ``path``.
 
-    def count_if_missing() -> None:
-        if not path.is_file():
-            io.write_npy(
-                path, count_class_pixels(dataset.label, len(dataset), num_classes, progress=progress)
-            )
-
-    distributed.write_once(count_if_missing)
-    return load_pixel_counts(path, len(dataset), num_classes)
+    Counted when ``path`` does not exist yet, or when ``recount`` (a run's first start, whose
+    folder may hold the counts of an earlier, interrupted start on other data); else read. Under
+    torchrun each process counts its share of the labels (:func:`cbst.distributed.shard`), the
+    shares are summed and the main process writes the file.
+    """
+    count = len(dataset)
+    if not recount and path.is_file():
+        return load_pixel_counts(path, count, num_classes)
+    mine = distributed.shard(count)
+    counts = np.zeros((count, num_classes), dtype=np.int64)
+    counts[mine] = count_class_pixels(
+        lambda k: dataset.label(mine[k]), len(mine), num_classes, progress=progress and distributed.is_main()
+    )
+    counts = distributed.all_reduce_sum(torch.from_numpy(counts)).numpy()
+    distributed.write_once(io.write_npy, path, counts)
+    return counts

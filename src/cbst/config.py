@@ -950,10 +950,7 @@ class SourceTrainConfig:
         if self.eval_dataset and not self.eval_root:
             raise ConfigError("--eval-dataset needs --eval-root")
         options.check_choices(self)
-        if (
-            self.class_weight_power
-            and "class_weights" not in inspect.signature(LOSSES.get(self.loss)).parameters
-        ):
+        if self.class_weight_power and not _takes(LOSSES.get(self.loss), "class_weights"):
             raise ConfigError(
                 f"--class-weight-power needs a loss that takes class_weights; --loss {self.loss} does not"
             )
@@ -961,6 +958,12 @@ class SourceTrainConfig:
     def saved_form(self) -> dict:
         """Plain-type dict with the paths absolute: what ``OUT/config.yaml`` holds."""
         return options.saved_form(self)
+
+
+def _takes(factory: Any, name: str) -> bool:
+    """Whether ``factory`` accepts the keyword argument ``name`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(factory).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def resume_free(cls: type) -> tuple[str, ...]:

@@ -148,6 +148,23 @@ def require_same_model(out: Path, model: str) -> None:
         )
 
 
+def require_same_settings(out: Path, settings: DemoSettings) -> None:
+    """Refuse to reuse the finished demo in ``out`` (its ``results.json``) for other settings
+    than it ran with: its rows would be reported as those of ``settings``. A field a folder's
+    results predate is taken to have its default."""
+    done = out / "results.json"
+    if not done.is_file():
+        return
+    saved = {**dataclasses.asdict(DemoSettings()), **json.loads(done.read_text()).get("settings", {})}
+    diffs = [
+        f"{name} {saved[name]!r} there, {value!r} now"
+        for name, value in dataclasses.asdict(settings).items()
+        if saved.get(name) != value
+    ]
+    if diffs:
+        raise ConfigError(f"{done}: a demo of other settings ({'; '.join(diffs)}); give another --out")
+
+
 def is_online(name: str) -> bool:
     """Whether the registered method ``name`` is an online one (``cbst self-train --mode online``)."""
     return METHODS.get(name).options.get("mode") == "online"
@@ -362,6 +379,7 @@ def run_demo(
     started = time.time()
     out = Path(out)
     require_same_model(out, settings.model)
+    require_same_settings(out, settings)
     data = out / "data" if data is None else Path(data)
     _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
     make_synthetic(
@@ -453,6 +471,7 @@ def run_demo_seeds(
     out = Path(out)
     for seed in seeds:  # before any work, and before a seed's results are reused
         require_same_model(out / f"seed_{seed}", settings.model)
+        require_same_settings(out / f"seed_{seed}", settings)
     results = []
     for seed in seeds:
         folder = out / f"seed_{seed}"

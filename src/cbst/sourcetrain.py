@@ -160,16 +160,17 @@ def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> Non
         raise checks.resume_refusal(path, saved, current, diff, f"the {finished} finished epochs")
 
 
-def _loss(config: SourceTrainConfig, output: Path, data: Any) -> Any:
+def _loss(config: SourceTrainConfig, output: Path, data: Any, *, first_start: bool) -> Any:
     """``--loss``, weighted per class when ``--class-weight-power`` is above 0.
 
     The weights come from the source labels' class counts (``OUT/class_pixel_counts.npy``,
-    counted on the first start) and are written to ``OUT/class_weights.json``.
+    counted on the first start, read on a resume) and are written to ``OUT/class_weights.json``.
     """
     loss = LOSSES.get(config.loss)
     if config.class_weight_power == 0:
         return loss()
-    counts = run_pixel_counts(output / CLASS_COUNTS_FILE, data, config.num_classes, progress=config.progress)
+    path = output / CLASS_COUNTS_FILE
+    counts = run_pixel_counts(path, data, config.num_classes, recount=first_start, progress=config.progress)
     weights = class_balance_weights(counts, config.class_weight_power)
     names = data.protocol.class_names
     distributed.write_once(
@@ -262,7 +263,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
-    loss_fn = _loss(config, output, data)
+    loss_fn = _loss(config, output, data, first_start=start_epoch == 0)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
     loggers = open_loggers(logger_names(config.loggers, config.tensorboard), output)
 
