@@ -4,7 +4,7 @@ Renders the benchmark (once), trains the ``small_demo`` model (or another archit
 scratch, with :func:`settings_for`) on the "game" source domain, then runs ST, CBST and CBST-SP
 for three rounds each, all branching from the same source model, and prints the original
 README's table for the "camera" target domain's val split, and writes ``report.html`` (``cbst
-report``) beside it. A folder keeps the architecture it was started with (:func:`require_same_model`).
+report``) beside it. A folder keeps the architecture and settings it was started with (:func:`require_same_settings`).
 
 The benchmark itself is fixed (rendered with seed 0) so that ``--seed`` varies only the
 training: the spread over seeds is then the method's own variance. Each variant is reported
@@ -149,9 +149,11 @@ def require_same_model(out: Path, model: str) -> None:
 
 
 def require_same_settings(out: Path, settings: DemoSettings) -> None:
-    """Refuse to reuse the finished demo in ``out`` (its ``results.json``) for other settings
-    than it ran with: its rows would be reported as those of ``settings``. A field a folder's
-    results predate is taken to have its default."""
+    """Refuse to continue the demo in ``out`` with other settings than it ran with: another
+    architecture than its source run's (:func:`require_same_model`), or, once it has finished,
+    any field of its ``results.json`` (its rows would be reported as those of ``settings``). A
+    field a folder's results predate is taken to have its default."""
+    require_same_model(out, settings.model)
     done = out / "results.json"
     if not done.is_file():
         return
@@ -378,7 +380,6 @@ def run_demo(
 
     started = time.time()
     out = Path(out)
-    require_same_model(out, settings.model)
     require_same_settings(out, settings)
     data = out / "data" if data is None else Path(data)
     _stage(1, total, f"embedded benchmark (version {SYNTHETIC_VERSION}, seed {BENCHMARK_SEED}) in {data}")
@@ -470,7 +471,6 @@ def run_demo_seeds(
     """
     out = Path(out)
     for seed in seeds:  # before any work, and before a seed's results are reused
-        require_same_model(out / f"seed_{seed}", settings.model)
         require_same_settings(out / f"seed_{seed}", settings)
     results = []
     for seed in seeds:

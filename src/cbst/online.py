@@ -335,11 +335,14 @@ def _write_config(out: Path, cfg: OnlineConfig) -> None:
     io.write_text(out / "config.yaml", yaml.safe_dump(cfg.saved_form(), sort_keys=False))
 
 
-def _rare_class_sampler(cfg: OnlineConfig, out: Path, source) -> RareClassSampler | None:
-    """The RCS sampler from the source's class counts, counted on the first start (main process)."""
+def _rare_class_sampler(
+    cfg: OnlineConfig, out: Path, source, *, first_start: bool
+) -> RareClassSampler | None:
+    """The RCS sampler from the source's class counts, counted on the first start, read on a resume."""
     if cfg.rcs_temperature == 0:
         return None
-    counts = run_pixel_counts(out / COUNTS_FILE, source, cfg.num_classes, progress=cfg.progress)
+    path = out / COUNTS_FILE
+    counts = run_pixel_counts(path, source, cfg.num_classes, recount=first_start, progress=cfg.progress)
     sampler = RareClassSampler(counts, cfg.rcs_temperature, cfg.rcs_min_pixels)
     distributed.write_once(sampler.write_probabilities, out / PROBS_FILE, source.protocol.class_names)
     return sampler
@@ -629,7 +632,7 @@ def online_self_train(cfg: OnlineConfig) -> dict:
     feature_distance = _feature_distance(cfg, arch, names, device)  # its weights checked before writing
     distributed.write_once(_write_config, out, cfg)
     configure_backends(device)
-    sampler = _rare_class_sampler(cfg, out, source)
+    sampler = _rare_class_sampler(cfg, out, source, first_start=state_path is None)
 
     student, meta = load_checkpoint(cfg.weights, device=device, expect_protocol=protocol.name)
     prior = _load_prior(cfg, out, source, target, device)
