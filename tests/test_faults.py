@@ -636,3 +636,15 @@ def test_sigterm_stops_a_training_run_and_its_workers(train_source_argv, tmp_pat
     assert lines[0].endswith("resume with: cbst " + " ".join(argv) + " --resume"), lines
     assert workers and not [p for p in workers if Path(f"/proc/{p}").exists()]
     assert not (out / "cbst.lock").exists() and not io.remove_temporaries(out)
+
+
+def test_lines_of_processes_sharing_stderr_never_run_together(tmp_path):
+    """Two processes of a job print long lines on one stderr at once: each line arrives whole."""
+    log = tmp_path / "stderr.txt"
+    code = "import sys; from cbst.errors import print_line\n[print_line(sys.argv[1] * 900) for _ in range(3000)]"
+    with log.open("w") as shared:
+        writers = [subprocess.Popen([sys.executable, "-c", code, tag], stderr=shared) for tag in "ab"]
+        assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    lines = log.read_text().splitlines()
+    assert len(lines) == 6000
+    assert set(lines) == {"a" * 900, "b" * 900}

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from cbst import __version__, checks, options, signals
+from cbst import __version__, checks, errors, options, signals
 from cbst.errors import CbstError, CLIError
 from cbst.extensions import import_extensions
 from cbst.io import read_text
@@ -290,7 +290,7 @@ def _report(prefix: str, exc: Exception) -> int:
     message = _error_message(exc)
     if message is None:
         raise exc
-    print(f"{prefix}: error: {_one_line(message)}", file=sys.stderr)
+    errors.print_line(f"{prefix}: error: {_one_line(message)}")
     return 2
 
 
@@ -347,9 +347,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if signals.stop_signal(exc) is not None:  # raised while a stop unwound: a peer went first
             return signals.report_stop(prefix, argv, exc)
         detail = _one_line(str(exc))
-        print(
-            f"{prefix}: stopped: the job's communication failed, mostly because another process stopped ({detail})",
-            file=sys.stderr,
+        errors.print_line(
+            f"{prefix}: stopped: the job's communication failed, mostly because another process stopped ({detail})"
         )
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug is re-raised by _report

@@ -3,10 +3,24 @@
 :class:`CbstError` is the base class: the command line prints any ``CbstError`` as one line and
 exits with status 2, while any other exception is a bug in cbst and shows its traceback. Each
 subclass also derives from ``ValueError`` so that library callers catching ``ValueError`` (the
-convention before these classes existed) keep working.
+convention before these classes existed) keep working. :func:`print_line` is how such a line
+reaches stderr.
 """
 
 from __future__ import annotations
+
+import sys
+
+
+def print_line(text: str) -> None:
+    """Write ``text`` and its newline on stderr in one write.
+
+    The processes of a torchrun job share one stderr, and ``print`` writes the text and the
+    newline separately (stderr writes through), so another process's line could start between
+    them and two stop or error lines would run together.
+    """
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class CbstError(Exception):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from cbst import errors
+
 RESUMABLE = ("self-train", "train-source")
 """The commands that continue a stopped run with ``--resume``."""
 
@@ -128,5 +130,5 @@ def report_stop(prefix: str, argv: Sequence[str], exc: BaseException) -> int:
 
     signum = stop_signal(exc) or signal.SIGINT
     command = next((a for a in argv if not a.startswith("-")), None)
-    print(f"{prefix}: {stop_message(signum, command, argv, distributed.launched())}", file=sys.stderr)
+    errors.print_line(f"{prefix}: {stop_message(signum, command, argv, distributed.launched())}")
     return exit_status(signum)
