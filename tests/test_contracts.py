@@ -9,8 +9,10 @@ probability cache and the pseudo-label pass follow the model's geometry, not a c
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -96,12 +98,25 @@ def _build(name) -> SegmentationNet:
     return cls(NUM_CLASSES, freeze_bn=cls.default_freeze_bn).eval()
 
 
+class Built(NamedTuple):
+    name: str | type
+    model: SegmentationNet
+
+
+@pytest.fixture(scope="module")
+def built(request) -> Built:
+    """The architecture ``request.param``, built once for all its contract tests: pytest runs the
+    tests of one module-scoped parameter together, so one network is alive at a time (building
+    the large ones takes seconds, their forward passes here a fraction of that)."""
+    return Built(request.param, _build(request.param))
+
+
 # ----------------------------------------------------------------------------- architectures
 
 
-@pytest.mark.parametrize("name", ARCH_PARAMS)
-def test_architecture_geometry_and_output_shape(name) -> None:
-    model = _build(name)
+@pytest.mark.parametrize("built", ARCH_PARAMS, indirect=True)
+def test_architecture_geometry_and_output_shape(built) -> None:
+    model = built.model
     geo = geometry(model)
     assert geo.output_stride >= 1 and geo.pad_multiple % geo.output_stride == 0
     h, w = 2 * geo.pad_multiple, 3 * geo.pad_multiple
@@ -113,10 +128,10 @@ def test_architecture_geometry_and_output_shape(name) -> None:
         assert abs(got - size / geo.output_stride) <= 1
 
 
-@pytest.mark.parametrize("name", FULL_ARCH_PARAMS)
-def test_architecture_inference_pads_to_its_multiple(name) -> None:
+@pytest.mark.parametrize("built", FULL_ARCH_PARAMS, indirect=True)
+def test_architecture_inference_pads_to_its_multiple(built) -> None:
     """Probabilities of an image of any size come back at its size, equal to a hand-padded pass."""
-    model = _build(name)
+    model = built.model
     multiple = geometry(model).pad_multiple
     h, w = multiple + 3, 2 * multiple - 5
     images = torch.randint(
@@ -136,9 +151,9 @@ def test_architecture_inference_pads_to_its_multiple(name) -> None:
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ARCH_PARAMS)
-def test_architecture_lr_groups_cover_every_trainable_parameter_once(name) -> None:
-    model = _build(name)
+@pytest.mark.parametrize("built", ARCH_PARAMS, indirect=True)
+def test_architecture_lr_groups_cover_every_trainable_parameter_once(built) -> None:
+    model = built.model
     grouped = [id(p) for group in model.lr_groups() for p in group["params"]]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert len(grouped) == len(set(grouped)), "a parameter is in two groups"
@@ -146,11 +161,13 @@ def test_architecture_lr_groups_cover_every_trainable_parameter_once(name) -> No
     assert all({"lr_mult", "wd_mult"} <= set(group) for group in model.lr_groups())
 
 
-@pytest.mark.parametrize("name", [p for p in FULL_ARCH_PARAMS if isinstance(p.values[0], str)])
-def test_architecture_returns_its_encoder_features_with_the_same_logits(name) -> None:
+@pytest.mark.parametrize(
+    "built", [p for p in FULL_ARCH_PARAMS if isinstance(p.values[0], str)], indirect=True
+)
+def test_architecture_returns_its_encoder_features_with_the_same_logits(built) -> None:
     """``forward(x, return_features=True)``: the plain pass's logits and ``encoder_features(x)``,
     a feature map of the batch at the logits' scale or coarser."""
-    model = _build(name)
+    model = built.model
     multiple = geometry(model).pad_multiple
     x = torch.randn(2, 3, multiple, 2 * multiple, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -161,11 +178,13 @@ def test_architecture_returns_its_encoder_features_with_the_same_logits(name) ->
     assert features.shape[-1] <= logits.shape[-1] and features.shape[-2] <= logits.shape[-2]
 
 
-@pytest.mark.parametrize("name", [p for p in FULL_ARCH_PARAMS if isinstance(p.values[0], str)])
-def test_architecture_state_dict_round_trip(name, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "built", [p for p in FULL_ARCH_PARAMS if isinstance(p.values[0], str)], indirect=True
+)
+def test_architecture_state_dict_round_trip(built, tmp_path: Path) -> None:
     """Its checkpoint rebuilds it: a freshly built network of the saved architecture loads the
     state_dict strictly (every key, every shape), value for value."""
-    model = _build(name)
+    name, model = built.name, copy.deepcopy(built.model)  # the others' tests see the built values
     with torch.no_grad():
         for t in model.state_dict().values():
             if t.is_floating_point():

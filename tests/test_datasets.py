@@ -14,7 +14,7 @@ from PIL import Image
 
 from cbst import datasets
 from cbst.datasets import Sample, SegmentationDataset, build_dataset, read_list_file
-from cbst.io import DataError
+from cbst.io import DataError, image_size
 from cbst.labels import CITYSCAPES_16, CITYSCAPES_19, cityscapes_palette
 
 # Standard Cityscapes labelId -> trainId table (docs/method.md §9.2), written out by hand.
@@ -491,3 +491,19 @@ def test_readers_take_the_same_keyword_options_in_the_same_order():
         [n for n, p in inspect.signature(r).parameters.items() if p.kind is p.KEYWORD_ONLY] for r in readers
     ]
     assert keyword == [["protocol", "list_file", "with_labels", "verify"]] * 3
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_false_hides_the_check_bars_of_a_dataset_and_its_copies(
+    gta_tree: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, monkeypatch, capsys, progress: bool
+) -> None:
+    monkeypatch.setattr(datasets, "PROGRESS_MIN_FILES", 0)
+    data = build_dataset("gta5", gta_tree[0], progress=progress)
+    pseudo = tmp_path / "pseudo"
+    for sample in data.samples:
+        width, height = image_size(sample.image)
+        write_png(pseudo / f"{sample.name}.png", np.zeros((height, width), np.uint8))
+    data.with_labels(pseudo)
+    bars = capsys.readouterr().err
+    assert ("verifying (full decode)" in bars and "verifying (headers)" in bars) == progress
+    assert ("verifying" in bars) == progress

@@ -641,7 +641,9 @@ def test_sigterm_stops_a_training_run_and_its_workers(train_source_argv, tmp_pat
 def test_lines_of_processes_sharing_stderr_never_run_together(tmp_path):
     """Two processes of a job print long lines on one stderr at once: each line arrives whole."""
     log = tmp_path / "stderr.txt"
-    code = "import sys; from cbst.errors import print_line\n[print_line(sys.argv[1] * 900) for _ in range(3000)]"
+    code = (
+        "import sys; from cbst.errors import print_line\n[print_line(sys.argv[1] * 900) for _ in range(3000)]"
+    )
     with log.open("w") as shared:
         writers = [subprocess.Popen([sys.executable, "-c", code, tag], stderr=shared) for tag in "ab"]
         assert [w.wait(timeout=120) for w in writers] == [0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cbst import datasets
 from cbst.checkpoints import save_checkpoint
 from cbst.cli import build_parser, main
 from cbst.models import build_model
@@ -101,3 +102,11 @@ def test_demo_example_panels_are_captioned_and_the_legend_has_every_class_colour
     legend = _legend(CITYSCAPES_19, 256).reshape(-1, 3)
     colours = {tuple(int(v) for v in c) for c in np.unique(legend, axis=0)}
     assert {tuple(c) for c in CITYSCAPES_19.colors} <= colours
+
+
+def test_no_progress_leaves_stderr_without_bars(evaluate_argv, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "PROGRESS_MIN_FILES", 0)  # the bench's two images get a bar too
+    assert main(evaluate_argv) == 0
+    assert capsys.readouterr().err == ""
+    assert main([a for a in evaluate_argv if a != "--no-progress"]) == 0
+    assert "verifying" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ VERIFY_MODES = ("auto", "full", "headers")
 FULL_VERIFY_MAX_SAMPLES = 600
 """With ``verify="auto"``, datasets up to this size get every file fully decoded at construction."""
 PROGRESS_MIN_FILES = 50
+_SHOW_PROGRESS: ContextVar[bool] = ContextVar("show_progress", default=True)
+"""Whether datasets built now show their checks' progress bars: set by ``build_dataset``, so a
+reader (a user's too) needs no option of its own for it."""
 LABEL_FORMATS = ("plain", "synthia16bit")
 
 CS_IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -73,6 +77,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.label_format = label_format
         self.transform = transform
         self.check_values = check_values
+        self.show_progress = _SHOW_PROGRESS.get()  # for its checks and those of its copies
         self._known = _known_mask(protocol)
         _check_unique_names(self.samples)
 
@@ -115,14 +120,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         _check_unique_names(other.samples)
         return other
 
-    def verify(self, full: bool = True, progress: bool = True) -> None:
+    def verify(self, full: bool = True) -> None:
         """Check every file: existence, headers and sizes; with ``full``, decode pixels and label values."""
         files = sum(1 + (s.label is not None) for s in self.samples)
         bar = tqdm(
             self.samples,
             desc="verifying" + (" (full decode)" if full else " (headers)"),
             unit="sample",
-            disable=not (progress and distributed.is_main()) or files <= PROGRESS_MIN_FILES,
+            disable=not (self.show_progress and distributed.is_main()) or files <= PROGRESS_MIN_FILES,
             leave=False,
         )
         for sample in bar:
@@ -543,10 +548,11 @@ def build_dataset(
     list_file: str | Path | None = None,
     with_labels: bool = True,
     verify: str = "auto",
+    progress: bool = True,
 ) -> SegmentationDataset:
     """The dataset registered as ``name`` in :data:`cbst.registry.DATASETS` ("gta5", "synthia",
     "cityscapes", "folder", or a user's), its labels read in ``num_classes`` classes (None: the
-    dataset's own default).
+    dataset's own default); ``progress`` False hides the bars of its file checks.
 
     A layout with a ``protocols`` table is read with the table's protocol for ``num_classes``
     (``protocol=``); one whose files define its classes is given ``num_classes=`` to check.
@@ -557,4 +563,8 @@ def build_dataset(
         options["num_classes"] = num_classes
     else:
         options["protocol"] = protocol_for(name, num_classes)
-    return reader(root, **options)
+    shown = _SHOW_PROGRESS.set(progress)
+    try:
+        return reader(root, **options)
+    finally:
+        _SHOW_PROGRESS.reset(shown)

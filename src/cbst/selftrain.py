@@ -447,7 +447,12 @@ class _RoundModel:
 def _datasets(cfg: SelfTrainConfig):
     """(source, target train, target val or None), verified before any work starts."""
     source = build_dataset(
-        cfg.dataset, cfg.data_root, split=cfg.split, num_classes=cfg.num_classes, list_file=cfg.list_file
+        cfg.dataset,
+        cfg.data_root,
+        split=cfg.split,
+        num_classes=cfg.num_classes,
+        list_file=cfg.list_file,
+        progress=cfg.progress,
     )
     target = build_dataset(
         cfg.dataset_tgt,
@@ -456,9 +461,16 @@ def _datasets(cfg: SelfTrainConfig):
         num_classes=cfg.num_classes,
         list_file=cfg.list_tgt,
         with_labels=cfg.score_pseudo_labels,
+        progress=cfg.progress,
     )
     val = (
-        build_dataset(cfg.dataset_tgt, cfg.data_root_tgt, split=cfg.eval_split, num_classes=cfg.num_classes)
+        build_dataset(
+            cfg.dataset_tgt,
+            cfg.data_root_tgt,
+            split=cfg.eval_split,
+            num_classes=cfg.num_classes,
+            progress=cfg.progress,
+        )
         if cfg.eval_split
         else None
     )

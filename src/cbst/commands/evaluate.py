@@ -185,6 +185,7 @@ def _build_dataset(o: EvaluateOptions, num_classes: int) -> Any:
         num_classes=num_classes,
         list_file=o.list_file,
         with_labels=True,
+        progress=o.progress,
     )
     if len(dataset) == 0:
         raise CLIError(f"{o.data_root}: no images in split {o.split!r}")

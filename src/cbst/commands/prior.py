@@ -96,7 +96,12 @@ def _compute(args: PriorOptions) -> tuple[np.ndarray, tuple[str, ...]]:
     if not args.dataset or not args.data_root:
         raise CLIError("--dataset and --data-root are required unless --from-mat is given")
     dataset = build_dataset(
-        args.dataset, args.data_root, split=args.split, num_classes=args.num_classes, list_file=args.list_file
+        args.dataset,
+        args.data_root,
+        split=args.split,
+        num_classes=args.num_classes,
+        list_file=args.list_file,
+        progress=args.progress,
     )
     if len(dataset) == 0:
         raise CLIError(f"{args.data_root}: no labelled images in split {args.split!r}")
