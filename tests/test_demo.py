@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from cbst.cli import main
 from cbst.demo import DemoSettings, run_demo, run_demo_seeds
@@ -25,6 +26,9 @@ def test_demo_writes_the_papers_table_and_results(tmp_path, capsys):
     assert [line.split("|")[0] for line in lines[2:]] == ["Source", "ST", "CBST", "CBST-SP"]
     assert len(list((tmp_path / "examples").glob("*.png"))) == 3
     assert (tmp_path / "cbst_sp" / "prior.npy").exists()  # counted on the source labels by self-train
+    source = yaml.safe_load((tmp_path / "source" / "config.yaml").read_text())
+    assert (source["rcs_temperature"], source["rcs_min_pixels"]) == (0.01, 50)
+    assert (tmp_path / "source" / "rcs_class_probs.json").is_file()  # its crops drawn by rare class sampling
     assert not (tmp_path / "cbst" / "prior.npy").exists()
     report = (tmp_path / "report.html").read_text()
     assert "CBST-SP" in report and report.count("<img") > 5
@@ -257,4 +261,9 @@ def test_a_finished_demo_is_not_reused_for_other_settings(tmp_path):
     require_same_settings(tmp_path, DemoSettings())
     with pytest.raises(ConfigError, match=r"results\.json.*source_class_weight_power 0\.0 there, 0\.3 now"):
         require_same_settings(tmp_path, DemoSettings(source_class_weight_power=0.3))
+    del saved["source_rcs_temperature"]  # before the demo sampled rare classes: it did not
+    (tmp_path / "results.json").write_text(json.dumps({"settings": saved}))
+    with pytest.raises(ConfigError, match=r"source_rcs_temperature 0\.0 there, 0\.01 now"):
+        require_same_settings(tmp_path, DemoSettings())
+    require_same_settings(tmp_path, DemoSettings(source_rcs_temperature=0.0))
     require_same_settings(tmp_path / "empty", DemoSettings(mine_port=0.8))  # nothing finished there

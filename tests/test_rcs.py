@@ -1,14 +1,18 @@
-"""Rare Class Sampling: probabilities, draws and the retried crop."""
+"""Rare Class Sampling: probabilities, draws, the retried crop, and source training's crops."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 
 from cbst.errors import DataError
-from cbst.rcs import CROP_ATTEMPTS, RareClassSampler, class_probabilities, crop_with_class
+from cbst.rcs import CROP_ATTEMPTS, RareClassCrops, RareClassSampler, class_probabilities, crop_with_class
+from cbst.sourcetrain import train_source
+from cbst.training import set_dataset_epoch
+from cbst.transforms import TrainTransform
 
 
 def test_probabilities_are_the_softmax_of_one_minus_frequency_over_temperature():
@@ -60,3 +64,65 @@ def test_probabilities_file_names_every_class(tmp_path):
     sampler.write_probabilities(tmp_path / "p.json", ["road", "sidewalk"])
     data = json.loads((tmp_path / "p.json").read_text())
     assert list(data) == ["road", "sidewalk"] and abs(sum(data.values()) - 1) < 1e-12
+
+
+class _Images:
+    """A dataset of 16x16 images, image k's label all class 0 but for a block of ``blocks[k]``."""
+
+    def __init__(self, blocks: dict[int, int], count: int) -> None:
+        self.labels = [np.zeros((16, 16), np.uint8) for _ in range(count)]
+        for k, cls in blocks.items():
+            self.labels[k][4:10, 4:10] = cls
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": np.zeros((16, 16, 3), np.uint8), "label": self.labels[i], "name": str(i), "index": i}
+        return self.transform(item) if self.transform is not None else item
+
+    def with_transform(self, transform):
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+
+def test_source_crops_come_from_the_images_the_sampler_draws_and_repeat_in_every_instance():
+    data = _Images({3: 2, 7: 1, 8: 1}, count=20)  # class 2 in one image, class 1 in two
+    counts = np.array([np.bincount(label.ravel(), minlength=3) for label in data.labels])
+    sampler = RareClassSampler(counts, 0.1, 10)
+    transform = TrainTransform(12, scale_range=(1.0, 1.0), seed=4)
+    crops, again = (RareClassCrops(data.with_transform(transform), sampler) for _ in range(2))
+    drawn = []
+    for epoch in range(300):
+        set_dataset_epoch(crops, epoch)
+        items = [crops[i] for i in range(len(crops))]
+        drawn += [item["index"] for item in items]
+        if epoch in (0, 299):
+            assert [again[i]["label"].tolist() for i in range(len(again))] == [
+                x["label"].tolist() for x in items
+            ]
+    assert len(crops) == 20
+    holders = [np.flatnonzero(counts[:, c] > 10) for c in range(3)]
+    expected = np.zeros(20)  # each image's chance: the classes it holds, shared among their holders
+    for c in range(3):
+        expected[holders[c]] += sampler.probs[c] / len(holders[c])
+    np.testing.assert_allclose(np.bincount(drawn, minlength=20) / len(drawn), expected, atol=0.03)
+    assert expected[3] > 10 / 20  # the image of the rarest class: most crops, not one in twenty
+
+
+def test_train_source_draws_its_crops_by_rare_class_sampling(source_train_config, tmp_path):
+    plain = train_source(source_train_config(tmp_path / "plain", progress=False)).parent
+    out = train_source(
+        source_train_config(tmp_path / "rcs", progress=False, rcs_temperature=0.05, rcs_min_pixels=20)
+    ).parent
+    counts = np.load(out / "class_pixel_counts.npy")
+    probs = json.loads((out / "rcs_class_probs.json").read_text())
+    np.testing.assert_allclose(list(probs.values()), class_probabilities(counts, 0.05, 20), rtol=1e-12)
+    losses = [
+        [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+        for run in (plain, out)
+    ]
+    assert losses[0] != losses[1]  # the same seed: only the crops differ
+    assert not (plain / "class_pixel_counts.npy").exists()  # counted only when something needs it

@@ -222,6 +222,20 @@ class TrainingSection:
         return option(0, help, flags=("--seed", "--seed-int"), stages=stages, plan=plan, section="training")
 
     @staticmethod
+    def rcs_temperature(default: float, help: str, stages=TRAIN, section: str = "training") -> Any:
+        return option(default, help, range="non_negative", metavar="T", stages=stages, section=section)
+
+    @staticmethod
+    def rcs_min_pixels(stages=TRAIN, section: str = "training") -> Any:
+        return option(
+            3000,
+            "rare class sampling: an image counts as holding a class above this many pixels",
+            range="non_negative",
+            stages=stages,
+            section=section,
+        )
+
+    @staticmethod
     def sync_bn(stages=TRAIN) -> Any:
         return option(
             False,
@@ -611,18 +625,10 @@ class SelfTrainConfig:
         range="positive",
         section=ONLINE,
     )
-    rcs_temperature: float = option(
-        0.01,
-        "rare class sampling temperature T (0 = uniform source images)",
-        range="non_negative",
-        section=ONLINE,
+    rcs_temperature: float = TrainingSection.rcs_temperature(
+        0.01, "rare class sampling temperature T (0 = uniform source images)", stages=(), section=ONLINE
     )
-    rcs_min_pixels: int = option(
-        3000,
-        "rare class sampling: an image counts as holding a class above this many pixels",
-        range="non_negative",
-        section=ONLINE,
-    )
+    rcs_min_pixels: int = TrainingSection.rcs_min_pixels(stages=(), section=ONLINE)
     fd_lambda: float = option(
         0.0,
         "weight of the ImageNet feature distance on the source crops' thing-class pixels "
@@ -887,6 +893,13 @@ class SourceTrainConfig:
         stages=TRAIN,
         section="training",
     )
+    rcs_temperature: float = TrainingSection.rcs_temperature(
+        0.0,
+        "rare class sampling (DAFormer's) of the source crops at temperature T: each crop's image "
+        "is drawn for a class drawn with probability softmax((1 - f)/T), f the classes' pixel "
+        "shares; 0 (default) = every image once per epoch",
+    )
+    rcs_min_pixels: int = TrainingSection.rcs_min_pixels()
     seed: int = TrainingSection.seed("seed of the shuffle, crops, flips and dropout")
     device: str = RuntimeSection.device()
     num_workers: int = RuntimeSection.num_workers(4)

@@ -67,6 +67,11 @@ class DemoSettings:
     # the plain loss: 0.3 (train-source --class-weight-power) lets the source model learn more of
     # the rare classes on held-out game images but takes CBST below the source model (docs/results.md)
     source_class_weight_power: float = 0.0
+    # Rare Class Sampling of the source crops (train-source --rcs-temperature): the source model
+    # learns more of the rare classes on held-out game images, where T was chosen among 0.01 and
+    # 0.05; the minimum among 50 and 100 pixels on the selection split (docs/results.md)
+    source_rcs_temperature: float = 0.01
+    source_rcs_min_pixels: int = 50
     batch_images: int = 4
     crop_size: int = 96
     num_round: int = 3
@@ -85,10 +90,11 @@ class DemoSettings:
     pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
     amp: bool = True  # bf16 where the hardware multiplies it (GPU, AMX/AVX512-BF16 CPU); --no-amp: float32
     # online rows: about the rounds' training iterations, SGD at the rounds' learning rate (the
-    # small model is trained by SGD), RCS's minimum scaled from 3000 of 1280x720 to 256x128
+    # small model is trained by SGD)
     online_iters: int = 150
     online_window: int = 25  # iterations: 200 target crops, the size of the target split
     online_eval_interval: int = 50
+    # RCS's minimum of the online rows: 3000 of 1280x720 scaled to 256x128
     rcs_min_pixels: int = 100
 
 
@@ -148,16 +154,25 @@ def require_same_model(out: Path, model: str) -> None:
         )
 
 
+_PREDATED = {"source_rcs_temperature": 0.0}
+"""Fields whose default changed what the demo computes: the value it ran with before them."""
+
+
 def require_same_settings(out: Path, settings: DemoSettings) -> None:
     """Refuse to continue the demo in ``out`` with other settings than it ran with: another
     architecture than its source run's (:func:`require_same_model`), or, once it has finished,
     any field of its ``results.json`` (its rows would be reported as those of ``settings``). A
-    field a folder's results predate is taken to have its default."""
+    field a folder's results predate is taken to have the value the demo ran with before the
+    field existed (:data:`_PREDATED`), else its default."""
     require_same_model(out, settings.model)
     done = out / "results.json"
     if not done.is_file():
         return
-    saved = {**dataclasses.asdict(DemoSettings()), **json.loads(done.read_text()).get("settings", {})}
+    saved = {
+        **dataclasses.asdict(DemoSettings()),
+        **_PREDATED,
+        **json.loads(done.read_text()).get("settings", {}),
+    }
     diffs = [
         f"{name} {saved[name]!r} there, {value!r} now"
         for name, value in dataclasses.asdict(settings).items()
@@ -222,6 +237,8 @@ def source_config(
         weight_decay=s.weight_decay,
         to_epoch=s.source_epochs,
         class_weight_power=s.source_class_weight_power,
+        rcs_temperature=s.source_rcs_temperature,
+        rcs_min_pixels=s.source_rcs_min_pixels,
         seed=seed,
         device=device,
         num_workers=_loader_workers(device),

@@ -11,6 +11,9 @@ image holds enough of cannot be sampled; DAFormer would fail on it). Then one of
 is drawn uniformly, and its random crop is retried up to ``CROP_ATTEMPTS`` times until it holds
 more than ``CROP_RATIO · min_pixels`` pixels of c (the last attempt is kept otherwise). The
 probabilities go to ``OUTPUT/rcs_class_probs.json`` (class name -> probability).
+
+Online self-training draws its source crops so (:class:`cbst.online.OnlinePairs`), and source
+training with ``--rcs-temperature`` through :class:`RareClassCrops`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from cbst import io
 
@@ -80,3 +84,31 @@ def crop_with_class(
         if int((out["label"] == cls).sum()) > CROP_RATIO * min_pixels:
             break
     return out
+
+
+class RareClassCrops(Dataset):
+    """An epoch of ``len(dataset)`` source crops, each image drawn by Rare Class Sampling.
+
+    ``dataset`` serves its images through a ``TrainTransform``; item i of an epoch draws its
+    class and image from the transform's stream of (seed, epoch, i) and its crop attempts from
+    streams of their own, so an epoch is the same in any process, worker or resumed run.
+    """
+
+    def __init__(self, dataset: Any, sampler: RareClassSampler) -> None:
+        self.dataset = dataset  # the epoch reaches its transform through here (set_dataset_epoch)
+        self.images = dataset.with_transform(None)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        transform = self.dataset.transform
+        cls, image = self.sampler.draw(transform.rng(index))
+
+        def attempt_stream(attempt: int) -> np.random.Generator:
+            return np.random.default_rng([transform.seed, transform.epoch, index, attempt])
+
+        return crop_with_class(
+            transform.apply, self.images[image], cls, self.sampler.min_pixels, attempt_stream
+        )

@@ -8,15 +8,21 @@ stay (a ResNet-38 checkpoint with its SGD momentum is twice the size of its weig
 per epoch over 30 epochs would be tens of GB). A killed run resumes from ``last.pt`` and ends
 with the same weights as an uninterrupted one. It mirrors :mod:`cbst.selftrain`, the driver of
 the self-training rounds.
+
+With ``rcs_temperature`` above 0 an epoch's crops are drawn by Rare Class Sampling
+(:class:`cbst.rcs.RareClassCrops`): as many crops as images, each of an image drawn for a
+class. The class counts it draws by, and the class-balanced loss weights by, are counted once
+into ``OUT/class_pixel_counts.npy``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -36,6 +42,7 @@ from cbst.models import build_model
 from cbst.models.base import geometry, round_to_stride
 from cbst.models.transformer import TransformerSegNet
 from cbst.optim import build_optimizer
+from cbst.rcs import PROBS_FILE, RareClassCrops, RareClassSampler
 from cbst.registry import ARCHITECTURES, LOSSES
 from cbst.training import train_epochs
 from cbst.transforms import TrainTransform
@@ -160,23 +167,38 @@ def _check_resume(output: Path, config: SourceTrainConfig, finished: int) -> Non
         raise checks.resume_refusal(path, saved, current, diff, f"the {finished} finished epochs")
 
 
-def _loss(config: SourceTrainConfig, output: Path, data: Any, *, first_start: bool) -> Any:
-    """``--loss``, weighted per class when ``--class-weight-power`` is above 0.
-
-    The weights come from the source labels' class counts (``OUT/class_pixel_counts.npy``,
-    counted on the first start, read on a resume) and are written to ``OUT/class_weights.json``.
-    """
-    loss = LOSSES.get(config.loss)
-    if config.class_weight_power == 0:
-        return loss()
+def _class_counts(
+    config: SourceTrainConfig, output: Path, data: Any, *, first_start: bool
+) -> np.ndarray | None:
+    """The source labels' per-image class counts (``OUT/class_pixel_counts.npy``, counted on the
+    first start, read on a resume) when the loss or the sampling needs them, else None."""
+    if config.class_weight_power == 0 and config.rcs_temperature == 0:
+        return None
     path = output / CLASS_COUNTS_FILE
-    counts = run_pixel_counts(path, data, config.num_classes, recount=first_start, progress=config.progress)
+    return run_pixel_counts(path, data, config.num_classes, recount=first_start, progress=config.progress)
+
+
+def _loss(config: SourceTrainConfig, output: Path, counts: np.ndarray | None, names: Sequence[str]) -> Any:
+    """``--loss``, weighted per class by ``counts`` when ``--class-weight-power`` is above 0 (the
+    weights are written to ``OUT/class_weights.json``)."""
+    loss = LOSSES.get(config.loss)
+    if config.class_weight_power == 0 or counts is None:
+        return loss()
     weights = class_balance_weights(counts, config.class_weight_power)
-    names = data.protocol.class_names
     distributed.write_once(
         write_json, output / CLASS_WEIGHTS_FILE, {name: float(w) for name, w in zip(names, weights)}
     )
     return loss(class_weights=weights.tolist())
+
+
+def _crops(config: SourceTrainConfig, output: Path, data: Any, counts: np.ndarray | None) -> Any:
+    """What an epoch trains on: ``data`` itself, or crops drawn from it by Rare Class Sampling
+    when ``--rcs-temperature`` is above 0 (its class probabilities go to ``OUT/rcs_class_probs.json``)."""
+    if config.rcs_temperature == 0 or counts is None:
+        return data
+    sampler = RareClassSampler(counts, config.rcs_temperature, config.rcs_min_pixels)
+    distributed.write_once(sampler.write_probabilities, output / PROBS_FILE, data.protocol.class_names)
+    return RareClassCrops(data, sampler)
 
 
 def _evaluator(
@@ -187,7 +209,11 @@ def _evaluator(
         return None
 
     val = build_dataset(
-        config.eval_dataset, config.eval_root, split=config.eval_split, num_classes=config.num_classes
+        config.eval_dataset,
+        config.eval_root,
+        split=config.eval_split,
+        num_classes=config.num_classes,
+        progress=config.progress,
     )
     if val.protocol.name != protocol.name:
         raise ConfigError(
@@ -232,6 +258,7 @@ def train_source(config: SourceTrainConfig) -> Path:
         split=config.split,
         num_classes=config.num_classes,
         list_file=config.list_file,
+        progress=config.progress,
     )
     checks.require_batch_fits(config.batch_images, len(data), config.data_root)
     protocol = data.protocol
@@ -263,7 +290,9 @@ def train_source(config: SourceTrainConfig) -> Path:
     data = data.with_transform(transform)
     evaluate = _evaluator(config, protocol, device)
     distributed.write_once(_write_config, output, config)
-    loss_fn = _loss(config, output, data, first_start=start_epoch == 0)
+    counts = _class_counts(config, output, data, first_start=start_epoch == 0)
+    loss_fn = _loss(config, output, counts, protocol.class_names)
+    crops = _crops(config, output, data, counts)
     net = maybe_compile(model, config.compile)  # runs the steps; checkpoints come from model
     loggers = open_loggers(logger_names(config.loggers, config.tensorboard), output)
 
@@ -292,7 +321,7 @@ def train_source(config: SourceTrainConfig) -> Path:
     try:
         train_epochs(
             net,
-            data,
+            crops,
             epochs=config.to_epoch,
             start_epoch=start_epoch,
             batch_size=config.batch_images,
