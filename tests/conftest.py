@@ -9,6 +9,7 @@ turns that skip into a failure.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,16 @@ def self_train_config(bench) -> Callable[..., SelfTrainConfig]:
         return SelfTrainConfig(**{**base, **changes})
 
     return make
+
+
+@pytest.fixture()
+def epoch_losses() -> Callable[[Path], list[float]]:
+    """``epoch_losses(run)``: the epoch losses a source-training run folder logged, in order."""
+
+    def read(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    return read
 
 
 @pytest.fixture()

@@ -46,12 +46,9 @@ def test_weighted_cross_entropy_is_the_weighted_sum_over_the_labelled_pixels():
     assert loss.per_pixel(logits.float(), labels).sum().item() == pytest.approx(sum(terms), rel=1e-5)
 
 
-def _losses(run) -> list[float]:
-    """The epoch losses a source run logged."""
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def test_train_source_weights_its_loss_by_the_counted_class_shares(source_train_config, tmp_path):
+def test_train_source_weights_its_loss_by_the_counted_class_shares(
+    source_train_config, epoch_losses, tmp_path
+):
     plain = train_source(source_train_config(tmp_path / "plain", progress=False))
     weighted = train_source(
         source_train_config(tmp_path / "weighted", progress=False, class_weight_power=0.5)
@@ -65,7 +62,7 @@ def test_train_source_weights_its_loss_by_the_counted_class_shares(source_train_
     present = counts.sum(0) > 0
     shares = counts.sum(0)[present] / counts.sum()
     assert math.isclose(float(np.dot(shares, np.array(list(saved.values()))[present])), 1.0, rel_tol=1e-9)
-    assert _losses(out) != _losses(plain.parent)  # same seed and crops: only the weights differ
+    assert epoch_losses(out) != epoch_losses(plain.parent)  # same seed and crops: only the weights differ
 
 
 def test_class_weights_need_a_loss_that_takes_them(source_train_config, tmp_path):

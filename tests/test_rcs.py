@@ -112,7 +112,7 @@ def test_source_crops_come_from_the_images_the_sampler_draws_and_repeat_in_every
     assert expected[3] > 10 / 20  # the image of the rarest class: most crops, not one in twenty
 
 
-def test_train_source_draws_its_crops_by_rare_class_sampling(source_train_config, tmp_path):
+def test_train_source_draws_its_crops_by_rare_class_sampling(source_train_config, epoch_losses, tmp_path):
     plain = train_source(source_train_config(tmp_path / "plain", progress=False)).parent
     out = train_source(
         source_train_config(tmp_path / "rcs", progress=False, rcs_temperature=0.05, rcs_min_pixels=20)
@@ -120,9 +120,5 @@ def test_train_source_draws_its_crops_by_rare_class_sampling(source_train_config
     counts = np.load(out / "class_pixel_counts.npy")
     probs = json.loads((out / "rcs_class_probs.json").read_text())
     np.testing.assert_allclose(list(probs.values()), class_probabilities(counts, 0.05, 20), rtol=1e-12)
-    losses = [
-        [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-        for run in (plain, out)
-    ]
-    assert losses[0] != losses[1]  # the same seed: only the crops differ
+    assert epoch_losses(plain) != epoch_losses(out)  # the same seed: only the crops differ
     assert not (plain / "class_pixel_counts.npy").exists()  # counted only when something needs it

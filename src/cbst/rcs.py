@@ -105,10 +105,10 @@ class RareClassCrops(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         transform = self.dataset.transform
         cls, image = self.sampler.draw(transform.rng(index))
-
-        def attempt_stream(attempt: int) -> np.random.Generator:
-            return np.random.default_rng([transform.seed, transform.epoch, index, attempt])
-
         return crop_with_class(
-            transform.apply, self.images[image], cls, self.sampler.min_pixels, attempt_stream
+            transform.apply,
+            self.images[image],
+            cls,
+            self.sampler.min_pixels,
+            lambda attempt: transform.rng(index, attempt),
         )

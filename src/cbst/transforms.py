@@ -149,9 +149,10 @@ class TrainTransform:
         """Use a new rare-class mining plan (each self-training round has its own), or none."""
         self.mining = plan
 
-    def rng(self, index: int) -> np.random.Generator:
-        """The random stream of one sample in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+    def rng(self, index: int, *tail: int) -> np.random.Generator:
+        """The random stream of one sample in the current epoch (``tail``: a further stream of
+        that sample's, e.g. one per attempt of a retried crop)."""
+        return np.random.default_rng([self.seed, self.epoch, int(index), *tail])
 
     def _window(self, rng: np.random.Generator, label: np.ndarray) -> tuple[int, int]:
         """A mined window with probability ``mining.port`` when a candidate exists, else random."""
