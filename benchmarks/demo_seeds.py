@@ -2,8 +2,8 @@
 the rows of demo folders run before.
 
 Usage:
-  python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo_seeds] [--methods all] [--no-amp]
-                                  [--setting NAME=VALUE ...]
+  python benchmarks/demo_seeds.py [--seeds 0 1 2] [--out runs/demo_seeds] [--methods all]
+                                  [--no-amp | --emulate-bf16] [--setting NAME=VALUE ...]
   python benchmarks/demo_seeds.py --seeds 0 1 2 --from DIR [DIR ...] [--against ROW]
 
 The first form runs what ``cbst demo --seeds 0,1,2 --out runs/demo_seeds`` runs: each seed gets
@@ -12,6 +12,8 @@ in ``OUT/data``, and ``OUT/seeds.md`` holds the table of mean ± std of the mIoU
 rare-class IoU. Then it prints each row's gain over the source model per seed (mean ± std, and
 the mean over that std). ``--setting`` changes one field of the demo's ``DemoSettings`` (e.g.
 ``source_class_weight_power=0.3``), to measure a setting over seeds before the demo adopts it.
+``--emulate-bf16`` runs the demo's bf16 path on a CPU without native bf16 (``bf16_emulation.py``):
+its figures are those of bf16, its times are not.
 
 ``--from`` runs nothing: it reads ``DIR/seed_N/results.json`` of each folder (``cbst demo
 --out DIR/seed_N --seed N`` runs, e.g. the rounds rows in one folder and the online rows, from
@@ -25,8 +27,10 @@ the log records of each run and then over the seeds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from cbst.demo import (
@@ -38,8 +42,11 @@ from cbst.demo import (
     seeds_table,
     settings_for,
 )
-from cbst.errors import CbstError
+from cbst.errors import CbstError, ConfigError
 from cbst.report.runs import is_online_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bf16_emulation import check_device, emulated_bf16  # noqa: E402
 
 
 def _summary(values: list[float]) -> str:
@@ -104,6 +111,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="a comma list, or all")
     parser.add_argument("--no-amp", action="store_true", help="float32 even where bf16 autocast is available")
     parser.add_argument(
+        "--emulate-bf16",
+        action="store_true",
+        help="bf16 on a CPU without native bf16 (benchmarks/bf16_emulation.py; its times mean nothing)",
+    )
+    parser.add_argument(
         "--from", dest="folders", type=Path, nargs="+", help="tabulate these demo folders' seeds"
     )
     parser.add_argument("--against", default="Source", help="the row the differences are taken from")
@@ -119,12 +131,19 @@ def main() -> None:
         print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
         return
     try:
+        if args.emulate_bf16 and args.no_amp:
+            raise ConfigError("--emulate-bf16 asks for bf16, --no-amp for float32: pass one of them")
+        if args.emulate_bf16:
+            check_device(args.device)
         settings = override_settings(DemoSettings(amp=not args.no_amp), args.setting)
         settings = settings_for(settings.model, settings)
         methods = parse_methods(args.methods)
-        results = run_demo_seeds(args.out, args.seeds, device=args.device, settings=settings, methods=methods)
+        with emulated_bf16() if args.emulate_bf16 else contextlib.nullcontext():
+            results = run_demo_seeds(
+                args.out, args.seeds, device=args.device, settings=settings, methods=methods
+            )
     except CbstError as exc:  # a user error: one line, as the command line prints it
-        raise SystemExit(f"demo_seeds.py: error: {exc}") from None
+        raise SystemExit(f"{parser.prog}: error: {exc}") from None
     print(seeds_table(results), end="")
     print_gains(results, args.against)
 

@@ -1,0 +1,115 @@
+"""benchmarks/bf16_emulation.py: cbst's bf16 path on a CPU without native bf16, its convolutions
+computed by the float32 kernels on bf16 operands."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cbst.device
+from cbst.device import autocast, mixed_precision
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """``benchmarks/NAME.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emulated_bf16():
+    return _script("bf16_emulation").emulated_bf16
+
+
+def _rounded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to bf16, held in float32."""
+    return t.bfloat16().float()
+
+
+def _inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 12, 10, generator=g)
+    w = torch.randn(6, 8, 3, 3, generator=g) * 0.2
+    grad_out = torch.randn(2, 6, 12, 10, generator=g)
+    return x, w, grad_out
+
+
+def test_cbst_takes_its_bf16_path_inside_and_its_own_choice_after(emulated_bf16):
+    cpu = torch.device("cpu")
+    before = mixed_precision(cpu)
+    with emulated_bf16():
+        assert mixed_precision(cpu) == torch.bfloat16
+        assert mixed_precision(cpu, enabled=False) is None  # --no-amp stays float32
+        with autocast(cpu):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    assert mixed_precision(cpu) == before
+    assert cbst.device.cpu_has_native_bf16() == (before is not None)
+
+
+def test_a_convolution_and_its_gradients_are_float32_sums_of_bf16_operands(emulated_bf16):
+    x, w, grad_out = _inputs()
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with emulated_bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = F.conv2d(xe, we, padding=1)
+        assert y.dtype == torch.bfloat16
+        y.backward(grad_out.bfloat16())
+
+    # the reference: float32 convolution of the rounded operands, each result rounded to bf16
+    xr, wr = _rounded(x).requires_grad_(), _rounded(w).requires_grad_()
+    yr = F.conv2d(xr, wr, padding=1)
+    gx, gw = torch.autograd.grad(yr, (xr, wr), _rounded(grad_out))
+    torch.testing.assert_close(y.float(), _rounded(yr.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(xe.grad, _rounded(gx), rtol=0, atol=0)
+    torch.testing.assert_close(we.grad, _rounded(gw), rtol=0, atol=0)
+
+
+def test_it_agrees_with_pytorchs_own_bf16_convolution_to_bf16_precision(emulated_bf16):
+    x, w, _ = _inputs(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        native = F.conv2d(x, w, padding=2, dilation=2)
+        with emulated_bf16():
+            emulated = F.conv2d(x, w, padding=2, dilation=2)
+    exact = F.conv2d(x, w, padding=2, dilation=2)
+    # both are bf16 results: within a few bf16 ulps of each other, far closer than to float32's own
+    torch.testing.assert_close(emulated.float(), native.float(), rtol=2e-2, atol=2e-2)
+    assert (emulated.float() - native.float()).abs().mean() < (emulated.float() - exact).abs().mean()
+
+
+def test_float32_convolutions_are_left_alone(emulated_bf16):
+    x, w, _ = _inputs(2)
+    with emulated_bf16():
+        y = F.conv2d(x, w, padding=1)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=0, atol=0)
+
+
+def test_the_scripts_refuse_it_off_the_cpu(tmp_path, monkeypatch):
+    module = _script("source_calibration")
+    argv = ["source_calibration.py", "--out", str(tmp_path), "--emulate-bf16", "--device", "cuda"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert "--emulate-bf16" in str(stop.value) and "cpu" in str(stop.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_timing_prints_one_line_per_precision(capsys, monkeypatch):
+    module = _script("bf16_emulation")
+    monkeypatch.setattr(sys, "argv", ["bf16_emulation.py", "--runs", "1"])
+    module.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["precision"] for r in lines] == list(module.PRECISIONS)
+    assert all(
+        r["seconds_per_step"] > 0 and r["cpu_native_bf16"] == cbst.device.cpu_has_native_bf16() for r in lines
+    )
