@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 import cbst.device
 from cbst.device import select_device
@@ -45,13 +45,19 @@ def _is_bf16(value: object) -> bool:
 
 
 class _Float32Convolutions(TorchDispatchMode):
-    """Runs bf16 convolutions (and their gradients) through the float32 kernels, result in bf16."""
+    """Runs bf16 convolutions (and their gradients) through the float32 kernels, result in bf16;
+    ``calls`` counts the convolutions it widened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONVOLUTIONS and any(_is_bf16(a) for a in args):
-            widened = tree_map(lambda t: t.float() if _is_bf16(t) else t, args)
-            result = func(*widened, **kwargs)
+        if func in _CONVOLUTIONS and any(_is_bf16(t) for t in tree_leaves((args, kwargs))):
+            self.calls += 1
+            widened_args, widened_kwargs = tree_map(lambda t: t.float() if _is_bf16(t) else t, (args, kwargs))
+            result = func(*widened_args, **widened_kwargs)
             return tree_map(
                 lambda t: (
                     t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -62,20 +68,29 @@ class _Float32Convolutions(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def emulated_bf16() -> Iterator[None]:
+def emulated_bf16() -> Iterator[_Float32Convolutions]:
     """Within: cbst uses bf16 autocast on the CPU as on one with native bf16 (``--no-amp`` still
-    means float32), its convolutions computed as :class:`_Float32Convolutions` says. The report's
-    provenance still records the CPU's own (missing) native bf16."""
-    with mock.patch.object(cbst.device, "cpu_has_native_bf16", return_value=True), _Float32Convolutions():
-        yield
+    means float32), its convolutions computed as :class:`_Float32Convolutions` says (the mode is
+    yielded, so a caller can count them). The report's provenance still records the CPU's own
+    (missing) native bf16."""
+    with (
+        mock.patch.object(cbst.device, "cpu_has_native_bf16", return_value=True),
+        _Float32Convolutions() as mode,
+    ):
+        yield mode
 
 
-def check_device(name: str) -> None:
-    """Refuse emulation unless ``--device`` ``name`` is the CPU: a GPU has bf16 of its own."""
-    chosen = select_device(name).type if name == "auto" else name.partition(":")[0]
+def check_emulation(device: str, amp: bool) -> None:
+    """Refuse emulation unless ``--device`` is the CPU (a GPU has bf16 of its own) and the
+    settings ask for mixed precision (``amp=False`` is float32)."""
+    if not amp:
+        raise ConfigError(
+            "--emulate-bf16 asks for bf16 but the settings ask for float32 (amp=False, --no-amp)"
+        )
+    chosen = select_device(device).type if device == "auto" else device.partition(":")[0]
     if chosen != "cpu":
-        picked = f" (it picks {chosen} here)" if name == "auto" else ""
-        raise ConfigError(f"--emulate-bf16 runs on the cpu only, not with --device {name}{picked}")
+        picked = f" (it picks {chosen} here)" if device == "auto" else ""
+        raise ConfigError(f"--emulate-bf16 runs on the cpu only, not with --device {device}{picked}")
 
 
 PRECISIONS = ("float32", "bf16, PyTorch's kernels", "bf16, emulated")

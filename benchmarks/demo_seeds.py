@@ -42,11 +42,11 @@ from cbst.demo import (
     seeds_table,
     settings_for,
 )
-from cbst.errors import CbstError, ConfigError
+from cbst.errors import CbstError
 from cbst.report.runs import is_online_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bf16_emulation import check_device, emulated_bf16  # noqa: E402
+from bf16_emulation import check_emulation, emulated_bf16  # noqa: E402
 
 
 def _summary(values: list[float]) -> str:
@@ -124,6 +124,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.folders:
+        if args.emulate_bf16 or args.no_amp or args.setting:
+            raise SystemExit(
+                f"{parser.prog}: error: --from tabulates finished runs; --emulate-bf16, --no-amp and "
+                "--setting apply only to runs it starts"
+            )
         results = merged_results(args.folders, args.seeds)
         print(f"rare classes: {', '.join(results[0]['rare_classes'])}")
         print(seeds_table(results), end="")
@@ -131,12 +136,10 @@ def main() -> None:
         print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
         return
     try:
-        if args.emulate_bf16 and args.no_amp:
-            raise ConfigError("--emulate-bf16 asks for bf16, --no-amp for float32: pass one of them")
-        if args.emulate_bf16:
-            check_device(args.device)
         settings = override_settings(DemoSettings(amp=not args.no_amp), args.setting)
         settings = settings_for(settings.model, settings)
+        if args.emulate_bf16:
+            check_emulation(args.device, settings.amp)
         methods = parse_methods(args.methods)
         with emulated_bf16() if args.emulate_bf16 else contextlib.nullcontext():
             results = run_demo_seeds(

@@ -45,7 +45,7 @@ from cbst.provenance import provenance
 from cbst.synthetic import SYNTHETIC_VERSION, make_synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bf16_emulation import check_device, emulated_bf16  # noqa: E402
+from bf16_emulation import check_emulation, emulated_bf16  # noqa: E402
 
 
 def _write_list(path: Path, names: list[str]) -> Path:
@@ -79,7 +79,7 @@ def main() -> None:
     try:
         settings = override_settings(DemoSettings(), args.setting)
         if args.emulate_bf16:
-            check_device(args.device)
+            check_emulation(args.device, settings.amp)
     except ConfigError as exc:
         raise SystemExit(f"{parser.prog}: error: {exc}") from None
     with emulated_bf16() if args.emulate_bf16 else contextlib.nullcontext():

@@ -58,20 +58,22 @@ def test_cbst_takes_its_bf16_path_inside_and_its_own_choice_after(emulated_bf16)
 
 def test_a_convolution_and_its_gradients_are_float32_sums_of_bf16_operands(emulated_bf16):
     x, w, grad_out = _inputs()
-    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
-    with emulated_bf16():
+    b = torch.linspace(-1, 1, w.shape[0])
+    xe, we, be = (t.clone().requires_grad_() for t in (x, w, b))
+    with emulated_bf16() as mode:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = F.conv2d(xe, we, padding=1)
+            y = F.conv2d(xe, we, be, padding=1)
         assert y.dtype == torch.bfloat16
         y.backward(grad_out.bfloat16())
+    assert mode.calls == 2  # the convolution and its backward, both widened
 
     # the reference: float32 convolution of the rounded operands, each result rounded to bf16
-    xr, wr = _rounded(x).requires_grad_(), _rounded(w).requires_grad_()
-    yr = F.conv2d(xr, wr, padding=1)
-    gx, gw = torch.autograd.grad(yr, (xr, wr), _rounded(grad_out))
+    xr, wr, br = (_rounded(t).requires_grad_() for t in (x, w, b))
+    yr = F.conv2d(xr, wr, br, padding=1)
+    gx, gw, gb = torch.autograd.grad(yr, (xr, wr, br), _rounded(grad_out))
     torch.testing.assert_close(y.float(), _rounded(yr.detach()), rtol=0, atol=0)
-    torch.testing.assert_close(xe.grad, _rounded(gx), rtol=0, atol=0)
-    torch.testing.assert_close(we.grad, _rounded(gw), rtol=0, atol=0)
+    for grad, reference in ((xe.grad, gx), (we.grad, gw), (be.grad, gb)):
+        torch.testing.assert_close(grad, _rounded(reference), rtol=0, atol=0)
 
 
 def test_it_agrees_with_pytorchs_own_bf16_convolution_to_bf16_precision(emulated_bf16):
@@ -88,22 +90,33 @@ def test_it_agrees_with_pytorchs_own_bf16_convolution_to_bf16_precision(emulated
 
 def test_float32_convolutions_are_left_alone(emulated_bf16):
     x, w, _ = _inputs(2)
-    with emulated_bf16():
+    with emulated_bf16() as mode:
         y = F.conv2d(x, w, padding=1)
-    assert y.dtype == torch.float32
+    assert y.dtype == torch.float32 and mode.calls == 0
     torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=0, atol=0)
 
 
-def test_the_scripts_refuse_it_off_the_cpu(tmp_path, monkeypatch):
-    module = _script("source_calibration")
-    argv = ["source_calibration.py", "--out", str(tmp_path), "--emulate-bf16", "--device", "cuda"]
+@pytest.mark.parametrize(
+    ("script", "flags", "says"),
+    [
+        ("source_calibration", ["--device", "cuda"], "cpu only"),
+        ("demo_seeds", ["--device", "cuda:0"], "cpu only"),
+        ("demo_seeds", ["--no-amp"], "float32"),
+        ("source_calibration", ["--setting", "amp=false"], "float32"),
+    ],
+)
+def test_the_scripts_refuse_it_off_the_cpu_and_in_float32(script, flags, says, tmp_path, monkeypatch):
+    module = _script(script)
+    argv = [f"{script}.py", "--out", str(tmp_path / "out"), "--emulate-bf16", *flags]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         module.main()
-    assert "--emulate-bf16" in str(stop.value) and "cpu" in str(stop.value)
-    assert not any(tmp_path.iterdir())
+    message = str(stop.value)
+    assert message.startswith(f"{script}.py: error: --emulate-bf16") and says in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_the_timing_prints_one_line_per_precision(capsys, monkeypatch):
     module = _script("bf16_emulation")
     monkeypatch.setattr(sys, "argv", ["bf16_emulation.py", "--runs", "1"])

@@ -85,9 +85,10 @@ class DemoSettings:
     init_src_port: float = 0.5
     step_src_port: float = 0.05
     max_src_port: float = 0.6
-    # no rare-class mining: chosen with benchmarks/round_settings.py among 0, the original's default
-    # 0.5 and its README's 0.8, on camera val images the demo never scores; from the 20-epoch source
-    # models CBST's gain with mining at 0.5 fell below the source model in one seed (docs/results.md)
+    # no rare-class mining: chosen with benchmarks/round_settings.py on camera val images the demo
+    # never scores, against the original's default 0.5 from the 20-epoch source models (with it
+    # CBST fell below the source model in one seed), and 0.5 against 0.8 and 0 from earlier ones
+    # (docs/results.md)
     mine_port: float = 0.0
     pseudo_flip: bool = False  # flipping doubles the pseudo-label pass for little change in the labels
     pseudo_batch: int = 8  # labels identical to batches of 1 on the CPU measured; ~40 % faster
