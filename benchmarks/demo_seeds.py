@@ -42,7 +42,7 @@ from cbst.demo import (
     seeds_table,
     settings_for,
 )
-from cbst.errors import CbstError
+from cbst.errors import CbstError, ConfigError
 from cbst.report.runs import is_online_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,11 +74,15 @@ def merged_results(folders: list[Path], seeds: list[int]) -> list[dict]:
     a folder whose Source row differs from the first's is refused (another source model)."""
     merged = []
     for seed in seeds:
-        found = [json.loads((folder / f"seed_{seed}" / "results.json").read_text()) for folder in folders]
+        paths = [folder / f"seed_{seed}" / "results.json" for folder in folders]
+        for path in paths:
+            if not path.is_file():
+                raise ConfigError(f"{path}: not found; --from takes finished cbst demo --seeds folders")
+        found = [json.loads(path.read_text()) for path in paths]
         rows, rare = {}, {}
         for folder, result in zip(folders, found):
             if result["rows"]["Source"] != found[0]["rows"]["Source"]:
-                raise SystemExit(f"{folder / f'seed_{seed}'}: its Source row differs from {folders[0]}'s")
+                raise ConfigError(f"{folder / f'seed_{seed}'}: its Source row differs from {folders[0]}'s")
             rows.update(result["rows"])
             rare.update(result["rare_miou"])
         merged.append({**found[0], "rows": rows, "rare_miou": rare})
@@ -103,6 +107,19 @@ def print_online_selection(folders: list[Path], seeds: list[int], rare: list[str
         )
 
 
+def tabulate(args: argparse.Namespace) -> None:
+    """``--from``: the table, gains and online selection of finished demo folders."""
+    if args.emulate_bf16 or args.no_amp or args.setting:
+        raise ConfigError(
+            "--from tabulates finished runs; --emulate-bf16, --no-amp and --setting apply only to runs it starts"
+        )
+    results = merged_results(args.folders, args.seeds)
+    print(f"rare classes: {', '.join(results[0]['rare_classes'])}")
+    print(seeds_table(results), end="")
+    print_gains(results, args.against)
+    print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -123,19 +140,10 @@ def main() -> None:
         "--setting", action="append", default=[], metavar="NAME=VALUE", help="override one DemoSettings field"
     )
     args = parser.parse_args()
-    if args.folders:
-        if args.emulate_bf16 or args.no_amp or args.setting:
-            raise SystemExit(
-                f"{parser.prog}: error: --from tabulates finished runs; --emulate-bf16, --no-amp and "
-                "--setting apply only to runs it starts"
-            )
-        results = merged_results(args.folders, args.seeds)
-        print(f"rare classes: {', '.join(results[0]['rare_classes'])}")
-        print(seeds_table(results), end="")
-        print_gains(results, args.against)
-        print_online_selection(args.folders, args.seeds, results[0]["rare_classes"])
-        return
     try:
+        if args.folders:
+            tabulate(args)
+            return
         settings = override_settings(DemoSettings(amp=not args.no_amp), args.setting)
         settings = settings_for(settings.model, settings)
         if args.emulate_bf16:
@@ -145,8 +153,8 @@ def main() -> None:
             results = run_demo_seeds(
                 args.out, args.seeds, device=args.device, settings=settings, methods=methods
             )
-    except CbstError as exc:  # a user error: one line, as the command line prints it
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+    except CbstError as exc:  # a user error: one line and status 2, as the command line prints it
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(seeds_table(results), end="")
     print_gains(results, args.against)
 

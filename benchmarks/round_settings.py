@@ -135,7 +135,7 @@ def main() -> None:
     try:
         settings = override_settings(DemoSettings(amp=False), args.setting)
     except ConfigError as exc:
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     methods = args.methods.split(",")
     found = run_trial(args.demo, args.out, args.seeds, methods, settings, args.device)
     table = summary(found, args.seeds, ["Source", *methods])

@@ -38,7 +38,7 @@ from cbst.demo import (
     train_or_reuse,
 )
 from cbst.device import select_device
-from cbst.errors import ConfigError
+from cbst.errors import CbstError, ConfigError
 from cbst.evaluation import Metrics, evaluate_model, format_table
 from cbst.labels import CITYSCAPES_19
 from cbst.provenance import provenance
@@ -77,13 +77,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
+        if args.held_out < 1:
+            raise ConfigError(f"--held-out {args.held_out}: must be at least 1")
+        if args.weights and not Path(args.weights).is_file():  # before rendering the benchmark
+            raise ConfigError(f"--weights {args.weights}: checkpoint not found")
         settings = override_settings(DemoSettings(), args.setting)
         if args.emulate_bf16:
             check_emulation(args.device, settings.amp)
-    except ConfigError as exc:
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
-    with emulated_bf16() if args.emulate_bf16 else contextlib.nullcontext():
-        calibrate(args, settings)
+        with emulated_bf16() if args.emulate_bf16 else contextlib.nullcontext():
+            calibrate(args, settings)
+    except CbstError as exc:  # a user error (bad option, missing checkpoint): one line and status 2
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def calibrate(args: argparse.Namespace, settings: DemoSettings) -> None:

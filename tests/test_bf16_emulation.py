@@ -105,15 +105,41 @@ def test_float32_convolutions_are_left_alone(emulated_bf16):
         ("source_calibration", ["--setting", "amp=false"], "float32"),
     ],
 )
-def test_the_scripts_refuse_it_off_the_cpu_and_in_float32(script, flags, says, tmp_path, monkeypatch):
+def test_the_scripts_refuse_it_off_the_cpu_and_in_float32(script, flags, says, tmp_path, monkeypatch, capsys):
     module = _script(script)
     argv = [f"{script}.py", "--out", str(tmp_path / "out"), "--emulate-bf16", *flags]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         module.main()
-    message = str(stop.value)
-    assert message.startswith(f"{script}.py: error: --emulate-bf16") and says in message
-    assert "\n" not in message and not (tmp_path / "out").exists()
+    message = capsys.readouterr().err
+    assert (
+        stop.value.code == 2 and message.startswith(f"{script}.py: error: --emulate-bf16") and says in message
+    )
+    assert message.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "says"),
+    [
+        (
+            "source_calibration",
+            ["--weights", "missing.pt", "--held-out", "1"],
+            "missing.pt: checkpoint not found",
+        ),
+        ("source_calibration", ["--held-out", "0"], "--held-out 0"),
+        ("demo_seeds", ["--from", "missing"], "results.json: not found"),
+        ("demo_seeds", ["--setting", "amp=maybe"], "'maybe' is not of type bool"),
+    ],
+)
+def test_the_scripts_name_a_bad_input_in_one_line(script, flags, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    module = _script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and message.startswith(f"{script}.py: error: ") and says in message
+    assert message.count("\n") == 1
 
 
 @pytest.mark.slow

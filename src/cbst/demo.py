@@ -102,6 +102,14 @@ class DemoSettings:
     rcs_min_pixels: int = 100
 
 
+def _parse_bool(value: str) -> bool:
+    """``true``/``yes``/``1`` or ``false``/``no``/``0`` (any case); anything else is a ValueError."""
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.lower() not in words:
+        raise ValueError(value)
+    return words[value.lower()]
+
+
 def override_settings(settings: DemoSettings, items: Sequence[str]) -> DemoSettings:
     """``settings`` with ``NAME=VALUE`` overrides, each converted to the field's type (the
     benchmarks' ``--setting``: a budget is tried before the demo changes)."""
@@ -113,7 +121,7 @@ def override_settings(settings: DemoSettings, items: Sequence[str]) -> DemoSetti
             raise ConfigError(f"--setting {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
         kind = types[name]
         try:
-            changes[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            changes[name] = _parse_bool(value) if kind is bool else kind(value)
         except ValueError:
             raise ConfigError(f"--setting {item!r}: {value!r} is not of type {kind.__name__}") from None
     return dataclasses.replace(settings, **changes)
